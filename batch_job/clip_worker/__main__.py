@@ -1,0 +1,5 @@
+import sys
+
+from clip_worker.runner import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The worker's configuration: every environment variable it reads, parsed once, here."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A setting that is missing or malformed; the message names the variable and the fix."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    manifest_uri: str
+    output_bucket: str
+    output_prefix: str = ""
+    model: str = "ViT-B-32"
+    #: An open_clip tag (`openai`, `laion2b_s34b_b79k`...), a checkpoint file, or `none` (random weights).
+    pretrained: str = "openai"
+    #: Extra open_clip model configs (a JSON file or a folder of them) for architectures open_clip lacks.
+    model_config_path: str | None = None
+    #: Where open_clip keeps downloaded weights; the image bakes them here so jobs never download.
+    cache_dir: str | None = None
+    #: `cuda`, `cpu`, or None for CUDA whenever it is available.
+    device: str | None = None
+    #: None picks a size that suits the device (see model.default_batch_size).
+    batch_size: int | None = None
+    #: Threads that download and decode ahead of the model.
+    io_threads: int = 16
+    max_object_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    progress_interval_s: int = 15
+    #: Set by AWS Batch on each child of an array job; None for a plain job.
+    array_index: int | None = None
+    #: The Batch job id, recorded as each event's chainId.
+    job_id: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerConfig":
+        env = os.environ if env is None else env
+        missing = [name for name in ("MANIFEST_URI", "OUTPUT_BUCKET") if not env.get(name)]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} must be set (see README, 'Worker configuration')")
+        device = env.get("DEVICE", "auto").strip().lower()
+        if device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"DEVICE={device!r} must be auto, cuda or cpu")
+        return cls(
+            manifest_uri=env["MANIFEST_URI"],
+            output_bucket=env["OUTPUT_BUCKET"],
+            output_prefix=env.get("OUTPUT_PREFIX", ""),
+            model=env.get("CLIP_MODEL") or cls.model,
+            pretrained=env.get("CLIP_PRETRAINED") or cls.pretrained,
+            model_config_path=env.get("CLIP_MODEL_CONFIG") or None,
+            cache_dir=env.get("CLIP_CACHE_DIR") or None,
+            device=None if device == "auto" else device,
+            batch_size=_int(env, "BATCH_SIZE", None),
+            io_threads=_int(env, "IO_THREADS", cls.io_threads),
+            max_object_bytes=_int(env, "MAX_OBJECT_BYTES", cls.max_object_bytes),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            progress_interval_s=_int(env, "PROGRESS_INTERVAL_SECONDS", cls.progress_interval_s),
+            array_index=_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", None, minimum=0),
+            job_id=env.get("AWS_BATCH_JOB_ID") or None,
+        )

@@ -1,0 +1,118 @@
+"""The open_clip model: loading it offline, and turning batches of pictures into unit vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip_shared.keys import model_id
+
+RANDOM_WEIGHTS = "none"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights cannot be loaded; the message says which and what to do."""
+
+
+@dataclass
+class ClipModel:
+    name: str
+    pretrained: str
+    #: The model and weights as one path segment of every output key.
+    id: str
+    dimensions: int
+    device: torch.device
+    dtype: torch.dtype
+    #: open_clip's own evaluation transform for this model: PIL image -> normalised CHW tensor.
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    #: The shortest side the preprocessing resizes to; decoding may stop at this size.
+    image_size: int
+    network: torch.nn.Module
+
+    def embed(self, pixels: torch.Tensor) -> np.ndarray:
+        """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""
+        with torch.inference_mode():
+            features = self.network.encode_image(pixels.to(self.device, self.dtype, non_blocking=True))
+            return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 32
+
+
+def _weights_id(pretrained: str) -> str:
+    path = Path(pretrained)
+    if not path.is_file():
+        return pretrained
+    # Name a checkpoint by its content, so retrained weights saved under the same name never
+    # pass for the old ones when finished work is skipped.
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.stem}-{digest.hexdigest()[:12]}"
+
+
+def load(
+    name: str,
+    pretrained: str,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    model_config_path: str | None = None,
+) -> ClipModel:
+    if model_config_path:
+        open_clip.add_model_config(model_config_path)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = "fp16" if torch_device.type == "cuda" else "fp32"
+    random_weights = pretrained.lower() == RANDOM_WEIGHTS
+    if random_weights:
+        warnings.warn(
+            f"CLIP_PRETRAINED=none: {name} has RANDOM weights; its vectors are meaningless (smoke tests only)",
+            stacklevel=2,
+        )
+        # Every array child must build the same random model, or their vectors would not compare.
+        torch.manual_seed(0)
+    try:
+        network, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=None if random_weights else pretrained,
+            device=torch_device,
+            precision=precision,
+            cache_dir=cache_dir,
+        )
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "the weights are not in the image's cache (CLIP_CACHE_DIR); rebuild the image with this model baked in"
+            if offline
+            else "pass a known open_clip tag (open_clip.list_pretrained()), a checkpoint file path, or `none`"
+        )
+        raise ModelLoadError(f"cannot load {name} with pretrained={pretrained!r}: {exc}; {hint}") from exc
+    network.eval()
+    size = open_clip.get_model_preprocess_cfg(network)["size"]
+    image_size = min(size) if isinstance(size, (tuple, list)) else int(size)
+    with torch.inference_mode():
+        # A real forward pass tells the output width of any architecture, and warms the kernels up.
+        probe = torch.zeros(1, 3, image_size, image_size, device=torch_device, dtype=next(network.parameters()).dtype)
+        dimensions = int(network.encode_image(probe).shape[-1])
+    return ClipModel(
+        name=name,
+        pretrained=pretrained,
+        id=model_id(name, "random" if random_weights else _weights_id(pretrained)),
+        dimensions=dimensions,
+        device=torch_device,
+        dtype=probe.dtype,
+        preprocess=preprocess,
+        image_size=image_size,
+        network=network,
+    )

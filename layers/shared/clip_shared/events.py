@@ -1,0 +1,92 @@
+"""The CloudEvents 1.0 documents that record every object's fate.
+
+One shape for all three outcomes (the shape Project Lakechain's CLIP processor emits):
+`document-created` (embedded), `document-failed` (the worker could not embed it) and
+`document-rejected` (the dispatcher refused it). Built and serialised with the official
+`cloudevents` SDK, so every document is valid CloudEvents by construction.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+SOURCE = "urn:clip-embedding-pipeline"
+_FORMAT = JSONFormat()
+
+
+class EventType(StrEnum):
+    CREATED = "document-created"
+    FAILED = "document-failed"
+    REJECTED = "document-rejected"
+
+
+class ErrorCode(StrEnum):
+    """Stable codes users can filter on; messages may change, codes do not."""
+
+    NOT_FOUND = "object-not-found"
+    TOO_LARGE = "object-too-large"
+    UNSUPPORTED_TYPE = "unsupported-type"
+    DOWNLOAD_FAILED = "download-failed"
+    CORRUPT_IMAGE = "corrupt-image"
+    TOO_MANY_PIXELS = "too-many-pixels"
+    #: A bug or an unforeseen condition; the message carries the exception so it can be reported.
+    INTERNAL_ERROR = "internal-error"
+
+
+class DocumentError(Exception):
+    """Why one object cannot be embedded; becomes its failed or rejected event, never stops the others."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def document_ref(url: str, mime_type: str | None, size: int | None, etag: str | None) -> dict[str, Any]:
+    return {"url": url, "type": mime_type, "size": size, "etag": etag}
+
+
+def document_event(
+    event_type: EventType,
+    document: dict[str, Any],
+    chain_id: str,
+    component: str,
+    metadata: dict[str, Any] | None = None,
+    error: tuple[ErrorCode, str] | None = None,
+) -> CloudEvent:
+    """One object's event. `component` (dispatcher, worker) completes the event's `source`."""
+    data: dict[str, Any] = {
+        "chainId": chain_id,
+        "source": document,
+        "document": document,
+        "metadata": metadata or {},
+        "callStack": [f"{SOURCE}:{component}"],
+    }
+    if error is not None:
+        code, message = error
+        data["error"] = {"code": str(code), "message": message}
+    attributes = {
+        "type": str(event_type),
+        "source": f"{SOURCE}:{component}",
+        "subject": document["url"],
+        "datacontenttype": "application/json",
+    }
+    return CloudEvent(attributes, data)
+
+
+def embedding_metadata(vectors_url: str, model: str, pretrained: str, dimensions: int) -> dict[str, Any]:
+    embeddings = {"vectors": vectors_url, "model": model, "pretrained": pretrained, "dimensions": dimensions}
+    return {"properties": {"kind": "image", "attrs": {"embeddings": embeddings}}}
+
+
+def to_json(event: CloudEvent) -> bytes:
+    return _FORMAT.write(event)
+
+
+def from_json(data: bytes | str) -> BaseCloudEvent:
+    return _FORMAT.read(None, data)

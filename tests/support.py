@@ -1,0 +1,100 @@
+"""Helpers the tests share: real photos in every format, a tiny open_clip model, open_clip's reference embedding."""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import skimage
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+PHOTOS = Path(skimage.__file__).parent / "data"
+#: A CLIP small enough to run in milliseconds on a CPU; same code paths as ViT-B-32.
+TINY_MODEL = "test-tiny-clip"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def photo(name: str = "chelsea.png") -> Image.Image:
+    return Image.open(PHOTOS / name).convert("RGB")
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def all_formats(image: Image.Image) -> dict[str, tuple[bytes, str, Image.Image]]:
+    """name -> (file bytes, real MIME type, the picture a person sees in that file).
+
+    Covers every accepted format plus the conversions that go wrong in naive pipelines.
+    """
+    gray = image.convert("L")
+    sixteen = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)
+    quantised = image.quantize(256)
+    rotated_exif = image.transpose(Image.Transpose.ROTATE_90)  # stored sideways...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...with "rotate 90 CW to display", which restores `image`
+    rgba = image.copy()
+    rgba.putalpha(255)
+    return {
+        "photo.jpg": (encode(image, "JPEG", quality=92), "image/jpeg", Image.open(io.BytesIO(encode(image, "JPEG", quality=92))).convert("RGB")),
+        "rotated.jpg": (encode(rotated_exif, "JPEG", quality=92, exif=exif), "image/jpeg", image),
+        "cmyk.jpg": (encode(image.convert("CMYK"), "JPEG", quality=95), "image/jpeg", image),
+        "gray.jpg": (encode(gray, "JPEG", quality=95), "image/jpeg", gray.convert("RGB")),
+        "photo.png": (encode(image, "PNG"), "image/png", image),
+        "rgba.png": (encode(rgba, "PNG"), "image/png", image),
+        "palette.png": (encode(quantised, "PNG"), "image/png", quantised.convert("RGB")),
+        "gray16.png": (encode(sixteen, "PNG"), "image/png", gray.convert("RGB")),
+        "photo.gif": (encode(quantised, "GIF"), "image/gif", quantised.convert("RGB")),
+        "photo.bmp": (encode(image, "BMP"), "image/bmp", image),
+        "photo.tif": (encode(image, "TIFF", compression="tiff_lzw"), "image/tiff", image),
+        "gray16.tif": (encode(sixteen, "TIFF"), "image/tiff", gray.convert("RGB")),
+        "photo.webp": (encode(image, "WEBP", lossless=True), "image/webp", image),
+        "photo.pcx": (encode(image, "PCX"), "image/x-pcx", image),
+    }
+
+
+def register_tiny_model(folder: Path) -> Path:
+    """Write the tiny model's open_clip config and register it; returns the config file."""
+    path = folder / f"{TINY_MODEL}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+    return path
+
+
+def save_tiny_checkpoint(path: Path, seed: int = 1234) -> Path:
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_MODEL)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@cache
+def _reference_model(name: str, pretrained: str | None) -> tuple[torch.nn.Module, object]:
+    if pretrained is None:
+        torch.manual_seed(0)  # what the worker does for CLIP_PRETRAINED=none
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    return model.eval(), preprocess
+
+
+def reference_embedding(image: Image.Image, name: str, pretrained: str | None) -> np.ndarray:
+    """open_clip's own answer: its transform on the PIL image, its fp32 model, L2-normalised."""
+    model, preprocess = _reference_model(name, pretrained)
+    with torch.inference_mode():
+        features = model.encode_image(preprocess(image).unsqueeze(0))
+    return F.normalize(features, dim=-1)[0].numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_shared.events import DocumentError, ErrorCode
+from clip_worker.decoder import decode
+from tests.support import all_formats, encode, photo
+
+LIMIT = 100_000_000
+
+
+@pytest.mark.parametrize("name", sorted(all_formats(photo())))
+def test_every_format_decodes_to_the_picture_a_person_sees(name: str) -> None:
+    data, _, expected = all_formats(photo())[name]
+    decoded = decode(data, f"s3://in/{name}", min_side=10_000, max_pixels=LIMIT)
+    assert decoded.mode == "RGB"
+    assert decoded.size == expected.size
+    # Lossy re-encodings (CMYK, EXIF-rotated JPEG) differ by a few levels; a wrong conversion by far more.
+    assert np.abs(np.asarray(decoded, int) - np.asarray(expected, int)).mean() < 3
+
+
+def test_transparent_pixels_become_white_not_black() -> None:
+    image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    image.paste((200, 10, 10, 255), (0, 0, 20, 40))
+    decoded = np.asarray(decode(encode(image, "PNG"), "s3://in/a.png", 10_000, LIMIT))
+    assert decoded[20, 30].tolist() == [255, 255, 255]
+    assert decoded[20, 5].tolist() == [200, 10, 10]
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    decoded = np.asarray(decode(data, "s3://in/a.gif", 10_000, LIMIT))
+    assert decoded[16, 16, 0] > 200 and decoded[16, 16, 2] < 50
+
+
+def test_big_jpeg_is_decoded_at_reduced_scale_but_never_below_what_the_model_needs() -> None:
+    big = photo().resize((4000, 3000))
+    decoded = decode(encode(big, "JPEG"), "s3://in/big.jpg", min_side=224, max_pixels=LIMIT)
+    assert min(decoded.size) >= 224
+    assert decoded.size == (500, 375)  # libjpeg's 1/8 scale
+
+
+def test_pixel_limit_rejects_decompression_bombs_before_decoding() -> None:
+    bomb = encode(Image.new("L", (3000, 3000)), "PNG")  # ~9 MP in a few KB
+    with pytest.raises(DocumentError) as caught:
+        decode(bomb, "s3://in/bomb.png", 224, max_pixels=1_000_000)
+    assert caught.value.code == ErrorCode.TOO_MANY_PIXELS
+    assert "s3://in/bomb.png" in caught.value.message and "3000x3000" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (encode(photo(), "JPEG")[:2000], ErrorCode.CORRUPT_IMAGE),
+        (b"GIF89a" + b"\x00" * 50, ErrorCode.CORRUPT_IMAGE),
+        (b"just some text, not a picture", ErrorCode.UNSUPPORTED_TYPE),
+        (encode(photo().resize((64, 64)), "ICO"), ErrorCode.UNSUPPORTED_TYPE),
+    ],
+    ids=["truncated-jpeg", "broken-gif", "text", "ico"],
+)
+def test_bad_bytes_fail_with_a_stable_code_naming_the_object(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(DocumentError) as caught:
+        decode(data, "s3://in/bad-object", 224, LIMIT)
+    assert caught.value.code == code
+    assert "s3://in/bad-object" in caught.value.message

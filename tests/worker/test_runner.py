@@ -1,0 +1,191 @@
+"""The worker end to end on moto S3: real photos in, vectors, CloudEvents and Parquet out."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from cloudevents.core.formats.json import JSONFormat
+from PIL import Image
+
+from clip_shared import keys
+from clip_shared.manifest import Manifest, ManifestEntry, ManifestError
+from clip_shared.mime import sniff_mime
+from clip_worker.config import WorkerConfig
+from clip_worker.model import load
+from clip_worker.runner import EXIT_OK, run
+from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
+from tests.support import TINY_MODEL, all_formats, cosine, encode, photo, reference_embedding
+
+
+def upload(s3: Any, files: dict[str, bytes]) -> list[ManifestEntry]:
+    entries = []
+    for key, data in files.items():
+        s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=data)
+        etag = s3.head_object(Bucket=INPUT_BUCKET, Key=key)["ETag"].strip('"')
+        mime = sniff_mime(data[:262]) or "application/octet-stream"
+        entries.append(ManifestEntry(bucket=INPUT_BUCKET, key=key, size=len(data), etag=etag, mime_type=mime))
+    return entries
+
+
+def put_manifest(s3: Any, entries: list[ManifestEntry], shard_size: int = 1000, manifest_id: str = "m-1") -> str:
+    manifest = Manifest(manifest_id=manifest_id, shard_size=shard_size, entries=tuple(entries))
+    key = keys.manifest_key("", manifest_id)
+    s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=manifest.to_json())
+    return keys.s3_url(OUTPUT_BUCKET, key)
+
+
+@pytest.fixture
+def config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig:
+    return WorkerConfig(
+        manifest_uri="",
+        output_bucket=OUTPUT_BUCKET,
+        model=TINY_MODEL,
+        pretrained=str(tiny_checkpoint),
+        model_config_path=str(tiny_config),
+        device="cpu",
+        batch_size=4,
+        io_threads=4,
+    )
+
+
+def model_id(config: WorkerConfig) -> str:
+    return load(config.model, config.pretrained, "cpu").id
+
+
+def read_json(s3: Any, key: str) -> Any:
+    return json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=key)["Body"].read())
+
+
+def read_event(s3: Any, mid: str, key: str) -> Any:
+    body = s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.event_key("", mid, INPUT_BUCKET, key))["Body"].read()
+    JSONFormat().read(None, body)  # raises unless it is a valid CloudEvent
+    return json.loads(body)
+
+
+def read_shard(s3: Any, url: str) -> Any:
+    bucket, key = keys.parse_s3_url(url)
+    return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+
+def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3: Any, config: WorkerConfig) -> None:
+    formats = all_formats(photo())
+    files = {f"photos/{name}": data for name, (data, _, _) in formats.items()}
+    files["photos/with space/café ü.jpg"] = formats["photo.jpg"][0]
+    uri = put_manifest(s3, upload(s3, files))
+
+    summary = run(replace(config, manifest_uri=uri, job_id="job-123"), s3=s3)
+
+    assert summary.exit_code == EXIT_OK
+    assert (summary.progress.embedded, summary.progress.failed) == (len(files), 0)
+    mid = model_id(config)
+    for key in files:
+        name = key.rsplit("/", 1)[-1]
+        _, mime, seen = formats.get(name, formats["photo.jpg"])
+        vector = np.asarray(read_json(s3, keys.vector_key("", mid, INPUT_BUCKET, key)))
+        assert vector.shape == (32,)
+        assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+        assert cosine(vector, reference_embedding(seen, TINY_MODEL, config.pretrained)) >= 0.999, key
+
+        event = read_event(s3, mid, key)
+        assert event["specversion"] == "1.0" and event["type"] == "document-created"
+        assert event["id"] and event["time"] and event["source"]
+        data = event["data"]
+        assert data["chainId"] == "job-123"
+        assert data["source"] == data["document"]
+        assert data["document"]["url"] == f"s3://{INPUT_BUCKET}/{key}"
+        assert data["document"]["type"] == mime
+        assert data["document"]["size"] == len(files[key])
+        assert data["document"]["etag"]
+        embeddings = data["metadata"]["properties"]["attrs"]["embeddings"]
+        assert data["metadata"]["properties"]["kind"] == "image"
+        assert embeddings == {
+            "vectors": f"s3://{OUTPUT_BUCKET}/{keys.vector_key('', mid, INPUT_BUCKET, key)}",
+            "model": TINY_MODEL,
+            "pretrained": config.pretrained,
+            "dimensions": 32,
+        }
+
+    shard = read_shard(s3, summary.shard_url)
+    assert sorted(shard.column("key").to_pylist()) == sorted(files)
+    stored = np.asarray(read_json(s3, keys.vector_key("", mid, INPUT_BUCKET, "photos/photo.png")))
+    row = shard.column("key").to_pylist().index("photos/photo.png")
+    np.testing.assert_allclose(np.asarray(shard.column("vector")[row].as_py()), stored, rtol=1e-6)
+
+
+def test_each_bad_input_gets_exactly_one_failure_and_the_rest_still_succeed(s3: Any, config: WorkerConfig) -> None:
+    good = encode(photo(), "JPEG")
+    files = {
+        "ok.jpg": good,
+        "truncated.jpg": good[: len(good) // 3],
+        "noise.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "notes.jpg": b"a text file pretending to be a JPEG",
+        "bomb.png": encode(photo().resize((2000, 2000)).convert("L"), "PNG"),
+        "huge.bmp": encode(photo().resize((700, 700)), "BMP"),
+    }
+    entries = upload(s3, files)
+    entries.append(ManifestEntry(bucket=INPUT_BUCKET, key="deleted.jpg", size=10, etag="x", mime_type="image/jpeg"))
+    uri = put_manifest(s3, entries)
+
+    limits = replace(config, manifest_uri=uri, max_image_pixels=1_000_000, max_object_bytes=1_000_000)
+    summary = run(limits, s3=s3)
+
+    assert summary.exit_code == EXIT_OK
+    assert (summary.progress.embedded, summary.progress.failed) == (1, 6)
+    mid = model_id(config)
+    expected = {
+        "truncated.jpg": "corrupt-image",
+        "noise.png": "corrupt-image",
+        "notes.jpg": "unsupported-type",
+        "bomb.png": "too-many-pixels",
+        "huge.bmp": "object-too-large",
+        "deleted.jpg": "object-not-found",
+    }
+    events = s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=f"events/{mid}/")["Contents"]
+    assert len(events) == len(expected) + 1
+    for key, code in expected.items():
+        event = read_event(s3, mid, key)
+        assert event["type"] == "document-failed"
+        assert event["data"]["error"]["code"] == code
+        assert f"s3://{INPUT_BUCKET}/{key}" in event["data"]["error"]["message"]
+    assert read_event(s3, mid, "ok.jpg")["type"] == "document-created"
+
+
+def test_array_children_cover_every_entry_exactly_once(s3: Any, config: WorkerConfig) -> None:
+    files = {f"img-{i:02d}.png": encode(photo().rotate(i * 10), "PNG") for i in range(7)}
+    uri = put_manifest(s3, upload(s3, files), shard_size=3)
+
+    seen: list[str] = []
+    for index in range(3):
+        summary = run(replace(config, manifest_uri=uri, array_index=index), s3=s3)
+        assert summary.shard_url.endswith(f"shard-{index:05d}.parquet")
+        seen += read_shard(s3, summary.shard_url).column("key").to_pylist()
+    assert sorted(seen) == sorted(files)
+
+    with pytest.raises(ManifestError, match="array index 3"):
+        run(replace(config, manifest_uri=uri, array_index=3), s3=s3)
+
+
+def test_second_run_skips_finished_work_and_redoes_only_what_changed(s3: Any, config: WorkerConfig) -> None:
+    files = {f"img-{i}.png": encode(photo().rotate(i * 30), "PNG") for i in range(5)}
+    entries = upload(s3, files)
+    uri = put_manifest(s3, entries)
+    first = run(replace(config, manifest_uri=uri), s3=s3)
+    assert first.progress.embedded == 5
+
+    second = run(replace(config, manifest_uri=uri), s3=s3)
+    assert (second.progress.embedded, second.progress.skipped) == (0, 5)
+    # The shard of a resumed run still holds every vector, the reused ones included.
+    assert read_shard(s3, second.shard_url).num_rows == 5
+
+    # A new version of one object is embedded again; its neighbours are not.
+    entries[:1] = upload(s3, {"img-0.png": encode(photo().transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG")})
+    uri = put_manifest(s3, entries, manifest_id="m-2")
+    third = run(replace(config, manifest_uri=uri), s3=s3)
+    assert (third.progress.embedded, third.progress.skipped) == (1, 4)
