@@ -38,11 +38,19 @@ class ClipModel:
     #: The shortest side the preprocessing resizes to; decoding may stop at this size.
     image_size: int
     network: torch.nn.Module
+    #: open_clip's tokenizer for this model: list of texts -> token ids of its context length.
+    tokenizer: Callable[[list[str]], torch.Tensor]
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""
         with torch.inference_mode():
             features = self.network.encode_image(pixels.to(self.device, self.dtype, non_blocking=True))
+            return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> float32 L2-normalised vectors in the same space as the images."""
+        with torch.inference_mode():
+            features = self.network.encode_text(self.tokenizer(texts).to(self.device))
             return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
@@ -115,4 +123,5 @@ def load(
         preprocess=preprocess,
         image_size=image_size,
         network=network,
+        tokenizer=open_clip.get_tokenizer(name, cache_dir=cache_dir),
     )

@@ -1,0 +1,89 @@
+"""Nearest-neighbour search over the Parquet shards the worker writes.
+
+The shards are the index: one matrix of unit vectors, so cosine similarity is a dot product.
+Ranking runs in fixed-size chunks, which keeps memory flat however many vectors there are.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_shared import keys
+
+_CHUNK_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class Match:
+    url: str
+    score: float
+
+
+@dataclass(frozen=True)
+class VectorIndex:
+    urls: list[str]
+    #: (n, dimensions) float32, each row L2-normalised.
+    vectors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    @classmethod
+    def from_tables(cls, tables: Iterable[pa.Table]) -> "VectorIndex":
+        """Later tables win: an image embedded again (new version, re-run) appears once, newest vector."""
+        latest: dict[str, np.ndarray] = {}
+        for table in tables:
+            if not table.num_rows:
+                continue
+            dimensions = table.schema.field("vector").type.list_size
+            matrix = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dimensions)
+            latest.update(zip(table.column("url").to_pylist(), matrix))
+        if not latest:
+            return cls([], np.zeros((0, 0), np.float32))
+        return cls(list(latest), np.stack(list(latest.values())).astype(np.float32, copy=False))
+
+    @classmethod
+    def load(cls, s3: Any, bucket: str, prefix: str, model_id: str) -> "VectorIndex":
+        """Every shard of one model in the output bucket, oldest first."""
+        shard_prefix = f"{keys.normalise_prefix(prefix)}parquet/{model_id}/"
+        found = [
+            item
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=shard_prefix)
+            for item in page.get("Contents", [])
+            if item["Key"].endswith(".parquet")
+        ]
+        found.sort(key=lambda item: (item["LastModified"], item["Key"]))
+        return cls.from_tables(
+            pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())) for item in found
+        )
+
+    def vector_of(self, url: str) -> np.ndarray | None:
+        try:
+            return self.vectors[self.urls.index(url)]
+        except ValueError:
+            return None
+
+    def nearest(self, query: np.ndarray, top: int) -> list[Match]:
+        if not len(self) or top < 1:
+            return []
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+        best_scores = np.empty(0, np.float32)
+        best_rows = np.empty(0, np.int64)
+        for start in range(0, len(self), _CHUNK_ROWS):
+            scores = self.vectors[start : start + _CHUNK_ROWS] @ query
+            keep = min(top, scores.size)
+            rows = np.argpartition(-scores, keep - 1)[:keep]
+            best_scores = np.concatenate([best_scores, scores[rows]])
+            best_rows = np.concatenate([best_rows, rows + start])
+            if best_scores.size > top:
+                survivors = np.argpartition(-best_scores, top - 1)[:top]
+                best_scores, best_rows = best_scores[survivors], best_rows[survivors]
+        order = np.argsort(-best_scores, kind="stable")
+        return [Match(self.urls[best_rows[i]], float(best_scores[i])) for i in order]

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import pytest
+
+from clip_shared import keys
+
+
+def test_keys_keep_the_source_key_verbatim_and_are_deterministic() -> None:
+    key = keys.vector_key("out/", "ViT-B-32__openai", "in-bucket", "photos/a b/café.jpg")
+    assert key == "out/vectors/ViT-B-32__openai/in-bucket/photos/a b/café.jpg.json"
+    assert keys.event_key("out", "m", "b", "k") == "out/events/m/b/k.json"
+    assert keys.parquet_key("", "m", "man-1", 3) == "parquet/m/man-1/shard-00003.parquet"
+
+
+def test_different_inputs_never_share_an_output_even_when_keys_are_too_long_for_s3() -> None:
+    long_a, long_b = "a" * 1100, "a" * 1099 + "b"
+    outputs = {keys.vector_key("", "m", bucket, key) for bucket, key in [("b1", long_a), ("b1", long_b), ("b2", long_a), ("b1", "x")]}
+    assert len(outputs) == 4
+    assert all(len(output.encode()) <= keys.MAX_KEY_BYTES for output in outputs)
+
+
+def test_model_id_is_one_path_segment() -> None:
+    assert keys.model_id("hf-hub:timm/ViT-B-16-SigLIP", "none") == "hf-hub-timm-ViT-B-16-SigLIP__none"
+
+
+@pytest.mark.parametrize("url", ["https://b/k", "s3://bucket", "s3:///k", "bucket/key"])
+def test_parse_s3_url_names_what_is_wrong(url: str) -> None:
+    with pytest.raises(ValueError, match="is not an s3://bucket/key URL"):
+        keys.parse_s3_url(url)
