@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -15,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_shared.keys import model_id
-
-RANDOM_WEIGHTS = "none"
+from clip_shared.keys import RANDOM_WEIGHTS, model_id
 
 
 class ModelLoadError(RuntimeError):
@@ -56,19 +52,6 @@ class ClipModel:
 
 def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
-
-
-def _weights_id(pretrained: str) -> str:
-    path = Path(pretrained)
-    if not path.is_file():
-        return pretrained
-    # Name a checkpoint by its content, so retrained weights saved under the same name never
-    # pass for the old ones when finished work is skipped.
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return f"{path.stem}-{digest.hexdigest()[:12]}"
 
 
 def load(
@@ -116,7 +99,7 @@ def load(
     return ClipModel(
         name=name,
         pretrained=pretrained,
-        id=model_id(name, "random" if random_weights else _weights_id(pretrained)),
+        id=model_id(name, pretrained),
         dimensions=dimensions,
         device=torch_device,
         dtype=probe.dtype,

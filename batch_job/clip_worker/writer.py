@@ -51,6 +51,18 @@ def shard_schema(dimensions: int) -> pa.Schema:
     )
 
 
+def embedded_etag(s3: Any, bucket: str, prefix: str, model_id: str, source_bucket: str, key: str) -> str | None:
+    """The source ETag this model last embedded for an object, from one HEAD; None if never."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=keys.event_key(prefix, model_id, source_bucket, key))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    meta = head.get("Metadata", {})
+    return meta.get(_ETAG_META) if meta.get(_TYPE_META) == EventType.CREATED else None
+
+
 class OutputWriter:
     def __init__(self, s3: Any, bucket: str, prefix: str, model: ClipModel, chain_id: str) -> None:
         self._s3 = s3
@@ -70,14 +82,7 @@ class OutputWriter:
 
     def finished(self, entry: ManifestEntry) -> np.ndarray | None:
         """The stored vector when this object's current ETag was already embedded by this model."""
-        try:
-            head = self._s3.head_object(Bucket=self._bucket, Key=self.event_key(entry))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
-        meta = head.get("Metadata", {})
-        if meta.get(_TYPE_META) != EventType.CREATED or meta.get(_ETAG_META) != entry.etag:
+        if embedded_etag(self._s3, self._bucket, self._prefix, self._model_id, entry.bucket, entry.key) != entry.etag:
             return None
         body = self._s3.get_object(Bucket=self._bucket, Key=self.vector_key(entry))["Body"].read()
         return np.asarray(json.loads(body), dtype=np.float32)

@@ -20,7 +20,7 @@ def test_different_inputs_never_share_an_output_even_when_keys_are_too_long_for_
 
 
 def test_model_id_is_one_path_segment() -> None:
-    assert keys.model_id("hf-hub:timm/ViT-B-16-SigLIP", "none") == "hf-hub-timm-ViT-B-16-SigLIP__none"
+    assert keys.model_id("hf-hub:timm/ViT-B-16-SigLIP", "none") == "hf-hub-timm-ViT-B-16-SigLIP__random"
 
 
 @pytest.mark.parametrize("url", ["https://b/k", "s3://bucket", "s3:///k", "bucket/key"])

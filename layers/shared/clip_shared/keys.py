@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from urllib.parse import urlparse
 
 MAX_KEY_BYTES = 1024
@@ -27,9 +28,31 @@ def normalise_prefix(prefix: str) -> str:
     return f"{prefix}/" if prefix else ""
 
 
+#: CLIP_PRETRAINED value for random weights (smoke tests only).
+RANDOM_WEIGHTS = "none"
+
+
+def weights_id(pretrained: str) -> str:
+    """Names the weights: the tag itself, `random`, or a checkpoint file by its content.
+
+    Naming a checkpoint by content means retrained weights saved under the same file name never
+    pass for the old ones when finished work is skipped.
+    """
+    if pretrained.lower() == RANDOM_WEIGHTS:
+        return "random"
+    path = Path(pretrained)
+    if not path.is_file():
+        return pretrained
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return f"{path.stem}-{digest.hexdigest()[:12]}"
+
+
 def model_id(model: str, pretrained: str) -> str:
     """One path segment naming the model and its weights, e.g. `ViT-B-32__openai`."""
-    return f"{_UNSAFE.sub('-', model)}__{_UNSAFE.sub('-', pretrained)}"
+    return f"{_UNSAFE.sub('-', model)}__{_UNSAFE.sub('-', weights_id(pretrained))}"
 
 
 def _per_object(prefix: str, kind: str, scope: str, bucket: str, key: str) -> str:

@@ -1,0 +1,3 @@
+from clip_pipeline.app import main
+
+main()

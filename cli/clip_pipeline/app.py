@@ -1,0 +1,195 @@
+"""`clip-pipeline`: the pipeline on a laptop, and the jobs S3 events don't cover on a deployed stack."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clip_pipeline import emulator, local, report
+from clip_pipeline.stack import Clients, Stack, StackError, default_stack_name, read_stack
+from clip_shared import keys
+
+SAMPLES = emulator.REPOSITORY / "samples"
+LOCAL_STACK = "clip-local"
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+StackName = Annotated[str, typer.Option("--stack-name", help="Stack to operate on (default: samconfig.toml's).")]
+EndpointUrl = Annotated[str | None, typer.Option("--endpoint-url", help="AWS endpoint, e.g. an emulator's.")]
+Region = Annotated[str | None, typer.Option("--region", help="AWS region (default: the standard settings).")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
+
+
+class Failure(typer.Exit):
+    """Ends the command with one clear line on stderr and exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        console.print(f"[red]error:[/red] {message}")
+        super().__init__(code=2)
+
+
+@app.callback()
+def _group() -> None:
+    """clip-pipeline: run the CLIP embedding pipeline locally, or operate a deployed stack."""
+
+
+def _stack(stack_name: str | None, endpoint_url: str | None, region: str | None) -> tuple[Clients, Stack]:
+    clients = Clients(endpoint_url, region)
+    try:
+        return clients, read_stack(clients, stack_name or default_stack_name())
+    except StackError as exc:
+        raise Failure(str(exc)) from exc
+
+
+def _preload_model(model: str, pretrained: str, model_config: Path | None) -> None:
+    """Load the model once before starting, so missing weights end the run in one line, not in every job."""
+    from clip_worker.model import ModelLoadError, load
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load(model, pretrained, "cpu", model_config_path=str(model_config) if model_config else None)
+    except ModelLoadError as exc:
+        raise Failure(
+            f"cannot load {model} weights {pretrained!r} (offline?): pass --pretrained /path/to/checkpoint.pt, "
+            f"or --pretrained none for a smoke run with random weights. ({exc.__cause__ or exc})"
+        ) from exc
+
+
+@app.command("local")
+def local_command(
+    folder: Annotated[Path, typer.Argument(help="Images to upload (default: the bundled samples).", exists=True, file_okay=False)] = SAMPLES,
+    model: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-B-32",
+    pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint file, or `none`.")] = "openai",
+    model_config: Annotated[Path | None, typer.Option(help="Extra open_clip model config (JSON file or folder).")] = None,
+    batching_window: Annotated[int, typer.Option(help="The dispatcher's MaximumBatchingWindowInSeconds.")] = 2,
+    shard_size: Annotated[int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")] = 1000,
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Run the whole pipeline on an embedded AWS emulator: upload, SQS, dispatcher, Batch jobs, outputs."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
+    _preload_model(model, pretrained, model_config)
+    for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", emulator.REGION)):
+        os.environ.setdefault(name, value)
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    with emulator.running() as clients:
+        # Everything in this process, the dispatcher's clients included, talks to the emulator.
+        os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
+        with console.status("Creating the stack from template.yaml in the emulator..."):
+            emulator.deploy(
+                clients,
+                LOCAL_STACK,
+                {
+                    "ImageUri": "local/clip-worker:dev",
+                    "ClipModel": model,
+                    "ClipPretrained": pretrained,
+                    "MaximumBatchingWindowInSeconds": str(batching_window),
+                    "ShardSize": str(shard_size),
+                },
+            )
+            stack = read_stack(clients, LOCAL_STACK)
+            poller = local.LambdaPoller(clients, stack.output("DispatcherFunctionName"))
+        extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
+        runner = local.BatchRunner(clients, stack, extra)
+        s3, sqs = clients.client("s3"), clients.client("sqs")
+        started = time.monotonic()
+        input_bucket = stack.output("InputBucketName")
+        with console.status(f"Uploading {len(files)} files to s3://{input_bucket}/ ..."):
+            for path in files:
+                s3.upload_file(str(path), input_bucket, path.relative_to(folder).as_posix())
+        queue_url = stack.output("UploadQueueUrl")
+        jobs = 0
+        while True:
+            invocations = poller.poll()
+            for invocation in invocations:
+                console.print(f"dispatcher: {invocation.records} messages, {invocation.failures} failed")
+            runs = runner.run_pending(on_output=lambda line: _show_worker_line(line, json_output))
+            jobs += len(runs)
+            for run in runs:
+                child = "" if run.array_index is None else f" child {run.array_index}"
+                console.print(f"batch job {run.job_id}{child}: exit {run.exit_code}")
+            attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+            in_flight = int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+            if not invocations and not runs and not in_flight:
+                break
+        elapsed = time.monotonic() - started
+        outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
+        _print_summary(stack, files, outcomes, jobs, elapsed, json_output)
+        if keep:
+            _wait_for_interrupt(clients, stack)
+
+
+def _show_worker_line(line: str, quiet: bool) -> None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return
+    if quiet or record.get("message") not in ("progress", "job started", "job finished", "job interrupted", "object failed"):
+        return
+    fields = {k: record[k] for k in ("done", "total", "images_per_s", "eta_s", "url", "code") if k in record}
+    console.print(f"  worker: {record['message']} {fields}")
+
+
+def _print_summary(stack: Stack, files: list[Path], outcomes: report.Outcomes, jobs: int, elapsed: float, json_output: bool) -> None:
+    output = stack.output("OutputBucketName")
+    prefix = keys.normalise_prefix(stack.output_prefix)
+    model_id = keys.model_id(stack.model, stack.pretrained)
+    summary = {
+        "uploaded": len(files),
+        **outcomes.as_dict(),
+        "batch_jobs": jobs,
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(len(outcomes.embedded) / elapsed, 2) if elapsed else 0.0,
+        "vectors": f"s3://{output}/{prefix}vectors/{model_id}/",
+        "events": f"s3://{output}/{prefix}events/{model_id}/",
+        "parquet": f"s3://{output}/{prefix}parquet/{model_id}/",
+    }
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title="clip-pipeline local", show_header=False)
+    table.add_row("uploaded", str(summary["uploaded"]))
+    table.add_row("embedded", str(summary["embedded"]))
+    table.add_row("rejected", str(len(outcomes.rejected)))
+    for url, (code, message) in sorted(outcomes.rejected.items()):
+        table.add_row("", f"{url}: {code}: {message}")
+    table.add_row("failed", str(len(outcomes.failed)))
+    for url, (code, message) in sorted(outcomes.failed.items()):
+        table.add_row("", f"{url}: {code}: {message}")
+    table.add_row("batch jobs", str(jobs))
+    table.add_row("time", f"{summary['seconds']} s")
+    table.add_row("images/s", str(summary["images_per_s"]))
+    for name in ("vectors", "events", "parquet"):
+        table.add_row(name, summary[name])
+    Console().print(table)
+
+
+def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
+    endpoint = clients.endpoint_url
+    console.print(
+        f"\nThe emulator keeps running at {endpoint} (Ctrl-C stops it). Query it with the AWS CLI, e.g.:\n"
+        f"  AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local aws --endpoint-url {endpoint} --region {emulator.REGION} "
+        f"s3 ls s3://{stack.output('OutputBucketName')}/ --recursive\n"
+        f"  clip-pipeline status --stack-name {stack.name} --endpoint-url {endpoint} --region {emulator.REGION}"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,233 @@
+"""What AWS does between the resources, done locally: Lambda's SQS poller and Batch's job runs.
+
+The dispatcher handler is invoked in this process with its function's resolved environment, as
+Lambda's SQS poller would invoke it (batch size and batching window from the event source
+mapping, partial batch failures honoured). Each submitted Batch job runs its job definition's
+command in a child process, with the definition's environment, the job's overrides and, for
+every array child, AWS_BATCH_JOB_ARRAY_INDEX, as Batch would run the container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clip_pipeline.emulator import REPOSITORY
+from clip_pipeline.stack import Clients, Stack, plain_environment
+
+DISPATCHER = REPOSITORY / "functions" / "dispatcher" / "app.py"
+# Lambda runs one invocation per poll of up to 10 messages when no batching window is set.
+_RECEIVE_MAX = 10
+
+
+@dataclass
+class LambdaContext:
+    """The attributes of Lambda's context object the handler and Powertools read."""
+
+    function_name: str
+    timeout_s: int
+    memory_limit_in_mb: int = 1024
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:us-east-1:123456789012:function:{self.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.timeout_s - (time.monotonic() - self.started)) * 1000))
+
+
+@dataclass(frozen=True)
+class EventSourceMapping:
+    uuid: str
+    queue_arn: str
+    batch_size: int
+    window_s: int
+
+
+@dataclass(frozen=True)
+class Invocation:
+    records: int
+    failures: int
+
+
+def complete_s3_notification(body: str) -> str:
+    """Gap: moto's S3 notifications leave out fields S3 always sends; add them as S3 would."""
+    try:
+        document = json.loads(body)
+    except json.JSONDecodeError:
+        return body
+    if not isinstance(document, dict) or not isinstance(document.get("Records"), list):
+        return body
+    for record in document["Records"]:
+        if record.get("eventSource") != "aws:s3":
+            continue
+        record.setdefault("userIdentity", {"principalId": "AWS:LOCAL"})
+        record.setdefault("requestParameters", {"sourceIPAddress": "127.0.0.1"})
+        record.setdefault("responseElements", {"x-amz-request-id": "LOCAL", "x-amz-id-2": "LOCAL"})
+        record["s3"]["bucket"].setdefault("ownerIdentity", {"principalId": "LOCAL"})
+        record["s3"]["object"].setdefault("sequencer", "0")
+    return json.dumps(document)
+
+
+def load_handler(path: Path, environment: dict[str, str]) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
+    """Import a function's module fresh, in the environment Lambda would give it, like a cold start."""
+    os.environ.update(environment)
+    name = f"local_{path.parent.name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.lambda_handler
+
+
+class LambdaPoller:
+    """Lambda's SQS event source, for one function."""
+
+    def __init__(self, clients: Clients, function_name: str, handler_path: Path = DISPATCHER) -> None:
+        self._lambda = clients.client("lambda")
+        self._sqs = clients.client("sqs")
+        configuration = self._lambda.get_function_configuration(FunctionName=function_name)
+        self.context_template = (function_name, int(configuration.get("Timeout", 3)))
+        mappings = self._lambda.list_event_source_mappings(FunctionName=function_name)["EventSourceMappings"]
+        self.mappings = [
+            EventSourceMapping(m["UUID"], m["EventSourceArn"], int(m["BatchSize"]), int(m.get("MaximumBatchingWindowInSeconds", 0)))
+            for m in mappings
+        ]
+        for mapping in self.mappings:
+            # Gap: moto would consume the queue itself with a stand-in Lambda; this poller takes its place.
+            self._lambda.update_event_source_mapping(UUID=mapping.uuid, Enabled=False)
+        environment = plain_environment(configuration.get("Environment", {}).get("Variables", {}))
+        # Lambda's runtime provides an X-Ray daemon; locally there is none to send traces to.
+        environment |= {"POWERTOOLS_TRACE_DISABLED": "true", "AWS_LAMBDA_FUNCTION_NAME": function_name}
+        self._handler = load_handler(handler_path, environment)
+
+    def _queue_url(self, arn: str) -> str:
+        return self._sqs.get_queue_url(QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
+
+    def _collect(self, url: str, mapping: EventSourceMapping) -> list[dict[str, Any]]:
+        """Up to BatchSize messages, waiting at most the batching window once the first arrived."""
+        messages: list[dict[str, Any]] = []
+        deadline = None
+        while len(messages) < mapping.batch_size:
+            wanted = min(_RECEIVE_MAX, mapping.batch_size - len(messages))
+            received = self._sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=wanted, AttributeNames=["All"], MessageAttributeNames=["All"]
+            ).get("Messages", [])
+            messages += received
+            if messages and deadline is None:
+                deadline = time.monotonic() + mapping.window_s
+            if not messages or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if not received:
+                time.sleep(0.2)
+        return messages
+
+    def poll(self) -> list[Invocation]:
+        """One round over every mapping; empty when the queues had nothing visible."""
+        invocations = []
+        for mapping in self.mappings:
+            url = self._queue_url(mapping.queue_arn)
+            messages = self._collect(url, mapping)
+            if not messages:
+                continue
+            event = {
+                "Records": [
+                    {
+                        "messageId": message["MessageId"],
+                        "receiptHandle": message["ReceiptHandle"],
+                        "body": complete_s3_notification(message["Body"]),
+                        "attributes": message.get("Attributes", {}),
+                        "messageAttributes": message.get("MessageAttributes", {}),
+                        "md5OfBody": message["MD5OfBody"],
+                        "eventSource": "aws:sqs",
+                        "eventSourceARN": mapping.queue_arn,
+                        "awsRegion": mapping.queue_arn.split(":")[3],
+                    }
+                    for message in messages
+                ]
+            }
+            name, timeout_s = self.context_template
+            response = self._handler(event, LambdaContext(name, timeout_s)) or {}
+            failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
+            done = [m for m in messages if m["MessageId"] not in failed]
+            for start in range(0, len(done), 10):
+                self._sqs.delete_message_batch(
+                    QueueUrl=url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done[start : start + 10])],
+                )
+            for message in messages:
+                if message["MessageId"] in failed:
+                    # Locally nobody waits out the visibility timeout: retry at once; the redrive
+                    # policy still moves a message to the DLQ after maxReceiveCount.
+                    self._sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+            invocations.append(Invocation(len(messages), len(failed)))
+        return invocations
+
+
+@dataclass(frozen=True)
+class JobRun:
+    job_id: str
+    array_index: int | None
+    exit_code: int
+
+
+class BatchRunner:
+    """AWS Batch for one job queue: runs every submitted job's container command as a local process."""
+
+    def __init__(self, clients: Clients, stack: Stack, extra_environment: dict[str, str]) -> None:
+        self._batch = clients.client("batch")
+        self._job_queue = stack.output("JobQueueArn")
+        self._clients = clients
+        self._extra = extra_environment
+        self._seen: set[str] = set()
+
+    def _new_jobs(self) -> Iterator[dict[str, Any]]:
+        # moto settles jobs at once without running them; what matters is that they were submitted.
+        for status in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"):
+            pages = self._batch.get_paginator("list_jobs").paginate(jobQueue=self._job_queue, jobStatus=status)
+            for summary in (job for page in pages for job in page["jobSummaryList"]):
+                # Array children (parent:index) are the runner's to start, from their parent.
+                if ":" not in summary["jobId"] and summary["jobId"] not in self._seen:
+                    self._seen.add(summary["jobId"])
+                    yield self._batch.describe_jobs(jobs=[summary["jobId"]])["jobs"][0]
+
+    def run_pending(self, on_output: Callable[[str], None] = lambda line: None) -> list[JobRun]:
+        runs = []
+        for job in self._new_jobs():
+            container = job["container"]
+            environment = {
+                **os.environ,
+                **plain_environment(container.get("environment", [])),
+                "AWS_BATCH_JOB_ID": job["jobId"],
+                "AWS_ENDPOINT_URL": self._clients.endpoint_url or "",
+                **self._extra,
+            }
+            command = [sys.executable if part == "python" else part for part in container["command"]]
+            size = job.get("arrayProperties", {}).get("size")
+            for index in range(size) if size else [None]:
+                child = dict(environment)
+                if index is not None:
+                    child["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
+                runs.append(JobRun(job["jobId"], index, self._run(command, child, on_output)))
+        return runs
+
+    @staticmethod
+    def _run(command: list[str], environment: dict[str, str], on_output: Callable[[str], None]) -> int:
+        process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            on_output(line.rstrip("\n"))
+        return process.wait()

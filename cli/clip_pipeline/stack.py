@@ -1,0 +1,92 @@
+"""A deployed (or emulated) stack, as the CLI sees it: its outputs and its job definition."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.exceptions import ClientError
+
+from clip_shared.dispatch import CLIENT_CONFIG
+
+SAMCONFIG = Path(__file__).resolve().parents[2] / "samconfig.toml"
+FALLBACK_STACK_NAME = "clip-embedding-pipeline"
+
+
+class StackError(RuntimeError):
+    """The stack cannot be read; the message names it and what to do."""
+
+
+def default_stack_name(samconfig: Path = SAMCONFIG) -> str:
+    """The stack name `sam deploy` uses: samconfig.toml's default environment."""
+    try:
+        config = tomllib.loads(samconfig.read_text())
+    except OSError:
+        return FALLBACK_STACK_NAME
+    return config.get("default", {}).get("deploy", {}).get("parameters", {}).get("stack_name", FALLBACK_STACK_NAME)
+
+
+@dataclass(frozen=True)
+class Clients:
+    """One set of clients, pointed at AWS or at an emulator."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def client(self, service: str) -> Any:
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region, config=CLIENT_CONFIG)
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    outputs: dict[str, str]
+    #: The worker's environment as the job definition sets it (model, weights, output bucket...).
+    worker_environment: dict[str, str]
+
+    def output(self, key: str) -> str:
+        try:
+            return self.outputs[key]
+        except KeyError:
+            raise StackError(f"stack {self.name} has no output {key}; was it deployed from this template?") from None
+
+    @property
+    def model(self) -> str:
+        return self.worker_environment.get("CLIP_MODEL", "ViT-B-32")
+
+    @property
+    def pretrained(self) -> str:
+        return self.worker_environment.get("CLIP_PRETRAINED", "openai")
+
+    @property
+    def output_prefix(self) -> str:
+        return self.worker_environment.get("OUTPUT_PREFIX", "")
+
+
+def plain_environment(variables: dict[str, Any] | list[dict[str, Any]]) -> dict[str, str]:
+    """Environment variables as AWS hands them to code: strings.
+
+    moto's CloudFormation keeps resolved numbers as numbers and an empty string as [].
+    """
+    pairs = variables.items() if isinstance(variables, dict) else ((item["name"], item["value"]) for item in variables)
+    return {name: "" if value == [] else str(value) for name, value in pairs}
+
+
+def read_stack(clients: Clients, name: str) -> Stack:
+    try:
+        described = clients.client("cloudformation").describe_stacks(StackName=name)["Stacks"][0]
+    except ClientError as exc:
+        raise StackError(
+            f"cannot read stack {name}: {exc.response['Error']['Message']} "
+            "(deploy it with `sam deploy`, or pass --stack-name / --endpoint-url)"
+        ) from exc
+    outputs = {item["OutputKey"]: item["OutputValue"] for item in described.get("Outputs", [])}
+    stack = Stack(name, outputs, {})
+    definition = clients.client("batch").describe_job_definitions(
+        jobDefinitions=[stack.output("JobDefinitionArn")]
+    )["jobDefinitions"]
+    environment = definition[0]["containerProperties"].get("environment", []) if definition else []
+    return Stack(name, outputs, plain_environment(environment))
