@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def tiny_checkpoint(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def moto_endpoint() -> Iterator[str]:
     """A real moto server on a free loopback port, for code that runs in other processes."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request would drown test output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

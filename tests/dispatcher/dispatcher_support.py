@@ -14,6 +14,7 @@ import boto3
 import numpy as np
 from botocore.awsrequest import AWSResponse
 from moto.core.botocore_stubber import MockRawResponse
+from moto.core.models import botocore_stubber
 from PIL import Image
 from skimage import data
 
@@ -70,12 +71,14 @@ def load_event(name: str) -> dict[str, Any]:
 
 
 def submitted_jobs() -> list[dict[str, Any]]:
-    """Every job on the queue, whatever its state (a name filter lists all states)."""
+    """Every job submitted to the queue, whatever its state (a name filter lists all states).
+
+    Array children (ids `parent:index`) are the parent's shards, not separate submissions.
+    """
     batch = boto3.client("batch")
     summaries = batch.list_jobs(jobQueue=JOB_QUEUE, filters=[{"name": "JOB_NAME", "values": ["*"]}])["jobSummaryList"]
-    if not summaries:
-        return []
-    return batch.describe_jobs(jobs=[summary["jobId"] for summary in summaries])["jobs"]
+    job_ids = [summary["jobId"] for summary in summaries if ":" not in summary["jobId"]]
+    return batch.describe_jobs(jobs=job_ids)["jobs"] if job_ids else []
 
 
 def read_output(key: str) -> bytes:
@@ -95,21 +98,27 @@ def environment_of(job: dict[str, Any]) -> dict[str, str]:
 def failing_submit_job(batch_client: Any, status: int, code: str, times: int | None = None) -> Iterator[list[Any]]:
     """Make the dispatcher's Batch client see `code` from SubmitJob (`times` times, or always).
 
-    The response is injected where the HTTP response would arrive, so botocore's real retry
-    logic handles it; attempts that are let through reach moto.
+    The error arrives where the HTTP response would, so botocore's own retry logic handles it.
+    botocore calls every before-send handler, so moto's is swapped for one that reaches moto
+    only with the attempts that are let through.
     """
     attempts: list[Any] = []
 
-    def respond(request: Any, **_: Any) -> AWSResponse | None:
+    def respond(event_name: str, request: Any, **kwargs: Any) -> AWSResponse | None:
+        if not event_name.endswith(".SubmitJob"):
+            return botocore_stubber(event_name, request, **kwargs)
         attempts.append(request)
         if times is not None and len(attempts) > times:
-            return None
+            return botocore_stubber(event_name, request, **kwargs)
         body = json.dumps({"__type": code, "message": f"injected {code}"}).encode()
         headers = {"x-amzn-ErrorType": code, "Content-Type": "application/json"}
         return AWSResponse(request.url, status, headers, MockRawResponse(body))
 
-    batch_client.meta.events.register_first("before-send.batch.SubmitJob", respond)
+    events = batch_client.meta.events
+    events.unregister("before-send", botocore_stubber)
+    events.register("before-send", respond)
     try:
         yield attempts
     finally:
-        batch_client.meta.events.unregister("before-send.batch.SubmitJob", respond)
+        events.unregister("before-send", respond)
+        events.register("before-send", botocore_stubber)

@@ -41,6 +41,7 @@ def test_sigterm_flushes_finished_work_exits_143_and_a_retry_resumes(
         **os.environ,
         "MANIFEST_URI": f"s3://{OUTPUT_BUCKET}/manifests/m.json",
         "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        "OUTPUT_PREFIX": "",
         "CLIP_MODEL": TINY_MODEL,
         "CLIP_MODEL_CONFIG": str(tiny_config),
         "CLIP_PRETRAINED": str(tiny_checkpoint),
