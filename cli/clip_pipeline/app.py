@@ -191,5 +191,133 @@ def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
         pass
 
 
+ModelOption = Annotated[str | None, typer.Option("--model", help="open_clip model (default: the stack's).")]
+PretrainedOption = Annotated[str | None, typer.Option("--pretrained", help="Weights (default: the stack's).")]
+ModelConfigOption = Annotated[Path | None, typer.Option("--model-config", help="Extra open_clip model config.")]
+TopOption = Annotated[int, typer.Option("--top", min=1, help="How many results.")]
+
+
+def _model(stack: Stack | None, model: str | None, pretrained: str | None, model_config: Path | None) -> Any:
+    from clip_worker.model import load
+
+    name = model or (stack.model if stack else "ViT-B-32")
+    weights = pretrained or (stack.pretrained if stack else "openai")
+    _preload_model(name, weights, model_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load(name, weights, model_config_path=str(model_config) if model_config else None)
+
+
+def _index(clients: Clients, stack: Stack, model_id: str) -> Any:
+    from clip_worker.index import VectorIndex
+
+    with console.status("Loading vectors from the Parquet shards..."):
+        index = VectorIndex.load(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, model_id)
+    if not len(index):
+        raise Failure(f"stack {stack.name} has no vectors for {model_id} yet (see `clip-pipeline status`)")
+    return index
+
+
+def _print_matches(matches: list[Any], json_output: bool) -> None:
+    if json_output:
+        typer.echo(json.dumps([{"url": m.url, "score": round(m.score, 6)} for m in matches], indent=2))
+        return
+    table = Table("rank", "score", "url")
+    for rank, match in enumerate(matches, 1):
+        table.add_row(str(rank), f"{match.score:.4f}", match.url)
+    Console().print(table)
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="What to look for, e.g. 'a red bicycle'.")],
+    top: TopOption = 10,
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    model_config: ModelConfigOption = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Rank the stack's images by cosine similarity to a text, with the model's text tower."""
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    clip = _model(stack, model, pretrained, model_config)
+    _print_matches(_index(clients, stack, clip.id).nearest(clip.embed_texts([text])[0], top), json_output)
+
+
+@app.command()
+def similar(
+    url: Annotated[str, typer.Argument(help="An embedded image, s3://bucket/key.")],
+    top: TopOption = 10,
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Rank the stack's images by cosine similarity to one already embedded image."""
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    index = _index(clients, stack, keys.model_id(model or stack.model, pretrained or stack.pretrained))
+    vector = index.vector_of(url)
+    if vector is None:
+        raise Failure(f"{url} has no vector in stack {stack.name}: upload it, or `clip-pipeline backfill` its prefix")
+    matches = [match for match in index.nearest(vector, top + 1) if match.url != url][:top]
+    _print_matches(matches, json_output)
+
+
+@app.command("embed-text")
+def embed_text(
+    text: Annotated[str, typer.Argument(help="The text to embed.")],
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    model_config: ModelConfigOption = None,
+    standalone: Annotated[bool, typer.Option("--standalone", help="Use --model/--pretrained without reading a stack.")] = False,
+) -> None:
+    """Print a text's normalised embedding as a JSON array (the stack's model, unless --standalone)."""
+    stack = None if standalone else _stack(stack_name, endpoint_url, region)[1]
+    clip = _model(stack, model, pretrained, model_config)
+    typer.echo(json.dumps(clip.embed_texts([text])[0].tolist()))
+
+
+@app.command()
+def status(
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Jobs by state, objects embedded, rejected and failed, and the dead-letter queue's depth."""
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    batch = clients.client("batch")
+    jobs: dict[str, int] = {}
+    for state in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"):
+        pages = batch.get_paginator("list_jobs").paginate(jobQueue=stack.output("JobQueueArn"), jobStatus=state)
+        jobs[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
+    outcomes = report.tally(
+        clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
+    )
+    dlq = clients.client("sqs").get_queue_attributes(
+        QueueUrl=stack.output("DeadLetterQueueUrl"), AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]["ApproximateNumberOfMessages"]
+    result = {"stack": stack.name, "model": stack.model, "pretrained": stack.pretrained, "jobs": jobs, **outcomes.as_dict(), "dead_letter_messages": int(dlq)}
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{stack.name} ({stack.model}/{stack.pretrained})", show_header=False)
+    table.add_row("jobs", ", ".join(f"{state.lower()} {count}" for state, count in jobs.items()))
+    table.add_row("embedded", str(result["embedded"]))
+    table.add_row("rejected", str(len(outcomes.rejected)))
+    table.add_row("failed", str(len(outcomes.failed)))
+    for url, (code, message) in sorted({**outcomes.rejected, **outcomes.failed}.items()):
+        table.add_row("", f"{url}: {code}: {message}")
+    table.add_row("dead-letter queue", f"{dlq} messages")
+    Console().print(table)
+
+
 def main() -> None:
     app()
