@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,9 @@ from botocore.exceptions import ClientError
 from clip_shared import keys
 from clip_shared.events import DocumentError, EventType, document_event, document_ref, embedding_metadata, to_json
 from clip_shared.manifest import ManifestEntry
-from clip_worker.model import ClipModel
+
+if TYPE_CHECKING:  # the model module imports torch, which readers of outputs do not need
+    from clip_worker.model import ClipModel
 
 COMPONENT = "worker"
 # S3 user metadata on each event document: enough to decide "already done" with one HEAD.
@@ -64,7 +66,7 @@ def embedded_etag(s3: Any, bucket: str, prefix: str, model_id: str, source_bucke
 
 
 class OutputWriter:
-    def __init__(self, s3: Any, bucket: str, prefix: str, model: ClipModel, chain_id: str) -> None:
+    def __init__(self, s3: Any, bucket: str, prefix: str, model: "ClipModel", chain_id: str) -> None:
         self._s3 = s3
         self._bucket = bucket
         self._prefix = prefix

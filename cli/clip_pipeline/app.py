@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from clip_pipeline import emulator, local, report
-from clip_pipeline.stack import Clients, Stack, StackError, default_stack_name, read_stack
-from clip_shared import keys
+from clip_pipeline.stack import Clients, Stack, StackError, default_stack_name, plain_environment, read_stack
+from clip_shared import dispatch, keys
+from clip_worker.writer import embedded_etag
 
 SAMPLES = emulator.REPOSITORY / "samples"
 LOCAL_STACK = "clip-local"
@@ -110,13 +114,13 @@ def local_command(
             for path in files:
                 s3.upload_file(str(path), input_bucket, path.relative_to(folder).as_posix())
         queue_url = stack.output("UploadQueueUrl")
-        jobs = 0
+        runs_done: list[local.JobRun] = []
         while True:
             invocations = poller.poll()
             for invocation in invocations:
                 console.print(f"dispatcher: {invocation.records} messages, {invocation.failures} failed")
             runs = runner.run_pending(on_output=lambda line: _show_worker_line(line, json_output))
-            jobs += len(runs)
+            runs_done += runs
             for run in runs:
                 child = "" if run.array_index is None else f" child {run.array_index}"
                 console.print(f"batch job {run.job_id}{child}: exit {run.exit_code}")
@@ -126,7 +130,7 @@ def local_command(
                 break
         elapsed = time.monotonic() - started
         outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
-        _print_summary(stack, files, outcomes, jobs, elapsed, json_output)
+        _print_summary(clients, stack, files, outcomes, runs_done, elapsed, json_output)
         if keep:
             _wait_for_interrupt(clients, stack)
 
@@ -142,22 +146,30 @@ def _show_worker_line(line: str, quiet: bool) -> None:
     console.print(f"  worker: {record['message']} {fields}")
 
 
-def _print_summary(stack: Stack, files: list[Path], outcomes: report.Outcomes, jobs: int, elapsed: float, json_output: bool) -> None:
+def _print_summary(
+    clients: Clients, stack: Stack, files: list[Path], outcomes: report.Outcomes, runs: list[local.JobRun], elapsed: float, json_output: bool
+) -> None:
     output = stack.output("OutputBucketName")
     prefix = keys.normalise_prefix(stack.output_prefix)
     model_id = keys.model_id(stack.model, stack.pretrained)
     summary = {
         "uploaded": len(files),
         **outcomes.as_dict(),
-        "batch_jobs": jobs,
+        "batch_jobs": len({run.job_id for run in runs}),
+        "job_runs": len(runs),
+        "failed_job_runs": sum(1 for run in runs if run.exit_code != 0),
         "seconds": round(elapsed, 2),
         "images_per_s": round(len(outcomes.embedded) / elapsed, 2) if elapsed else 0.0,
         "vectors": f"s3://{output}/{prefix}vectors/{model_id}/",
         "events": f"s3://{output}/{prefix}events/{model_id}/",
         "parquet": f"s3://{output}/{prefix}parquet/{model_id}/",
+        "endpoint_url": clients.endpoint_url,
+        "stack_name": stack.name,
     }
     if json_output:
-        typer.echo(json.dumps(summary, indent=2))
+        # One line, so a script can read it while --keep holds the emulator open.
+        typer.echo(json.dumps(summary), nl=True)
+        sys.stdout.flush()
         return
     table = Table(title="clip-pipeline local", show_header=False)
     table.add_row("uploaded", str(summary["uploaded"]))
@@ -168,7 +180,7 @@ def _print_summary(stack: Stack, files: list[Path], outcomes: report.Outcomes, j
     table.add_row("failed", str(len(outcomes.failed)))
     for url, (code, message) in sorted(outcomes.failed.items()):
         table.add_row("", f"{url}: {code}: {message}")
-    table.add_row("batch jobs", str(jobs))
+    table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
     for name in ("vectors", "events", "parquet"):
@@ -317,6 +329,94 @@ def status(
         table.add_row("", f"{url}: {code}: {message}")
     table.add_row("dead-letter queue", f"{dlq} messages")
     Console().print(table)
+
+
+# Well under Batch's SubmitJob limit of 50 per second per account, which the dispatcher shares.
+_SUBMIT_INTERVAL_S = 0.1
+
+
+@app.command()
+def backfill(
+    url: Annotated[str, typer.Argument(help="s3://bucket/prefix of objects uploaded before the stack existed.")],
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Embed objects S3 events never announced, through the dispatcher's own checks and submit code."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not bucket:
+        raise Failure(f"{url!r} is not an s3://bucket/prefix URL")
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    if bucket != stack.output("InputBucketName"):
+        console.print(f"[yellow]warning:[/yellow] the stack's job role reads only s3://{stack.output('InputBucketName')}/; "
+                      f"jobs for s3://{bucket}/ fail unless you grant it read access")
+    settings = stack_function_environment(clients, stack)
+    shard_size, max_bytes = int(settings.get("SHARD_SIZE", 1000)), int(settings.get("MAX_OBJECT_BYTES", 50 * 1024 * 1024))
+    output_bucket, output_prefix = stack.output("OutputBucketName"), stack.output_prefix
+    model_id = keys.model_id(stack.model, stack.pretrained)
+    s3, batch = clients.client("s3"), clients.client("batch")
+    counts = {"listed": 0, "already_embedded": 0, "already_submitted": 0, "being_dispatched": 0, "rejected": 0, "superseded": 0, "submitted": 0, "jobs": 0}
+    # A backfill holds its claims while it lists; an hour is long enough for millions of objects.
+    claim_ttl = timedelta(hours=1)
+    chunk: list[Any] = []
+    manifest_id = dispatch.new_manifest_id(datetime.now(timezone.utc))
+
+    def submit() -> None:
+        nonlocal chunk, manifest_id
+        try:
+            manifest = dispatch.new_manifest(chunk, shard_size, manifest_id)
+            job = dispatch.submit(s3, batch, output_bucket, output_prefix, manifest, stack.output("JobQueueArn"), stack.output("JobDefinitionArn"))
+        except Exception:
+            dispatch.release(s3, output_bucket, output_prefix, chunk)
+            raise
+        console.print(f"submitted job {job.job_id}: {len(chunk)} objects" + (f", {job.array_size} array children" if job.array_size else ""))
+        counts["submitted"] += len(chunk)
+        counts["jobs"] += 1
+        chunk = []
+        manifest_id = dispatch.new_manifest_id(datetime.now(timezone.utc))
+        time.sleep(_SUBMIT_INTERVAL_S)
+
+    def admit(item: dict[str, Any]) -> Any:
+        if embedded_etag(s3, output_bucket, output_prefix, model_id, bucket, item["Key"]) == item["ETag"].strip('"'):
+            return "already_embedded"
+        return dispatch.admit(s3, dispatch.ObjectRef(bucket, item["Key"]), output_bucket, output_prefix, max_bytes,
+                              manifest_id, datetime.now(timezone.utc), claim_ttl)
+
+    with ThreadPoolExecutor(16) as pool, console.status(f"Listing s3://{bucket}/{prefix} ..."):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            items = page.get("Contents", [])
+            counts["listed"] += len(items)
+            for outcome in pool.map(admit, items):
+                if isinstance(outcome, dispatch.Rejection):
+                    counts["rejected"] += 1
+                elif outcome is dispatch.Claim.DONE:
+                    counts["already_submitted"] += 1
+                elif outcome is dispatch.Claim.BUSY:
+                    counts["being_dispatched"] += 1
+                elif outcome is None:
+                    counts["superseded"] += 1
+                elif isinstance(outcome, str):
+                    counts[outcome] += 1
+                else:
+                    chunk.append(outcome)
+            if len(chunk) >= shard_size * dispatch.MAX_ARRAY_SIZE:
+                submit()
+        if chunk:
+            submit()
+    if json_output:
+        typer.echo(json.dumps(counts, indent=2))
+    else:
+        table = Table(title=f"backfill {url}", show_header=False)
+        for name, value in counts.items():
+            table.add_row(name.replace("_", " "), str(value))
+        Console().print(table)
+
+
+def stack_function_environment(clients: Clients, stack: Stack) -> dict[str, str]:
+    """The dispatcher's settings, so a backfill applies exactly the limits uploads get."""
+    configuration = clients.client("lambda").get_function_configuration(FunctionName=stack.output("DispatcherFunctionName"))
+    return plain_environment(configuration.get("Environment", {}).get("Variables", {}))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ every array child, AWS_BATCH_JOB_ARRAY_INDEX, as Batch would run the container.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -112,7 +113,9 @@ class LambdaPoller:
         environment = plain_environment(configuration.get("Environment", {}).get("Variables", {}))
         # Lambda's runtime provides an X-Ray daemon; locally there is none to send traces to.
         environment |= {"POWERTOOLS_TRACE_DISABLED": "true", "AWS_LAMBDA_FUNCTION_NAME": function_name}
-        self._handler = load_handler(handler_path, environment)
+        # The function's log lines are its CloudWatch logs: they go to stderr, and stdout stays the command's.
+        with contextlib.redirect_stdout(sys.stderr):
+            self._handler = load_handler(handler_path, environment)
 
     def _queue_url(self, arn: str) -> str:
         return self._sqs.get_queue_url(QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
@@ -160,7 +163,8 @@ class LambdaPoller:
                 ]
             }
             name, timeout_s = self.context_template
-            response = self._handler(event, LambdaContext(name, timeout_s)) or {}
+            with contextlib.redirect_stdout(sys.stderr):
+                response = self._handler(event, LambdaContext(name, timeout_s)) or {}
             failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
             done = [m for m in messages if m["MessageId"] not in failed]
             for start in range(0, len(done), 10):

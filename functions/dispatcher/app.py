@@ -90,17 +90,11 @@ def _object_ref(notified: S3RecordModel) -> ObjectRef:
 
 
 def _inspect_and_claim(ref: ObjectRef, invocation: Invocation) -> ManifestEntry | Rejection | Claim | None:
-    outcome = dispatch.inspect_object(s3, ref, SETTINGS.max_object_bytes)
-    if isinstance(outcome, Rejection):
-        dispatch.record_rejection(s3, SETTINGS.output_bucket, SETTINGS.output_prefix, outcome, invocation.manifest_id)
-        return outcome
-    if outcome is None:
-        return None
-    state = dispatch.claim(s3, SETTINGS.output_bucket, SETTINGS.output_prefix, outcome, invocation.manifest_id,
-                           invocation.started, invocation.claim_ttl)
-    if state is Claim.BUSY:
+    outcome = dispatch.admit(s3, ref, SETTINGS.output_bucket, SETTINGS.output_prefix, SETTINGS.max_object_bytes,
+                             invocation.manifest_id, invocation.started, invocation.claim_ttl)
+    if outcome is Claim.BUSY:
         raise ObjectBusy(f"s3://{ref.bucket}/{ref.key} is being dispatched by another invocation")
-    return outcome if state is Claim.CLAIMED else state
+    return outcome
 
 
 async def handle_message(record: S3NotificationRecord, invocation: Invocation) -> Claimed:

@@ -205,6 +205,31 @@ def claim(
         raise
 
 
+def admit(
+    s3: Any,
+    ref: ObjectRef,
+    output_bucket: str,
+    output_prefix: str,
+    max_object_bytes: int,
+    manifest_id: str,
+    now: datetime,
+    claim_ttl: timedelta,
+) -> ManifestEntry | Rejection | Claim | None:
+    """Inspect one object and claim it for `manifest_id`, as every path into a job does.
+
+    Returns the claimed entry, the rejection (already recorded), `Claim.DONE` or `Claim.BUSY`
+    for an object another manifest holds, or None for a version a newer one replaced.
+    """
+    outcome = inspect_object(s3, ref, max_object_bytes)
+    if isinstance(outcome, Rejection):
+        record_rejection(s3, output_bucket, output_prefix, outcome, manifest_id)
+        return outcome
+    if outcome is None:
+        return None
+    state = claim(s3, output_bucket, output_prefix, outcome, manifest_id, now, claim_ttl)
+    return outcome if state is Claim.CLAIMED else state
+
+
 def release(s3: Any, output_bucket: str, output_prefix: str, entries: Iterable[ManifestEntry]) -> None:
     """Give up claims after a failed submission, so a redelivery can claim the objects at once."""
     claim_keys = [claim_key(output_prefix, entry) for entry in entries]

@@ -1,0 +1,110 @@
+"""backfill, search, similar, embed-text and status against template.yaml deployed in the emulator."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from clip_pipeline.app import app
+from clip_pipeline.stack import Clients, Stack
+from clip_shared import keys
+from clip_worker.model import load
+from clip_worker.writer import shard_schema
+from tests.cli.conftest import SHARD_SIZE
+from tests.support import TINY_MODEL, encode, photo
+
+runner = CliRunner()
+
+
+def invoke(deployed: tuple[Clients, Stack], *args: str) -> Any:
+    clients, stack = deployed
+    result = runner.invoke(app, [*args, "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or "", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_backfill_submits_the_right_array_job_once_and_nothing_the_second_time(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    s3, batch = clients.client("s3"), clients.client("batch")
+    bucket = stack.output("InputBucketName")
+    for i in range(5):
+        s3.put_object(Bucket=bucket, Key=f"old/img-{i}.png", Body=encode(photo().rotate(i), "PNG"))
+    s3.put_object(Bucket=bucket, Key="old/notes.txt", Body=b"not an image")
+
+    first = invoke(deployed, "backfill", f"s3://{bucket}/old/")
+    assert (first["listed"], first["submitted"], first["rejected"], first["jobs"]) == (6, 5, 1, 1)
+    jobs = [j for j in batch.list_jobs(jobQueue=stack.output("JobQueueArn"), jobStatus="SUCCEEDED")["jobSummaryList"] if ":" not in j["jobId"]]
+    assert len(jobs) == 1
+    job = batch.describe_jobs(jobs=[jobs[0]["jobId"]])["jobs"][0]
+    assert job["arrayProperties"]["size"] == 3  # 5 objects in shards of SHARD_SIZE=2
+    assert job["jobDefinition"] == stack.output("JobDefinitionArn")
+    manifest_uri = next(e["value"] for e in job["container"]["environment"] if e["name"] == "MANIFEST_URI")
+    manifest = json.loads(s3.get_object(Bucket=stack.output("OutputBucketName"), Key=keys.parse_s3_url(manifest_uri)[1])["Body"].read())
+    assert (manifest["shardSize"], sorted(e["key"] for e in manifest["entries"])) == (SHARD_SIZE, [f"old/img-{i}.png" for i in range(5)])
+
+    second = invoke(deployed, "backfill", f"s3://{bucket}/old/")
+    assert (second["submitted"], second["jobs"], second["already_submitted"]) == (0, 0, 5)
+
+
+def write_shard(deployed: tuple[Clients, Stack], model_id: str, vectors: dict[str, np.ndarray]) -> None:
+    clients, stack = deployed
+    dimensions = len(next(iter(vectors.values())))
+    table = pa.table(
+        {
+            "url": list(vectors),
+            "bucket": ["b"] * len(vectors),
+            "key": list(vectors),
+            "version_id": [None] * len(vectors),
+            "etag": ["e"] * len(vectors),
+            "model": [TINY_MODEL] * len(vectors),
+            "pretrained": ["p"] * len(vectors),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.stack(list(vectors.values())).astype(np.float32).reshape(-1)), dimensions),
+        },
+        schema=shard_schema(dimensions),
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    clients.client("s3").put_object(
+        Bucket=stack.output("OutputBucketName"), Key=keys.parquet_key("", model_id, "m-search", 0), Body=buffer.getvalue()
+    )
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def test_search_similar_and_embed_text_rank_by_the_vectors(deployed: tuple[Clients, Stack], tiny_config: Path, tiny_checkpoint: Path) -> None:
+    model = load(TINY_MODEL, str(tiny_checkpoint), "cpu", model_config_path=str(tiny_config))
+    bicycle = model.embed_texts(["a red bicycle"])[0]
+    rng = np.random.default_rng(7)
+    others = {f"s3://in/other-{i}.jpg": unit(rng.normal(size=32)) for i in range(20)}
+    near = unit(bicycle + 0.3 * unit(rng.normal(size=32)))
+    write_shard(deployed, model.id, {**others, "s3://in/bicycle.jpg": bicycle, "s3://in/near-bicycle.jpg": near})
+
+    config = ["--model-config", str(tiny_config)]
+    found = invoke(deployed, "search", "a red bicycle", "--top", "3", *config)
+    assert [match["url"] for match in found[:2]] == ["s3://in/bicycle.jpg", "s3://in/near-bicycle.jpg"]
+    assert found[0]["score"] > 0.999 and len(found) == 3
+
+    similar = invoke(deployed, "similar", "s3://in/bicycle.jpg", "--top", "1")
+    assert [match["url"] for match in similar] == ["s3://in/near-bicycle.jpg"]
+
+    clients, stack = deployed
+    result = runner.invoke(app, ["embed-text", "a red bicycle", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or "", *config])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(json.loads(result.stdout), bicycle, atol=1e-6)
+
+
+def test_unknown_stack_and_unembedded_image_fail_in_one_clear_line(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    result = runner.invoke(app, ["status", "--stack-name", "no-such-stack", "--endpoint-url", clients.endpoint_url or ""])
+    assert result.exit_code == 2 and "cannot read stack no-such-stack" in result.output
+    result = runner.invoke(app, ["backfill", "bucket-without-scheme", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or ""])
+    assert result.exit_code == 2 and "is not an s3://bucket/prefix URL" in result.output

@@ -1,0 +1,104 @@
+"""`clip-pipeline local`, the README's main command, end to end on real photos and bad inputs, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clip_pipeline.app import app
+from clip_shared import keys
+from tests.support import TINY_MODEL, all_formats, cosine, encode, photo, reference_embedding
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, dict[str, Image.Image]]:
+    folder = tmp_path / "uploads"
+    (folder / "every format").mkdir(parents=True)
+    expected = {}
+    for name, (data, _, seen) in all_formats(photo("astronaut.png")).items():
+        (folder / "every format" / name).write_bytes(data)
+        expected[f"every format/{name}"] = seen
+    good = encode(photo(), "JPEG")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "notes.jpg").write_text("a text file with an image's name")
+    (folder / "empty.png").write_bytes(b"")
+    # 10,000 x 10,000 pixels in a few hundred kilobytes: over the stack's MaxImagePixels.
+    (folder / "bomb.png").write_bytes(encode(Image.new("1", (10_000, 10_000)), "PNG", optimize=True))
+    return folder, expected
+
+
+def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
+    inputs: tuple[Path, dict[str, Image.Image]], tiny_config: Path, tiny_checkpoint: Path
+) -> None:
+    folder, expected = inputs
+    command = [
+        sys.executable, "-m", "clip_pipeline", "local", str(folder),
+        "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint), "--model-config", str(tiny_config),
+        "--shard-size", "6", "--batching-window", "1", "--keep", "--json",
+    ]  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, process.stderr.read() if process.stderr else ""
+        summary = json.loads(line)
+
+        assert summary["uploaded"] == len(expected) + 4
+        assert summary["embedded"] == len(expected)
+        # The 16 objects that pass the dispatcher make one array job of ceil(16 / 6) = 3 children.
+        assert (summary["batch_jobs"], summary["job_runs"], summary["failed_job_runs"]) == (1, 3, 0)
+        assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"].items()} == {
+            "notes.jpg": "unsupported-type",
+            "empty.png": "unsupported-type",
+        }
+        assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"].items()} == {
+            "truncated.jpg": "corrupt-image",
+            "bomb.png": "too-many-pixels",
+        }
+        assert all(url in r["message"] for url, r in summary["failed"].items())
+        assert summary["images_per_s"] > 0
+
+        # The emulator is still up (--keep): every image has a vector matching open_clip, and an event.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        s3 = boto3.client("s3", endpoint_url=summary["endpoint_url"], region_name="us-east-1",
+                          aws_access_key_id="local", aws_secret_access_key="local")  # fmt: skip
+        output = summary["vectors"].removeprefix("s3://").split("/", 1)[0]
+        input_bucket = next(b["Name"] for b in s3.list_buckets()["Buckets"] if "-input-" in b["Name"])
+        model_id = keys.model_id(TINY_MODEL, str(tiny_checkpoint))
+        for key, seen in expected.items():
+            vector = np.asarray(json.loads(s3.get_object(Bucket=output, Key=keys.vector_key("", model_id, input_bucket, key))["Body"].read()))
+            assert cosine(vector, reference_embedding(seen, TINY_MODEL, str(tiny_checkpoint))) >= 0.999, key
+            event = json.loads(s3.get_object(Bucket=output, Key=keys.event_key("", model_id, input_bucket, key))["Body"].read())
+            assert event["type"] == "document-created"
+
+        status = CliRunner().invoke(
+            app, ["status", "--stack-name", summary["stack_name"], "--endpoint-url", summary["endpoint_url"], "--region", "us-east-1", "--json"],
+            env={"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"},
+        )  # fmt: skip
+        assert status.exit_code == 0, status.output
+        report = json.loads(status.stdout)
+        assert (report["embedded"], len(report["rejected"]), len(report["failed"]), report["dead_letter_messages"]) == (len(expected), 2, 2, 0)
+        assert report["jobs"]["SUCCEEDED"] == 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_pipeline", "local", "--pretrained", str(missing)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "pass --pretrained /path/to/checkpoint.pt, or --pretrained none" in result.stderr
