@@ -38,16 +38,17 @@ class VectorIndex:
     @classmethod
     def from_tables(cls, tables: Iterable[pa.Table]) -> "VectorIndex":
         """Later tables win: an image embedded again (new version, re-run) appears once, newest vector."""
-        latest: dict[str, np.ndarray] = {}
-        for table in tables:
-            if not table.num_rows:
-                continue
-            dimensions = table.schema.field("vector").type.list_size
-            matrix = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dimensions)
-            latest.update(zip(table.column("url").to_pylist(), matrix))
-        if not latest:
+        non_empty = [table.select(["url", "vector"]) for table in tables if table.num_rows]
+        if not non_empty:
             return cls([], np.zeros((0, 0), np.float32))
-        return cls(list(latest), np.stack(list(latest.values())).astype(np.float32, copy=False))
+        table = pa.concat_tables(non_empty)
+        dimensions = table.schema.field("vector").type.list_size
+        urls = table.column("url").to_pylist()
+        # A dict keeps each url's last row; the matrix is gathered once, without a copy per row.
+        last_row = {url: row for row, url in enumerate(urls)}
+        rows = np.fromiter(last_row.values(), dtype=np.int64, count=len(last_row))
+        matrix = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dimensions)
+        return cls(list(last_row), matrix[rows] if len(rows) < len(urls) else matrix)
 
     @classmethod
     def load(cls, s3: Any, bucket: str, prefix: str, model_id: str) -> "VectorIndex":
