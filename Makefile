@@ -24,5 +24,10 @@ test: install sam-validate sam-build unit
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## The main job: the whole pipeline on an embedded AWS emulator. LOCAL_ARGS, e.g. "my-photos --pretrained none".
+LOCAL_ARGS ?=
+local: install
+	$(BIN)/clip-pipeline local $(LOCAL_ARGS)
+
 clean:
 	rm -rf $(VENV) .venv-sam .aws-sam .pytest_cache

@@ -38,6 +38,8 @@ class WorkerConfig:
     cache_dir: str | None = None
     #: `cuda`, `cpu`, or None for CUDA whenever it is available.
     device: str | None = None
+    #: Decode JPEGs on the model's device (nvJPEG); None decides: on exactly when the model runs on CUDA.
+    gpu_decode: bool | None = None
     #: None picks a size that suits the device (see model.default_batch_size).
     batch_size: int | None = None
     #: Threads that download and decode ahead of the model.
@@ -59,6 +61,9 @@ class WorkerConfig:
         device = env.get("DEVICE", "auto").strip().lower()
         if device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"DEVICE={device!r} must be auto, cuda or cpu")
+        gpu_decode = env.get("GPU_DECODE", "auto").strip().lower()
+        if gpu_decode not in ("auto", "on", "off"):
+            raise ConfigError(f"GPU_DECODE={gpu_decode!r} must be auto, on or off")
         return cls(
             manifest_uri=env["MANIFEST_URI"],
             output_bucket=env["OUTPUT_BUCKET"],
@@ -68,6 +73,7 @@ class WorkerConfig:
             model_config_path=env.get("CLIP_MODEL_CONFIG") or None,
             cache_dir=env.get("CLIP_CACHE_DIR") or None,
             device=None if device == "auto" else device,
+            gpu_decode=None if gpu_decode == "auto" else gpu_decode == "on",
             batch_size=_int(env, "BATCH_SIZE", None),
             io_threads=_int(env, "IO_THREADS", cls.io_threads),
             max_object_bytes=_int(env, "MAX_OBJECT_BYTES", cls.max_object_bytes),

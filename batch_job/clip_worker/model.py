@@ -39,9 +39,14 @@ class ClipModel:
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""
+        return self.encode(pixels).cpu().numpy()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Like `embed`, but the vectors stay on the device: on CUDA this returns as soon as the work
+        is queued, so the caller can prepare the next batch while the GPU runs this one."""
         with torch.inference_mode():
             features = self.network.encode_image(pixels.to(self.device, self.dtype, non_blocking=True))
-            return F.normalize(features.float(), dim=-1).cpu().numpy()
+            return F.normalize(features.float(), dim=-1)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> float32 L2-normalised vectors in the same space as the images."""

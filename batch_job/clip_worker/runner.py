@@ -2,6 +2,8 @@
 
 Threads download and decode (boto3 and Pillow release the GIL) while the main thread runs the
 model, and another set of threads uploads results, so the accelerator never waits on one image.
+On a GPU the threads only download and check JPEGs; the main thread decodes them a batch at a
+time on the GPU (see gpu.py), since 4 vCPUs cannot decode as fast as the GPU embeds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from botocore.config import Config
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry, ManifestError
-from clip_worker import decoder, reader
+from clip_worker import decoder, gpu, reader
 from clip_worker.config import ConfigError, WorkerConfig
 from clip_worker.model import ClipModel, ModelLoadError, default_batch_size, load
 from clip_worker.writer import OutputWriter, Row
@@ -42,7 +44,8 @@ R = TypeVar("R")
 class Prepared:
     entry: ManifestEntry
     etag: str
-    pixels: torch.Tensor
+    #: The model's input made on the CPU, or a JPEG left for the main thread to decode on the device.
+    pixels: torch.Tensor | gpu.Jpeg
 
 
 @dataclass(frozen=True)
@@ -126,19 +129,97 @@ def ahead(pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], 
             yield future.result()
 
 
-def prepare(entry: ManifestEntry, s3: Any, writer: OutputWriter, model: ClipModel, config: WorkerConfig) -> Prepared | Finished | Failed:
+def on_cpu(data: bytes, url: str, model: ClipModel, max_pixels: int) -> torch.Tensor:
+    """The CPU path: decode with Pillow, then open_clip's own transform. Raises DocumentError."""
+    return model.preprocess(decoder.decode(data, url, model.image_size, max_pixels))
+
+
+def pixels(data: bytes, url: str, model: ClipModel, max_pixels: int, on_device: bool) -> torch.Tensor | gpu.Jpeg:
+    """What the prepare threads make of an object's bytes: a JPEG for the device when it can take it."""
+    jpeg = gpu.probe(data, max_pixels, pin=model.device.type == "cuda") if on_device else None
+    return jpeg or on_cpu(data, url, model, max_pixels)
+
+
+def unexpected(entry: ManifestEntry, exc: Exception) -> Failed:
+    logger.exception("unexpected error preparing object", extra={"url": entry.url})
+    return Failed(entry, DocumentError(ErrorCode.INTERNAL_ERROR, f"{entry.url}: {type(exc).__name__}: {exc}"))
+
+
+def prepare(
+    entry: ManifestEntry, s3: Any, writer: OutputWriter, model: ClipModel, config: WorkerConfig, on_device: bool
+) -> Prepared | Finished | Failed:
     try:
         vector = writer.finished(entry)
         if vector is not None:
             return Finished(entry, vector)
         data, etag = reader.fetch(entry, s3, config.max_object_bytes)
-        image = decoder.decode(data, entry.url, model.image_size, config.max_image_pixels)
-        return Prepared(entry, etag, model.preprocess(image))
+        return Prepared(entry, etag, pixels(data, entry.url, model, config.max_image_pixels, on_device))
     except DocumentError as error:
         return Failed(entry, error)
     except Exception as exc:  # noqa: BLE001 - one object's surprise must not stop the others
-        logger.exception("unexpected error preparing object", extra={"url": entry.url})
-        return Failed(entry, DocumentError(ErrorCode.INTERNAL_ERROR, f"{entry.url}: {type(exc).__name__}: {exc}"))
+        return unexpected(entry, exc)
+
+
+class Embedder:
+    """Batches of Prepared -> vectors, decoding the batch's JPEGs on the device first.
+
+    A batch's vectors are read back only once the next batch is queued: on CUDA the model runs
+    asynchronously, so the GPU embeds batch N while this thread decodes and crops batch N+1.
+    """
+
+    def __init__(self, model: ClipModel, max_pixels: int, transform: gpu.TensorTransform | None) -> None:
+        self._model = model
+        self._max_pixels = max_pixels
+        self._transform = transform
+        self._queued: tuple[list[Prepared], torch.Tensor] | None = None
+
+    def submit(self, batch: list[Prepared]) -> tuple[list[Failed], list[tuple[Prepared, np.ndarray]]]:
+        """Queue `batch`; returns its images that failed, and the vectors of the batch queued before it."""
+        jpegs = [item.pixels for item in batch if isinstance(item.pixels, gpu.Jpeg)]
+        on_device = iter(gpu.preprocess(jpegs, self._transform, self._model.device) if jpegs and self._transform else ())
+        kept: list[Prepared] = []
+        inputs: list[torch.Tensor] = []
+        failed: list[Failed] = []
+        for item in batch:
+            tensor = item.pixels if isinstance(item.pixels, torch.Tensor) else next(on_device)
+            if tensor is None:
+                # The device decoder refused it: the CPU path decodes it, or says what is wrong with it.
+                try:
+                    tensor = on_cpu(item.pixels.data.numpy().tobytes(), item.entry.url, self._model, self._max_pixels)
+                except DocumentError as error:
+                    failed.append(Failed(item.entry, error))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - as in prepare: one image never fails the batch
+                    failed.append(unexpected(item.entry, exc))
+                    continue
+            kept.append(item)
+            inputs.append(tensor.to(self._model.device, self._model.dtype, non_blocking=True))
+        done = self.finish()
+        if kept:
+            self._queued = (kept, self._model.encode(torch.stack(inputs)))
+        return failed, done
+
+    def finish(self) -> list[tuple[Prepared, np.ndarray]]:
+        """The vectors of the last batch queued (waiting for the device), and nothing left queued."""
+        if self._queued is None:
+            return []
+        items, features = self._queued
+        self._queued = None
+        return list(zip(items, features.cpu().numpy()))
+
+
+def device_transform(model: ClipModel, decode_on_device: bool | None) -> gpu.TensorTransform | None:
+    """The tensor transform when JPEGs are to be decoded on the model's device, else None.
+
+    None (the default) decodes on the device exactly when the model runs on CUDA.
+    """
+    if not (model.device.type == "cuda" if decode_on_device is None else decode_on_device):
+        return None
+    try:
+        return gpu.TensorTransform.for_model(model)
+    except gpu.UnsupportedTransform as exc:
+        logger.warning("decoding on the CPU: this model's preprocessing has no tensor equivalent", extra={"reason": str(exc)})
+        return None
 
 
 def s3_client(config: WorkerConfig) -> Any:
@@ -160,6 +241,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     model = load(config.model, config.pretrained, config.device, config.cache_dir, config.model_config_path)
     writer = OutputWriter(s3, config.output_bucket, config.output_prefix, model, config.job_id or manifest.manifest_id)
     batch_size = config.batch_size or default_batch_size(model.device)
+    transform = device_transform(model, config.gpu_decode)
     logger.info(
         "job started",
         extra={
@@ -170,6 +252,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             "pretrained": model.pretrained,
             "device": str(model.device),
             "batch_size": batch_size,
+            "decode_on_device": transform is not None,
         },
     )
     progress = Progress(total=len(entries), interval_s=config.progress_interval_s)
@@ -180,24 +263,33 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
         config.io_threads, "write"
     ) as write_pool:
 
-        def embed(batch: list[Prepared]) -> None:
-            vectors = model.embed(torch.stack([item.pixels for item in batch]))
-            for item, vector in zip(batch, vectors):
+        def fail(result: Failed) -> None:
+            logger.warning("object failed", extra={"url": result.entry.url, "code": result.error.code, "reason": result.error.message})
+            writes.append((result.entry, write_pool.submit(writer.failed, result.entry, result.error)))
+            progress.failed += 1
+
+        def embedded(done: list[tuple[Prepared, np.ndarray]]) -> None:
+            for item, vector in done:
                 rows.append(Row(item.entry, item.etag, vector))
                 writes.append((item.entry, write_pool.submit(writer.created, item.entry, item.etag, vector)))
-            progress.embedded += len(batch)
+            progress.embedded += len(done)
 
+        def embed(batch: list[Prepared]) -> None:
+            failures, done = embedder.submit(batch)
+            for failure in failures:
+                fail(failure)
+            embedded(done)
+
+        embedder = Embedder(model, config.max_image_pixels, transform)
         batch: list[Prepared] = []
         window = 2 * batch_size + config.io_threads
-        work = lambda entry: prepare(entry, s3, writer, model, config)  # noqa: E731
+        work = lambda entry: prepare(entry, s3, writer, model, config, transform is not None)  # noqa: E731
         for result in ahead(prepare_pool, entries, work, window, stop):
             if isinstance(result, Finished):
                 rows.append(Row(result.entry, result.entry.etag, result.vector))
                 progress.skipped += 1
             elif isinstance(result, Failed):
-                logger.warning("object failed", extra={"url": result.entry.url, "code": result.error.code, "reason": result.error.message})
-                writes.append((result.entry, write_pool.submit(writer.failed, result.entry, result.error)))
-                progress.failed += 1
+                fail(result)
             else:
                 batch.append(result)
                 if len(batch) >= batch_size:
@@ -206,6 +298,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             progress.tick()
         if batch:
             embed(batch)
+        embedded(embedder.finish())
 
         for entry, future in writes:
             if (exc := future.exception()) is not None:

@@ -45,8 +45,8 @@ def test_vit_b_32_decodes_big_jpegs_at_reduced_scale_within_cosine_0_999_of_open
     with pytest.warns(UserWarning):
         model = load("ViT-B-32", "none", "cpu")
     assert (model.dimensions, model.image_size) == (512, 224)
-    for name in ("astronaut.png", "coffee.png"):
-        jpeg = encode(photo(name).resize((4000, 3000)), "JPEG", quality=90)
+    for name, size in [("astronaut.png", (4000, 3000)), ("coffee.png", (4000, 3000)), ("astronaut.png", (1633, 1225))]:
+        jpeg = encode(photo(name).resize(size, Image.Resampling.LANCZOS), "JPEG", quality=90)
         fast = model.embed(model.preprocess(decode(jpeg, name, model.image_size, 10**9)).unsqueeze(0))[0]
         reference = reference_embedding(Image.open(io.BytesIO(jpeg)), "ViT-B-32", None)
         assert cosine(fast, reference) >= 0.999, name
@@ -60,5 +60,8 @@ def test_config_names_the_missing_or_malformed_variable() -> None:
         WorkerConfig.from_env({**base, "BATCH_SIZE": "lots"})
     with pytest.raises(ConfigError, match="DEVICE='tpu'"):
         WorkerConfig.from_env({**base, "DEVICE": "tpu"})
+    with pytest.raises(ConfigError, match="GPU_DECODE='maybe' must be auto, on or off"):
+        WorkerConfig.from_env({**base, "GPU_DECODE": "maybe"})
+    assert WorkerConfig.from_env({**base, "GPU_DECODE": "off"}).gpu_decode is False
     config = WorkerConfig.from_env({**base, "AWS_BATCH_JOB_ARRAY_INDEX": "0", "CLIP_MODEL": "ViT-L-14"})
     assert (config.array_index, config.model, config.pretrained, config.device) == (0, "ViT-L-14", "openai", None)
