@@ -8,7 +8,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from clip_shared.events import DocumentError, ErrorCode
-from clip_shared.keys import parse_s3_url
+from clip_shared.keys import bare_etag, parse_s3_url
 from clip_shared.manifest import Manifest, ManifestEntry, ManifestError
 
 _MISSING = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
@@ -25,11 +25,6 @@ def load_manifest(uri: str, s3: Any) -> Manifest:
     except (ClientError, OSError, ValueError) as exc:
         raise ManifestError(f"cannot read the manifest {uri}: {exc}") from exc
     return Manifest.from_json(body, source=uri)
-
-
-def normalise_etag(etag: str) -> str:
-    # S3 quotes ETags in HTTP headers but not in event notifications; compare them bare.
-    return etag.strip('"')
 
 
 def fetch(entry: ManifestEntry, s3: Any, max_bytes: int) -> tuple[bytes, str]:
@@ -59,4 +54,4 @@ def fetch(entry: ManifestEntry, s3: Any, max_bytes: int) -> tuple[bytes, str]:
         raise DocumentError(
             ErrorCode.TOO_LARGE, f"{entry.url} is {length} bytes, over the {max_bytes}-byte limit (MAX_OBJECT_BYTES)"
         )
-    return response["Body"].read(), normalise_etag(response["ETag"])
+    return response["Body"].read(), bare_etag(response["ETag"])

@@ -378,7 +378,7 @@ def backfill(
         time.sleep(_SUBMIT_INTERVAL_S)
 
     def admit(item: dict[str, Any]) -> Any:
-        if embedded_etag(s3, output_bucket, output_prefix, model_id, bucket, item["Key"]) == item["ETag"].strip('"'):
+        if embedded_etag(s3, output_bucket, output_prefix, model_id, bucket, item["Key"]) == keys.bare_etag(item["ETag"]):
             return "already_embedded"
         return dispatch.admit(s3, dispatch.ObjectRef(bucket, item["Key"]), output_bucket, output_prefix, max_bytes,
                               manifest_id, datetime.now(timezone.utc), claim_ttl)

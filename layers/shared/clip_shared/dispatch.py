@@ -98,7 +98,7 @@ def inspect_object(s3: Any, ref: ObjectRef, max_object_bytes: int) -> ManifestEn
     if ref.version_id is not None and version_id != ref.version_id:
         return None
     size = int(head["ContentLength"])
-    etag = head["ETag"].strip('"')
+    etag = keys.bare_etag(head["ETag"])
     if size > max_object_bytes:
         return Rejection(ref, ErrorCode.TOO_LARGE, f"{size} bytes exceeds the {max_object_bytes}-byte limit",
                          size=size, etag=etag)

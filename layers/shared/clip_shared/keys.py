@@ -85,6 +85,11 @@ def manifest_key(prefix: str, manifest_id: str) -> str:
     return f"{normalise_prefix(prefix)}manifests/{manifest_id}.json"
 
 
+def bare_etag(etag: str) -> str:
+    """S3 quotes ETags in HTTP headers but not in event notifications; they are compared bare."""
+    return etag.strip('"')
+
+
 def s3_url(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
 
