@@ -55,14 +55,14 @@ def _stack(stack_name: str | None, endpoint_url: str | None, region: str | None)
         raise Failure(str(exc)) from exc
 
 
-def _preload_model(model: str, pretrained: str, model_config: Path | None) -> None:
-    """Load the model once before starting, so missing weights end the run in one line, not in every job."""
+def _load_model(model: str, pretrained: str, model_config: Path | None, device: str | None = None) -> Any:
+    """The model, or one clear line and exit 2 when its weights cannot be had."""
     from clip_worker.model import ModelLoadError, load
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            load(model, pretrained, "cpu", model_config_path=str(model_config) if model_config else None)
+            return load(model, pretrained, device, model_config_path=str(model_config) if model_config else None)
     except ModelLoadError as exc:
         raise Failure(
             f"cannot load {model} weights {pretrained!r} (offline?): pass --pretrained /path/to/checkpoint.pt, "
@@ -84,7 +84,8 @@ def local_command(
     """Run the whole pipeline on an embedded AWS emulator: upload, SQS, dispatcher, Batch jobs, outputs."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
-    _preload_model(model, pretrained, model_config)
+    # Loaded once up front, so missing weights end the run in one line instead of failing every job.
+    _load_model(model, pretrained, model_config, device="cpu")
     for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", emulator.REGION)):
         os.environ.setdefault(name, value)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
@@ -210,14 +211,9 @@ TopOption = Annotated[int, typer.Option("--top", min=1, help="How many results."
 
 
 def _model(stack: Stack | None, model: str | None, pretrained: str | None, model_config: Path | None) -> Any:
-    from clip_worker.model import load
-
     name = model or (stack.model if stack else "ViT-B-32")
     weights = pretrained or (stack.pretrained if stack else "openai")
-    _preload_model(name, weights, model_config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load(name, weights, model_config_path=str(model_config) if model_config else None)
+    return _load_model(name, weights, model_config)
 
 
 def _index(clients: Clients, stack: Stack, model_id: str) -> Any:
