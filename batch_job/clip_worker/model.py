@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_shared.keys import RANDOM_WEIGHTS, model_id
+from clip_worker import decoder
 
 
 class ModelLoadError(RuntimeError):
@@ -36,6 +37,12 @@ class ClipModel:
     network: torch.nn.Module
     #: open_clip's tokenizer for this model: list of texts -> token ids of its context length.
     tokenizer: Callable[[list[str]], torch.Tensor]
+
+    def prepare(self, data: bytes, url: str, max_pixels: int) -> torch.Tensor:
+        """Image bytes -> this model's input, on the CPU: Pillow decodes, open_clip's own transform
+        crops and normalises. The one CPU path from bytes to pixels, for the worker and the query API.
+        Raises DocumentError naming `url` when the bytes are not an image it can embed."""
+        return self.preprocess(decoder.decode(data, url, self.image_size, max_pixels))
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""

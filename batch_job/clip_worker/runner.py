@@ -24,7 +24,7 @@ from botocore.config import Config
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry, ManifestError
-from clip_worker import decoder, gpu, reader
+from clip_worker import gpu, reader
 from clip_worker.config import ConfigError, WorkerConfig
 from clip_worker.model import ClipModel, ModelLoadError, default_batch_size, load
 from clip_worker.writer import OutputWriter, Row
@@ -129,15 +129,10 @@ def ahead(pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], 
             yield future.result()
 
 
-def on_cpu(data: bytes, url: str, model: ClipModel, max_pixels: int) -> torch.Tensor:
-    """The CPU path: decode with Pillow, then open_clip's own transform. Raises DocumentError."""
-    return model.preprocess(decoder.decode(data, url, model.image_size, max_pixels))
-
-
 def pixels(data: bytes, url: str, model: ClipModel, max_pixels: int, on_device: bool) -> torch.Tensor | gpu.Jpeg:
     """What the prepare threads make of an object's bytes: a JPEG for the device when it can take it."""
     jpeg = gpu.probe(data, max_pixels, pin=model.device.type == "cuda") if on_device else None
-    return jpeg or on_cpu(data, url, model, max_pixels)
+    return jpeg or model.prepare(data, url, max_pixels)
 
 
 def unexpected(entry: ManifestEntry, exc: Exception) -> Failed:
@@ -185,7 +180,7 @@ class Embedder:
             if tensor is None:
                 # The device decoder refused it: the CPU path decodes it, or says what is wrong with it.
                 try:
-                    tensor = on_cpu(item.pixels.data.numpy().tobytes(), item.entry.url, self._model, self._max_pixels)
+                    tensor = self._model.prepare(item.pixels.data.numpy().tobytes(), item.entry.url, self._max_pixels)
                 except DocumentError as error:
                     failed.append(Failed(item.entry, error))
                     continue
