@@ -53,17 +53,7 @@ class VectorIndex:
     @classmethod
     def load(cls, s3: Any, bucket: str, prefix: str, model_id: str) -> "VectorIndex":
         """Every shard of one model in the output bucket, oldest first."""
-        shard_prefix = f"{keys.normalise_prefix(prefix)}parquet/{model_id}/"
-        found = [
-            item
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=shard_prefix)
-            for item in page.get("Contents", [])
-            if item["Key"].endswith(".parquet")
-        ]
-        found.sort(key=lambda item: (item["LastModified"], item["Key"]))
-        return cls.from_tables(
-            pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())) for item in found
-        )
+        return cls.from_tables(read_shard(s3, bucket, item["Key"]) for item in list_shards(s3, bucket, prefix, model_id))
 
     def vector_of(self, url: str) -> np.ndarray | None:
         try:
@@ -88,3 +78,20 @@ class VectorIndex:
                 best_scores, best_rows = best_scores[survivors], best_rows[survivors]
         order = np.argsort(-best_scores, kind="stable")
         return [Match(self.urls[best_rows[i]], float(best_scores[i])) for i in order]
+
+
+def list_shards(s3: Any, bucket: str, prefix: str, model_id: str) -> list[dict[str, Any]]:
+    """The listing entries (Key, ETag, LastModified...) of one model's shards, oldest first."""
+    shard_prefix = f"{keys.normalise_prefix(prefix)}parquet/{model_id}/"
+    found = [
+        item
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=shard_prefix)
+        for item in page.get("Contents", [])
+        if item["Key"].endswith(".parquet")
+    ]
+    found.sort(key=lambda item: (item["LastModified"], item["Key"]))
+    return found
+
+
+def read_shard(s3: Any, bucket: str, key: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), columns=["url", "vector"])

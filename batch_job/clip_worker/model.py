@@ -55,6 +55,19 @@ class ClipModel:
             features = self.network.encode_image(pixels.to(self.device, self.dtype, non_blocking=True))
             return F.normalize(features.float(), dim=-1)
 
+    @property
+    def context_length(self) -> int:
+        """The most tokens the text tower reads, start and end tokens included."""
+        return int(getattr(self.tokenizer, "context_length", None) or 77)
+
+    def text_fits(self, text: str) -> bool:
+        """Whether the text tower sees all of `text`: open_clip's tokenizers silently cut the rest."""
+        if getattr(self.tokenizer, "sot_token_id", None) is not None:
+            # open_clip's own BPE tokenizer: the text's tokens plus start and end must fit.
+            return len(self.tokenizer.encode(text)) + 2 <= self.context_length  # type: ignore[attr-defined]
+        # Hugging Face tokenizers pad with zeros: a text that reaches the last position may have been cut.
+        return int(self.tokenizer([text])[0, -1]) == 0
+
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> float32 L2-normalised vectors in the same space as the images."""
         with torch.inference_mode():

@@ -79,13 +79,15 @@ def local_command(
     batching_window: Annotated[int, typer.Option(help="The dispatcher's MaximumBatchingWindowInSeconds.")] = 2,
     shard_size: Annotated[int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")] = 1000,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
+    serve_api: Annotated[bool, typer.Option("--serve", help="Then serve the query API and demo page over the results.")] = False,
+    port: Annotated[int, typer.Option(help="The query API's port with --serve (0 picks a free one).")] = 8080,
     json_output: JsonOutput = False,
 ) -> None:
     """Run the whole pipeline on an embedded AWS emulator: upload, SQS, dispatcher, Batch jobs, outputs."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
     # Loaded once up front, so missing weights end the run in one line instead of failing every job.
-    _load_model(model, pretrained, model_config, device="cpu")
+    clip = _load_model(model, pretrained, model_config, device="cpu")
     for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", emulator.REGION)):
         os.environ.setdefault(name, value)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
@@ -132,7 +134,9 @@ def local_command(
         elapsed = time.monotonic() - started
         outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
         _print_summary(clients, stack, files, outcomes, runs_done, elapsed, json_output)
-        if keep:
+        if serve_api:
+            _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
+        elif keep:
             _wait_for_interrupt(clients, stack)
 
 
@@ -347,7 +351,8 @@ def backfill(
     if bucket != stack.output("InputBucketName"):
         console.print(f"[yellow]warning:[/yellow] the stack's job role reads only s3://{stack.output('InputBucketName')}/; "
                       f"jobs for s3://{bucket}/ fail unless you grant it read access")
-    settings = stack_function_environment(clients, stack)
+    # The dispatcher's settings, so a backfill applies exactly the limits uploads get.
+    settings = function_environment(clients, stack, "DispatcherFunctionName")
     shard_size, max_bytes = int(settings.get("SHARD_SIZE", 1000)), int(settings.get("MAX_OBJECT_BYTES", 50 * 1024 * 1024))
     output_bucket, output_prefix = stack.output("OutputBucketName"), stack.output_prefix
     model_id = keys.model_id(stack.model, stack.pretrained)
@@ -409,10 +414,77 @@ def backfill(
         Console().print(table)
 
 
-def stack_function_environment(clients: Clients, stack: Stack) -> dict[str, str]:
-    """The dispatcher's settings, so a backfill applies exactly the limits uploads get."""
-    configuration = clients.client("lambda").get_function_configuration(FunctionName=stack.output("DispatcherFunctionName"))
+def function_environment(clients: Clients, stack: Stack, output: str) -> dict[str, str]:
+    """The environment of the stack's function named by `output`, as deployed."""
+    configuration = clients.client("lambda").get_function_configuration(FunctionName=stack.output(output))
     return plain_environment(configuration.get("Environment", {}).get("Variables", {}))
+
+
+@app.command()
+def serve(
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 8080,
+    pretrained: Annotated[str | None, typer.Option(help="Weights (default: the stack's), e.g. a local checkpoint.")] = None,
+    model_config: ModelConfigOption = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Run the query API and its demo page here, over the stack's stored vectors (no Docker)."""
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    _serve(clients, stack, host, port, pretrained, model_config, json_output)
+
+
+def _serve(
+    clients: Clients,
+    stack: Stack,
+    host: str,
+    port: int,
+    pretrained: str | None,
+    model_config: Path | None,
+    json_output: bool,
+    model: Any = None,
+) -> None:
+    """Serve until Ctrl-C; `model` is the stack's model when the caller has it loaded already."""
+    import socket
+
+    import uvicorn
+
+    from clip_query.api import create_app
+    from clip_query.config import ConfigError, QueryConfig
+    from clip_query.service import QueryService
+
+    if "QueryFunctionName" in stack.outputs:
+        # The deployed function's own settings, so the API here answers as the deployed one does.
+        environment = function_environment(clients, stack, "QueryFunctionName")
+    else:
+        environment = {"OUTPUT_BUCKET": stack.output("OutputBucketName"), **stack.worker_environment}
+    # The image's weight cache is not on this machine; open_clip's own cache (or --pretrained) serves.
+    environment.pop("CLIP_CACHE_DIR", None)
+    if pretrained:
+        environment["CLIP_PRETRAINED"] = pretrained
+    if model_config:
+        environment["CLIP_MODEL_CONFIG"] = str(model_config.resolve())
+    try:
+        config = QueryConfig.from_env(environment)
+    except ConfigError as exc:
+        raise Failure(str(exc)) from exc
+    service = QueryService(config, clients.client("s3"), model or _load_model(config.model, config.pretrained, model_config))
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror}; pass --port 0 for a free port") from exc
+    url = f"http://{host}:{listener.getsockname()[1]}/"
+    if json_output:
+        typer.echo(json.dumps({"url": url, "stack_name": stack.name, "model": config.model}))
+        sys.stdout.flush()
+    else:
+        console.print(f"Query API and demo page for stack {stack.name} ({config.model}) at {url} (Ctrl-C stops it)")
+    server = uvicorn.Server(uvicorn.Config(create_app(config, service), log_level="warning", access_log=False))
+    server.run(sockets=[listener])
 
 
 def main() -> None:

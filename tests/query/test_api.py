@@ -1,0 +1,256 @@
+"""Every endpoint over real HTTP, with real photos and the vectors the real worker stored."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import numpy as np
+import open_clip
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+
+from clip_shared import keys
+from clip_shared.mime import ACCEPTED_MIME_TYPES
+from clip_worker.labels import DEFAULT_LABELS, PROMPT
+from clip_worker.model import ClipModel
+from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
+from tests.query.conftest import STORED, Stored, embed_with_worker
+from tests.support import TINY_MODEL, encode, photo
+
+CAT = STORED["photos/cat.jpg"]
+ROCKET = STORED["photos/rocket.jpg"]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def stored_vector(stored: Stored, model: ClipModel, key: str) -> list[float]:
+    body = stored.s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.vector_key("", model.id, INPUT_BUCKET, key))["Body"].read()
+    return json.loads(body)
+
+
+def reference_text(model: ClipModel, texts: list[str]) -> np.ndarray:
+    """open_clip's own text embedding, computed without the service's code."""
+    with torch.inference_mode():
+        features = model.network.encode_text(open_clip.get_tokenizer(TINY_MODEL)(texts))
+    return F.normalize(features, dim=-1).numpy()
+
+
+def test_single_image_json_returns_the_workers_vector(api: str, stored: Stored, model: ClipModel) -> None:
+    # The worker embedded these four in one batch; a batch's matrix products may round the last bit
+    # of a float32 differently from a batch of one, hence the tolerance of about one ulp.
+    for key, data in STORED.items():
+        response = requests.post(f"{api}/embed", json={"image": b64(data)}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json() == pytest.approx(stored_vector(stored, model, key), abs=1e-6), key
+    # Embedded on its own by the worker, an image gets the very same floats from the API.
+    alone = encode(photo("coffee.png"), "TIFF")
+    embed_with_worker(stored, {"alone/coffee.tif": alone}, "m-alone")
+    assert requests.post(f"{api}/embed", json={"image": b64(alone)}, timeout=30).json() == stored_vector(stored, model, "alone/coffee.tif")
+
+
+def test_single_text_json_returns_the_text_towers_unit_vector(api: str, model: ClipModel) -> None:
+    response = requests.post(f"{api}/embed", json={"text": "a cat on a sofa"}, timeout=30)
+    assert response.status_code == 200
+    vector = np.asarray(response.json())
+    assert vector.shape == (model.dimensions,)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    assert vector == pytest.approx(reference_text(model, ["a cat on a sofa"])[0], abs=1e-5)
+
+
+def test_multipart_returns_every_vector_keyed_by_the_callers_field_names(api: str) -> None:
+    coffee = STORED["photos/coffee.webp"]
+    files = [
+        ("cat", ("cat.jpg", CAT, "image/jpeg")),
+        ("shots", ("a.webp", coffee, "image/webp")),
+        ("shots", ("b.jpg", ROCKET, "application/octet-stream")),
+        ("caption", (None, "a cat")),
+        ("query", (None, "a rocket launch")),
+    ]
+    response = requests.post(f"{api}/embed", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    vectors = response.json()["vectors"]
+    assert sorted(vectors) == ["caption", "cat", "query", "shots[0]", "shots[1]"]
+    # Each vector is the one the single-input form gives for the same input.
+    singles = {
+        "cat": {"image": b64(CAT)},
+        "shots[0]": {"image": b64(coffee)},
+        "shots[1]": {"image": b64(ROCKET)},
+        "caption": {"text": "a cat"},
+        "query": {"text": "a rocket launch"},
+    }
+    for name, body in singles.items():
+        assert vectors[name] == pytest.approx(requests.post(f"{api}/embed", json=body, timeout=30).json(), abs=1e-6), name
+
+
+def test_json_lists_and_objects_are_keyed_by_position_or_name(api: str) -> None:
+    response = requests.post(
+        f"{api}/embed", json={"texts": ["a cat", "a rocket"], "images": {"mine": b64(CAT)}}, timeout=30
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert sorted(body["vectors"]) == ["mine", "texts[0]", "texts[1]"]
+    assert body["model"] == TINY_MODEL and body["dimensions"] == 32
+    assert body["request_id"]
+
+
+def test_similarity_compares_every_text_with_every_image(api: str) -> None:
+    texts = {"t1": "a cat", "t2": "a rocket"}
+    images = {"cat": b64(CAT), "rocket": b64(ROCKET)}
+    response = requests.post(f"{api}/similarity", json={"texts": texts, "images": images}, timeout=30)
+    assert response.status_code == 200, response.text
+    similarity = response.json()["similarity"]
+    for text_name, text in texts.items():
+        text_vector = np.asarray(requests.post(f"{api}/embed", json={"text": text}, timeout=30).json())
+        for image_name, image in images.items():
+            image_vector = np.asarray(requests.post(f"{api}/embed", json={"image": image}, timeout=30).json())
+            cosine = float(text_vector @ image_vector)
+            assert similarity[text_name][image_name]["cosine"] == pytest.approx(cosine, abs=1e-5)
+            assert similarity[text_name][image_name]["score"] == pytest.approx(100 * max(cosine, 0.0), abs=0.01)
+
+
+def test_classify_ranks_first_the_label_whose_text_embedding_is_nearest(api: str, model: ClipModel) -> None:
+    candidates = [f"thing number {n}" for n in range(20)]
+    image_vector = np.asarray(requests.post(f"{api}/embed", json={"image": b64(CAT)}, timeout=30).json())
+    # The label the model's own text tower puts nearest the image, computed here with open_clip alone.
+    nearest = candidates[int(np.argmax(reference_text(model, [PROMPT.format(label) for label in candidates]) @ image_vector))]
+    response = requests.post(f"{api}/classify", json={"image": b64(CAT), "labels": candidates, "top_k": 3}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ranked = body["images"]["image"]
+    assert len(ranked) == 3 and ranked[0]["label"] == nearest
+    assert [label["probability"] for label in ranked] == sorted((label["probability"] for label in ranked), reverse=True)
+    assert body["label_set"] == "request" and body["labels_compared"] == 20
+
+    everything = requests.post(
+        f"{api}/classify", files={"image": ("cat.jpg", CAT)}, data={"labels": ",".join(candidates), "top_k": "20"}, timeout=30
+    ).json()["images"]["image"]
+    assert everything[0]["label"] == nearest
+    assert sum(label["probability"] for label in everything) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_classify_without_labels_uses_the_default_set(api: str) -> None:
+    body = requests.post(f"{api}/classify", json={"image": b64(CAT)}, timeout=60).json()
+    assert body["label_set"] == "default" and body["labels_compared"] == len(DEFAULT_LABELS)
+    assert len(body["images"]["image"]) == 5  # KEYWORDS_TOP_K's default
+    assert {label["label"] for label in body["images"]["image"]} <= set(DEFAULT_LABELS)
+
+
+def test_search_by_text_returns_the_nearest_stored_image_first(api: str, stored: Stored, model: ClipModel) -> None:
+    query = "a photograph of an astronaut"
+    text_vector = reference_text(model, [query])[0]
+    scores = {key: float(np.asarray(stored_vector(stored, model, key)) @ text_vector) for key in STORED}
+    expected = sorted(scores, key=scores.get, reverse=True)
+    response = requests.get(f"{api}/search", params={"q": query, "k": 3}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["indexed"] >= len(STORED)
+    assert [result["url"] for result in body["results"]] == [keys.s3_url(INPUT_BUCKET, key) for key in expected[:3]]
+    assert body["results"][0]["score"] == pytest.approx(scores[expected[0]], abs=1e-5)
+
+
+def test_search_by_image_finds_that_image_with_a_working_preview(api: str) -> None:
+    response = requests.post(f"{api}/search", files={"image": ("query.jpg", ROCKET)}, data={"k": "2"}, timeout=30)
+    assert response.status_code == 200, response.text
+    best = response.json()["results"][0]
+    assert best["url"] == keys.s3_url(INPUT_BUCKET, "photos/rocket.jpg")
+    assert best["score"] == pytest.approx(1.0, abs=1e-4)
+    assert requests.get(best["preview"], timeout=30).content == ROCKET
+
+
+def test_search_sees_shards_that_land_after_it_started(api: str, stored: Stored) -> None:
+    requests.get(f"{api}/search", params={"q": "warm up"}, timeout=30)
+    horse = encode(photo("horse.png"), "PNG")
+    embed_with_worker(stored, {"later/horse.png": horse}, "m-later")
+    results = requests.post(f"{api}/search", json={"image": b64(horse), "k": 1}, timeout=30).json()["results"]
+    assert results[0]["url"] == keys.s3_url(INPUT_BUCKET, "later/horse.png")
+
+
+def test_the_request_id_is_the_callers_or_a_new_uuid(api: str) -> None:
+    mine = requests.post(f"{api}/embed", json={"texts": ["a"]}, headers={"X-Request-Id": "trace-42"}, timeout=30)
+    assert mine.headers["x-request-id"] == "trace-42" and mine.json()["request_id"] == "trace-42"
+    refused = requests.post(f"{api}/embed", json={"texts": 3}, headers={"request_id": "trace-43"}, timeout=30)
+    assert refused.headers["x-request-id"] == "trace-43" and refused.json()["request_id"] == "trace-43"
+    fresh = requests.get(f"{api}/health", timeout=30)
+    assert str(uuid.UUID(fresh.headers["x-request-id"])) == fresh.json()["request_id"]
+
+
+def big_png(side: int) -> bytes:
+    """Over the test limit of 4 MP, yet a few kB: a decompression bomb in miniature."""
+    return encode(photo().resize((64, 64)).convert("1").resize((side, side)), "PNG")
+
+
+TRUNCATED_JPEG = CAT[: len(CAT) // 3]
+LONG_TEXT = "many words " * 60  # ~120 tokens, over the 77-token context
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "request_args", "status", "code", "field", "limit"),
+    [
+        ("post", "/embed", {"data": b"x" * 2_000_001, "headers": {"content-type": "application/json"}}, 413, "body-too-large", None, 2_000_000),
+        ("post", "/embed", {"json": {"texts": ["a"] * 7}}, 400, "too-many-items", None, 6),
+        ("post", "/embed", {"files": [("f", ("a.jpg", CAT))] * 7}, 400, "too-many-items", None, 6),
+        ("post", "/embed", {"json": {"image": None}}, 400, "invalid-request", "image", None),
+        ("post", "/embed", {"json": {"image": "not base64!"}}, 400, "invalid-base64", "image", None),
+        ("post", "/embed", {"json": {"image": b64(b"%PDF-1.7\n" + b"0" * 300)}}, 415, "unsupported-type", "image", None),
+        ("post", "/embed", {"files": {"doc": ("notes.txt", b"just some text, not a picture" * 20)}}, 415, "unsupported-type", "doc", None),
+        ("post", "/embed", {"json": {"images": [b64(TRUNCATED_JPEG)]}}, 400, "corrupt-image", "images[0]", None),
+        ("post", "/embed", {"json": {"image": b64(big_png(2100))}}, 400, "too-many-pixels", "image", 4_000_000),
+        ("post", "/embed", {"json": {"text": LONG_TEXT}}, 400, "text-too-long", "text", 77),
+        ("post", "/embed", {"json": {"texts": {"essay": "word " * 500}}}, 400, "text-too-long", "essay", 2000),
+        ("post", "/embed", {"json": {"text": "   "}}, 400, "invalid-request", "text", None),
+        ("post", "/embed", {"json": {"txt": "typo"}}, 400, "invalid-request", "txt", None),
+        ("post", "/embed", {"json": ["a", "b"]}, 400, "invalid-request", None, None),
+        ("post", "/embed", {"data": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid-request", None, None),
+        ("post", "/embed", {"data": b""}, 400, "invalid-request", None, None),
+        ("post", "/embed", {"data": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported-media-type", None, None),
+        ("post", "/embed", {"json": {}}, 400, "invalid-request", None, None),
+        ("post", "/embed", {"json": {"texts": ["a"], "truncate": "maybe"}}, 400, "invalid-request", "truncate", None),
+        ("post", "/similarity", {"json": {"texts": ["a cat"]}}, 400, "invalid-request", "images", None),
+        ("post", "/classify", {"json": {"labels": ["a", "b"]}}, 400, "invalid-request", "image", None),
+        ("post", "/classify", {"json": {"image": b64(CAT), "labels": [f"l{n}" for n in range(51)]}}, 400, "too-many-labels", "labels", 50),
+        ("post", "/classify", {"json": {"image": b64(CAT), "labels": []}}, 400, "invalid-request", "labels", None),
+        ("post", "/classify", {"json": {"image": b64(CAT), "top_k": 0}}, 400, "invalid-request", "top_k", None),
+        ("post", "/classify", {"json": {"image": b64(CAT), "labels": [LONG_TEXT]}}, 400, "text-too-long", "labels", 77),
+        ("get", "/search", {"params": {"k": 3}}, 400, "invalid-request", "q", None),
+        ("get", "/search", {"params": {"q": "cat", "k": 21}}, 400, "over-limit", "k", 20),
+        ("get", "/search", {"params": {"q": "cat", "k": "ten"}}, 400, "invalid-request", "k", None),
+        ("get", "/search", {"params": {"q": LONG_TEXT}}, 400, "text-too-long", "q", 77),
+        ("post", "/search", {"json": {"texts": ["a", "b"]}}, 400, "invalid-request", "image", None),
+        ("get", "/nowhere", {}, 404, "not-found", None, None),
+        ("get", "/embed", {}, 405, "method-not-allowed", None, None),
+    ],
+)
+def test_every_limit_and_bad_input_is_a_documented_4xx(
+    api: str, method: str, path: str, request_args: dict[str, Any], status: int, code: str, field: str | None, limit: int | None
+) -> None:
+    response = getattr(requests, method)(f"{api}{path}", timeout=30, **request_args)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["request_id"] == response.headers["x-request-id"]
+    error = body["error"]
+    assert error["code"] == code and error["message"]
+    assert error.get("field") == field
+    assert error.get("limit") == limit
+    if code == "unsupported-type":
+        assert error["accepted"] == sorted(ACCEPTED_MIME_TYPES)
+
+
+def test_truncate_embeds_the_beginning_of_a_long_text(api: str, model: ClipModel) -> None:
+    response = requests.post(f"{api}/embed", json={"texts": [LONG_TEXT], "truncate": True}, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["vectors"]["texts[0]"] == pytest.approx(reference_text(model, [LONG_TEXT])[0], abs=1e-5)
+    assert requests.get(f"{api}/search", params={"q": LONG_TEXT, "truncate": "true"}, timeout=30).status_code == 200
+
+
+def test_the_demo_page_and_health(api: str) -> None:
+    page = requests.get(api, timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    health = requests.get(f"{api}/health", timeout=30).json()
+    assert health["status"] == "ok" and health["model"] == TINY_MODEL
