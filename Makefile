@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pytest arguments, e.g. `make test PYTEST_ARGS="-k worker -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: install test unit local clean
+.PHONY: install browser test unit local serve clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 -include make/sam.mk
 
+# The demo page's browser test drives Debian's Chromium through its ChromeDriver (browser builds
+# downloaded by test tools do not work on the project's machines).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
 ## The whole suite as CI runs it: SAM template checks, then every test.
-test: install sam-validate sam-build unit
+test: install browser sam-validate sam-build unit
 
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -28,6 +35,11 @@ unit: install
 LOCAL_ARGS ?=
 local: install
 	$(BIN)/clip-pipeline local $(LOCAL_ARGS)
+
+## The query API and demo page over a stack's vectors, e.g. SERVE_ARGS="--endpoint-url http://127.0.0.1:5000".
+SERVE_ARGS ?=
+serve: install
+	$(BIN)/clip-pipeline serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-sam .aws-sam .pytest_cache

@@ -47,6 +47,11 @@ class WorkerConfig:
     max_object_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     progress_interval_s: int = 15
+    #: Zero-shot keywords from this label set: `default`, labels separated by commas, or the s3:// URI
+    #: of a text file (see labels.read_labels); None: no keywords.
+    labels: str | None = None
+    #: How many labels each image's event lists, best first.
+    keywords_top_k: int = 5
     #: Set by AWS Batch on each child of an array job; None for a plain job.
     array_index: int | None = None
     #: The Batch job id, recorded as each event's chainId.
@@ -79,6 +84,8 @@ class WorkerConfig:
             max_object_bytes=_int(env, "MAX_OBJECT_BYTES", cls.max_object_bytes),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
             progress_interval_s=_int(env, "PROGRESS_INTERVAL_SECONDS", cls.progress_interval_s),
+            labels=env.get("CLIP_LABELS", "").strip() or None,
+            keywords_top_k=_int(env, "KEYWORDS_TOP_K", cls.keywords_top_k),
             array_index=_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", None, minimum=0),
             job_id=env.get("AWS_BATCH_JOB_ID") or None,
         )

@@ -22,10 +22,11 @@ import torch
 from aws_lambda_powertools import Logger
 from botocore.config import Config
 
-from clip_shared.events import DocumentError, ErrorCode
+from clip_shared.events import DocumentError, ErrorCode, Keywords
 from clip_shared.manifest import ManifestEntry, ManifestError
 from clip_worker import gpu, reader
 from clip_worker.config import ConfigError, WorkerConfig
+from clip_worker.labels import PROMPT, LabelError, LabelSet, read_labels
 from clip_worker.model import ClipModel, ModelLoadError, default_batch_size, load
 from clip_worker.writer import OutputWriter, Row
 
@@ -217,6 +218,13 @@ def device_transform(model: ClipModel, decode_on_device: bool | None) -> gpu.Ten
         return None
 
 
+def keywords(label_set: LabelSet | None, vectors: list[np.ndarray], k: int) -> list[Keywords | None]:
+    """Each image's zero-shot keywords, the whole batch ranked in one matrix product; None when off."""
+    if label_set is None or not vectors:
+        return [None] * len(vectors)
+    return [Keywords(ranked, PROMPT, len(label_set.labels)) for ranked in label_set.top(np.stack(vectors), k)]
+
+
 def s3_client(config: WorkerConfig) -> Any:
     # Endpoint and region come from the standard settings (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION).
     return boto3.client(
@@ -233,7 +241,11 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     s3 = s3 or s3_client(config)
     manifest = reader.load_manifest(config.manifest_uri, s3)
     entries = manifest.shard(config.array_index)
+    # Read before the weights load, so a bad label set fails the job at once.
+    labels = read_labels(config.labels, s3) if config.labels else None
     model = load(config.model, config.pretrained, config.device, config.cache_dir, config.model_config_path)
+    # The text tower runs once per job; each batch then costs one small matrix product.
+    label_set = LabelSet.cached(model, labels, config.cache_dir) if labels else None
     writer = OutputWriter(s3, config.output_bucket, config.output_prefix, model, config.job_id or manifest.manifest_id)
     batch_size = config.batch_size or default_batch_size(model.device)
     transform = device_transform(model, config.gpu_decode)
@@ -248,6 +260,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             "device": str(model.device),
             "batch_size": batch_size,
             "decode_on_device": transform is not None,
+            "labels": len(label_set.labels) if label_set else None,
         },
     )
     progress = Progress(total=len(entries), interval_s=config.progress_interval_s)
@@ -264,9 +277,10 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             progress.failed += 1
 
         def embedded(done: list[tuple[Prepared, np.ndarray]]) -> None:
-            for item, vector in done:
+            vectors = [vector for _, vector in done]
+            for (item, vector), words in zip(done, keywords(label_set, vectors, config.keywords_top_k)):
                 rows.append(Row(item.entry, item.etag, vector))
-                writes.append((item.entry, write_pool.submit(writer.created, item.entry, item.etag, vector)))
+                writes.append((item.entry, write_pool.submit(writer.created, item.entry, item.etag, vector, words)))
             progress.embedded += len(done)
 
         def embed(batch: list[Prepared]) -> None:
@@ -324,6 +338,6 @@ def main() -> int:
     try:
         config = WorkerConfig.from_env()
         return run(config, stop).exit_code
-    except (ConfigError, ManifestError, ModelLoadError) as exc:
+    except (ConfigError, ManifestError, LabelError, ModelLoadError) as exc:
         logger.error(str(exc))
         return EXIT_FAILED

@@ -17,7 +17,15 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from clip_shared import keys
-from clip_shared.events import DocumentError, EventType, document_event, document_ref, embedding_metadata, to_json
+from clip_shared.events import (
+    DocumentError,
+    EventType,
+    Keywords,
+    document_event,
+    document_ref,
+    embedding_metadata,
+    to_json,
+)
 from clip_shared.manifest import ManifestEntry
 
 if TYPE_CHECKING:  # the model module imports torch, which readers of outputs do not need
@@ -89,7 +97,7 @@ class OutputWriter:
         body = self._s3.get_object(Bucket=self._bucket, Key=self.vector_key(entry))["Body"].read()
         return np.asarray(json.loads(body), dtype=np.float32)
 
-    def created(self, entry: ManifestEntry, etag: str, vector: np.ndarray) -> None:
+    def created(self, entry: ManifestEntry, etag: str, vector: np.ndarray, keywords: Keywords | None = None) -> None:
         vector_key = self.vector_key(entry)
         self._s3.put_object(
             Bucket=self._bucket,
@@ -98,7 +106,7 @@ class OutputWriter:
             ContentType="application/json",
         )
         metadata = embedding_metadata(
-            keys.s3_url(self._bucket, vector_key), self._model_name, self._pretrained, self._dimensions
+            keys.s3_url(self._bucket, vector_key), self._model_name, self._pretrained, self._dimensions, keywords
         )
         self._put_event(EventType.CREATED, entry, etag, metadata=metadata)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,9 @@ from clip_shared import keys
 from clip_shared.manifest import Manifest, ManifestEntry, ManifestError
 from clip_shared.mime import sniff_mime
 from clip_worker.config import WorkerConfig
+from clip_worker.labels import PROMPT, LabelSet, read_labels
 from clip_worker.model import load
-from clip_worker.runner import EXIT_OK, run
+from clip_worker.runner import EXIT_FAILED, EXIT_OK, main, run
 from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
 from tests.support import TINY_MODEL, all_formats, cosine, encode, photo, reference_embedding
 
@@ -111,6 +114,8 @@ def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3:
             "pretrained": config.pretrained,
             "dimensions": 32,
         }
+        # Without CLIP_LABELS the document has no keywords at all.
+        assert set(data["metadata"]) == {"properties"} and set(data["metadata"]["properties"]["attrs"]) == {"embeddings"}
 
     shard = read_shard(s3, summary.shard_url)
     assert sorted(shard.column("key").to_pylist()) == sorted(files)
@@ -189,3 +194,56 @@ def test_second_run_skips_finished_work_and_redoes_only_what_changed(s3: Any, co
     uri = put_manifest(s3, entries, manifest_id="m-2")
     third = run(replace(config, manifest_uri=uri), s3=s3)
     assert (third.progress.embedded, third.progress.skipped) == (1, 4)
+
+
+def test_with_a_label_set_each_created_event_lists_the_top_k_labels_of_its_stored_vector(s3: Any, config: WorkerConfig) -> None:
+    # Five photos in batches of four: keywords come from a full batch and from the last, short one.
+    names = ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
+    files = {f"photos/{name}": encode(photo(name), "PNG") for name in names}
+    labels_uri = f"s3://{OUTPUT_BUCKET}/labels.txt"
+    s3.put_object(Bucket=OUTPUT_BUCKET, Key="labels.txt", Body=b"cat\nastronaut\ncup of coffee\nrocket\nmotorcycle\nbeach\n")
+    uri = put_manifest(s3, upload(s3, files))
+
+    summary = run(replace(config, manifest_uri=uri, labels=labels_uri, keywords_top_k=3), s3=s3)
+
+    assert (summary.exit_code, summary.progress.embedded) == (EXIT_OK, len(files))
+    model = load(config.model, config.pretrained, "cpu")
+    label_set = LabelSet.embed(model, read_labels(labels_uri, s3))
+    for key in files:
+        vector = np.asarray(read_json(s3, keys.vector_key("", model.id, INPUT_BUCKET, key)), dtype=np.float32)
+        expected = label_set.top(vector[np.newaxis], 3)[0]
+        metadata = read_event(s3, model.id, key)["data"]["metadata"]
+        assert metadata["keywords"] == [label.label for label in expected], key
+        attrs = metadata["properties"]["attrs"]
+        assert attrs["zeroShot"] == {"prompt": PROMPT, "labelCount": 6}
+        assert [item["label"] for item in attrs["keywords"]] == metadata["keywords"]
+        for item, label in zip(attrs["keywords"], expected):
+            assert item["score"] == pytest.approx(label.score, abs=2e-6)
+            assert item["probability"] == pytest.approx(label.probability, abs=2e-6)
+
+
+def test_an_unreadable_label_set_fails_the_job_with_one_line_naming_it(
+    s3: Any, config: WorkerConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = put_manifest(s3, upload(s3, {"cat.png": encode(photo(), "PNG")}))
+    missing = f"s3://{OUTPUT_BUCKET}/no-such-labels.txt"
+    env = {
+        "MANIFEST_URI": uri,
+        "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        "CLIP_MODEL": config.model,
+        "CLIP_MODEL_CONFIG": str(config.model_config_path),
+        "CLIP_PRETRAINED": config.pretrained,
+        "DEVICE": "cpu",
+        "CLIP_LABELS": missing,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main() == EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main() installs its own handler
+
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].startswith(f"cannot read the label set {missing}: "), errors
+    assert not s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix="events/").get("KeyCount")

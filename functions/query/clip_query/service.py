@@ -138,7 +138,7 @@ class QueryService:
             return LabelSet.embed(self.model, labels)
         with self._labels_lock:
             if self._default_labels is None:
-                self._default_labels = LabelSet.embed(self.model, read_labels(self.config.labels, self.s3))
+                self._default_labels = LabelSet.cached(self.model, read_labels(self.config.labels, self.s3), self.config.cache_dir)
             return self._default_labels
 
     def classify(self, images: dict[str, np.ndarray], labels: LabelSet, k: int) -> dict[str, list[Label]]:

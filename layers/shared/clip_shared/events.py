@@ -8,8 +8,10 @@ One shape for all three outcomes (the shape Project Lakechain's CLIP processor e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.formats.json import JSONFormat
@@ -79,9 +81,47 @@ def document_event(
     return CloudEvent(attributes, data)
 
 
-def embedding_metadata(vectors_url: str, model: str, pretrained: str, dimensions: int) -> dict[str, Any]:
+class ScoredLabel(Protocol):
+    """One label of a set as it scores against one image (the worker's clip_worker.labels.Label)."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def probability(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Keywords:
+    """An image's zero-shot keywords: the labels of a set nearest to it."""
+
+    #: Best first.
+    ranked: Sequence[ScoredLabel]
+    #: What each label was embedded as, `{}` standing for the label.
+    prompt: str
+    #: How many labels the set holds: the probabilities are a softmax over all of them.
+    label_count: int
+
+
+def embedding_metadata(
+    vectors_url: str, model: str, pretrained: str, dimensions: int, keywords: Keywords | None = None
+) -> dict[str, Any]:
+    """A created event's `data.metadata`. With keywords: Lakechain's `keywords` (the labels, best
+    first), and under `properties.attrs` each one's scores and how they were computed."""
     embeddings = {"vectors": vectors_url, "model": model, "pretrained": pretrained, "dimensions": dimensions}
-    return {"properties": {"kind": "image", "attrs": {"embeddings": embeddings}}}
+    attrs: dict[str, Any] = {"embeddings": embeddings}
+    metadata: dict[str, Any] = {"properties": {"kind": "image", "attrs": attrs}}
+    if keywords is not None:
+        metadata["keywords"] = [item.label for item in keywords.ranked]
+        attrs["keywords"] = [
+            {"label": item.label, "score": round(item.score, 6), "probability": round(item.probability, 6)}
+            for item in keywords.ranked
+        ]
+        attrs["zeroShot"] = {"prompt": keywords.prompt, "labelCount": keywords.label_count}
+    return metadata
 
 
 def to_json(event: CloudEvent) -> bytes:
