@@ -29,6 +29,9 @@ ACCOUNT = "123456789012"
 REPOSITORY = Path(__file__).resolve().parents[2]
 TEMPLATE = REPOSITORY / "template.yaml"
 ARTIFACTS_BUCKET = "local-sam-artifacts"
+#: The query function's image when the caller names none: the emulator never runs an image, and an
+#: empty QueryImageUri would ask for a CodeBuild build of it.
+LOCAL_QUERY_IMAGE = "local/clip-query:dev"
 # The properties `sam package` uploads: local folders that become S3 locations.
 _PACKAGED = {
     "AWS::Serverless::Function": "CodeUri",
@@ -144,7 +147,7 @@ def deploy(clients: Clients, stack_name: str, parameters: dict[str, str], templa
     cloudformation.create_stack(
         StackName=stack_name,
         TemplateBody=json.dumps(translated),
-        Parameters=_parameters(translated, {**network, **parameters}),
+        Parameters=_parameters(translated, {**network, "QueryImageUri": LOCAL_QUERY_IMAGE, **parameters}),
         Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
     )
     status = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]

@@ -140,3 +140,13 @@ def test_a_cache_dir_keeps_a_label_sets_vectors_for_the_next_process(model: Clip
     # Another label set (or order) is another entry.
     assert not np.array_equal(LabelSet.cached(model, ["dog", "cat", "rocket"], str(tmp_path)).vectors, marker)
     assert len(list((tmp_path / "label-vectors").glob("*.npy"))) == 2
+
+
+def test_baking_an_image_caches_the_weights_load_and_the_default_sets_vectors(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from clip_worker import bake
+
+    bake.main([TINY_MODEL, str(tiny_checkpoint), str(tmp_path)])
+    (baked,) = (tmp_path / "label-vectors").glob("*.npy")
+    model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
+    assert np.array_equal(LabelSet.cached(model, DEFAULT_LABELS, str(tmp_path)).vectors, np.load(baked))
+    assert np.load(baked).shape == (len(DEFAULT_LABELS), model.dimensions)
