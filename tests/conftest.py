@@ -10,10 +10,12 @@ import pytest
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
-from tests.support import register_tiny_model, save_tiny_checkpoint
-
-INPUT_BUCKET = "input-bucket"
-OUTPUT_BUCKET = "output-bucket"
+from tests.support import (
+    INPUT_BUCKET,
+    OUTPUT_BUCKET,
+    register_tiny_model,
+    save_tiny_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -6,15 +6,22 @@ import io
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
 import skimage
 import torch
 import torch.nn.functional as F
+from clip_shared import keys
+from clip_shared.manifest import Manifest, ManifestEntry
+from clip_shared.mime import sniff_mime
+from clip_worker.config import WorkerConfig
 from PIL import Image
 
 PHOTOS = Path(skimage.__file__).parent / "data"
+INPUT_BUCKET = "input-bucket"
+OUTPUT_BUCKET = "output-bucket"
 #: A CLIP small enough to run in milliseconds on a CPU; same code paths as ViT-B-32.
 TINY_MODEL = "test-tiny-clip"
 TINY_CONFIG = {
@@ -98,3 +105,34 @@ def reference_embedding(image: Image.Image, name: str, pretrained: str | None) -
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def upload(s3: Any, files: dict[str, bytes]) -> list[ManifestEntry]:
+    entries = []
+    for key, data in files.items():
+        s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=data)
+        etag = s3.head_object(Bucket=INPUT_BUCKET, Key=key)["ETag"].strip('"')
+        mime = sniff_mime(data[:262]) or "application/octet-stream"
+        entries.append(ManifestEntry(bucket=INPUT_BUCKET, key=key, size=len(data), etag=etag, mime_type=mime))
+    return entries
+
+
+def put_manifest(s3: Any, entries: list[ManifestEntry], shard_size: int = 1000, manifest_id: str = "m-1") -> str:
+    manifest = Manifest(manifest_id=manifest_id, shard_size=shard_size, entries=tuple(entries))
+    key = keys.manifest_key("", manifest_id)
+    s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=manifest.to_json())
+    return keys.s3_url(OUTPUT_BUCKET, key)
+
+
+def tiny_worker_config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig:
+    """The worker's configuration for the tiny model on the CPU; a test sets the manifest."""
+    return WorkerConfig(
+        manifest_uri="",
+        output_bucket=OUTPUT_BUCKET,
+        model=TINY_MODEL,
+        pretrained=str(tiny_checkpoint),
+        model_config_path=str(tiny_config),
+        device="cpu",
+        batch_size=4,
+        io_threads=4,
+    )

@@ -15,17 +15,25 @@ from typing import Any
 import boto3
 import pytest
 import uvicorn
-from moto.server import ThreadedMotoServer
-
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
 from clip_query.service import QueryService
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, load
 from clip_worker.runner import EXIT_OK, run
-from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
-from tests.support import PHOTOS, TINY_MODEL, encode, photo
-from tests.worker.test_runner import put_manifest, upload
+from moto.server import ThreadedMotoServer
+
+from tests.support import (
+    INPUT_BUCKET,
+    OUTPUT_BUCKET,
+    PHOTOS,
+    TINY_MODEL,
+    encode,
+    photo,
+    put_manifest,
+    tiny_worker_config,
+    upload,
+)
 
 #: What the worker has embedded before the API starts: four real photos in three formats.
 STORED = {
@@ -66,16 +74,7 @@ def stored(tiny_config: Path, tiny_checkpoint: Path) -> Iterator[Stored]:
         s3 = boto3.client("s3", endpoint_url=endpoint)
         for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):
             s3.create_bucket(Bucket=bucket)
-        worker = WorkerConfig(
-            manifest_uri="",
-            output_bucket=OUTPUT_BUCKET,
-            model=TINY_MODEL,
-            pretrained=str(tiny_checkpoint),
-            model_config_path=str(tiny_config),
-            device="cpu",
-            batch_size=4,
-            io_threads=4,
-        )
+        worker = tiny_worker_config(tiny_config, tiny_checkpoint)
         result = Stored(endpoint, s3, worker)
         embed_with_worker(result, STORED, "m-stored")
         yield result

@@ -11,16 +11,26 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
-
 from clip_shared import keys
 from clip_worker import gpu
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, load
 from clip_worker.runner import EXIT_OK, run
-from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
-from tests.support import TINY_MODEL, all_formats, cosine, encode, photo, reference_embedding
-from tests.worker.test_runner import put_manifest, read_json, upload
+from PIL import Image, ImageOps
+
+from tests.support import (
+    INPUT_BUCKET,
+    OUTPUT_BUCKET,
+    TINY_MODEL,
+    all_formats,
+    cosine,
+    encode,
+    photo,
+    put_manifest,
+    reference_embedding,
+    upload,
+)
+from tests.worker.test_runner import read_json
 
 CPU = torch.device("cpu")
 LIMIT = 100_000_000

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clip_worker.config import ConfigError, WorkerConfig
-from clip_worker.labels import DEFAULT_LABELS, PROMPT, LabelError, LabelSet, read_labels
+from clip_worker.labels import DEFAULT_LABELS, LabelError, LabelSet, read_labels
 from clip_worker.model import ClipModel, load
 from tests.conftest import OUTPUT_BUCKET
 from tests.support import TINY_MODEL, cosine, photo

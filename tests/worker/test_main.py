@@ -12,7 +12,6 @@ from pathlib import Path
 import boto3
 import pytest
 
-from clip_shared import keys
 from clip_shared.manifest import Manifest, ManifestEntry
 from clip_worker.config import WorkerConfig
 from clip_worker.runner import EXIT_INTERRUPTED, run

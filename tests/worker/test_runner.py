@@ -13,49 +13,33 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from cloudevents.core.formats.json import JSONFormat
-from PIL import Image
-
 from clip_shared import keys
-from clip_shared.manifest import Manifest, ManifestEntry, ManifestError
-from clip_shared.mime import sniff_mime
+from clip_shared.manifest import ManifestEntry, ManifestError
 from clip_worker.config import WorkerConfig
 from clip_worker.labels import PROMPT, LabelSet, read_labels
 from clip_worker.model import load
 from clip_worker.runner import EXIT_FAILED, EXIT_OK, main, run
-from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
-from tests.support import TINY_MODEL, all_formats, cosine, encode, photo, reference_embedding
+from cloudevents.core.formats.json import JSONFormat
+from PIL import Image
 
-
-def upload(s3: Any, files: dict[str, bytes]) -> list[ManifestEntry]:
-    entries = []
-    for key, data in files.items():
-        s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=data)
-        etag = s3.head_object(Bucket=INPUT_BUCKET, Key=key)["ETag"].strip('"')
-        mime = sniff_mime(data[:262]) or "application/octet-stream"
-        entries.append(ManifestEntry(bucket=INPUT_BUCKET, key=key, size=len(data), etag=etag, mime_type=mime))
-    return entries
-
-
-def put_manifest(s3: Any, entries: list[ManifestEntry], shard_size: int = 1000, manifest_id: str = "m-1") -> str:
-    manifest = Manifest(manifest_id=manifest_id, shard_size=shard_size, entries=tuple(entries))
-    key = keys.manifest_key("", manifest_id)
-    s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=manifest.to_json())
-    return keys.s3_url(OUTPUT_BUCKET, key)
+from tests.support import (
+    INPUT_BUCKET,
+    OUTPUT_BUCKET,
+    TINY_MODEL,
+    all_formats,
+    cosine,
+    encode,
+    photo,
+    put_manifest,
+    reference_embedding,
+    tiny_worker_config,
+    upload,
+)
 
 
 @pytest.fixture
 def config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig:
-    return WorkerConfig(
-        manifest_uri="",
-        output_bucket=OUTPUT_BUCKET,
-        model=TINY_MODEL,
-        pretrained=str(tiny_checkpoint),
-        model_config_path=str(tiny_config),
-        device="cpu",
-        batch_size=4,
-        io_threads=4,
-    )
+    return tiny_worker_config(tiny_config, tiny_checkpoint)
 
 
 def model_id(config: WorkerConfig) -> str:
