@@ -475,6 +475,9 @@ def _serve(
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
+        # Listening before the URL is printed: a client that reads it and connects at once waits in
+        # the backlog for uvicorn instead of being refused.
+        listener.listen(128)
     except OSError as exc:
         raise Failure(f"cannot listen on {host}:{port}: {exc.strerror}; pass --port 0 for a free port") from exc
     url = f"http://{host}:{listener.getsockname()[1]}/"

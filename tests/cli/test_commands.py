@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import requests
 from typer.testing import CliRunner
 
 from clip_pipeline.app import app
@@ -108,3 +113,40 @@ def test_unknown_stack_and_unembedded_image_fail_in_one_clear_line(deployed: tup
     assert result.exit_code == 2 and "cannot read stack no-such-stack" in result.output
     result = runner.invoke(app, ["backfill", "bucket-without-scheme", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or ""])
     assert result.exit_code == 2 and "is not an s3://bucket/prefix URL" in result.output
+
+
+def test_serve_answers_with_the_deployed_query_functions_settings(deployed: tuple[Clients, Stack], tiny_config: Path) -> None:
+    clients, stack = deployed
+    command = [
+        sys.executable, "-m", "clip_pipeline", "serve", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or "",
+        "--model-config", str(tiny_config), "--port", "0", "--json",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("{"), process.stderr.read() if process.stderr else ""
+        url = json.loads(line)["url"]
+        health = requests.get(f"{url}health", timeout=30).json()
+        # The model and weights come from the query function's environment in the stack.
+        assert (health["model"], health["pretrained"]) == (stack.model, stack.pretrained)
+        refused = requests.post(f"{url}embed", json={"texts": ["x"] * 40}, timeout=30)
+        assert (refused.status_code, refused.json()["error"]["limit"]) == (400, 32)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+def test_serve_says_in_one_line_when_the_port_is_taken(deployed: tuple[Clients, Stack], tiny_config: Path) -> None:
+    clients, stack = deployed
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(
+            app,
+            ["serve", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or "", "--model-config", str(tiny_config),
+             "--port", str(port)],
+        )  # fmt: skip
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "--port 0" in result.output
