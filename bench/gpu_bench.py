@@ -11,8 +11,8 @@ All three read the same real photos (scikit-image's, as JPEGs) held in memory. (
 the worker gains on the reference, (2)/(3) how close its data path comes to keeping the model busy.
 (1) and (2) run the same seeded random weights, so their vectors must agree (min cosine).
 
-    python bench/gpu_bench.py --device cuda --cpus 4 --json out.json   # the issue's run, on a GPU box
-    python bench/gpu_bench.py --quick --device cpu                     # a smoke run on any machine
+    python -m bench.gpu_bench --device cuda --cpus 4 --json out.json   # the issue's run, on a GPU box
+    python -m bench.gpu_bench --quick --device cpu                     # a smoke run on any machine
 """
 
 from __future__ import annotations

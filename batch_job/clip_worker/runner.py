@@ -8,6 +8,7 @@ time on the GPU (see gpu.py), since 4 vCPUs cannot decode as fast as the GPU emb
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -31,6 +32,9 @@ from clip_worker.model import ClipModel, ModelLoadError, default_batch_size, loa
 from clip_worker.writer import OutputWriter, Row
 
 logger = Logger(service="clip-worker")
+# Powertools writes the JSON lines itself; a handler that open_clip's root-level logging calls add
+# later (logging.basicConfig) would print every line a second time, unformatted, on stderr.
+logging.getLogger(logger.name).propagate = False
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -9,16 +9,22 @@ line written while the request runs. Refusals are JSON `{"request_id", "error": 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import logging
+import os
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,7 +36,11 @@ from clip_worker.index import Match
 from clip_worker.labels import PROMPT, Label
 
 logger = Logger(service="clip-query")
+# Powertools writes the JSON lines itself; a handler that open_clip's root-level logging calls add
+# later (logging.basicConfig) would print every line a second time, unformatted, on stderr.
+logging.getLogger(logger.name).propagate = False
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+T = TypeVar("T")
 #: Request headers a caller may name its request with, in order of preference.
 REQUEST_ID_HEADERS = (b"x-request-id", b"request_id", b"request-id")
 
@@ -112,6 +122,15 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
         version="1",
     )
     page = resources.files("clip_query").joinpath("static/index.html").read_text(encoding="utf-8")
+    # The model runs on these threads, never on the event loop. They live as long as the app: on
+    # Lambda, Mangum's loop per event would otherwise start (and torch warm up) a new thread per
+    # invocation. Their number bounds how many requests run the model at once.
+    model_threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="model")
+
+    async def off_loop(work: Callable[..., T], *args: Any) -> T:
+        # The request's context (its id, the log keys) goes along to the thread.
+        call = functools.partial(contextvars.copy_context().run, work, *args)
+        return await asyncio.get_running_loop().run_in_executor(model_threads, call)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -133,7 +152,7 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
         def work() -> tuple[dict[str, Any], dict[str, Any]]:
             return service.text_vectors(found.texts, truncate), service.image_vectors(found.images)
 
-        texts, images = await run_in_threadpool(work)
+        texts, images = await off_loop(work)
         return {"texts": texts, "images": images}
 
     def results(matches: list[Match], indexed: int) -> dict[str, Any]:
@@ -203,7 +222,7 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
             labels = service.label_set(requested)
             return service.classify(service.image_vectors(found.images), labels, top_k), len(labels.labels)
 
-        ranked, label_count = await run_in_threadpool(work)
+        ranked, label_count = await off_loop(work)
         return answer(
             {
                 **service.describe(),
@@ -228,7 +247,7 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
         def work() -> tuple[list[Match], int]:
             return service.search(service.text_vectors({"q": text}, truncate)["q"], k)
 
-        return answer({"query": {"text": text}, **service.describe(), **results(*await run_in_threadpool(work))})
+        return answer({"query": {"text": text}, **service.describe(), **results(*await off_loop(work))})
 
     @app.post("/search")
     async def search_image(request: Request) -> JSONResponse:
@@ -240,7 +259,7 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
         done = await vectors(found)
         ((name, vector),) = [*done["texts"].items(), *done["images"].items()]
         kind = "text" if done["texts"] else "image"
-        matches, indexed = await run_in_threadpool(service.search, vector, k)
+        matches, indexed = await off_loop(service.search, vector, k)
         return answer({"query": {kind: name}, **service.describe(), **results(matches, indexed)})
 
     app.add_middleware(RequestContext, max_body_bytes=config.max_body_bytes)

@@ -1,0 +1,840 @@
+"""What the query API's Lambda costs: its cold start, its warm latency against open_clip's own code,
+and the size of what its image holds, measured on this machine.
+
+(1) cold start, in fresh interpreters, as Lambda's init phase and first invocations: (a) starting
+    Python and importing everything the entry point imports, (b) `import clip_query.lambda_function`
+    (configuration, S3 client, the model loaded from a checkpoint file, the FastAPI app), (c) its
+    first invocations with events/query-embed-text.json and events/query-embed-image.json, on moto.
+    Against a fresh interpreter that only imports torch: the floor any torch Lambda pays.
+(2) warm latency, in this process, through `lambda_function.handler` (Mangum, no network): /embed
+    of a text and of a 2 MP JPEG (base64 JSON), /classify with the default label set (first call,
+    with its text vectors baked into CLIP_CACHE_DIR as the image's build does, and later), GET /search
+    over N stored vectors in a Parquet shard on moto S3 (first call, which loads it, and later).
+    Against open_clip's own code on the same model: PIL.Image.open + preprocess + encode_image on a
+    batch of one, tokenizer + encode_text; the ratios are what the API adds (base64, type sniffing,
+    JSON, ASGI, logging, metrics).
+(3) sizes: the fp32 checkpoint, the installed size of the API's Python dependencies (from each
+    distribution's file list), and torch here, which is PyPI's CUDA build, not the CPU build the
+    Lambda image installs.
+
+Each figure is the best of several tries (cold starts: --repeats fresh processes; warm calls:
+--warm-repeats, the API and its reference taking turns), so compare ratios more than absolute times.
+
+    python bench/query_bench.py --json bench/out/query.json   # the run recorded in docs/benchmarks.md
+    python bench/query_bench.py --quick                       # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from unittest import mock
+
+import boto3
+import numpy as np
+import open_clip
+import PIL
+import pyarrow as pa
+import pyarrow.parquet as pq
+import skimage
+import torch
+import torch.nn.functional as F
+from aws_lambda_powertools.logging.filters import SuppressFilter
+from moto import mock_aws
+from moto.server import ThreadedMotoServer
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from PIL import Image, ImageOps
+
+from clip_pipeline.local import LambdaContext
+from clip_shared import keys
+from clip_worker import bake
+from clip_worker.labels import DEFAULT_LABELS, LabelSet
+from clip_worker.writer import shard_schema
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+EVENTS = REPOSITORY / "events"
+PHOTO = Path(skimage.__file__).parent / "data" / "chelsea.png"
+OUTPUT_BUCKET = "bench-query-output"
+STORED_BUCKET = "bench-query-input"
+FUNCTION_NAME = "clip-query"
+#: The Lambda this machine resembles: 4096 MB gets about 2.3 vCPUs.
+MEMORY_MB = 4096
+SEARCH_TEXT = "a photo of a cat"
+SEARCH_K = 10
+FULL_IMAGE = (1600, 1200)
+QUICK_IMAGE = (320, 240)
+JPEG_QUALITY = 90
+MB = 1e6
+#: Turns each side of a warm comparison takes (see `fastest`).
+ROUNDS = 4
+
+#: What the first line of clip_query.lambda_function's imports bring in, in groups, so (a) can say
+#: which library costs what. Together they are every module the entry point imports before its own
+#: work; the last group is the API's own modules (and whatever of theirs the others did not load).
+IMPORT_GROUPS = (
+    ("torch", "import torch"),
+    ("torchvision", "import torchvision"),
+    ("open_clip", "import open_clip"),
+    ("numpy, pyarrow", "import numpy, pyarrow, pyarrow.parquet"),
+    ("Pillow", "import PIL.Image"),
+    ("boto3", "import boto3; from botocore.config import Config"),
+    (
+        "powertools",
+        "from aws_lambda_powertools import Logger, Metrics, Tracer; from aws_lambda_powertools.metrics import MetricUnit; "
+        "from aws_lambda_powertools.utilities.typing import LambdaContext",
+    ),
+    ("fastapi, pydantic", "import fastapi, fastapi.responses, pydantic, starlette.concurrency"),
+    ("mangum", "from mangum import Mangum"),
+    ("clip_query modules", "import clip_query.config, clip_query.inputs, clip_query.service, clip_query.api"),
+)
+
+#: One cold start, run as `python -c COLD_CHILD '<json>'` with S3 on a moto server. Times are
+#: wall-clock (time.time), so the parent can count the interpreter's start from the moment it
+#: spawned this process.
+COLD_CHILD = r"""
+import time
+started = time.time()
+import json, sys
+settings = json.loads(sys.argv[1])
+imports = {}
+for name, statement in settings["import_groups"]:
+    before = time.time()
+    exec(statement)
+    imports[name] = time.time() - before
+imported = time.time()
+
+# The harness, not timed: a Lambda context, and a stopwatch on the model load. S3 is a moto server
+# in the parent process (AWS_ENDPOINT_URL): moto imported here would slow what follows for no
+# reason of the function's own (its objects make every garbage collection longer).
+class LambdaContext:
+    # What Powertools reads of Lambda's context (clip_pipeline.local's would import the CLI and
+    # moto's CloudFormation, seconds of modules the function never loads).
+    def __init__(self, function_name, timeout_s, memory_mb):
+        import uuid
+        self.function_name = function_name
+        self.memory_limit_in_mb = memory_mb
+        self.aws_request_id = str(uuid.uuid4())
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
+        self._deadline = time.monotonic() + timeout_s
+    def get_remaining_time_in_millis(self):
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+import clip_query.service, clip_shared.keys
+def stopwatch(module, name, seconds):
+    real = getattr(module, name)
+    def timed(*args, **kwargs):
+        before = time.time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            seconds.append(time.time() - before)
+    setattr(module, name, timed)
+model_load, weights_id = [], []
+stopwatch(clip_query.service, "load", model_load)
+# A checkpoint file is named by its content (a SHA-256 of the file); a tag such as `openai` is not.
+stopwatch(clip_shared.keys, "weights_id", weights_id)
+harness = time.time()
+
+import clip_query.lambda_function as entry
+initialised = time.time()
+
+first = {}
+for name, path in settings["events"].items():
+    with open(path) as stream:
+        event = json.load(stream)
+    context = LambdaContext(settings["function"], 29, settings["memory_mb"])
+    before = time.time()
+    response = entry.handler(event, context)
+    first[name] = time.time() - before
+    if response["statusCode"] != 200:
+        raise SystemExit(f"{name}: status {response['statusCode']}: {response['body'][:500]}")
+entry.service.s3.head_bucket(Bucket=settings["bucket"])  # after the timings: the function reaches the moto server
+
+# The peak resident memory of this process since its exec. (getrusage's ru_maxrss would not do:
+# Linux carries the parent's high-water mark across fork and exec.)
+with open("/proc/self/status") as stream:
+    peak_kib = next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:"))
+with open(settings["out"], "w") as stream:
+    json.dump(
+        {
+            "started": started,
+            "imports": imports,
+            "imported": imported,
+            "harness_s": harness - imported,
+            "init_s": initialised - harness,
+            "model_load_s": model_load[0],
+            "weights_id_s": sum(weights_id),
+            "first": first,
+            "peak_rss_mb": peak_kib * 1024 / 1e6,
+        },
+        stream,
+    )
+"""
+
+#: The floor: a fresh interpreter that imports torch and nothing else.
+TORCH_CHILD = r"""
+import time
+started = time.time()
+import torch
+imported = time.time()
+import json, sys
+with open("/proc/self/status") as stream:
+    peak_kib = next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:"))
+with open(sys.argv[1], "w") as stream:
+    json.dump({"started": started, "imported": imported, "peak_rss_mb": peak_kib * 1024 / 1e6}, stream)
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def best(values: Sequence[float]) -> float:
+    return min(values)
+
+
+def fastest(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds of each side's fastest of `repeats` calls. The sides take turns in up to ROUNDS
+    rounds, each side making its share of the calls in a row, and who goes first swaps each round.
+
+    Runs of calls rather than single calls in turn: the API runs the model on a new AnyIO worker
+    thread (and OpenMP thread pool) each invocation, the reference on this thread; on the shared
+    2-core machine these figures come from, strict alternation left calls far noisier (medians up to
+    10x the fastest) than runs did.
+    """
+    found = {name: math.inf for name in sides}
+    turns = list(sides.items())
+    runs = [len(part) for part in np.array_split(range(repeats), min(ROUNDS, repeats))]
+    for round_, calls in enumerate(runs):
+        for name, work in turns if round_ % 2 == 0 else turns[::-1]:
+            for _ in range(calls):
+                started = time.perf_counter()
+                work()
+                found[name] = min(found[name], time.perf_counter() - started)
+    return found
+
+
+def clean_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment with fake AWS credentials, none of the developer's endpoints, and `extra`."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_BATCH_JOB_ARRAY_INDEX", "AWS_BATCH_JOB_ID")
+    }
+    env.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def function_environment(args: argparse.Namespace, checkpoint: Path, cache_dir: Path) -> dict[str, str]:
+    """What the image and the template give the QueryFunction, with the weights as a checkpoint file."""
+    env = {
+        "CLIP_CACHE_DIR": str(cache_dir),
+        "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        "OUTPUT_PREFIX": "",
+        "CLIP_MODEL": args.model,
+        "CLIP_PRETRAINED": str(checkpoint),
+        "CLIP_LABELS": "default",
+        "HF_HUB_OFFLINE": "1",
+        # Lambda has no GPU: the model loads on the CPU even where this runs on a GPU machine.
+        "CUDA_VISIBLE_DEVICES": "",
+        "POWERTOOLS_SERVICE_NAME": FUNCTION_NAME,
+        "POWERTOOLS_METRICS_NAMESPACE": "ClipPipelineBench",
+    }
+    if args.model_config:
+        env["CLIP_MODEL_CONFIG"] = str(Path(args.model_config).resolve())
+    return env
+
+
+def save_random_checkpoint(model: str, path: Path) -> Path:
+    """Seeded random weights in the checkpoint format open_clip loads from a file path."""
+    torch.manual_seed(0)
+    network = open_clip.create_model(model)
+    torch.save({"state_dict": network.state_dict()}, path)
+    del network
+    return path
+
+
+def jpeg_photo(size: tuple[int, int]) -> bytes:
+    """scikit-image's cat, cropped to 4:3 and resized with LANCZOS, as a JPEG of quality 90."""
+    image = ImageOps.fit(Image.open(PHOTO).convert("RGB"), size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def shard(rows: int, dimensions: int, model: str, pretrained: str, seed: int = 0) -> bytes:
+    """`rows` random unit vectors as one worker shard (clip_worker.writer.shard_schema)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((rows, dimensions), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    names = [f"photos/{index:08d}.jpg" for index in range(rows)]
+    table = pa.table(
+        {
+            "url": [keys.s3_url(STORED_BUCKET, name) for name in names],
+            "bucket": [STORED_BUCKET] * rows,
+            "key": names,
+            "version_id": pa.nulls(rows, pa.string()),
+            "etag": ["0" * 32] * rows,
+            "model": [model] * rows,
+            "pretrained": [pretrained] * rows,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimensions),
+        },
+        schema=shard_schema(dimensions),
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def event(template: str, **changes: Any) -> dict[str, Any]:
+    """One of the sample events in events/, with its body or query string replaced."""
+    document = json.loads((EVENTS / template).read_text())
+    if "body" in changes:
+        document["body"] = changes["body"]
+        document["headers"]["content-length"] = str(len(changes["body"].encode()))
+    if "query" in changes:
+        document["rawQueryString"] = "&".join(f"{name}={value.replace(' ', '+')}" for name, value in changes["query"].items())
+        document["queryStringParameters"] = changes["query"]
+    return document
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) cold start
+
+
+def cold_start_once(python: str, env: dict[str, str], settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    out = folder / "cold.json"
+    out.unlink(missing_ok=True)
+    spawned = time.time()
+    done = subprocess.run(
+        [python, "-c", COLD_CHILD, json.dumps({**settings, "out": str(out)})],
+        env=env,
+        cwd=folder,
+        stdout=subprocess.DEVNULL,  # the JSON log lines and EMF metrics the function prints
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"the cold-start process failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    child = json.loads(out.read_text())
+    interpreter = child["started"] - spawned
+    imports = child["imported"] - child["started"]
+    first = child["first"]
+    return {
+        "interpreter_s": interpreter,
+        "imports_s": imports,
+        "import_groups_s": child["imports"],
+        "startup_s": interpreter + imports,
+        "init_s": child["init_s"],
+        "model_load_s": child["model_load_s"],
+        "hash_checkpoint_s": child["weights_id_s"],
+        "first_embed_text_s": first["embed_text"],
+        "first_embed_image_s": first["embed_image"],
+        "total_s": interpreter + imports + child["init_s"] + first["embed_text"] + first["embed_image"],
+        # What a tag such as CLIP_PRETRAINED=openai (the image's weights) would take: no file to hash.
+        "total_without_hash_s": interpreter + imports + child["init_s"] - child["weights_id_s"] + first["embed_text"] + first["embed_image"],
+        "harness_s": child["harness_s"],
+        "peak_rss_mb": child["peak_rss_mb"],
+    }
+
+
+@contextmanager
+def server_stopped(server: ThreadedMotoServer) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+def torch_floor_once(python: str, env: dict[str, str], folder: Path) -> dict[str, float]:
+    out = folder / "torch.json"
+    out.unlink(missing_ok=True)
+    spawned = time.time()
+    done = subprocess.run(
+        [python, "-c", TORCH_CHILD, str(out)], env=env, cwd=folder, capture_output=True, text=True, timeout=600, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"`import torch` failed in a fresh process:\n{done.stderr[-4000:]}")
+    child = json.loads(out.read_text())
+    return {
+        "interpreter_s": child["started"] - spawned,
+        "import_torch_s": child["imported"] - child["started"],
+        "total_s": child["imported"] - spawned,
+        "peak_rss_mb": child["peak_rss_mb"],
+    }
+
+
+def bench_cold_start(args: argparse.Namespace, checkpoint: Path, cache_dir: Path, repeats: int) -> dict[str, Any]:
+    env = clean_environment(function_environment(args, checkpoint, cache_dir))
+    # The image's pip install compiles every module; let this repository's (an editable install
+    # here) be compiled once and cached too, rather than on every start.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    settings = {
+        "import_groups": IMPORT_GROUPS,
+        "bucket": OUTPUT_BUCKET,
+        "function": FUNCTION_NAME,
+        "memory_mb": MEMORY_MB,
+        "events": {
+            "embed_text": str(EVENTS / "query-embed-text.json"),
+            "embed_image": str(EVENTS / "query-embed-image.json"),
+        },
+    }
+    runs, floors = [], []
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket=OUTPUT_BUCKET)
+    with server_stopped(server), tempfile.TemporaryDirectory(prefix="query-bench-cold-") as folder:
+        for round_ in range(repeats):
+            # Alternate who goes first, so neither always finds the page cache the other warmed.
+            if round_ % 2 == 0:
+                runs.append(cold_start_once(sys.executable, env, settings, Path(folder)))
+                floors.append(torch_floor_once(sys.executable, env, Path(folder)))
+            else:
+                floors.append(torch_floor_once(sys.executable, env, Path(folder)))
+                runs.append(cold_start_once(sys.executable, env, settings, Path(folder)))
+    phases = [key for key in runs[0] if key != "import_groups_s"]
+    fastest_run = {key: best([run[key] for run in runs]) for key in phases}
+    fastest_run["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+    groups = {name: best([run["import_groups_s"][name] for run in runs]) for name, _ in IMPORT_GROUPS}
+    floor = {key: best([run[key] for run in floors]) for key in floors[0]}
+    floor["peak_rss_mb"] = max(run["peak_rss_mb"] for run in floors)
+    return {
+        "repeats": repeats,
+        "best": fastest_run,
+        "import_groups_s": groups,
+        "torch_import_floor": floor,
+        "ratio_total_to_torch_floor": fastest_run["total_s"] / floor["total_s"],
+        "runs": runs,
+        "torch_floor_runs": floors,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) warm latency
+
+
+@contextmanager
+def entry_point(env: dict[str, str]) -> Iterator[ModuleType]:
+    """clip_query.lambda_function imported as Lambda's runtime imports it, on an in-process moto S3."""
+    # Powertools loggers propagate to the root logger. In Lambda, Powertools filters its records out
+    # of the runtime's root handler, which exists before the function is imported; a root handler
+    # added later here (open_clip's logging.warning adds one) would print every log line twice.
+    suppress = SuppressFilter(FUNCTION_NAME)
+    for handler in logging.root.handlers:
+        handler.addFilter(suppress)
+    with mock.patch.dict(os.environ, clean_environment(env), clear=True), mock_aws():
+        boto3.client("s3").create_bucket(Bucket=OUTPUT_BUCKET)
+        sys.modules.pop("clip_query.lambda_function", None)
+        try:
+            module = importlib.import_module("clip_query.lambda_function")
+            for handler in logging.root.handlers:  # and any that loading the model added
+                handler.addFilter(suppress)
+            yield module
+        finally:
+            sys.modules.pop("clip_query.lambda_function", None)
+            for handler in logging.root.handlers:
+                handler.removeFilter(suppress)
+
+
+def bench_warm(
+    args: argparse.Namespace, checkpoint: Path, cache_dir: Path, image_size: tuple[int, int], rows: int, repeats: int
+) -> dict[str, Any]:
+    photo = jpeg_photo(image_size)
+    encoded = base64.b64encode(photo).decode()
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    with entry_point(function_environment(args, checkpoint, cache_dir)) as entry:
+        previous_stream = entry.logger.registered_handler.setStream(devnull)
+        service = entry.service
+        model = service.model
+        data = shard(rows, model.dimensions, model.name, model.pretrained)
+        key = keys.parquet_key(service.config.output_prefix, model.id, "bench", 0)
+        service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=data)
+
+        events = {
+            "embed_text": event("query-embed-text.json", body=json.dumps({"text": SEARCH_TEXT})),
+            "embed_image": event("query-embed-image.json", body=json.dumps({"image": encoded})),
+            "classify": event("query-classify.json", body=json.dumps({"image": encoded})),
+            "search": event("query-search-text.json", query={"q": SEARCH_TEXT, "k": str(SEARCH_K)}),
+        }
+
+        def invoke(name: str) -> dict[str, Any]:
+            request = copy.deepcopy(events[name])
+            context = LambdaContext(FUNCTION_NAME, 29, MEMORY_MB)
+            with redirect_stdout(devnull):  # the EMF metrics document each invocation prints
+                started = time.perf_counter()
+                response = entry.handler(request, context)
+                elapsed = time.perf_counter() - started
+            if response["statusCode"] != 200:
+                raise RuntimeError(f"{name}: status {response['statusCode']}: {response['body'][:500]}")
+            return {"seconds": elapsed, "body": json.loads(response["body"])}
+
+        network, preprocess, tokenizer = model.network, model.preprocess, model.tokenizer
+
+        def reference_text() -> np.ndarray:
+            with torch.inference_mode():
+                return F.normalize(network.encode_text(tokenizer([SEARCH_TEXT])), dim=-1)[0].numpy()
+
+        def reference_image() -> np.ndarray:
+            pixels = preprocess(Image.open(io.BytesIO(photo))).unsqueeze(0)
+            with torch.inference_mode():
+                return F.normalize(network.encode_image(pixels), dim=-1)[0].numpy()
+
+        # Warm both sides' code paths (the API's first calls are what (1) measures).
+        api_text = np.array(invoke("embed_text")["body"], np.float32)
+        api_image = np.array(invoke("embed_image")["body"], np.float32)
+        ref_text, ref_image = reference_text(), reference_image()
+
+        classify_first = invoke("classify")
+        search_first = invoke("search")
+        # What the first /classify would cost without the vectors baked into the image (a label set
+        # other than the default, or an image built without them): the service's own embedding.
+        started = time.perf_counter()
+        label_vectors = LabelSet.embed(model, DEFAULT_LABELS).vectors
+        labels_embed_s = time.perf_counter() - started
+        matrix = service.index.current().vectors
+        urls = service.index.current().urls
+
+        def reference_classify() -> list[str]:
+            scores = reference_image() @ label_vectors.T
+            return [DEFAULT_LABELS[i] for i in np.argsort(-scores, kind="stable")[: service.config.top_k]]
+
+        def reference_search() -> list[str]:
+            scores = matrix @ reference_text()
+            top = np.argpartition(-scores, SEARCH_K - 1)[:SEARCH_K]
+            return [urls[i] for i in top[np.argsort(-scores[top], kind="stable")]]
+
+        seconds: dict[str, float] = {}
+        for request, reference in (
+            ("embed_text", reference_text),
+            ("embed_image", reference_image),
+            ("classify", reference_classify),
+            ("search", reference_search),
+        ):
+            # Each request against its own reference, pair by pair.
+            seconds |= fastest({request: lambda request=request: invoke(request), f"reference_{request}": reference}, repeats)
+        classified = [label["label"] for label in invoke("classify")["body"]["images"]["image"]]
+        found = invoke("search")["body"]
+        entry.logger.registered_handler.setStream(previous_stream)
+    devnull.close()
+
+    latency = {
+        "embed_text": seconds["embed_text"],
+        "embed_image": seconds["embed_image"],
+        "classify_first": classify_first["seconds"],
+        "labels_not_baked": labels_embed_s,
+        "classify": seconds["classify"],
+        "search_first": search_first["seconds"],
+        "search": seconds["search"],
+    }
+    reference = {
+        "text": seconds["reference_embed_text"],
+        "image": seconds["reference_embed_image"],
+        "classify": seconds["reference_classify"],
+        "search": seconds["reference_search"],
+    }
+    return {
+        "repeats": repeats,
+        "image": {
+            "size": f"{image_size[0]}x{image_size[1]}",
+            "jpeg_kib": len(photo) / 1024,
+            "request_body_kib": len(events["embed_image"]["body"]) / 1024,
+        },
+        "labels": len(DEFAULT_LABELS),
+        "rows": rows,
+        "shard_mb": len(data) / MB,
+        "latency_s": latency,
+        "reference_s": reference,
+        "ratios": {
+            "embed_text": latency["embed_text"] / reference["text"],
+            "embed_image": latency["embed_image"] / reference["image"],
+            "classify_first_to_classify": latency["classify_first"] / latency["classify"],
+            "classify": latency["classify"] / reference["classify"],
+            "search": latency["search"] / reference["search"],
+            "search_first_to_search": latency["search_first"] / latency["search"],
+        },
+        "checks": {
+            "text_cosine": float(api_text @ ref_text),
+            "image_cosine": float(api_image @ ref_image),
+            "classify_top_labels_agree": classified == reference_classify(),
+            "search_results_agree": [result["url"] for result in found["results"]] == reference_search(),
+            "search_indexed": found["indexed"],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# (3) sizes
+
+#: Libraries only the CUDA build of torch brings; the CPU build the Lambda image installs has none.
+CUDA_ONLY_PREFIXES = ("nvidia-", "cuda-", "triton")
+TORCH_BUILD = ("torch", "torchvision")
+
+
+def installed_bytes(distribution: metadata.Distribution) -> int:
+    total = 0
+    for file in distribution.files or []:
+        path = Path(distribution.locate_file(file))
+        if path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def requirement_closure(roots: Sequence[str], stop: Callable[[str], bool]) -> dict[str, metadata.Distribution]:
+    """Every installed distribution `roots` (PEP 508, extras included) require, recursively, not
+    descending into the distributions `stop` names (which are still included)."""
+    found: dict[str, metadata.Distribution] = {}
+    done: dict[str, set[str]] = {}
+    pending = [Requirement(root) for root in roots]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        extras = set(requirement.extras)
+        if name in done and extras <= done[name]:
+            continue
+        try:
+            distribution = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError:
+            continue
+        done.setdefault(name, set()).update(extras)
+        found[name] = distribution
+        if stop(name):
+            continue
+        for text in distribution.requires or []:
+            child = Requirement(text)
+            if child.marker is None or any(child.marker.evaluate({"extra": extra}) for extra in {"", *done[name]}):
+                pending.append(child)
+    return found
+
+
+def sized(distributions: dict[str, metadata.Distribution]) -> dict[str, float]:
+    return dict(sorted(((name, installed_bytes(d) / MB) for name, d in distributions.items()), key=lambda item: -item[1]))
+
+
+def source_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and "__pycache__" not in path.parts)
+
+
+def bench_sizes(checkpoint: Path, cache_dir: Path) -> dict[str, Any]:
+    def is_torch(name: str) -> bool:
+        return name in TORCH_BUILD or name.startswith(CUDA_ONLY_PREFIXES)
+
+    project = canonicalize_name("clip-embedding-pipeline")
+    api = requirement_closure(["clip-embedding-pipeline[query]"], is_torch)
+    api = {name: d for name, d in api.items() if not is_torch(name) and name != project}
+    # What torch and torchvision need besides the CUDA libraries: the CPU build needs it too.
+    torch_side = requirement_closure(list(TORCH_BUILD), lambda name: name.startswith(CUDA_ONLY_PREFIXES))
+    torch_requirements = {name: d for name, d in torch_side.items() if not is_torch(name) and name not in api}
+    everything = requirement_closure(list(TORCH_BUILD), lambda name: False)
+    cuda = {name: d for name, d in everything.items() if name.startswith(CUDA_ONLY_PREFIXES)}
+    torch_build = {name: d for name, d in torch_side.items() if name in TORCH_BUILD}
+    packages = {
+        "clip_shared": REPOSITORY / "layers" / "shared" / "clip_shared",
+        "clip_worker": REPOSITORY / "batch_job" / "clip_worker",
+        "clip_query": REPOSITORY / "functions" / "query" / "clip_query",
+        "clip_pipeline": REPOSITORY / "cli" / "clip_pipeline",
+    }
+    groups = {
+        "api_dependencies": sized(api),
+        "torch_requirements": sized(torch_requirements),
+        "torch_cuda_build": sized(torch_build),
+        "cuda_libraries": sized(cuda),
+        "project_code": {name: source_bytes(folder) / MB for name, folder in packages.items()},
+    }
+    sizes = {
+        "checkpoint_mb": checkpoint.stat().st_size / MB,
+        "baked_label_vectors_mb": source_bytes(cache_dir) / MB,
+        "totals_mb": {name: sum(group.values()) for name, group in groups.items()},
+        **groups,
+    }
+    sizes["image_without_torch_and_base_mb"] = image_mb(sizes)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def environment() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "commit": commit + ("+dirty" if dirty else ""),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "pillow": PIL.__version__,
+        "fastapi": metadata.version("fastapi"),
+        "mangum": metadata.version("mangum"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:9.1f}"
+
+
+def image_mb(sizes: dict[str, Any]) -> float:
+    """What this machine can measure of the image: all of it but torch and the Lambda base image."""
+    totals = sizes["totals_mb"]
+    return sizes["checkpoint_mb"] + sizes["baked_label_vectors_mb"] + totals["api_dependencies"] + totals["torch_requirements"] + totals["project_code"]
+
+
+def report(results: dict[str, Any]) -> str:
+    env, cold, warm, sizes = results["environment"], results["cold_start"], results["warm"], results["sizes"]
+    b, floor = cold["best"], cold["torch_import_floor"]
+    lines = [
+        f"{results['model']} from a checkpoint file ({results['pretrained']}), on the CPU: {env['cpu_count']} cores, "
+        f"{env['torch_threads']} torch threads, Python {env['python']}, torch {env['torch']}, open_clip {env['open_clip']}, "
+        f"fastapi {env['fastapi']}, mangum {env['mangum']}; commit {env['commit']}, {env['date']}",
+        "",
+        f"(1) cold start in a fresh process, best of {cold['repeats']} per phase (ms)",
+        f"  (a) interpreter start            {ms(b['interpreter_s'])}",
+        f"      imports                      {ms(b['imports_s'])}",
+    ]
+    lines += [f"        {name:<26} {ms(seconds)}" for name, seconds in cold["import_groups_s"].items()]
+    lines += [
+        f"  (b) import lambda_function       {ms(b['init_s'])}   of which the model load {ms(b['model_load_s']).strip()}, "
+        f"hashing the checkpoint file {ms(b['hash_checkpoint_s']).strip()}",
+        f"  (c) first /embed text            {ms(b['first_embed_text_s'])}",
+        f"      first /embed image           {ms(b['first_embed_image_s'])}   (events/query-embed-image.json, 96x64)",
+        f"      total                        {ms(b['total_s'])}   (best run; peak RSS {b['peak_rss_mb']:.0f} MB)",
+        f"      total less the hashing       {ms(b['total_without_hash_s'])}   (a tag such as openai names the weights without reading them)",
+        f"  floor: python -c 'import torch'  {ms(floor['total_s'])}   (interpreter {ms(floor['interpreter_s']).strip()}"
+        f" + import {ms(floor['import_torch_s']).strip()}; peak RSS {floor['peak_rss_mb']:.0f} MB)",
+        f"  total / torch floor              {cold['ratio_total_to_torch_floor']:9.2f}x",
+        "",
+    ]
+    lat, ref, ratio = warm["latency_s"], warm["reference_s"], warm["ratios"]
+    checkpoint_label = f"checkpoint file, fp32 ({results['model']})"
+    image = warm["image"]
+    lines += [
+        f"(2) warm latency through lambda_function.handler, best of {warm['repeats']} (ms); reference: open_clip on the same model",
+        f"  image: {image['size']} JPEG q{JPEG_QUALITY}, {image['jpeg_kib']:.0f} KiB ({image['request_body_kib']:.0f} KiB base64 JSON); "
+        f"search over {warm['rows']:,} vectors ({warm['shard_mb']:.1f} MB shard); {warm['labels']} default labels",
+        f"  {'request':<34} {'API':>9} {'reference':>10} {'API/ref':>8}",
+        f"  {'POST /embed text':<34} {ms(lat['embed_text'])} {ms(ref['text']):>10} {ratio['embed_text']:7.2f}x",
+        f"  {'POST /embed image':<34} {ms(lat['embed_image'])} {ms(ref['image']):>10} {ratio['embed_image']:7.2f}x",
+        f"  {'POST /classify, first (baked labels)':<34} {ms(lat['classify_first'])} {'':>10} "
+        f"{ratio['classify_first_to_classify']:7.2f}x   one call; ratio to a later /classify",
+        f"  {'  labels not baked: LabelSet.embed':<34} {ms(lat['labels_not_baked'])} {'':>10} {'':>8}   "
+        f"once; what a first /classify adds without baked vectors",
+        f"  {'POST /classify':<34} {ms(lat['classify'])} {ms(ref['classify']):>10} {ratio['classify']:7.2f}x",
+        f"  {'GET /search, first (loads shard)':<34} {ms(lat['search_first'])} {'':>10} "
+        f"{ratio['search_first_to_search']:7.1f}x   one call; ratio to a later search",
+        f"  {f'GET /search k={SEARCH_K}':<34} {ms(lat['search'])} {ms(ref['search']):>10} {ratio['search']:7.2f}x",
+        f"  checks: cosine API/reference text {warm['checks']['text_cosine']:.6f}, image {warm['checks']['image_cosine']:.6f}; "
+        f"same top labels {warm['checks']['classify_top_labels_agree']}; same search results {warm['checks']['search_results_agree']}",
+        "",
+        "(3) sizes (MB = 10^6 bytes; installed files as each distribution's RECORD lists them)",
+        f"  {checkpoint_label:<40} {sizes['checkpoint_mb']:9.1f}",
+        f"  {'default labels text vectors (baked)':<40} {sizes['baked_label_vectors_mb']:9.1f}",
+        f"  API dependencies (not torch)             {sizes['totals_mb']['api_dependencies']:9.1f}   "
+        + ", ".join(f"{name} {size:.0f}" for name, size in list(sizes["api_dependencies"].items())[:6]),
+        f"  torch's own requirements                 {sizes['totals_mb']['torch_requirements']:9.1f}   "
+        + ", ".join(f"{name} {size:.0f}" for name, size in list(sizes["torch_requirements"].items())[:4]),
+        f"  project code (4 packages)                {sizes['totals_mb']['project_code']:9.1f}",
+        f"  {'sum of the above':<40} {image_mb(sizes):9.1f}   + the CPU torch build + the base image",
+        f"  torch + torchvision, CUDA build here     {sizes['totals_mb']['torch_cuda_build']:9.1f}   not what the image installs (CPU build)",
+        f"  {'CUDA libraries (nvidia-*, cuda-*, triton)':<40} {sizes['totals_mb']['cuda_libraries']:9.1f}   not in the image",
+    ]
+    return "\n".join(lines)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a small photo and shard, one repeat")
+    parser.add_argument("--repeats", type=positive, help="cold starts of each kind, the best kept (default 3; 1 with --quick)")
+    parser.add_argument("--warm-repeats", type=positive, help="calls of each warm request, the best kept (default 20; 2 with --quick)")
+    parser.add_argument("--rows", type=positive, help="stored vectors /search ranks (default 100000; 2000 with --quick)")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
+    parser.add_argument("--model-config", help="an extra open_clip model config, as CLIP_MODEL_CONFIG")
+    parser.add_argument(
+        "--pretrained", type=Path, help="an existing checkpoint file (default: seeded random weights saved to a temporary one)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    warm_repeats = args.warm_repeats or (2 if args.quick else 20)
+    rows = args.rows or (2_000 if args.quick else 100_000)
+    image_size = QUICK_IMAGE if args.quick else FULL_IMAGE
+    if args.model_config:
+        open_clip.add_model_config(args.model_config)
+    with tempfile.TemporaryDirectory(prefix="query-bench-") as folder:
+        if args.pretrained:
+            checkpoint, pretrained = args.pretrained.resolve(), f"checkpoint {args.pretrained.name}"
+        else:
+            checkpoint, pretrained = save_random_checkpoint(args.model, Path(folder) / f"{args.model}-random.pt"), "seeded random weights"
+        # As the image's build does (functions/query/Dockerfile): the default labels' text vectors
+        # computed once into CLIP_CACHE_DIR, where the function's first /classify finds them.
+        cache_dir = Path(folder) / "clip-cache"
+        started = time.perf_counter()
+        bake.main([args.model, str(checkpoint), str(cache_dir)])
+        bake_s = time.perf_counter() - started
+        results = {
+            "model": args.model,
+            "pretrained": pretrained,
+            "environment": environment(),
+            "bake_s": bake_s,
+            "cold_start": bench_cold_start(args, checkpoint, cache_dir, repeats),
+            "warm": bench_warm(args, checkpoint, cache_dir, image_size, rows, warm_repeats),
+            "sizes": bench_sizes(checkpoint, cache_dir),
+        }
+    print(report(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
