@@ -111,6 +111,11 @@ def vector_json(vector: Any) -> list[float]:
     return [float(value) for value in vector]
 
 
+def similarity_json(cosine: float) -> dict[str, float]:
+    """The cosine, and the 0-100 score CLIP demos show: 100 x cosine, negatives as 0."""
+    return {"cosine": round(cosine, 6), "score": round(100 * max(cosine, 0.0), 2)}
+
+
 def label_json(label: Label) -> dict[str, Any]:
     return {"label": label.label, "score": round(label.score, 6), "probability": round(label.probability, 6)}
 
@@ -197,10 +202,7 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
             {
                 **service.describe(),
                 "similarity": {
-                    text: {
-                        image: {"cosine": round(cosine, 6), "score": round(100 * max(cosine, 0.0), 2)}
-                        for image, cosine in zip(done["images"], (float(text_vector @ image_vector) for image_vector in done["images"].values()))
-                    }
+                    text: {image: similarity_json(float(text_vector @ image_vector)) for image, image_vector in done["images"].items()}
                     for text, text_vector in done["texts"].items()
                 },
             }
