@@ -20,8 +20,8 @@ and the size of what its image holds, measured on this machine.
 Each figure is the best of several tries (cold starts: --repeats fresh processes; warm calls:
 --warm-repeats, the API and its reference taking turns), so compare ratios more than absolute times.
 
-    python bench/query_bench.py --json bench/out/query.json   # the run recorded in docs/benchmarks.md
-    python bench/query_bench.py --quick                       # a smoke run
+    python -m bench.query_bench --json bench/out/query.json   # the run recorded in docs/benchmarks.md
+    python -m bench.query_bench --quick                       # a smoke run
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ import boto3
 import numpy as np
 import open_clip
 import PIL
-import pyarrow as pa
-import pyarrow.parquet as pq
 import skimage
 import torch
 import torch.nn.functional as F
@@ -64,11 +62,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image, ImageOps
 
+from bench.search_bench import shard
+from bench.worker_bench import positive
 from clip_pipeline.local import LambdaContext
 from clip_shared import keys
 from clip_worker import bake
 from clip_worker.labels import DEFAULT_LABELS, LabelSet
-from clip_worker.writer import shard_schema
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 EVENTS = REPOSITORY / "events"
@@ -289,30 +288,6 @@ def jpeg_photo(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def shard(rows: int, dimensions: int, model: str, pretrained: str, seed: int = 0) -> bytes:
-    """`rows` random unit vectors as one worker shard (clip_worker.writer.shard_schema)."""
-    rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((rows, dimensions), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    names = [f"photos/{index:08d}.jpg" for index in range(rows)]
-    table = pa.table(
-        {
-            "url": [keys.s3_url(STORED_BUCKET, name) for name in names],
-            "bucket": [STORED_BUCKET] * rows,
-            "key": names,
-            "version_id": pa.nulls(rows, pa.string()),
-            "etag": ["0" * 32] * rows,
-            "model": [model] * rows,
-            "pretrained": [pretrained] * rows,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimensions),
-        },
-        schema=shard_schema(dimensions),
-    )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
 def event(template: str, **changes: Any) -> dict[str, Any]:
     """One of the sample events in events/, with its body or query string replaced."""
     document = json.loads((EVENTS / template).read_text())
@@ -480,7 +455,7 @@ def bench_warm(
         previous_stream = entry.logger.registered_handler.setStream(devnull)
         service = entry.service
         model = service.model
-        data = shard(rows, model.dimensions, model.name, model.pretrained)
+        data = shard(rows, model.dimensions, model.name, model.pretrained, STORED_BUCKET)
         key = keys.parquet_key(service.config.output_prefix, model.id, "bench", 0)
         service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=data)
 
@@ -777,13 +752,6 @@ def report(results: dict[str, Any]) -> str:
         f"  {'CUDA libraries (nvidia-*, cuda-*, triton)':<40} {sizes['totals_mb']['cuda_libraries']:9.1f}   not in the image",
     ]
     return "\n".join(lines)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -22,20 +22,23 @@ from clip_worker.index import VectorIndex
 from clip_worker.writer import shard_schema
 
 
-def shard(rows: int, dimensions: int, seed: int = 0) -> bytes:
+def shard(
+    rows: int, dimensions: int, model: str = "ViT-B-32", pretrained: str = "openai", bucket: str = "bucket", seed: int = 0
+) -> bytes:
+    """`rows` random unit vectors as one worker shard (clip_worker.writer.shard_schema)."""
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((rows, dimensions), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    urls = [f"s3://bucket/images/{i:08d}.jpg" for i in range(rows)]
+    names = [f"images/{i:08d}.jpg" for i in range(rows)]
     table = pa.table(
         {
-            "url": urls,
-            "bucket": ["bucket"] * rows,
-            "key": [url[12:] for url in urls],
+            "url": [f"s3://{bucket}/{name}" for name in names],
+            "bucket": [bucket] * rows,
+            "key": names,
             "version_id": pa.nulls(rows, pa.string()),
             "etag": ["etag"] * rows,
-            "model": ["ViT-B-32"] * rows,
-            "pretrained": ["openai"] * rows,
+            "model": [model] * rows,
+            "pretrained": [pretrained] * rows,
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimensions),
         },
         schema=shard_schema(dimensions),
