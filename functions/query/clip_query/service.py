@@ -142,8 +142,7 @@ class QueryService:
             return self._default_labels
 
     def classify(self, images: dict[str, np.ndarray], labels: LabelSet, k: int) -> dict[str, list[Label]]:
-        if not images:
-            return {}
+        """Each image's k best labels; the API has made sure there is at least one image."""
         return dict(zip(images, labels.top(np.stack(list(images.values())), k)))
 
     def search(self, vector: np.ndarray, k: int) -> tuple[list[Match], int]:
