@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 -include make/sam.mk
+-include make/checks.mk
 
 # The demo page's browser test drives Debian's Chromium through its ChromeDriver (browser builds
 # downloaded by test tools do not work on the project's machines).
@@ -25,8 +26,8 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
-## The whole suite as CI runs it: SAM template checks, then every test.
-test: install browser sam-validate sam-build unit
+## The whole suite as CI runs it: SAM template checks, static checks of the template, then every test.
+test: install browser sam-validate sam-build template-checks unit
 
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -42,4 +43,4 @@ serve: install
 	$(BIN)/clip-pipeline serve $(SERVE_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-sam .aws-sam .pytest_cache
+	rm -rf $(VENV) .venv-sam .venv-checks .aws-sam .pytest_cache

@@ -3,8 +3,9 @@ and against the model alone, per model and photo size, in one run on one machine
 
 (1) reference: clip-retrieval's recipe. A torch DataLoader whose worker processes do PIL.Image.open
     + open_clip's transform, batch 256, the fp32 model under fp16 autocast (on CUDA).
-(2) worker: the worker's own code (runner.pixels in threads, runner.Embedder on the main thread):
-    on CUDA, JPEGs decoded with nvJPEG and cropped on the GPU (gpu.py), the fp16 model.
+(2) worker: the worker's own code (prepare.pixels in threads, embed.Embedder on the main thread):
+    on CUDA, the fp16 model, and JPEGs decoded with nvJPEG and cropped on the GPU (device_decode.py)
+    where the worker decides to (GPU_DECODE=auto: a GPU with a hardware JPEG decoder; --decode forces).
 (3) ceiling: the worker's model on pre-made input tensors already on the device.
 
 All three read the same real photos (scikit-image's, as JPEGs) held in memory. (2)/(1) is how much
@@ -43,7 +44,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.worker_bench import PHOTO_NAMES, camera_sized, variants
 from clip_shared.manifest import ManifestEntry
-from clip_worker import runner
+from clip_worker import device_decode
+from clip_worker import embed as embed_stage
+from clip_worker.decoder import PixelBudget
+from clip_worker import prepare as prepare_stage
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, default_batch_size, load
 
@@ -148,24 +152,25 @@ def reference(
 
 def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: str) -> Callable[[], np.ndarray]:
     config = WorkerConfig(manifest_uri="", output_bucket="")
-    transform = runner.device_transform(model, {"auto": None, "device": True, "cpu": False}[decode])
+    budget = PixelBudget(config.decode_pixel_budget)
+    transform = embed_stage.device_transform(model, {"auto": None, "device": True, "cpu": False}[decode])
     entries = [
         ManifestEntry(bucket="bench", key=f"{index:05d}.jpg", size=len(data), etag="bench", mime_type="image/jpeg")
         for index, data in enumerate(files)
     ]
 
-    def prepare(index: int) -> runner.Prepared:
+    def prepare(index: int) -> prepare_stage.Prepared:
         entry = entries[index]
-        return runner.Prepared(entry, entry.etag, runner.pixels(files[index], entry.url, model, config.max_image_pixels, transform is not None))
+        return prepare_stage.Prepared(entry, entry.etag, prepare_stage.pixels(files[index], entry.url, model, config, transform is not None, budget, None))
 
     def work() -> np.ndarray:
         # runner.run's loop without S3: the same window, threads, batches and embedder.
-        embedder = runner.Embedder(model, config.max_image_pixels, transform)
-        done: list[tuple[runner.Prepared, np.ndarray]] = []
-        batch: list[runner.Prepared] = []
+        embedder = embed_stage.Embedder(model, config.max_image_pixels, transform)
+        done: list[tuple[prepare_stage.Prepared, np.ndarray]] = []
+        batch: list[prepare_stage.Prepared] = []
         window = 2 * batch_size + config.io_threads
         with ThreadPoolExecutor(config.io_threads) as pool:
-            for item in runner.ahead(pool, range(len(files)), prepare, window, threading.Event()):
+            for item in prepare_stage.ahead(pool, range(len(files)), prepare, window, threading.Event()):
                 batch.append(item)
                 if len(batch) >= batch_size:
                     done += embed(embedder, batch)
@@ -179,7 +184,7 @@ def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: st
     return work
 
 
-def embed(embedder: runner.Embedder, batch: list[runner.Prepared]) -> list[tuple[runner.Prepared, np.ndarray]]:
+def embed(embedder: embed_stage.Embedder, batch: list[prepare_stage.Prepared]) -> list[tuple[prepare_stage.Prepared, np.ndarray]]:
     failed, done = embedder.submit(batch)
     if failed:
         raise RuntimeError(f"the worker could not embed bench photos: {failed}")
@@ -265,10 +270,11 @@ def targets(rows: list[Row], peaks: dict[str, int | None], cpus: int) -> list[tu
 def report(env: dict[str, Any], rows: list[Row], peaks: dict[str, int | None], checks: list[tuple[str, bool]]) -> str:
     lines = [
         f"device {env['device']}, {env['cpus']} CPUs used (of {env['cpu_count']}), torch {env['torch']}, "
-        f"open_clip {env['open_clip']}, decode {env['decode']}, batch {env['batch_size']}, best of {env['repeats']}",
+        f"open_clip {env['open_clip']}, decode {env['decode']}, batch {env['batch_size']}, best of {env['repeats']}, "
+        f"hardware JPEG decoder {'yes' if env['hardware_jpeg_decoder'] else 'no'}",
         f"(1) reference: DataLoader, {env['cpus']} worker processes, PIL + open_clip transform, batch {REFERENCE_BATCH}"
         + (", autocast fp16" if env["device"].startswith("cuda") else ", fp32"),
-        "(2) worker: runner.pixels + runner.Embedder   (3) ceiling: the model alone on pre-made tensors",
+        "(2) worker: prepare.pixels + embed.Embedder   (3) ceiling: the model alone on pre-made tensors",
         "",
         f"{'model':>14} {'MP':>5} {'size':>10} {'images':>6} {'KiB':>6} {'(1) img/s':>10} {'(2) img/s':>10} "
         f"{'(3) img/s':>10} {'(2)/(1)':>8} {'(2)/(3)':>8} {'min cos':>9}",
@@ -327,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": cpus,
         "cpu_count": os.cpu_count(),
         "decode": args.decode,
+        # What GPU_DECODE=auto goes by (docs/gpu.md).
+        "hardware_jpeg_decoder": device_decode.hardware_jpeg_decoder(device),
         "batch_size": args.batch_size or default_batch_size(device),
         "repeats": repeats,
         "python": platform.python_version(),

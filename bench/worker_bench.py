@@ -45,7 +45,7 @@ from PIL import Image, ImageOps
 
 from clip_shared import keys
 from clip_shared.manifest import Manifest, ManifestEntry
-from clip_worker import decoder, runner
+from clip_worker import decoder, log, runner
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, default_batch_size, load
 
@@ -159,7 +159,7 @@ def bench_decode(model: ClipModel, size: tuple[int, int], files: list[bytes], re
     max_pixels = WorkerConfig.max_image_pixels
 
     def worker(data: bytes) -> torch.Tensor:
-        # What runner.prepare does between the download and the batch.
+        # What prepare.prepare does between the download and the batch.
         return model.preprocess(decoder.decode(data, "s3://bench/photo.jpg", model.image_size, max_pixels))
 
     def reference(data: bytes) -> torch.Tensor:
@@ -188,12 +188,12 @@ def bench_decode(model: ClipModel, size: tuple[int, int], files: list[bytes], re
 @contextmanager
 def quiet_worker() -> Iterator[None]:
     # The worker logs every job it runs; the table is what this script is for.
-    level = runner.logger.log_level
-    runner.logger.setLevel("WARNING")
+    level = log.logger.log_level
+    log.logger.setLevel("WARNING")
     try:
         yield
     finally:
-        runner.logger.setLevel(level)
+        log.logger.setLevel(level)
 
 
 @contextmanager

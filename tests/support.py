@@ -17,7 +17,7 @@ from clip_shared import keys
 from clip_shared.manifest import Manifest, ManifestEntry
 from clip_shared.mime import sniff_mime
 from clip_worker.config import WorkerConfig
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 INPUT_BUCKET = "input-bucket"
@@ -136,3 +136,29 @@ def tiny_worker_config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig
         batch_size=4,
         io_threads=4,
     )
+
+
+# A stand-in for a codec that crashes on one crafted file: Pillow kills its own process when it
+# decodes a PNG carrying a `poison` text chunk. Saved as sitecustomize.py in a folder on PYTHONPATH,
+# it loads into every Python process started with that environment (the worker, and its helpers).
+SITECUSTOMIZE = """
+import os, signal
+from PIL import ImageFile
+
+_load = ImageFile.ImageFile.load
+
+
+def load(self):
+    if self.info.get("poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _load(self)
+
+
+ImageFile.ImageFile.load = load
+"""
+
+
+def poisoned_png(name: str = "coffee.png") -> bytes:
+    text = PngImagePlugin.PngInfo()
+    text.add_text("poison", "yes")
+    return encode(photo(name), "PNG", pnginfo=text)

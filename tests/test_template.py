@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import json
+import re
+import tomllib
 from typing import Any
 
 import pytest
 from samtranslator.translator.transform import transform
 from samtranslator.yaml_helper import yaml_parse
 
-from clip_pipeline.emulator import TEMPLATE, _NoManagedPolicies
+from clip_pipeline.emulator import REPOSITORY, TEMPLATE, _NoManagedPolicies
 
 _NO_VALUE = object()
 REGISTRY = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -185,3 +188,145 @@ def test_query_alarms_notify_the_alarm_topic() -> None:
         alarm = resources[name]["Properties"]
         assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
         assert {item["Name"] for item in alarm["Dimensions"]} == {"ApiId", "Stage"}
+
+
+def rule_failures(**overrides: str) -> list[str]:
+    """The AssertDescriptions of the template's Rules that CloudFormation would refuse the parameters with."""
+    template = _sam_template()
+    parameters: dict[str, Any] = {name: str(spec.get("Default", "")) for name, spec in template["Parameters"].items()}
+    parameters.update(overrides)
+    for name, spec in template["Parameters"].items():
+        if spec["Type"] == "CommaDelimitedList":
+            parameters[name] = parameters[name].split(",")
+
+    def evaluate(node: Any) -> Any:
+        [(function, argument)] = node.items()
+        if function == "Ref":
+            return parameters[argument]
+        if function == "Fn::Not":
+            return not evaluate(argument[0])
+        if function == "Fn::Equals":
+            return evaluate(argument[0]) == argument[1]
+        if function == "Fn::EachMemberEquals":
+            return all(member == argument[1] for member in evaluate(argument[0]))
+        raise AssertionError(f"no evaluator for {function}")
+
+    return [
+        assertion["AssertDescription"]
+        for rule in template["Rules"].values()
+        if evaluate(rule["RuleCondition"])
+        for assertion in rule["Assertions"]
+        if not evaluate(assertion["Assert"])
+    ]
+
+
+def test_vpc_and_subnets_are_given_together_or_not_at_all() -> None:
+    assert rule_failures() == []
+    assert rule_failures(VpcId="vpc-1", SubnetIds="subnet-a,subnet-b") == []
+    # VpcId alone would be ignored (the default VPC's subnets used); SubnetIds alone would leave the
+    # security group without a VPC.
+    [alone] = rule_failures(VpcId="vpc-1")
+    assert "SubnetIds" in alone
+    [alone] = rule_failures(SubnetIds="subnet-a")
+    assert "VpcId" in alone
+
+
+def test_the_dispatcher_is_capped_by_its_queue_and_reserves_no_concurrency() -> None:
+    resources = stack(DispatcherConcurrency="7")["Resources"]
+    # A reservation must leave the account 100 unreserved executions: it fails on a new account's 10.
+    assert "ReservedConcurrentExecutions" not in resources["Dispatcher"]["Properties"]
+    assert resources["DispatcherUploads"]["Properties"]["ScalingConfig"] == {"MaximumConcurrency": "7"}
+
+
+def test_the_query_function_defaults_to_memory_a_new_account_may_use() -> None:
+    memory = stack()["Resources"]["QueryFunction"]["Properties"]["MemorySize"]
+    assert int(memory) <= 3008
+
+
+def test_every_route_of_the_query_api_is_throttled() -> None:
+    created = stack(QueryAuth="NONE", QueryRateLimit="5", QueryBurstLimit="9")
+    settings = created["Resources"]["QueryApiApiGatewayDefaultStage"]["Properties"]["DefaultRouteSettings"]
+    assert (settings["ThrottlingRateLimit"], settings["ThrottlingBurstLimit"]) == ("5", "9")
+
+
+def test_functions_use_no_layer_from_outside_the_stack() -> None:
+    resources = stack()["Resources"]
+    functions = {name: item["Properties"] for name, item in resources.items() if item["Type"] == "AWS::Lambda::Function"}
+    assert {"Dispatcher", "DeployHelper"} <= set(functions)
+    for name, properties in functions.items():
+        for layer in properties.get("Layers", []):
+            # A Ref to the stack's own layer; an ARN string would name another account's (and partition's) layer.
+            assert isinstance(layer, dict) and resources[layer["Ref"]]["Type"] == "AWS::Lambda::LayerVersion", name
+
+
+def _pinned(requirement: str, lines: list[str]) -> str:
+    [pin] = [line.split("==", 1)[1].strip() for line in lines if line.split("[")[0].split("==")[0].strip() == requirement]
+    return pin
+
+
+def test_the_powertools_the_tests_run_is_the_powertools_that_ships() -> None:
+    layer = (REPOSITORY / "layers" / "shared" / "requirements.txt").read_text().splitlines()
+    project = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["dependencies"]
+    shipped = _pinned("aws-lambda-powertools", layer)
+    assert _pinned("aws-lambda-powertools", project) == shipped
+    assert importlib.metadata.version("aws-lambda-powertools") == shipped
+
+
+def test_image_builds_fetch_their_source_when_they_start() -> None:
+    resources = stack()["Resources"]
+    # The layer, not a 10-minute download URL: a build queued behind the other (one concurrent build
+    # allowed) would start after the URL expired.
+    for name in ("WorkerImage", "QueryImage"):
+        assert resources[name]["Properties"]["Source"] == {"Ref": "ImageSource"}
+    buildspec = resources["ImageBuild"]["Properties"]["Source"]["BuildSpec"]
+    assert 'aws lambda get-layer-version-by-arn --arn "$SOURCE_LAYER_ARN"' in buildspec
+    statements = resources["ImageBuildRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    assert {"Effect": "Allow", "Action": "lambda:GetLayerVersion", "Resource": {"Ref": "ImageSource"}} in statements
+
+
+def test_the_deploy_helper_is_its_own_function_with_its_own_log_group() -> None:
+    resources = stack()["Resources"]
+    helper = resources["DeployHelper"]["Properties"]
+    assert helper["Code"] == {"S3Bucket": "artifacts", "S3Key": "DeployHelper"}
+    assert helper["Handler"] == "app.handler"
+    assert helper["LoggingConfig"] == {"LogGroup": {"Ref": "DeployHelperLogGroup"}}
+    assert resources["DeployHelperLogGroup"]["Properties"]["RetentionInDays"] == 30
+
+
+def test_the_stack_adds_one_logs_resource_policy_covering_its_event_log_groups() -> None:
+    resources = stack()["Resources"]
+    # Account-level, at most 10 per region: one per stack, for every /aws/events/<stack>-* group.
+    [policy] = [item["Properties"] for item in resources.values() if item["Type"] == "AWS::Logs::ResourcePolicy"]
+    document = json.loads(re.sub(r"\$\{([^}]*)\}", r"\1", policy["PolicyDocument"]["Fn::Sub"]))
+    assert document["Statement"][0]["Resource"].endswith(":log-group:/aws/events/AWS::StackName-*")
+    assert resources["FailedJobsLogGroup"]["Properties"]["LogGroupName"]["Fn::Sub"].startswith("/aws/events/${AWS::StackName}-")
+
+
+def test_every_skipped_finding_is_justified_next_to_its_resource() -> None:
+    """checkov skips carry a comment; a cfn-lint ignore follows a comment naming each rule it ignores."""
+    lines = TEMPLATE.read_text().splitlines()
+    resources = _sam_template()["Resources"]
+    skipped = 0
+    for name, resource in resources.items():
+        for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", []):
+            assert len(skip.get("comment", "")) > 20, (name, skip["id"])
+            skipped += 1
+        ignored = resource.get("Metadata", {}).get("cfn-lint", {}).get("config", {}).get("ignore_checks", [])
+        if ignored:
+            start = lines.index(f"  {name}:")
+            at = next(i for i in range(start, len(lines)) if lines[i].strip().startswith("ignore_checks:"))
+            reason = []
+            for line in reversed(lines[:at]):
+                if not line.strip().startswith("#"):
+                    break
+                reason.append(line)
+            assert all(rule in " ".join(reason) for rule in ignored), (name, ignored)
+            skipped += len(ignored)
+    assert skipped > 0
+
+
+def test_the_images_start_from_the_ecr_public_gallery() -> None:
+    # Docker Hub limits anonymous pulls per address, and CodeBuild's addresses are shared.
+    for dockerfile in ("batch_job/Dockerfile", "functions/query/Dockerfile"):
+        bases = [line.split()[1] for line in (REPOSITORY / dockerfile).read_text().splitlines() if line.startswith("FROM ")]
+        assert bases and all(base.startswith("public.ecr.aws/") for base in bases), dockerfile

@@ -38,7 +38,7 @@ class WorkerConfig:
     cache_dir: str | None = None
     #: `cuda`, `cpu`, or None for CUDA whenever it is available.
     device: str | None = None
-    #: Decode JPEGs on the model's device (nvJPEG); None decides: on exactly when the model runs on CUDA.
+    #: Decode JPEGs on the model's device (nvJPEG); None decides: on a CUDA GPU with a hardware JPEG decoder.
     gpu_decode: bool | None = None
     #: None picks a size that suits the device (see model.default_batch_size).
     batch_size: int | None = None
@@ -46,6 +46,8 @@ class WorkerConfig:
     io_threads: int = 16
     max_object_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 100_000_000
+    #: Pixels decoding at once across the prepare threads (see decoder.PixelBudget); bounds their memory.
+    decode_pixel_budget: int = 300_000_000
     progress_interval_s: int = 15
     #: Zero-shot keywords from this label set: `default`, labels separated by commas, or the s3:// URI
     #: of a text file (see labels.read_labels); None: no keywords.
@@ -56,6 +58,12 @@ class WorkerConfig:
     array_index: int | None = None
     #: The Batch job id, recorded as each event's chainId.
     job_id: str | None = None
+    #: This run's attempt (Batch sets AWS_BATCH_JOB_ATTEMPT, from 1) and the job definition's attempts
+    #: (JOB_ATTEMPTS): a transient failure is left to the next attempt, and recorded only on the last.
+    attempt: int = 1
+    max_attempts: int = 1
+    #: How long to wait before trying the objects that failed transiently once more, in the same run.
+    transient_retry_s: int = 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerConfig":
@@ -83,9 +91,13 @@ class WorkerConfig:
             io_threads=_int(env, "IO_THREADS", cls.io_threads),
             max_object_bytes=_int(env, "MAX_OBJECT_BYTES", cls.max_object_bytes),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            decode_pixel_budget=_int(env, "DECODE_PIXEL_BUDGET", cls.decode_pixel_budget),
             progress_interval_s=_int(env, "PROGRESS_INTERVAL_SECONDS", cls.progress_interval_s),
             labels=env.get("CLIP_LABELS", "").strip() or None,
             keywords_top_k=_int(env, "KEYWORDS_TOP_K", cls.keywords_top_k),
             array_index=_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", None, minimum=0),
             job_id=env.get("AWS_BATCH_JOB_ID") or None,
+            attempt=_int(env, "AWS_BATCH_JOB_ATTEMPT", cls.attempt),
+            max_attempts=_int(env, "JOB_ATTEMPTS", cls.max_attempts),
+            transient_retry_s=_int(env, "TRANSIENT_RETRY_SECONDS", cls.transient_retry_s, minimum=0),
         )

@@ -2,12 +2,19 @@
 
 Every supported format ends up as 8-bit RGB the way a person would see it: EXIF orientation
 applied, transparency flattened onto white, CMYK, palette, 16-bit and grayscale converted.
+
+The pixel limit is checked from the header, before any pixel is decoded, and it is the only one:
+Pillow's own decompression-bomb guard (about 179 MP) is switched off, or images above it would be
+reported as corrupt while those just below our limit are reported as too big.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -20,37 +27,66 @@ SUPPORTED_FORMATS = frozenset({"BMP", "GIF", "JPEG", "MPO", "PNG", "TIFF", "WEBP
 _SIXTEEN_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 
+Image.MAX_IMAGE_PIXELS = None
+
+
+class PixelBudget:
+    """How many pixels may be decoding at once across threads; one image over it decodes alone.
+
+    Decoding holds the whole frame (up to 8 bytes a pixel for 16-bit RGBA, plus conversion copies),
+    so sixteen threads each on an image at the pixel limit would need more memory than the
+    instance has, while a limit per image alone bounds nothing across threads.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._used = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._used == 0 or self._used + pixels <= self.pixels)
+            self._used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._used -= pixels
+                self._changed.notify_all()
+
 
 def decode(data: bytes, url: str, min_side: int, max_pixels: int) -> Image.Image:
-    """Decode `data` (the object at `url`) to RGB.
+    """Decode `data` (the object at `url`) to RGB; see `decoding`."""
+    with decoding(data, url, min_side, max_pixels) as image:
+        return image
+
+
+@contextmanager
+def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: PixelBudget | None = None) -> Iterator[Image.Image]:
+    """Decode `data` (the object at `url`) to RGB, holding `budget` until the caller is done with it.
 
     `min_side` is the smallest side the preprocessing needs; a JPEG is decoded by libjpeg at
     1/2, 1/4 or 1/8 scale when that still leaves both sides at least twice that large, which
     skips most of the decoding work on big photos and changes nothing the resize would keep.
+    Raises DocumentError naming `url` when the bytes are not an image the pipeline embeds.
     """
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below decides; Pillow's warning about it would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.format not in SUPPORTED_FORMATS:
-                raise DocumentError(
-                    ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {image.format} image, which the pipeline does not embed"
-                )
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DocumentError(
-                    ErrorCode.TOO_MANY_PIXELS,
-                    f"{url} is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit "
-                    "(MAX_IMAGE_PIXELS)",
-                )
-            if image.format in ("JPEG", "MPO"):
-                # Twice the target keeps the final resize a real antialiasing downscale: at 1x, libjpeg's
-                # block averaging alone sets the pixels and 2 MP photos drift to cosine ~0.9995.
-                image.draft("RGB", (2 * min_side, 2 * min_side))
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return to_rgb(image)
+        if image.format not in SUPPORTED_FORMATS:
+            raise DocumentError(
+                ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {image.format} image, which the pipeline does not embed"
+            )
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DocumentError(
+                ErrorCode.TOO_MANY_PIXELS,
+                f"{url} is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit "
+                "(MAX_IMAGE_PIXELS)",
+            )
     except DocumentError:
         raise
     except UnidentifiedImageError as exc:
@@ -59,7 +95,22 @@ def decode(data: bytes, url: str, min_side: int, max_pixels: int) -> Image.Image
             raise DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} starts like {sniffed} but is not a readable image") from exc
         kind = f"a {sniffed} file" if sniffed else "not a recognisable file type"
         raise DocumentError(ErrorCode.UNSUPPORTED_TYPE, f"{url} is {kind}, not an image the pipeline embeds") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} could not be decoded: {exc}") from exc
+    with budget.hold(width * height) if budget else nullcontext():
+        yield _load(image, url, min_side)
+
+
+def _load(image: Image.Image, url: str, min_side: int) -> Image.Image:
+    try:
+        if image.format in ("JPEG", "MPO"):
+            # Twice the target keeps the final resize a real antialiasing downscale: at 1x, libjpeg's
+            # block averaging alone sets the pixels and 2 MP photos drift to cosine ~0.9995.
+            image.draft("RGB", (2 * min_side, 2 * min_side))
+        image = ImageOps.exif_transpose(image)
+        image.load()
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} could not be decoded: {exc}") from exc
 
 

@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import open_clip
@@ -15,6 +16,7 @@ from PIL import Image
 
 from clip_shared.keys import RANDOM_WEIGHTS, model_id
 from clip_worker import decoder
+from clip_worker.transform import Preprocess
 
 
 class ModelLoadError(RuntimeError):
@@ -29,6 +31,8 @@ class ClipModel:
     id: str
     dimensions: int
     device: torch.device
+    #: What the network takes its pixels in: open_clip's input dtype for the precision it was built
+    #: with (half precision on CUDA), which is not the dtype of every parameter (fp16 keeps some in fp32).
     dtype: torch.dtype
     #: open_clip's own evaluation transform for this model: PIL image -> normalised CHW tensor.
     preprocess: Callable[[Image.Image], torch.Tensor]
@@ -38,11 +42,17 @@ class ClipModel:
     #: open_clip's tokenizer for this model: list of texts -> token ids of its context length.
     tokenizer: Callable[[list[str]], torch.Tensor]
 
-    def prepare(self, data: bytes, url: str, max_pixels: int) -> torch.Tensor:
+    @cached_property
+    def bounded_preprocess(self) -> Preprocess:
+        """`preprocess` computing only what its crop keeps: the same pixels at a cost bounded by the input size."""
+        return Preprocess(self.preprocess)
+
+    def prepare(self, data: bytes, url: str, max_pixels: int, budget: decoder.PixelBudget | None = None) -> torch.Tensor:
         """Image bytes -> this model's input, on the CPU: Pillow decodes, open_clip's own transform
         crops and normalises. The one CPU path from bytes to pixels, for the worker and the query API.
         Raises DocumentError naming `url` when the bytes are not an image it can embed."""
-        return self.preprocess(decoder.decode(data, url, self.image_size, max_pixels))
+        with decoder.decoding(data, url, self.image_size, max_pixels, budget) as image:
+            return self.bounded_preprocess(image)
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""
@@ -85,11 +95,13 @@ def load(
     device: str | None = None,
     cache_dir: str | None = None,
     model_config_path: str | None = None,
+    precision: str | None = None,
 ) -> ClipModel:
+    """`precision` is open_clip's (`fp32`, `fp16`, `bf16`...); None: fp16 on CUDA, fp32 on the CPU."""
     if model_config_path:
         open_clip.add_model_config(model_config_path)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = "fp16" if torch_device.type == "cuda" else "fp32"
+    precision = precision or ("fp16" if torch_device.type == "cuda" else "fp32")
     random_weights = pretrained.lower() == RANDOM_WEIGHTS
     if random_weights:
         warnings.warn(
@@ -119,7 +131,7 @@ def load(
     image_size = min(size) if isinstance(size, (tuple, list)) else int(size)
     with torch.inference_mode():
         # A real forward pass tells the output width of any architecture, and warms the kernels up.
-        probe = torch.zeros(1, 3, image_size, image_size, device=torch_device, dtype=next(network.parameters()).dtype)
+        probe = torch.zeros(1, 3, image_size, image_size, device=torch_device, dtype=open_clip.get_input_dtype(precision) or torch.float32)
         dimensions = int(network.encode_image(probe).shape[-1])
     return ClipModel(
         name=name,

@@ -1,108 +1,56 @@
-"""The job: read this child's shard, download and decode ahead of the model, embed in batches, write.
+"""The job: read this child's shard, prepare ahead of the model, embed in batches, write.
 
 Threads download and decode (boto3 and Pillow release the GIL) while the main thread runs the
 model, and another set of threads uploads results, so the accelerator never waits on one image.
 On a GPU the threads only download and check JPEGs; the main thread decodes them a batch at a
-time on the GPU (see gpu.py), since 4 vCPUs cannot decode as fast as the GPU embeds.
+time on the GPU when it has a hardware JPEG decoder (see device_decode.py).
+
+Stages: prepare.py (download, decode), embed.py (batches through the model), writer.py (outputs);
+progress.py counts and times them; journal.py and isolation.py let the attempt after a crash find
+the object that caused it.
+
+Nothing is lost to a bad moment of AWS's: an object S3 would not serve (throttling, 5xx, the
+network) after the client's own retries is tried once more after a pause, then left, with no
+record, to the job's next attempt (exit code EXIT_RETRY, which the job definition retries); only
+the last attempt records it as `download-failed`.
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import boto3
 import numpy as np
-import torch
-from aws_lambda_powertools import Logger
 from botocore.config import Config
 
-from clip_shared.events import DocumentError, ErrorCode, Keywords
-from clip_shared.manifest import ManifestEntry, ManifestError
-from clip_worker import gpu, reader
-from clip_worker.config import ConfigError, WorkerConfig
-from clip_worker.labels import PROMPT, LabelError, LabelSet, read_labels
-from clip_worker.model import ClipModel, ModelLoadError, default_batch_size, load
+from clip_shared import keys
+from clip_shared.events import DocumentError, ErrorCode
+from clip_shared.manifest import ManifestEntry
+from clip_worker import reader
+from clip_worker.config import WorkerConfig
+from clip_worker.decoder import PixelBudget
+from clip_worker.embed import Embedder, device_transform, keywords
+from clip_worker.isolation import Isolated
+from clip_worker.journal import Journal
+from clip_worker.labels import LabelSet, read_labels
+from clip_worker.log import logger
+from clip_worker.model import default_batch_size, load
+from clip_worker.prepare import Deferred, Failed, Finished, Prepared, Stage, ahead, prepare
+from clip_worker.progress import Progress
 from clip_worker.writer import OutputWriter, Row
-
-logger = Logger(service="clip-worker")
-# Powertools writes the JSON lines itself; a handler that open_clip's root-level logging calls add
-# later (logging.basicConfig) would print every line a second time, unformatted, on stderr.
-logging.getLogger(logger.name).propagate = False
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+#: EX_TEMPFAIL: work was left to the next attempt (S3 would not serve or store it); the job
+#: definition's retry strategy retries this code, and the next attempt skips what is finished.
+EXIT_RETRY = 75
 #: 128 + SIGTERM, what a process stopped by SIGTERM conventionally reports.
 EXIT_INTERRUPTED = 143
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class Prepared:
-    entry: ManifestEntry
-    etag: str
-    #: The model's input made on the CPU, or a JPEG left for the main thread to decode on the device.
-    pixels: torch.Tensor | gpu.Jpeg
-
-
-@dataclass(frozen=True)
-class Finished:
-    """Embedded by an earlier run for the same ETag and model: its stored vector is reused."""
-
-    entry: ManifestEntry
-    vector: np.ndarray
-
-
-@dataclass(frozen=True)
-class Failed:
-    entry: ManifestEntry
-    error: DocumentError
-
-
-@dataclass
-class Progress:
-    total: int
-    interval_s: float
-    embedded: int = 0
-    skipped: int = 0
-    failed: int = 0
-    write_errors: int = 0
-    started: float = field(default_factory=time.monotonic)
-    _last_log: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> int:
-        return self.embedded + self.skipped + self.failed
-
-    def fields(self) -> dict[str, Any]:
-        elapsed = time.monotonic() - self.started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        remaining = self.total - self.done
-        return {
-            "total": self.total,
-            "done": self.done,
-            "embedded": self.embedded,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "write_errors": self.write_errors,
-            "elapsed_s": round(elapsed, 2),
-            "images_per_s": round(rate, 2),
-            "eta_s": round(remaining / rate, 1) if rate > 0 else None,
-        }
-
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_log >= self.interval_s:
-            self._last_log = now
-            logger.info("progress", extra=self.fields())
 
 
 @dataclass(frozen=True)
@@ -110,123 +58,6 @@ class Summary:
     exit_code: int
     progress: Progress
     shard_url: str | None
-
-
-def ahead(pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], window: int, stop: threading.Event) -> Iterator[R]:
-    """Results of `work` over `items` in completion order, at most `window` in flight; none started after `stop`."""
-    pending: set[Future[R]] = set()
-    remaining = iter(items)
-    exhausted = False
-    while True:
-        while not exhausted and not stop.is_set() and len(pending) < window:
-            item = next(remaining, None)
-            if item is None:
-                exhausted = True
-            else:
-                pending.add(pool.submit(work, item))
-        if stop.is_set():
-            # Work not yet started is abandoned; work under way is finished and kept.
-            pending = {future for future in pending if not future.cancel()}
-        if not pending:
-            return
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        for future in done:
-            yield future.result()
-
-
-def pixels(data: bytes, url: str, model: ClipModel, max_pixels: int, on_device: bool) -> torch.Tensor | gpu.Jpeg:
-    """What the prepare threads make of an object's bytes: a JPEG for the device when it can take it."""
-    jpeg = gpu.probe(data, max_pixels, pin=model.device.type == "cuda") if on_device else None
-    return jpeg or model.prepare(data, url, max_pixels)
-
-
-def unexpected(entry: ManifestEntry, exc: Exception) -> Failed:
-    logger.exception("unexpected error preparing object", extra={"url": entry.url})
-    return Failed(entry, DocumentError(ErrorCode.INTERNAL_ERROR, f"{entry.url}: {type(exc).__name__}: {exc}"))
-
-
-def prepare(
-    entry: ManifestEntry, s3: Any, writer: OutputWriter, model: ClipModel, config: WorkerConfig, on_device: bool
-) -> Prepared | Finished | Failed:
-    try:
-        vector = writer.finished(entry)
-        if vector is not None:
-            return Finished(entry, vector)
-        data, etag = reader.fetch(entry, s3, config.max_object_bytes)
-        return Prepared(entry, etag, pixels(data, entry.url, model, config.max_image_pixels, on_device))
-    except DocumentError as error:
-        return Failed(entry, error)
-    except Exception as exc:  # noqa: BLE001 - one object's surprise must not stop the others
-        return unexpected(entry, exc)
-
-
-class Embedder:
-    """Batches of Prepared -> vectors, decoding the batch's JPEGs on the device first.
-
-    A batch's vectors are read back only once the next batch is queued: on CUDA the model runs
-    asynchronously, so the GPU embeds batch N while this thread decodes and crops batch N+1.
-    """
-
-    def __init__(self, model: ClipModel, max_pixels: int, transform: gpu.TensorTransform | None) -> None:
-        self._model = model
-        self._max_pixels = max_pixels
-        self._transform = transform
-        self._queued: tuple[list[Prepared], torch.Tensor] | None = None
-
-    def submit(self, batch: list[Prepared]) -> tuple[list[Failed], list[tuple[Prepared, np.ndarray]]]:
-        """Queue `batch`; returns its images that failed, and the vectors of the batch queued before it."""
-        jpegs = [item.pixels for item in batch if isinstance(item.pixels, gpu.Jpeg)]
-        on_device = iter(gpu.preprocess(jpegs, self._transform, self._model.device) if jpegs and self._transform else ())
-        kept: list[Prepared] = []
-        inputs: list[torch.Tensor] = []
-        failed: list[Failed] = []
-        for item in batch:
-            tensor = item.pixels if isinstance(item.pixels, torch.Tensor) else next(on_device)
-            if tensor is None:
-                # The device decoder refused it: the CPU path decodes it, or says what is wrong with it.
-                try:
-                    tensor = self._model.prepare(item.pixels.data.numpy().tobytes(), item.entry.url, self._max_pixels)
-                except DocumentError as error:
-                    failed.append(Failed(item.entry, error))
-                    continue
-                except Exception as exc:  # noqa: BLE001 - as in prepare: one image never fails the batch
-                    failed.append(unexpected(item.entry, exc))
-                    continue
-            kept.append(item)
-            inputs.append(tensor.to(self._model.device, self._model.dtype, non_blocking=True))
-        done = self.finish()
-        if kept:
-            self._queued = (kept, self._model.encode(torch.stack(inputs)))
-        return failed, done
-
-    def finish(self) -> list[tuple[Prepared, np.ndarray]]:
-        """The vectors of the last batch queued (waiting for the device), and nothing left queued."""
-        if self._queued is None:
-            return []
-        items, features = self._queued
-        self._queued = None
-        return list(zip(items, features.cpu().numpy()))
-
-
-def device_transform(model: ClipModel, decode_on_device: bool | None) -> gpu.TensorTransform | None:
-    """The tensor transform when JPEGs are to be decoded on the model's device, else None.
-
-    None (the default) decodes on the device exactly when the model runs on CUDA.
-    """
-    if not (model.device.type == "cuda" if decode_on_device is None else decode_on_device):
-        return None
-    try:
-        return gpu.TensorTransform.for_model(model)
-    except gpu.UnsupportedTransform as exc:
-        logger.warning("decoding on the CPU: this model's preprocessing has no tensor equivalent", extra={"reason": str(exc)})
-        return None
-
-
-def keywords(label_set: LabelSet | None, vectors: list[np.ndarray], k: int) -> list[Keywords | None]:
-    """Each image's zero-shot keywords, the whole batch ranked in one matrix product; None when off."""
-    if label_set is None or not vectors:
-        return [None] * len(vectors)
-    return [Keywords(ranked, PROMPT, len(label_set.labels)) for ranked in label_set.top(np.stack(vectors), k)]
 
 
 def s3_client(config: WorkerConfig) -> Any:
@@ -245,6 +76,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     s3 = s3 or s3_client(config)
     manifest = reader.load_manifest(config.manifest_uri, s3)
     entries = manifest.shard(config.array_index)
+    shard_index = config.array_index or 0
     # Read before the weights load, so a bad label set fails the job at once.
     labels = read_labels(config.labels, s3) if config.labels else None
     model = load(config.model, config.pretrained, config.device, config.cache_dir, config.model_config_path)
@@ -253,95 +85,187 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     writer = OutputWriter(s3, config.output_bucket, config.output_prefix, model, config.job_id or manifest.manifest_id)
     batch_size = config.batch_size or default_batch_size(model.device)
     transform = device_transform(model, config.gpu_decode)
+    window = 2 * batch_size + config.io_threads
+    journal = Journal(s3, config.output_bucket, keys.journal_key(config.output_prefix, manifest.manifest_id, shard_index), config.attempt, window)
+    recovery = journal.recover()
+    last_attempt = config.attempt >= config.max_attempts
     logger.info(
         "job started",
         extra={
             "manifest": config.manifest_uri,
             "array_index": config.array_index,
             "entries": len(entries),
+            "attempt": config.attempt,
+            "max_attempts": config.max_attempts,
             "model": model.name,
             "pretrained": model.pretrained,
             "device": str(model.device),
             "batch_size": batch_size,
-            "decode_on_device": transform is not None,
+            "decode_on_device": transform is not None and not recovery.crashed,
             "labels": len(label_set.labels) if label_set else None,
+            "after_crash": recovery.crashed,
+            "suspects": len(recovery.suspects),
         },
     )
     progress = Progress(total=len(entries), interval_s=config.progress_interval_s)
+    isolated = Isolated(model.bounded_preprocess, model.image_size, config.max_image_pixels) if recovery.crashed else None
+    stage = Stage(s3, writer, model, config, transform is not None, progress, PixelBudget(config.decode_pixel_budget), isolated)
     rows: list[Row] = []
     writes: list[tuple[ManifestEntry, Future[None]]] = []
+    position = {entry: index for index, entry in reversed(list(enumerate(entries)))}
+    in_flight: Counter[ManifestEntry] = Counter()
 
-    with ThreadPoolExecutor(config.io_threads, "prepare") as prepare_pool, ThreadPoolExecutor(
-        config.io_threads, "write"
-    ) as write_pool:
+    try:
+        with ThreadPoolExecutor(config.io_threads, "prepare") as prepare_pool, ThreadPoolExecutor(
+            config.io_threads, "write"
+        ) as write_pool:
 
-        def fail(result: Failed) -> None:
-            logger.warning("object failed", extra={"url": result.entry.url, "code": result.error.code, "reason": result.error.message})
-            writes.append((result.entry, write_pool.submit(writer.failed, result.entry, result.error)))
-            progress.failed += 1
+            def write(entry: ManifestEntry, call: Any, *args: Any) -> None:
+                def timed() -> None:
+                    with progress.timed("write"):
+                        call(*args)
 
-        def embedded(done: list[tuple[Prepared, np.ndarray]]) -> None:
-            vectors = [vector for _, vector in done]
-            for (item, vector), words in zip(done, keywords(label_set, vectors, config.keywords_top_k)):
-                rows.append(Row(item.entry, item.etag, vector))
-                writes.append((item.entry, write_pool.submit(writer.created, item.entry, item.etag, vector, words)))
-            progress.embedded += len(done)
+                writes.append((entry, write_pool.submit(timed)))
 
-        def embed(batch: list[Prepared]) -> None:
-            failures, done = embedder.submit(batch)
-            for failure in failures:
-                fail(failure)
-            embedded(done)
+            def landed(entry: ManifestEntry) -> None:
+                in_flight[entry] -= 1
+                if in_flight[entry] <= 0:
+                    del in_flight[entry]
 
-        embedder = Embedder(model, config.max_image_pixels, transform)
-        batch: list[Prepared] = []
-        window = 2 * batch_size + config.io_threads
-        work = lambda entry: prepare(entry, s3, writer, model, config, transform is not None)  # noqa: E731
-        for result in ahead(prepare_pool, entries, work, window, stop):
-            if isinstance(result, Finished):
-                rows.append(Row(result.entry, result.entry.etag, result.vector))
-                progress.skipped += 1
-            elif isinstance(result, Failed):
-                fail(result)
-            else:
-                batch.append(result)
-                if len(batch) >= batch_size:
-                    embed(batch)
-                    batch = []
-            progress.tick()
-        if batch:
-            embed(batch)
-        embedded(embedder.finish())
+            def fail(result: Failed) -> None:
+                logger.warning("object failed", extra={"url": result.entry.url, "code": result.error.code, "reason": result.error.message})
+                write(result.entry, writer.failed, result.entry, result.error)
+                progress.failed += 1
+                landed(result.entry)
 
-        for entry, future in writes:
-            if (exc := future.exception()) is not None:
-                progress.write_errors += 1
-                logger.error("could not write outputs", extra={"url": entry.url, "reason": str(exc)})
+            def embedded(done: list[tuple[Prepared, np.ndarray]]) -> None:
+                vectors = [vector for _, vector in done]
+                for (item, vector), words in zip(done, keywords(label_set, vectors, config.keywords_top_k)):
+                    rows.append(Row(item.entry, item.etag, vector))
+                    write(item.entry, writer.created, item.entry, item.etag, vector, words)
+                    landed(item.entry)
+                progress.embedded += len(done)
 
-    order = {entry.url: position for position, entry in enumerate(entries)}
-    rows.sort(key=lambda row: order[row.entry.url])
-    shard_url = writer.shard(manifest.manifest_id, config.array_index or 0, rows)
+            def embed(batch: list[Prepared], flush: bool = False) -> None:
+                with progress.timed("embed"):
+                    failures, done = embedder.submit(batch)
+                    if flush:
+                        done += embedder.finish()
+                for failure in failures:
+                    fail(failure)
+                embedded(done)
+
+            def handle(result: Prepared | Finished | Failed | Deferred, batch: list[Prepared], deferred: list[Deferred]) -> None:
+                if isinstance(result, Finished):
+                    rows.append(Row(result.entry, result.entry.etag, result.vector))
+                    progress.skipped += 1
+                    landed(result.entry)
+                elif isinstance(result, Failed):
+                    fail(result)
+                elif isinstance(result, Deferred):
+                    deferred.append(result)
+                    landed(result.entry)
+                else:
+                    batch.append(result)
+
+            def submitted(order: list[int]) -> Iterator[ManifestEntry]:
+                for index in order:
+                    journal.advance(index, lambda: min((position[entry] for entry in in_flight), default=index))
+                    in_flight[entries[index]] += 1
+                    yield entries[index]
+
+            def process(order: list[int]) -> list[Deferred]:
+                """Prepare, embed and write the entries at `order`; returns those S3 failed transiently."""
+                batch: list[Prepared] = []
+                deferred: list[Deferred] = []
+                for result in ahead(prepare_pool, submitted(order), lambda entry: prepare(entry, stage), window, stop):
+                    handle(result, batch, deferred)
+                    if len(batch) >= batch_size:
+                        embed(batch)
+                        batch = []
+                    progress.tick()
+                embed(batch, flush=True)
+                return deferred
+
+            def careful(suspects: list[int]) -> list[Deferred]:
+                """Each suspect alone, named in the journal first: if it kills this attempt, the next one knows."""
+                deferred: list[Deferred] = []
+                for index in suspects:
+                    if stop.is_set():
+                        break
+                    journal.careful(index)
+                    in_flight[entries[index]] += 1
+                    batch: list[Prepared] = []
+                    handle(prepare(entries[index], stage), batch, deferred)
+                    embed(batch, flush=True)
+                    progress.tick()
+                journal.careful(None)
+                return deferred
+
+            embedder = Embedder(model, config.max_image_pixels, None if recovery.crashed else transform)
+            culprit = recovery.culprit if recovery.culprit is not None and recovery.culprit < len(entries) else None
+            if culprit is not None:
+                in_flight[entries[culprit]] += 1
+                fail(Failed(entries[culprit], DocumentError(
+                    ErrorCode.CRASHES_WORKER,
+                    f"{entries[culprit].url} was the only object in flight when attempt {recovery.attempt} of this job died "
+                    "(a crash or an out-of-memory kill); it is not tried again",
+                )))
+            suspects = sorted(index for index in recovery.suspects if index < len(entries))
+            journal.start(suspects)
+            deferred = careful(suspects) if suspects else []
+            skip = {*suspects, culprit}
+            deferred += process([index for index in range(len(entries)) if index not in skip])
+            if deferred and not stop.is_set():
+                logger.warning(
+                    "retrying objects S3 failed to serve",
+                    extra={"objects": len(deferred), "wait_s": config.transient_retry_s, "first": deferred[0].reason},
+                )
+                stop.wait(config.transient_retry_s)
+                deferred = process([position[item.entry] for item in deferred]) if not stop.is_set() else deferred
+            for item in deferred:
+                if last_attempt:
+                    in_flight[item.entry] += 1
+                    fail(Failed(item.entry, DocumentError(
+                        ErrorCode.DOWNLOAD_FAILED,
+                        f"{item.reason} (still failing on attempt {config.attempt} of {config.max_attempts}; "
+                        "`clip-pipeline retry --code download-failed` tries again)",
+                    )))
+                else:
+                    logger.warning("object left to the next attempt", extra={"url": item.entry.url, "reason": item.reason})
+            progress.deferred = 0 if last_attempt else len(deferred)
+
+            for entry, future in writes:
+                if (exc := future.exception()) is not None:
+                    progress.write_errors += 1
+                    logger.error("could not write outputs", extra={"url": entry.url, "reason": str(exc)})
+
+        order = {entry.url: index for index, entry in enumerate(entries)}
+        rows.sort(key=lambda row: order[row.entry.url])
+        try:
+            with progress.timed("write"):
+                shard_url: str | None = writer.shard(manifest.manifest_id, shard_index, rows)
+        except Exception as exc:  # noqa: BLE001 - the next attempt rewrites the shard from what is finished
+            logger.error("could not write the Parquet shard", extra={"reason": f"{type(exc).__name__}: {exc}"})
+            progress.write_errors += 1
+            shard_url = None
+    finally:
+        if isolated is not None:
+            isolated.close()
+        try:
+            journal.exited()
+        except Exception as exc:  # noqa: BLE001 - a stale "running" journal costs the next attempt time, not results
+            logger.warning("could not update the journal", extra={"reason": str(exc)})
+
     interrupted = stop.is_set() and progress.done < progress.total
-    exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAILED if progress.write_errors else EXIT_OK
+    if interrupted:
+        exit_code = EXIT_INTERRUPTED
+    elif progress.write_errors or progress.deferred:
+        exit_code = EXIT_RETRY
+    else:
+        exit_code = EXIT_OK
     logger.info(
         "job interrupted" if interrupted else "job finished",
         extra={**progress.fields(), "shard": shard_url, "exit_code": exit_code},
     )
     return Summary(exit_code, progress, shard_url)
-
-
-def main() -> int:
-    stop = threading.Event()
-
-    def on_sigterm(signum: int, _frame: object) -> None:
-        # Spot reclaim or job termination: finish what is in flight, flush, and let the retry resume.
-        logger.warning("SIGTERM received: finishing the batch in flight, then exiting", extra={"signal": signum})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        config = WorkerConfig.from_env()
-        return run(config, stop).exit_code
-    except (ConfigError, ManifestError, LabelError, ModelLoadError) as exc:
-        logger.error(str(exc))
-        return EXIT_FAILED

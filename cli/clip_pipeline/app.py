@@ -8,8 +8,6 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from clip_pipeline import emulator, local, report
-from clip_pipeline.stack import Clients, Stack, StackError, default_stack_name, plain_environment, read_stack
+from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, function_environment, read_stack
+from clip_pipeline.submitter import Target
 from clip_shared import dispatch, keys
-from clip_worker.writer import embedded_etag
 
 SAMPLES = emulator.REPOSITORY / "samples"
 LOCAL_STACK = "clip-local"
@@ -78,6 +76,8 @@ def local_command(
     model_config: Annotated[Path | None, typer.Option(help="Extra open_clip model config (JSON file or folder).")] = None,
     batching_window: Annotated[int, typer.Option(help="The dispatcher's MaximumBatchingWindowInSeconds.")] = 2,
     shard_size: Annotated[int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")] = 1000,
+    labels: Annotated[str, typer.Option(help="Zero-shot keywords in each event: `default`, labels separated by commas, or an s3:// label file (the ClipLabels parameter). Off when empty.")] = "",
+    keywords_top_k: Annotated[int, typer.Option(min=1, help="Labels per image with --labels (the KeywordsTopK parameter).")] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
     serve_api: Annotated[bool, typer.Option("--serve", help="Then serve the query API and demo page over the results.")] = False,
     port: Annotated[int, typer.Option(help="The query API's port with --serve (0 picks a free one).")] = 8080,
@@ -104,6 +104,8 @@ def local_command(
                     "ClipPretrained": pretrained,
                     "MaximumBatchingWindowInSeconds": str(batching_window),
                     "ShardSize": str(shard_size),
+                    "ClipLabels": labels,
+                    "KeywordsTopK": str(keywords_top_k),
                 },
             )
             stack = read_stack(clients, LOCAL_STACK)
@@ -126,7 +128,7 @@ def local_command(
             runs_done += runs
             for run in runs:
                 child = "" if run.array_index is None else f" child {run.array_index}"
-                console.print(f"batch job {run.job_id}{child}: exit {run.exit_code}")
+                console.print(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
             attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
             in_flight = int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
             if not invocations and not runs and not in_flight:
@@ -180,11 +182,11 @@ def _print_summary(
     table.add_row("uploaded", str(summary["uploaded"]))
     table.add_row("embedded", str(summary["embedded"]))
     table.add_row("rejected", str(len(outcomes.rejected)))
-    for url, (code, message) in sorted(outcomes.rejected.items()):
-        table.add_row("", f"{url}: {code}: {message}")
+    for url, rejection in sorted(outcomes.rejected.items()):
+        table.add_row("", f"{url}: {rejection.code}: {rejection.message}")
     table.add_row("failed", str(len(outcomes.failed)))
-    for url, (code, message) in sorted(outcomes.failed.items()):
-        table.add_row("", f"{url}: {code}: {message}")
+    for url, failure in sorted(outcomes.failed.items()):
+        table.add_row("", f"{url}: {failure.code}: {failure.message}")
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
@@ -325,18 +327,14 @@ def status(
     table.add_row("embedded", str(result["embedded"]))
     table.add_row("rejected", str(len(outcomes.rejected)))
     table.add_row("failed", str(len(outcomes.failed)))
-    for url, (code, message) in sorted({**outcomes.rejected, **outcomes.failed}.items()):
-        table.add_row("", f"{url}: {code}: {message}")
+    for url, outcome in sorted({**outcomes.rejected, **outcomes.failed}.items()):
+        table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
     table.add_row("dead-letter queue", f"{dlq} messages")
     Console().print(table)
 
 
-# Well under Batch's SubmitJob limit of 50 per second per account, which the dispatcher shares.
-_SUBMIT_INTERVAL_S = 0.1
-
-
-@app.command()
-def backfill(
+@app.command("backfill")
+def backfill_command(
     url: Annotated[str, typer.Argument(help="s3://bucket/prefix of objects uploaded before the stack existed.")],
     stack_name: StackName = "",
     endpoint_url: EndpointUrl = None,
@@ -344,6 +342,8 @@ def backfill(
     json_output: JsonOutput = False,
 ) -> None:
     """Embed objects S3 events never announced, through the dispatcher's own checks and submit code."""
+    from clip_pipeline.backfill import backfill
+
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     if not url.startswith("s3://") or not bucket:
         raise Failure(f"{url!r} is not an s3://bucket/prefix URL")
@@ -351,73 +351,66 @@ def backfill(
     if bucket != stack.output("InputBucketName"):
         console.print(f"[yellow]warning:[/yellow] the stack's job role reads only s3://{stack.output('InputBucketName')}/; "
                       f"jobs for s3://{bucket}/ fail unless you grant it read access")
-    # The dispatcher's settings, so a backfill applies exactly the limits uploads get.
-    settings = function_environment(clients, stack, "DispatcherFunctionName")
-    shard_size, max_bytes = int(settings.get("SHARD_SIZE", 1000)), int(settings.get("MAX_OBJECT_BYTES", 50 * 1024 * 1024))
-    output_bucket, output_prefix = stack.output("OutputBucketName"), stack.output_prefix
-    model_id = keys.model_id(stack.model, stack.pretrained)
-    s3, batch = clients.client("s3"), clients.client("batch")
-    counts = {"listed": 0, "already_embedded": 0, "already_submitted": 0, "being_dispatched": 0, "rejected": 0, "superseded": 0, "submitted": 0, "jobs": 0}
-    # A backfill holds its claims while it lists; an hour is long enough for millions of objects.
-    claim_ttl = timedelta(hours=1)
-    chunk: list[Any] = []
-    manifest_id = dispatch.new_manifest_id(datetime.now(timezone.utc))
+    with console.status(f"Listing s3://{bucket}/{prefix} ..."):
+        counts = backfill(Target.of(clients, stack), bucket, prefix, _announce)
+    _print_counts(f"backfill {url}", counts, json_output)
 
-    def submit() -> None:
-        nonlocal chunk, manifest_id
-        try:
-            manifest = dispatch.new_manifest(chunk, shard_size, manifest_id)
-            job = dispatch.submit(s3, batch, output_bucket, output_prefix, manifest, stack.output("JobQueueArn"), stack.output("JobDefinitionArn"))
-        except Exception:
-            dispatch.release(s3, output_bucket, output_prefix, chunk)
-            raise
-        console.print(f"submitted job {job.job_id}: {len(chunk)} objects" + (f", {job.array_size} array children" if job.array_size else ""))
-        counts["submitted"] += len(chunk)
-        counts["jobs"] += 1
-        chunk = []
-        manifest_id = dispatch.new_manifest_id(datetime.now(timezone.utc))
-        time.sleep(_SUBMIT_INTERVAL_S)
 
-    def admit(item: dict[str, Any]) -> Any:
-        if embedded_etag(s3, output_bucket, output_prefix, model_id, bucket, item["Key"]) == keys.bare_etag(item["ETag"]):
-            return "already_embedded"
-        return dispatch.admit(s3, dispatch.ObjectRef(bucket, item["Key"]), output_bucket, output_prefix, max_bytes,
-                              manifest_id, datetime.now(timezone.utc), claim_ttl)
+def _announce(job: dispatch.SubmittedJob, entries: int) -> None:
+    console.print(f"submitted job {job.job_id}: {entries} objects" + (f", {job.array_size} array children" if job.array_size else ""))
 
-    with ThreadPoolExecutor(16) as pool, console.status(f"Listing s3://{bucket}/{prefix} ..."):
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            items = page.get("Contents", [])
-            counts["listed"] += len(items)
-            for outcome in pool.map(admit, items):
-                if isinstance(outcome, dispatch.Rejection):
-                    counts["rejected"] += 1
-                elif outcome is dispatch.Claim.DONE:
-                    counts["already_submitted"] += 1
-                elif outcome is dispatch.Claim.BUSY:
-                    counts["being_dispatched"] += 1
-                elif outcome is None:
-                    counts["superseded"] += 1
-                elif isinstance(outcome, str):
-                    counts[outcome] += 1
-                else:
-                    chunk.append(outcome)
-            if len(chunk) >= shard_size * dispatch.MAX_ARRAY_SIZE:
-                submit()
-        if chunk:
-            submit()
+
+def _print_counts(title: str, counts: dict[str, Any], json_output: bool) -> None:
     if json_output:
         typer.echo(json.dumps(counts, indent=2))
-    else:
-        table = Table(title=f"backfill {url}", show_header=False)
-        for name, value in counts.items():
-            table.add_row(name.replace("_", " "), str(value))
-        Console().print(table)
+        return
+    table = Table(title=title, show_header=False)
+    for name, value in counts.items():
+        table.add_row(name.replace("_", " "), str(value))
+    Console().print(table)
 
 
-def function_environment(clients: Clients, stack: Stack, output: str) -> dict[str, str]:
-    """The environment of the stack's function named by `output`, as deployed."""
-    configuration = clients.client("lambda").get_function_configuration(FunctionName=stack.output(output))
-    return plain_environment(configuration.get("Environment", {}).get("Variables", {}))
+@app.command("retry")
+def retry_command(
+    code: Annotated[list[str] | None, typer.Option("--code", help="Only failures with this error code (repeatable), e.g. download-failed.")] = None,
+    failed_jobs: Annotated[bool, typer.Option("--failed-jobs", help="Also objects of failed jobs that never got an outcome (e.g. cancelled after waiting for a GPU).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be resubmitted; change nothing.")] = False,
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Resubmit objects whose outcome is document-failed, through the dispatcher's checks. Safe to run twice."""
+    from clip_pipeline import retry
+
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    target = Target.of(clients, stack)
+    with console.status("Reading outcomes ..."):
+        outcomes = report.tally(target.s3, target.output_bucket, target.output_prefix, target.model_id)
+        candidates = retry.failed_objects(outcomes, code or [])
+        if failed_jobs:
+            candidates += retry.failed_job_objects(target.s3, target.batch, target.job_queue, outcomes)
+    counts = retry.retry(target, candidates, dry_run, _announce)
+    _print_counts("retry (dry run)" if dry_run else "retry", {"dry_run": dry_run, **counts}, json_output)
+
+
+@app.command("redrive")
+def redrive_command(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say how many messages wait; move none.")] = False,
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Move the dead-letter queue's messages back to the upload queue, for the dispatcher to try again."""
+    from clip_pipeline.redrive import RedriveError, redrive
+
+    clients, stack = _stack(stack_name, endpoint_url, region)
+    try:
+        result = redrive(clients.client("sqs"), stack.output("DeadLetterQueueUrl"), stack.output("UploadQueueUrl"), dry_run)
+    except RedriveError as exc:
+        raise Failure(str(exc)) from exc
+    _print_counts("redrive (dry run)" if dry_run else "redrive", {"dry_run": dry_run, "waiting": result.waiting, "moved": result.moved}, json_output)
 
 
 @app.command()
@@ -488,6 +481,32 @@ def _serve(
         console.print(f"Query API and demo page for stack {stack.name} ({config.model}) at {url} (Ctrl-C stops it)")
     server = uvicorn.Server(uvicorn.Config(create_app(config, service), log_level="warning", access_log=False))
     server.run(sockets=[listener])
+
+
+@app.command()
+def preflight(
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    parameter_overrides: Annotated[
+        list[str] | None, typer.Option("--parameter-overrides", help="NAME=VALUE pairs, as for `sam deploy` (repeatable).")
+    ] = None,
+    config_file: Annotated[Path, typer.Option("--config-file", help="The samconfig.toml `sam deploy` reads.")] = SAMCONFIG,
+    json_output: JsonOutput = False,
+) -> None:
+    """Check the account before a first `sam deploy`: quotas, network, python3.12. Exit 1 when a check fails."""
+    from clip_pipeline import preflight as checks
+
+    try:
+        parameters = checks.deploy_parameters(stack_name or default_stack_name(config_file), parameter_overrides or [], samconfig=config_file)
+        report = checks.run(Clients(endpoint_url, region).client, parameters)
+    except checks.PreflightError as exc:
+        raise Failure(f"{exc.code}: {exc}") from exc
+    if json_output:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        checks.render(report, Console())
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def main() -> None:

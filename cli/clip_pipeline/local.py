@@ -4,12 +4,14 @@ The dispatcher handler is invoked in this process with its function's resolved e
 Lambda's SQS poller would invoke it (batch size and batching window from the event source
 mapping, partial batch failures honoured). Each submitted Batch job runs its job definition's
 command in a child process, with the definition's environment, the job's overrides and, for
-every array child, AWS_BATCH_JOB_ARRAY_INDEX, as Batch would run the container.
+every array child, AWS_BATCH_JOB_ARRAY_INDEX, as Batch would run the container; an attempt that
+exits as the retry strategy says to retry runs again, with AWS_BATCH_JOB_ATTEMPT counting up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import importlib.util
 import json
@@ -186,10 +188,32 @@ class JobRun:
     job_id: str
     array_index: int | None
     exit_code: int
+    attempt: int = 1
+
+
+def exit_code_seen_by_batch(returncode: int) -> int:
+    """subprocess reports a signal as its negative; a container's exit code is 128 + the signal."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def retries(strategy: dict[str, Any], exit_code: int) -> bool:
+    """Batch's rule: the first evaluateOnExit entry that matches decides; none matching retries.
+
+    Locally there is no host to lose and no image to pull, so the reason patterns match only `*`.
+    """
+    for condition in strategy.get("evaluateOnExit", []):
+        code = condition.get("onExitCode")
+        reasons = [condition[name] for name in ("onReason", "onStatusReason") if condition.get(name)]
+        if code is None and not reasons:
+            continue
+        if (code is None or fnmatch.fnmatchcase(str(exit_code), code)) and all(reason == "*" for reason in reasons):
+            return str(condition.get("action", "")).upper() == "RETRY"
+    return True
 
 
 class BatchRunner:
-    """AWS Batch for one job queue: runs every submitted job's container command as a local process."""
+    """AWS Batch for one job queue: runs every submitted job's container command as a local process,
+    and runs it again as the job definition's retry strategy says (AWS_BATCH_JOB_ATTEMPT set)."""
 
     def __init__(self, clients: Clients, stack: Stack, extra_environment: dict[str, str]) -> None:
         self._batch = clients.client("batch")
@@ -208,6 +232,12 @@ class BatchRunner:
                     self._seen.add(summary["jobId"])
                     yield self._batch.describe_jobs(jobs=[summary["jobId"]])["jobs"][0]
 
+    def _retry_strategy(self, job: dict[str, Any]) -> dict[str, Any]:
+        if job.get("retryStrategy"):
+            return dict(job["retryStrategy"])
+        definitions = self._batch.describe_job_definitions(jobDefinitions=[job["jobDefinition"]])["jobDefinitions"]
+        return dict(definitions[0].get("retryStrategy") or {}) if definitions else {}
+
     def run_pending(self, on_output: Callable[[str], None] = lambda line: None) -> list[JobRun]:
         runs = []
         for job in self._new_jobs():
@@ -220,12 +250,18 @@ class BatchRunner:
                 **self._extra,
             }
             command = [sys.executable if part == "python" else part for part in container["command"]]
+            strategy = self._retry_strategy(job)
+            attempts = int(strategy.get("attempts") or 1)
             size = job.get("arrayProperties", {}).get("size")
             for index in range(size) if size else [None]:
                 child = dict(environment)
                 if index is not None:
                     child["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
-                runs.append(JobRun(job["jobId"], index, self._run(command, child, on_output)))
+                for attempt in range(1, attempts + 1):
+                    exit_code = exit_code_seen_by_batch(self._run(command, {**child, "AWS_BATCH_JOB_ATTEMPT": str(attempt)}, on_output))
+                    runs.append(JobRun(job["jobId"], index, exit_code, attempt))
+                    if exit_code == 0 or not retries(strategy, exit_code):
+                        break
         return runs
 
     @staticmethod

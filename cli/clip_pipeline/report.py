@@ -11,18 +11,25 @@ from clip_shared import keys
 from clip_shared.events import EventType
 
 
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    message: str
+    #: The id of the event that recorded it: a new failure of the same object has a new one.
+    event_id: str = ""
+
+
 @dataclass
 class Outcomes:
     embedded: list[str] = field(default_factory=list)
-    #: url -> (error code, message)
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
-    rejected: dict[str, tuple[str, str]] = field(default_factory=dict)
+    failed: dict[str, Failure] = field(default_factory=dict)
+    rejected: dict[str, Failure] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "embedded": len(self.embedded),
-            "failed": {url: {"code": c, "message": m} for url, (c, m) in sorted(self.failed.items())},
-            "rejected": {url: {"code": c, "message": m} for url, (c, m) in sorted(self.rejected.items())},
+            "failed": {url: {"code": f.code, "message": f.message} for url, f in sorted(self.failed.items())},
+            "rejected": {url: {"code": r.code, "message": r.message} for url, r in sorted(self.rejected.items())},
         }
 
 
@@ -43,7 +50,7 @@ def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
         if event["type"] == EventType.CREATED:
             outcomes.embedded.append(url)
         elif event["type"] == EventType.FAILED:
-            outcomes.failed[url] = (error.get("code", ""), error.get("message", ""))
+            outcomes.failed[url] = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
         else:
-            outcomes.rejected[url] = (error.get("code", ""), error.get("message", ""))
+            outcomes.rejected[url] = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
     return outcomes

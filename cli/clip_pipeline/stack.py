@@ -20,13 +20,22 @@ class StackError(RuntimeError):
     """The stack cannot be read; the message names it and what to do."""
 
 
+def samconfig_setting(key: str, samconfig: Path = SAMCONFIG) -> Any:
+    """A setting of `sam deploy` in samconfig.toml's default environment: its deploy section, else global."""
+    try:
+        config = tomllib.loads(samconfig.read_text()).get("default", {})
+    except OSError:
+        return None
+    for command in ("deploy", "global"):
+        value = config.get(command, {}).get("parameters", {}).get(key)
+        if value is not None:
+            return value
+    return None
+
+
 def default_stack_name(samconfig: Path = SAMCONFIG) -> str:
     """The stack name `sam deploy` uses: samconfig.toml's default environment."""
-    try:
-        config = tomllib.loads(samconfig.read_text())
-    except OSError:
-        return FALLBACK_STACK_NAME
-    return config.get("default", {}).get("deploy", {}).get("parameters", {}).get("stack_name", FALLBACK_STACK_NAME)
+    return samconfig_setting("stack_name", samconfig) or FALLBACK_STACK_NAME
 
 
 @dataclass(frozen=True)
@@ -90,3 +99,9 @@ def read_stack(clients: Clients, name: str) -> Stack:
     )["jobDefinitions"]
     environment = definition[0]["containerProperties"].get("environment", []) if definition else []
     return Stack(name, outputs, plain_environment(environment))
+
+
+def function_environment(clients: Clients, stack: Stack, output: str) -> dict[str, str]:
+    """The environment of the stack's function named by `output`, as deployed."""
+    configuration = clients.client("lambda").get_function_configuration(FunctionName=stack.output(output))
+    return plain_environment(configuration.get("Environment", {}).get("Variables", {}))

@@ -17,13 +17,14 @@ def test_quick_cpu_run_reports_all_three_pipelines_and_agreeing_vectors(
 ) -> None:
     out = tmp_path / "results.json"
     cpus = os.sched_getaffinity(0)
-    # --decode device: the worker's GPU data path (gpu.py), here on CPU tensors.
+    # --decode device: the worker's GPU data path (device_decode.py), here on CPU tensors.
     argv = ["--quick", "--device", "cpu", "--decode", "device", "--cpus", "1", "--models", TINY_MODEL]
 
     assert main([*argv, "--model-config", str(tiny_config), "--json", str(out)]) == 0
 
     results = json.loads(out.read_text())
     assert results["environment"]["cpus"] == 1
+    assert results["environment"]["hardware_jpeg_decoder"] is False  # what GPU_DECODE=auto goes by; no GPU here
     assert os.sched_getaffinity(0) == cpus  # the limit ends with the run
     (row,) = results["rows"]
     assert (row["model"], row["megapixels"], row["images"]) == (TINY_MODEL, 0.3, 16)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from clip_pipeline.app import app
 from clip_shared import keys
-from tests.support import TINY_MODEL, all_formats, cosine, encode, photo, reference_embedding
+from tests.support import SITECUSTOMIZE, TINY_MODEL, all_formats, cosine, encode, photo, poisoned_png, reference_embedding
 
 
 @pytest.fixture
@@ -34,19 +34,24 @@ def inputs(tmp_path: Path) -> tuple[Path, dict[str, Image.Image]]:
     (folder / "empty.png").write_bytes(b"")
     # 10,000 x 10,000 pixels in a few hundred kilobytes: over the stack's MaxImagePixels.
     (folder / "bomb.png").write_bytes(encode(Image.new("1", (10_000, 10_000)), "PNG", optimize=True))
+    # Kills the worker that decodes it (see tests.support.SITECUSTOMIZE).
+    (folder / "poison.png").write_bytes(poisoned_png())
     return folder, expected
 
 
 def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
-    inputs: tuple[Path, dict[str, Image.Image]], tiny_config: Path, tiny_checkpoint: Path
+    inputs: tuple[Path, dict[str, Image.Image]], tiny_config: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     folder, expected = inputs
+    labels = ["astronaut", "cat", "rocket", "cup of coffee"]
     command = [
         sys.executable, "-m", "clip_pipeline", "local", str(folder),
         "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint), "--model-config", str(tiny_config),
-        "--shard-size", "6", "--batching-window", "1", "--keep", "--json",
+        "--shard-size", "6", "--batching-window", "1", "--labels", ",".join(labels), "--keywords-top-k", "2", "--keep", "--json",
     ]  # fmt: skip
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), environment.get("PYTHONPATH", "")])
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -54,10 +59,11 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         assert line, process.stderr.read() if process.stderr else ""
         summary = json.loads(line)
 
-        assert summary["uploaded"] == len(expected) + 4
+        assert summary["uploaded"] == len(expected) + 5
         assert summary["embedded"] == len(expected)
-        # The 16 objects that pass the dispatcher make one array job of ceil(16 / 6) = 3 children.
-        assert (summary["batch_jobs"], summary["job_runs"], summary["failed_job_runs"]) == (1, 3, 0)
+        # The 17 objects that pass the dispatcher make one array job of ceil(17 / 6) = 3 children; the
+        # child holding poison.png dies (exit 137) and, as the retry strategy says, runs again.
+        assert (summary["batch_jobs"], summary["job_runs"], summary["failed_job_runs"]) == (1, 4, 1)
         assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"].items()} == {
             "notes.jpg": "unsupported-type",
             "empty.png": "unsupported-type",
@@ -65,6 +71,7 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"].items()} == {
             "truncated.jpg": "corrupt-image",
             "bomb.png": "too-many-pixels",
+            "poison.png": "crashes-worker",
         }
         assert all(url in r["message"] for url, r in summary["failed"].items())
         assert summary["images_per_s"] > 0
@@ -81,6 +88,8 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
             assert cosine(vector, reference_embedding(seen, TINY_MODEL, str(tiny_checkpoint))) >= 0.999, key
             event = json.loads(s3.get_object(Bucket=output, Key=keys.event_key("", model_id, input_bucket, key))["Body"].read())
             assert event["type"] == "document-created"
+            # --labels reaches the jobs: two of the given labels, best first.
+            assert len(event["data"]["metadata"]["keywords"]) == 2 and set(event["data"]["metadata"]["keywords"]) <= set(labels)
 
         status = CliRunner().invoke(
             app, ["status", "--stack-name", summary["stack_name"], "--endpoint-url", summary["endpoint_url"], "--region", "us-east-1", "--json"],
@@ -88,7 +97,7 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         )  # fmt: skip
         assert status.exit_code == 0, status.output
         report = json.loads(status.stdout)
-        assert (report["embedded"], len(report["rejected"]), len(report["failed"]), report["dead_letter_messages"]) == (len(expected), 2, 2, 0)
+        assert (report["embedded"], len(report["rejected"]), len(report["failed"]), report["dead_letter_messages"]) == (len(expected), 2, 3, 0)
         assert report["jobs"]["SUCCEEDED"] == 1
     finally:
         process.send_signal(signal.SIGINT)

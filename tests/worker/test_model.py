@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clip_worker.config import ConfigError, WorkerConfig
@@ -22,6 +23,21 @@ def test_a_saved_checkpoint_loads_and_its_id_follows_its_content(tiny_checkpoint
 
     picture = photo()
     vector = model.embed(model.preprocess(picture).unsqueeze(0))[0]
+    assert cosine(vector, reference_embedding(picture, TINY_MODEL, str(tiny_checkpoint))) >= 0.9999
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_a_half_precision_model_loads_and_embeds_like_open_clips_fp32_reference(
+    precision: str, dtype: torch.dtype, tiny_checkpoint: Path
+) -> None:
+    """fp16 is how the worker loads on CUDA: open_clip keeps some parameters in fp32 while the
+    convolution is half precision, so the input's dtype must come from the precision."""
+    model = load(TINY_MODEL, str(tiny_checkpoint), "cpu", precision=precision)
+    assert model.dtype == dtype
+
+    picture = photo()
+    vector = model.embed(model.prepare(encode(picture, "PNG"), "photo.png", 10**8).unsqueeze(0))[0]
+
     assert cosine(vector, reference_embedding(picture, TINY_MODEL, str(tiny_checkpoint))) >= 0.9999
 
 

@@ -18,7 +18,8 @@ from clip_shared.manifest import ManifestEntry, ManifestError
 from clip_worker.config import WorkerConfig
 from clip_worker.labels import PROMPT, LabelSet, read_labels
 from clip_worker.model import load
-from clip_worker.runner import EXIT_FAILED, EXIT_OK, main, run
+from clip_worker.__main__ import main
+from clip_worker.runner import EXIT_FAILED, EXIT_OK, run
 from cloudevents.core.formats.json import JSONFormat
 from PIL import Image
 

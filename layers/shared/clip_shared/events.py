@@ -36,6 +36,9 @@ class ErrorCode(StrEnum):
     DOWNLOAD_FAILED = "download-failed"
     CORRUPT_IMAGE = "corrupt-image"
     TOO_MANY_PIXELS = "too-many-pixels"
+    #: Preparing the object killed the process that did it (a crash or an out-of-memory kill), in
+    #: isolation, after a job attempt died with it in flight: it would kill every attempt.
+    CRASHES_WORKER = "crashes-worker"
     #: A bug or an unforeseen condition; the message carries the exception so it can be reported.
     INTERNAL_ERROR = "internal-error"
 
@@ -47,6 +50,10 @@ class DocumentError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+    def __reduce__(self) -> tuple[type["DocumentError"], tuple[ErrorCode, str]]:
+        # Raised in the isolation helper process too (clip_worker.isolation), and pickled back from it.
+        return DocumentError, (self.code, self.message)
 
 
 def document_ref(url: str, mime_type: str | None, size: int | None, etag: str | None) -> dict[str, Any]:

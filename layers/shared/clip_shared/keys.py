@@ -5,6 +5,8 @@
     {prefix}parquet/{model_id}/{manifest_id}/shard-00000.parquet   one columnar shard per job child
     {prefix}rejected/{bucket}/{key}.json                  the dispatcher's rejection record
     {prefix}manifests/{manifest_id}.json                  the manifest a job embeds
+    {prefix}journal/{manifest_id}/shard-00000.json        what a job child has in flight (crash recovery)
+    {prefix}retries/{sha256}.json                         one per failure `clip-pipeline retry` resubmitted
 
 The source bucket and key are kept verbatim, which makes the mapping injective: two different
 inputs never share an output. S3 keys are limited to 1024 bytes; a source key too long to fit
@@ -79,6 +81,16 @@ def rejection_key(prefix: str, bucket: str, key: str) -> str:
 
 def parquet_key(prefix: str, model: str, manifest_id: str, shard_index: int) -> str:
     return f"{normalise_prefix(prefix)}parquet/{model}/{manifest_id}/shard-{shard_index:05d}.parquet"
+
+
+def journal_key(prefix: str, manifest_id: str, shard_index: int) -> str:
+    return f"{normalise_prefix(prefix)}journal/{manifest_id}/shard-{shard_index:05d}.json"
+
+
+def retry_key(prefix: str, url: str, failure_id: str) -> str:
+    """Names one failure of one object (the event that recorded it, or the job that died with it)."""
+    digest = hashlib.sha256(f"{url}\0{failure_id}".encode()).hexdigest()
+    return f"{normalise_prefix(prefix)}retries/{digest}.json"
 
 
 def manifest_key(prefix: str, manifest_id: str) -> str:

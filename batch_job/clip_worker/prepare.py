@@ -1,0 +1,130 @@
+"""The first stage, on the prepare threads: each manifest entry -> finished already, failed, or the
+model's input (or a JPEG left for the device to decode), read ahead of the model in a bounded window."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from clip_shared.events import DocumentError, ErrorCode
+from clip_shared.manifest import ManifestEntry
+from clip_worker import device_decode, reader
+from clip_worker.config import WorkerConfig
+from clip_worker.decoder import PixelBudget
+from clip_worker.isolation import Isolated
+from clip_worker.log import logger
+from clip_worker.model import ClipModel
+from clip_worker.progress import Progress
+from clip_worker.writer import OutputWriter
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    entry: ManifestEntry
+    etag: str
+    #: The model's input made on the CPU, or a JPEG left for the main thread to decode on the device.
+    pixels: torch.Tensor | device_decode.Jpeg
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Embedded by an earlier run for the same ETag and model: its stored vector is reused."""
+
+    entry: ManifestEntry
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class Failed:
+    entry: ManifestEntry
+    error: DocumentError
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Failed in a way a later try may not (throttling, S3's 5xx, the network): no record is written yet."""
+
+    entry: ManifestEntry
+    reason: str
+
+
+def ahead(pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], window: int, stop: threading.Event) -> Iterator[R]:
+    """Results of `work` over `items` in completion order, at most `window` in flight; none started after `stop`."""
+    pending: set[Future[R]] = set()
+    remaining = iter(items)
+    exhausted = False
+    while True:
+        while not exhausted and not stop.is_set() and len(pending) < window:
+            item = next(remaining, None)
+            if item is None:
+                exhausted = True
+            else:
+                pending.add(pool.submit(work, item))
+        if stop.is_set():
+            # Work not yet started is abandoned; work under way is finished and kept.
+            pending = {future for future in pending if not future.cancel()}
+        if not pending:
+            return
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            yield future.result()
+
+
+def pixels(
+    data: bytes, url: str, model: ClipModel, config: WorkerConfig, on_device: bool, budget: PixelBudget, isolated: Isolated | None
+) -> torch.Tensor | device_decode.Jpeg:
+    """What the prepare threads make of an object's bytes: a JPEG for the device when it can take it."""
+    if isolated is not None:
+        return isolated.prepare(data, url)
+    jpeg = device_decode.probe(data, config.max_image_pixels) if on_device else None
+    return jpeg or model.prepare(data, url, config.max_image_pixels, budget)
+
+
+def unexpected(entry: ManifestEntry, exc: Exception) -> Failed:
+    logger.exception("unexpected error preparing object", extra={"url": entry.url})
+    return Failed(entry, DocumentError(ErrorCode.INTERNAL_ERROR, f"{entry.url}: {type(exc).__name__}: {exc}"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What preparing needs besides the entry: the same for every object of the job."""
+
+    s3: Any
+    writer: OutputWriter
+    model: ClipModel
+    config: WorkerConfig
+    on_device: bool
+    progress: Progress
+    budget: PixelBudget
+    #: Set after a crash: every image is prepared in a helper process (see isolation.py).
+    isolated: Isolated | None = None
+
+
+def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Finished | Failed | Deferred:
+    try:
+        with stage.progress.timed("download"):
+            vector = stage.writer.finished(entry)
+            if vector is not None:
+                return Finished(entry, vector)
+            data, etag = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
+        with stage.progress.timed("decode"):
+            on_device = stage.on_device and stage.isolated is None
+            return Prepared(entry, etag, pixels(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated))
+    except DocumentError as error:
+        return Failed(entry, error)
+    except reader.TransientError as exc:
+        return Deferred(entry, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one object's surprise must not stop the others
+        if reader.is_transient(exc):
+            # The resume check reads outputs; S3 failing there says nothing about the object.
+            return Deferred(entry, f"{entry.url}: {type(exc).__name__}: {exc}")
+        return unexpected(entry, exc)

@@ -1,0 +1,158 @@
+"""`clip-pipeline retry`: objects that ended `document-failed`, or whose job failed before they got
+any outcome (a job cancelled after waiting for a GPU, a child out of attempts), go through the
+dispatcher's checks again (type, size, current version) and into new jobs.
+
+Each failure is resubmitted once: a marker named after the failure itself (the event that recorded
+it, or the failed job) is written with a conditional PUT before the object is submitted, so running
+retry again submits nothing new, while a later failure of the same object (a new event) can be
+retried in its turn. A submission that fails deletes its markers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from clip_pipeline.report import Outcomes
+from clip_pipeline.submitter import JobSubmitter, Target
+from clip_shared import dispatch, keys
+from clip_shared.manifest import Manifest, ManifestEntry
+
+#: The code given to objects whose job failed before they were recorded.
+JOB_FAILED = "job-failed"
+COUNTS = ("candidates", "already_retried", "rejected", "superseded", "submitted", "jobs")
+_LOST_RACE = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+# Candidates examined at once: a failed step then gives back at most this many markers.
+_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    url: str
+    #: What failed: the failure event's id, or the failed job's id.
+    failure_id: str
+    code: str
+
+    @property
+    def ref(self) -> dispatch.ObjectRef:
+        bucket, key = keys.parse_s3_url(self.url)
+        return dispatch.ObjectRef(bucket, key)
+
+
+def failed_objects(outcomes: Outcomes, codes: Iterable[str]) -> list[Candidate]:
+    wanted = set(codes)
+    return [
+        Candidate(url, failure.event_id, failure.code)
+        for url, failure in sorted(outcomes.failed.items())
+        if not wanted or failure.code in wanted
+    ]
+
+
+def failed_job_objects(s3: Any, batch: Any, job_queue: str, outcomes: Outcomes) -> list[Candidate]:
+    """The entries of the queue's failed jobs that have no outcome at all."""
+    recorded = {*outcomes.embedded, *outcomes.failed, *outcomes.rejected}
+    found: dict[str, Candidate] = {}
+    pages = batch.get_paginator("list_jobs").paginate(jobQueue=job_queue, jobStatus="FAILED")
+    for summary in (job for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"]):
+        job = batch.describe_jobs(jobs=[summary["jobId"]])["jobs"][0]
+        environment = {item["name"]: item["value"] for item in job.get("container", {}).get("environment", [])}
+        if "MANIFEST_URI" not in environment:
+            continue
+        bucket, key = keys.parse_s3_url(environment["MANIFEST_URI"])
+        manifest = Manifest.from_json(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), source=environment["MANIFEST_URI"])
+        for entry in manifest.entries:
+            if entry.url not in recorded:
+                found.setdefault(entry.url, Candidate(entry.url, job["jobId"], JOB_FAILED))
+    return list(found.values())
+
+
+def _mark(s3: Any, bucket: str, key: str, candidate: Candidate) -> bool:
+    """True when this run took the failure (the marker is new)."""
+    body = {"url": candidate.url, "failureId": candidate.failure_id, "code": candidate.code,
+            "retriedAt": datetime.now(timezone.utc).isoformat()}
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode(), ContentType="application/json", IfNoneMatch="*")
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in _LOST_RACE:
+            return False
+        raise
+
+
+def _marked(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def retry(
+    target: Target,
+    candidates: list[Candidate],
+    dry_run: bool,
+    on_submitted: Callable[[dispatch.SubmittedJob, int], None] = lambda job, entries: None,
+) -> dict[str, int]:
+    """Resubmits `candidates` (in a dry run, counts what would be); returns the counts by outcome."""
+    counts = dict.fromkeys(COUNTS, 0)
+    counts["candidates"] = len(candidates)
+    s3, bucket, prefix = target.s3, target.output_bucket, target.output_prefix
+    markers: dict[str, str] = {}
+
+    def release(entries: list[ManifestEntry]) -> None:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda entry: s3.delete_object(Bucket=bucket, Key=markers[entry.url]), entries))
+
+    submitter = JobSubmitter(target, release, on_submitted)
+
+    def admit(candidate: Candidate) -> str | ManifestEntry:
+        marker = keys.retry_key(prefix, candidate.url, candidate.failure_id)
+        if _marked(s3, bucket, marker) if dry_run else not _mark(s3, bucket, marker, candidate):
+            return "already_retried"
+        try:
+            outcome = dispatch.inspect_object(s3, candidate.ref, target.max_object_bytes)
+        except Exception:
+            if not dry_run:
+                s3.delete_object(Bucket=bucket, Key=marker)
+            raise
+        if isinstance(outcome, dispatch.Rejection):
+            if not dry_run:
+                dispatch.record_rejection(s3, bucket, prefix, outcome, submitter.manifest_id)
+            return "rejected"
+        if outcome is None:
+            return "superseded"
+        markers[outcome.url] = marker
+        return outcome
+
+    with ThreadPoolExecutor(16) as pool:
+        for start in range(0, len(candidates), _CHUNK):
+            futures = [pool.submit(admit, candidate) for candidate in candidates[start : start + _CHUNK]]
+            wait(futures)
+            admitted: list[ManifestEntry] = [
+                result for future in futures if not future.exception() and isinstance(result := future.result(), ManifestEntry)
+            ]
+            error = next((future.exception() for future in futures if future.exception()), None)
+            if error is not None:
+                if not dry_run:
+                    # Markers never expire: those of objects not submitted must go, or they are never retried.
+                    release([*submitter.entries, *admitted])
+                raise error
+            for future in futures:
+                if isinstance(future.result(), str):
+                    counts[future.result()] += 1
+            if dry_run:
+                counts["submitted"] += len(admitted)
+            else:
+                submitter.add(admitted)
+    if not dry_run:
+        submitter.flush()
+        counts["submitted"], counts["jobs"] = submitter.submitted, submitter.jobs
+    return counts

@@ -1,0 +1,87 @@
+"""Many objects -> AWS Batch array jobs, for the CLI's bulk commands (backfill, retry).
+
+Entries are gathered until a manifest is full (ShardSize x 10,000 array children), then written and
+submitted with the dispatcher's own code; a submission that fails gives its holds back (claims, or
+retry markers) so a later run can take the objects, and the error ends the command.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from clip_pipeline.stack import Clients, Stack, function_environment
+from clip_shared import dispatch, keys
+from clip_shared.manifest import ManifestEntry
+
+# Well under Batch's SubmitJob limit of 50 per second per account, which the dispatcher shares.
+SUBMIT_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the CLI's jobs go, under the limits the deployed dispatcher applies to uploads."""
+
+    s3: Any
+    batch: Any
+    output_bucket: str
+    output_prefix: str
+    job_queue: str
+    job_definition: str
+    shard_size: int
+    max_object_bytes: int
+    model_id: str
+
+    @classmethod
+    def of(cls, clients: Clients, stack: Stack) -> "Target":
+        settings = function_environment(clients, stack, "DispatcherFunctionName")
+        return cls(
+            s3=clients.client("s3"),
+            batch=clients.client("batch"),
+            output_bucket=stack.output("OutputBucketName"),
+            output_prefix=stack.output_prefix,
+            job_queue=stack.output("JobQueueArn"),
+            job_definition=stack.output("JobDefinitionArn"),
+            shard_size=int(settings.get("SHARD_SIZE", 1000)),
+            max_object_bytes=int(settings.get("MAX_OBJECT_BYTES", 50 * 1024 * 1024)),
+            model_id=keys.model_id(stack.model, stack.pretrained),
+        )
+
+
+@dataclass
+class JobSubmitter:
+    target: Target
+    #: Undoes what was held for entries whose job could not be submitted.
+    release: Callable[[list[ManifestEntry]], None]
+    on_submitted: Callable[[dispatch.SubmittedJob, int], None] = lambda job, entries: None
+    manifest_id: str = field(default_factory=lambda: dispatch.new_manifest_id(datetime.now(timezone.utc)))
+    entries: list[ManifestEntry] = field(default_factory=list)
+    jobs: int = 0
+    submitted: int = 0
+
+    def add(self, entries: Iterable[ManifestEntry]) -> None:
+        self.entries += entries
+        if len(self.entries) >= self.target.shard_size * dispatch.MAX_ARRAY_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.entries:
+            return
+        try:
+            target = self.target
+            manifest = dispatch.new_manifest(self.entries, target.shard_size, self.manifest_id)
+            job = dispatch.submit(
+                target.s3, target.batch, target.output_bucket, target.output_prefix, manifest, target.job_queue, target.job_definition
+            )
+        except Exception:
+            self.release(self.entries)
+            raise
+        self.on_submitted(job, len(self.entries))
+        self.jobs += 1
+        self.submitted += len(self.entries)
+        self.entries = []
+        self.manifest_id = dispatch.new_manifest_id(datetime.now(timezone.utc))
+        time.sleep(SUBMIT_INTERVAL_S)

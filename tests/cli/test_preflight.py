@@ -1,0 +1,313 @@
+"""`clip-pipeline preflight` against an account: moto for EC2, CloudWatch Logs and STS; Lambda's account
+settings and Service Quotas, which moto does not emulate, answered by a stub from a table of the
+account's quotas. `sam build`'s Python is looked for on a PATH each test sets up with real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from moto import mock_aws
+from typer.testing import CliRunner
+
+from clip_pipeline.app import app
+
+REGION = "us-east-1"
+ON_DEMAND_GPU, SPOT_GPU, LINUX_LARGE_BUILDS, LAMBDA_CONCURRENCY = "L-DB2E81BA", "L-3819A6DF", "L-4DDC4A99", "L-B99A9384"
+QUOTA_NAMES = {
+    ON_DEMAND_GPU: "Running On-Demand G and VT instances",
+    SPOT_GPU: "All G and VT Spot Instance Requests",
+    LINUX_LARGE_BUILDS: "Concurrently running builds for Linux/Large environment",
+}
+runner = CliRunner()
+
+
+@dataclass
+class Account:
+    """What the stubs answer: Lambda's account settings, and quota values by code. A quota in
+    `applied` was set for this account; one only in `defaults` has AWS's default (GetServiceQuota
+    answers NoSuchResourceException for it, as Service Quotas does)."""
+
+    concurrency: int = 1000
+    unreserved: int = 1000
+    applied: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0})
+    defaults: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 15.0})
+    denied: bool = False
+    asked: list[tuple[str, str]] = field(default_factory=list)
+
+    def answer(self, model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        """botocore's before-call hook: an answer here is the call's answer, and nothing is sent."""
+        if self.denied:
+            return AWSResponse(None, 400, {}, None), {"Error": {"Code": "AccessDeniedException", "Message": "not authorized"}}
+        if model.name == "GetAccountSettings":
+            return AWSResponse(None, 200, {}, None), {
+                "AccountLimit": {"ConcurrentExecutions": self.concurrency, "UnreservedConcurrentExecutions": self.unreserved},
+                "AccountUsage": {},
+            }
+        request = json.loads(params["body"])  # the serialised request: Service Quotas speaks JSON
+        code = request["QuotaCode"]
+        self.asked.append((request["ServiceCode"], code))
+        table = self.applied if model.name == "GetServiceQuota" else self.defaults
+        if code not in table:
+            return AWSResponse(None, 400, {}, None), {"Error": {"Code": "NoSuchResourceException", "Message": f"{code} not found"}}
+        quota = {"ServiceCode": request["ServiceCode"], "QuotaCode": code, "QuotaName": QUOTA_NAMES[code], "Value": table[code]}
+        return AWSResponse(None, 200, {}, None), {"Quota": quota}
+
+
+@pytest.fixture
+def account() -> Iterator[Account]:
+    stubbed = Account()
+    with mock_aws():
+        boto3.setup_default_session()
+        events = boto3.DEFAULT_SESSION.events
+        events.register("before-call.service-quotas", stubbed.answer)
+        events.register("before-call.lambda.GetAccountSettings", stubbed.answer)
+        yield stubbed
+    boto3.DEFAULT_SESSION = None
+
+
+def executable(folder: Path, name: str, target: str | None = None) -> None:
+    """An executable `name` in `folder`: a link to `target`, or a script that claims to be Python 3.12."""
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    if target:
+        path.symlink_to(target)
+    else:
+        path.write_text("#!/bin/sh\n# Answers the version probe: `python3.12 -c 'import sys; assert ...'`\nexit 0\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def python312(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "bin"
+    executable(folder, "python3.12")
+    monkeypatch.setenv("PATH", str(folder))
+    return folder
+
+
+@pytest.fixture
+def samconfig(tmp_path: Path) -> Path:
+    path = tmp_path / "samconfig.toml"
+    path.write_text('version = 0.1\n\n[default.global.parameters]\nstack_name = "first-stack"\n')
+    return path
+
+
+def preflight(samconfig: Path, *args: str, exit_code: int = 0) -> dict[str, Any]:
+    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), "--region", REGION, "--json", *args])
+    assert result.exit_code == exit_code, result.output
+    return json.loads(result.stdout)
+
+
+def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {check["code"]: check for check in report["checks"]}
+
+
+def test_an_account_with_room_passes_every_check(account: Account, python312: Path, samconfig: Path) -> None:
+    report = preflight(samconfig)
+
+    assert (report["ok"], report["stack_name"], report["account"], report["region"]) == (True, "first-stack", "123456789012", REGION)
+    assert {code: check["status"] for code, check in checks(report).items()} == {
+        "lambda-concurrency": "pass",
+        "lambda-memory": "pass",
+        "gpu-vcpus": "pass",
+        "codebuild-builds": "pass",
+        "network": "pass",
+        "logs-resource-policies": "pass",
+        "sam-build-python": "pass",
+    }
+    # On-demand capacity by default; the builds quota was never changed, so its default applies.
+    assert account.asked == [("ec2", ON_DEMAND_GPU), ("codebuild", LINUX_LARGE_BUILDS), ("codebuild", LINUX_LARGE_BUILDS)]
+    assert all(check["request"] is None for check in report["checks"])
+
+
+def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(account: Account, python312: Path, samconfig: Path) -> None:
+    account.concurrency = account.unreserved = 10
+    account.applied = {}
+    account.defaults = {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 1.0}
+
+    report = preflight(samconfig, "--parameter-overrides", "QueryMemorySize=4096", exit_code=1)
+
+    found = checks(report)
+    # Nothing is reserved, so ten concurrent executions hold the dispatcher's 5 and the query function.
+    assert found["lambda-concurrency"]["status"] == "pass"
+    assert found["lambda-memory"]["status"] == "warn" and "QueryMemorySize=3008" in found["lambda-memory"]["finding"]
+    assert found["gpu-vcpus"]["status"] == "fail"
+    assert found["gpu-vcpus"]["request"] == {
+        "service_code": "ec2",
+        "quota_code": ON_DEMAND_GPU,
+        "quota_name": "Running On-Demand G and VT instances",
+        "desired_value": 16,
+        "command": f"aws service-quotas request-service-quota-increase --service-code ec2 --quota-code {ON_DEMAND_GPU} --desired-value 16 --region {REGION}",
+    }
+    # One build at a time still deploys (each build fetches its source when it starts), only slower.
+    assert found["codebuild-builds"]["status"] == "warn"
+    assert (found["codebuild-builds"]["request"]["quota_code"], found["codebuild-builds"]["request"]["desired_value"]) == (LINUX_LARGE_BUILDS, 2)
+    assert report["ok"] is False
+
+
+def test_the_table_names_what_failed_and_the_commands_that_request_more(account: Account, python312: Path, samconfig: Path) -> None:
+    account.applied = {ON_DEMAND_GPU: 0.0}
+    account.defaults[LINUX_LARGE_BUILDS] = 0.0
+
+    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), "--region", REGION], terminal_width=250)
+
+    assert result.exit_code == 1
+    assert "2 failed (gpu-vcpus, codebuild-builds): fix them before `sam deploy`" in result.output
+    assert f"--quota-code {ON_DEMAND_GPU} --desired-value 16 --region {REGION}" in result.output
+    assert f"--quota-code {LINUX_LARGE_BUILDS} --desired-value 2 --region {REGION}" in result.output
+
+
+def test_spot_capacity_checks_the_spot_quota_against_max_vcpus(account: Account, python312: Path, samconfig: Path) -> None:
+    account.applied = {SPOT_GPU: 8.0}
+
+    found = checks(preflight(samconfig, "--parameter-overrides", "UseSpot=true MaxvCpus=32"))
+
+    assert ("ec2", SPOT_GPU) in account.asked and ("ec2", ON_DEMAND_GPU) not in account.asked
+    assert found["gpu-vcpus"]["status"] == "warn"
+    assert "at most 2 jobs run at once" in found["gpu-vcpus"]["finding"]
+    assert found["gpu-vcpus"]["request"]["desired_value"] == 32
+
+
+def test_samconfig_parameters_apply_and_the_command_line_overrides_them(account: Account, python312: Path, samconfig: Path) -> None:
+    samconfig.write_text(
+        'version = 0.1\n[default.deploy.parameters]\nstack_name = "saved"\nparameter_overrides = "UseSpot=\\"true\\" MaxvCpus=\\"8\\""\n'
+    )
+    account.applied = {SPOT_GPU: 16.0}
+
+    report = preflight(samconfig, "--parameter-overrides", "MaxvCpus=32", exit_code=0)
+
+    assert report["stack_name"] == "saved"
+    assert checks(report)["gpu-vcpus"]["request"]["desired_value"] == 32
+    assert account.asked[0] == ("ec2", SPOT_GPU)
+
+
+def test_images_given_by_uri_need_no_build(account: Account, python312: Path, samconfig: Path) -> None:
+    found = checks(preflight(samconfig, "--parameter-overrides", "ImageUri=r/w:1", "--parameter-overrides", "QueryImageUri=r/q:1"))
+
+    assert found["codebuild-builds"]["status"] == "pass"
+    assert ("codebuild", LINUX_LARGE_BUILDS) not in account.asked
+
+
+def test_too_little_unreserved_concurrency_fails_with_the_increase_or_a_smaller_dispatcher(account: Account, python312: Path, samconfig: Path) -> None:
+    # Other functions of the account reserve all but four executions.
+    account.concurrency, account.unreserved = 50, 4
+
+    found = checks(preflight(samconfig, exit_code=1))
+
+    check = found["lambda-concurrency"]
+    assert check["status"] == "fail"
+    assert "DispatcherConcurrency=3" in check["finding"]
+    assert (check["request"]["service_code"], check["request"]["quota_code"], check["request"]["desired_value"]) == ("lambda", LAMBDA_CONCURRENCY, 52)
+
+
+def test_checks_aws_will_not_answer_are_unknown_not_passed(account: Account, python312: Path, samconfig: Path) -> None:
+    account.denied = True
+
+    found = checks(preflight(samconfig))
+
+    for code in ("lambda-concurrency", "lambda-memory", "gpu-vcpus", "codebuild-builds"):
+        assert found[code]["status"] == "unknown", code
+        assert "AccessDeniedException" in found[code]["finding"]
+
+
+def test_a_region_without_a_default_vpc_fails_the_network_check(account: Account, python312: Path, samconfig: Path) -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    for subnet in ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]:
+        ec2.delete_subnet(SubnetId=subnet["SubnetId"])
+
+    check = checks(preflight(samconfig, exit_code=1))["network"]
+
+    assert check["status"] == "fail" and check["finding"].startswith("no-default-subnets: ")
+    ec2.delete_vpc(VpcId=vpc)
+    assert checks(preflight(samconfig, exit_code=1))["network"]["finding"].startswith("no-default-vpc: ")
+
+
+def test_given_subnets_must_be_in_the_given_vpc(account: Account, python312: Path, samconfig: Path) -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    ours = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.1.{i}.0/24")["Subnet"]["SubnetId"] for i in range(2)]
+    elsewhere = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"][0]["SubnetId"]
+
+    assert checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={','.join(ours)}"))["network"]["status"] == "pass"
+    mixed = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={ours[0]},{elsewhere}", exit_code=1))["network"]
+    assert mixed["status"] == "fail" and elsewhere in mixed["finding"] and ours[0] not in mixed["finding"]
+    missing = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds=subnet-0000000000000000f", exit_code=1))["network"]
+    assert missing["status"] == "fail" and "subnet-0000000000000000f" in missing["finding"]
+    alone = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc}", exit_code=1))["network"]
+    assert alone["status"] == "fail" and "go together" in alone["finding"]
+
+
+def test_a_region_with_ten_logs_resource_policies_has_no_room_for_the_stacks(account: Account, python312: Path, samconfig: Path) -> None:
+    logs = boto3.client("logs", region_name=REGION)
+    document = json.dumps({"Version": "2012-10-17", "Statement": []})
+    for i in range(9):
+        logs.put_resource_policy(policyName=f"other-{i}", policyDocument=document)
+    assert checks(preflight(samconfig))["logs-resource-policies"]["status"] == "pass"
+
+    logs.put_resource_policy(policyName="other-9", policyDocument=document)
+    check = checks(preflight(samconfig, exit_code=1))["logs-resource-policies"]
+    assert check["status"] == "fail" and "other-9" in check["finding"]
+
+    # Redeploying a stack that has its policy already needs none more.
+    logs.delete_resource_policy(policyName="other-9")
+    logs.put_resource_policy(policyName="first-stack-failed-jobs", policyDocument=document)
+    assert checks(preflight(samconfig))["logs-resource-policies"]["status"] == "pass"
+
+
+def test_sam_build_needs_a_python_3_12_on_path(account: Account, tmp_path: Path, samconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pyenv trap: a `python3.12` on PATH that runs another version.
+    other = tmp_path / "other"
+    executable(other, "python3.12", os.path.realpath(sys.executable))
+    monkeypatch.setenv("PATH", str(other))
+
+    check = checks(preflight(samconfig, exit_code=1))["sam-build-python"]
+    assert check["status"] == "fail"
+    assert str(other / "python3.12") in check["finding"] and "Binary validation failed for python" in check["finding"]
+
+    real = tmp_path / "real"
+    executable(real, "python3.12")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(other), str(real)]))
+    check = checks(preflight(samconfig))["sam-build-python"]
+    assert (check["status"], check["finding"]) == ("pass", f"`sam build` finds Python 3.12 at {real / 'python3.12'}")
+
+
+def test_an_unknown_parameter_stops_before_any_check(account: Account, python312: Path, samconfig: Path) -> None:
+    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), "--parameter-overrides", "MaxVcpus=8"])
+
+    assert result.exit_code == 2
+    assert "unknown-parameter" in result.output and "MaxVcpus=8" in result.output
+    assert account.asked == []
+
+
+def test_without_credentials_it_says_so(samconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), "--region", REGION])
+
+    assert result.exit_code == 2
+    assert "no-credentials" in result.output
+
+
+def test_without_a_region_it_says_so(account: Account, samconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+
+    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig)])
+
+    assert result.exit_code == 2
+    assert "no-region" in result.output and "--region" in result.output
