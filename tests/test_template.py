@@ -330,3 +330,26 @@ def test_the_images_start_from_the_ecr_public_gallery() -> None:
     for dockerfile in ("batch_job/Dockerfile", "functions/query/Dockerfile"):
         bases = [line.split()[1] for line in (REPOSITORY / dockerfile).read_text().splitlines() if line.startswith("FROM ")]
         assert bases and all(base.startswith("public.ecr.aws/") for base in bases), dockerfile
+
+
+def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_last_attempt() -> None:
+    definition = stack()["Resources"]["WorkerJobDefinition"]["Properties"]
+    strategy = definition["RetryStrategy"]
+    rules = [(rule.get("OnExitCode") or rule.get("OnReason") or rule.get("OnStatusReason"), rule["Action"]) for rule in strategy["EvaluateOnExit"]]
+    # Batch takes the first rule that matches, and allows five.
+    assert len(rules) <= 5 and rules[-1] == ("*", "EXIT")
+    assert ("75", "RETRY") in rules and ("13*", "RETRY") in rules  # S3 would not serve; killed or crashed (137: OOM)
+    environment = {item["Name"]: item["Value"] for item in definition["ContainerProperties"]["Environment"]}
+    assert int(environment["JOB_ATTEMPTS"]) == int(strategy["Attempts"])
+
+
+def test_jobs_that_cannot_start_are_cancelled_and_alarmed_on() -> None:
+    resources = stack(RunnableTimeoutSeconds="7200")["Resources"]
+    actions = resources["JobQueue"]["Properties"]["JobStateTimeLimitActions"]
+    assert {action["Reason"] for action in actions} >= {"CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY", "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"}
+    assert all((action["Action"], action["State"], action["MaxTimeSeconds"]) == ("CANCEL", "RUNNABLE", "7200") for action in actions)
+    pattern = resources["StuckJobsRule"]["Properties"]["EventPattern"]
+    assert pattern["detail"]["statusReason"] == [{"prefix": "Canceled by JobStateTimeLimit"}]
+    alarm = resources["StuckJobsAlarm"]["Properties"]
+    assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    assert alarm["Dimensions"] == [{"Name": "RuleName", "Value": {"Ref": "StuckJobsRule"}}]
