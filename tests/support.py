@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 import open_clip
+import pyarrow.parquet as pq
 import skimage
 import torch
 import torch.nn.functional as F
 from clip_shared import keys
-from clip_shared.manifest import Manifest, ManifestEntry
+from clip_shared.events import from_json_batch
+from clip_shared.manifest import ManifestEntry, split
 from clip_shared.mime import sniff_mime
 from clip_worker.config import WorkerConfig
 from PIL import Image, PngImagePlugin
@@ -118,10 +120,34 @@ def upload(s3: Any, files: dict[str, bytes]) -> list[ManifestEntry]:
 
 
 def put_manifest(s3: Any, entries: list[ManifestEntry], shard_size: int = 1000, manifest_id: str = "m-1") -> str:
-    manifest = Manifest(manifest_id=manifest_id, shard_size=shard_size, entries=tuple(entries))
-    key = keys.manifest_key("", manifest_id)
-    s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=manifest.to_json())
-    return keys.s3_url(OUTPUT_BUCKET, key)
+    """The job's manifest files, as the dispatcher writes them; returns its MANIFEST_URI."""
+    prefix = keys.manifest_prefix("", manifest_id)
+    for manifest in split(manifest_id, entries, shard_size):
+        s3.put_object(Bucket=OUTPUT_BUCKET, Key=prefix + keys.manifest_shard_name(manifest.shard_index), Body=manifest.to_json())
+    return keys.s3_url(OUTPUT_BUCKET, prefix)
+
+
+def stored_events(s3: Any, model_id: str, prefix: str = "", bucket: str = OUTPUT_BUCKET) -> dict[str, dict[str, Any]]:
+    """source key -> the CloudEvent the worker recorded for it, from every child's batch (checked by the SDK)."""
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=keys.events_prefix(prefix, model_id)):
+        for item in page.get("Contents", []):
+            body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            from_json_batch(body)  # raises unless every element is a valid CloudEvent
+            for event in json.loads(body):
+                found[keys.parse_s3_url(event["data"]["document"]["url"])[1]] = event
+    return found
+
+
+def stored_vectors(s3: Any, model_id: str, prefix: str = "", bucket: str = OUTPUT_BUCKET) -> dict[str, np.ndarray]:
+    """source key -> its vector, from every child's Parquet shard."""
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=keys.parquet_prefix(prefix, model_id)):
+        for item in page.get("Contents", []):
+            table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()))
+            for key, vector in zip(table.column("key").to_pylist(), table.column("vector").to_pylist()):
+                found[key] = np.asarray(vector, dtype=np.float32)
+    return found
 
 
 def tiny_worker_config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig:

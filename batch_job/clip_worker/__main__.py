@@ -11,7 +11,7 @@ from clip_worker.config import ConfigError, WorkerConfig
 from clip_worker.labels import LabelError
 from clip_worker.log import logger
 from clip_worker.model import ModelLoadError
-from clip_worker.reader import is_transient
+from clip_shared.aws import is_transient
 from clip_worker.runner import EXIT_FAILED, EXIT_RETRY, run
 
 

@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from clip_shared import defaults
+
 
 class ConfigError(ValueError):
     """A setting that is missing or malformed; the message names the variable and the fix."""
@@ -24,14 +26,21 @@ def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 
     return value
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in ("", "true", "false"):
+        raise ConfigError(f"{name}={raw!r} must be true or false")
+    return raw == "true"
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     manifest_uri: str
     output_bucket: str
     output_prefix: str = ""
-    model: str = "ViT-B-32"
+    model: str = defaults.MODEL
     #: An open_clip tag (`openai`, `laion2b_s34b_b79k`...), a checkpoint file, or `none` (random weights).
-    pretrained: str = "openai"
+    pretrained: str = defaults.PRETRAINED
     #: Extra open_clip model configs (a JSON file or a folder of them) for architectures open_clip lacks.
     model_config_path: str | None = None
     #: Where open_clip keeps downloaded weights; the image bakes them here so jobs never download.
@@ -44,11 +53,16 @@ class WorkerConfig:
     batch_size: int | None = None
     #: Threads that download and decode ahead of the model.
     io_threads: int = 16
-    max_object_bytes: int = 50 * 1024 * 1024
+    max_object_bytes: int = defaults.MAX_OBJECT_BYTES
     max_image_pixels: int = 100_000_000
     #: Pixels decoding at once across the prepare threads (see decoder.PixelBudget); bounds their memory.
     decode_pixel_budget: int = 300_000_000
     progress_interval_s: int = 15
+    #: How often the child's shard and events batch are rewritten while it runs (and at its end):
+    #: what a crash can cost is this much work, redone by the next attempt.
+    checkpoint_s: int = 120
+    #: Also write each image's own vector and CloudEvent (off: one shard and one batch per child).
+    per_object_outputs: bool = False
     #: Zero-shot keywords from this label set: `default`, labels separated by commas, or the s3:// URI
     #: of a text file (see labels.read_labels); None: no keywords.
     labels: str | None = None
@@ -93,6 +107,8 @@ class WorkerConfig:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
             decode_pixel_budget=_int(env, "DECODE_PIXEL_BUDGET", cls.decode_pixel_budget),
             progress_interval_s=_int(env, "PROGRESS_INTERVAL_SECONDS", cls.progress_interval_s),
+            checkpoint_s=_int(env, "CHECKPOINT_SECONDS", cls.checkpoint_s),
+            per_object_outputs=_bool(env, "PER_OBJECT_OUTPUTS"),
             labels=env.get("CLIP_LABELS", "").strip() or None,
             keywords_top_k=_int(env, "KEYWORDS_TOP_K", cls.keywords_top_k),
             array_index=_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", None, minimum=0),

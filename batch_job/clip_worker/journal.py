@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-_MISSING = {"NoSuchKey", "404", "NotFound"}
+from clip_shared import aws
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,8 @@ class Journal:
     def recover(self) -> Recovery:
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _MISSING:
+        except Exception as exc:
+            if aws.is_missing(exc):
                 return Recovery()
             raise
         state = json.loads(body)

@@ -9,7 +9,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from clip_shared.events import DocumentError, ErrorCode
@@ -21,7 +20,6 @@ from clip_worker.isolation import Isolated
 from clip_worker.log import logger
 from clip_worker.model import ClipModel
 from clip_worker.progress import Progress
-from clip_worker.writer import OutputWriter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,14 +31,6 @@ class Prepared:
     etag: str
     #: The model's input made on the CPU, or a JPEG left for the main thread to decode on the device.
     pixels: torch.Tensor | device_decode.Jpeg
-
-
-@dataclass(frozen=True)
-class Finished:
-    """Embedded by an earlier run for the same ETag and model: its stored vector is reused."""
-
-    entry: ManifestEntry
-    vector: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -99,7 +89,6 @@ class Stage:
     """What preparing needs besides the entry: the same for every object of the job."""
 
     s3: Any
-    writer: OutputWriter
     model: ClipModel
     config: WorkerConfig
     on_device: bool
@@ -109,12 +98,9 @@ class Stage:
     isolated: Isolated | None = None
 
 
-def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Finished | Failed | Deferred:
+def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
     try:
         with stage.progress.timed("download"):
-            vector = stage.writer.finished(entry)
-            if vector is not None:
-                return Finished(entry, vector)
             data, etag = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
         with stage.progress.timed("decode"):
             on_device = stage.on_device and stage.isolated is None
@@ -124,7 +110,4 @@ def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Finished | Failed 
     except reader.TransientError as exc:
         return Deferred(entry, str(exc))
     except Exception as exc:  # noqa: BLE001 - one object's surprise must not stop the others
-        if reader.is_transient(exc):
-            # The resume check reads outputs; S3 failing there says nothing about the object.
-            return Deferred(entry, f"{entry.url}: {type(exc).__name__}: {exc}")
         return unexpected(entry, exc)

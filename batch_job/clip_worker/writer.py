@@ -1,30 +1,41 @@
-"""Writing outputs: per image a vector and a CloudEvents document, per job child a Parquet shard.
+"""Writing outputs: per job child, a Parquet shard of vectors and a CloudEvents batch of outcomes.
 
-The vector is always written before its `document-created` event, so an event that says
-"created" for an ETag proves the vector is there: that is what lets a re-run skip the image.
+Both are rewritten whole at each checkpoint (every CHECKPOINT_SECONDS, at the end, and on SIGTERM)
+under keys fixed by the manifest and the child, so a child costs two PUTs however many images it
+holds, and an attempt that follows a crash or a Spot reclaim reads them back (`resume`) and skips
+what they hold. The batch is a JSON array of CloudEvents: the CloudEvents JSON batch format
+(`application/cloudevents-batch+json`), which every CloudEvents SDK's JSON format can read element
+by element, and which stays one document a consumer fetches whole (a child's batch is a few MB).
+
+With per-object outputs on (PER_OBJECT_OUTPUTS), every image also gets its own vector and CloudEvent
+as soon as it is embedded, the vector first, so that an event proves its vector is there.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from botocore.exceptions import ClientError
 
-from clip_shared import keys
+from clip_shared import aws, keys
 from clip_shared.events import (
+    BATCH_CONTENT_TYPE,
     DocumentError,
     EventType,
     Keywords,
     document_event,
     document_ref,
     embedding_metadata,
+    from_json_batch,
     to_json,
+    to_json_batch,
 )
 from clip_shared.manifest import ManifestEntry
 
@@ -32,9 +43,6 @@ if TYPE_CHECKING:  # the model module imports torch, which readers of outputs do
     from clip_worker.model import ClipModel
 
 COMPONENT = "worker"
-# S3 user metadata on each event document: enough to decide "already done" with one HEAD.
-_ETAG_META = "source-etag"
-_TYPE_META = "event-type"
 
 
 @dataclass(frozen=True)
@@ -61,20 +69,34 @@ def shard_schema(dimensions: int) -> pa.Schema:
     )
 
 
-def embedded_etag(s3: Any, bucket: str, prefix: str, model_id: str, source_bucket: str, key: str) -> str | None:
-    """The source ETag this model last embedded for an object, from one HEAD; None if never."""
-    try:
-        head = s3.head_object(Bucket=bucket, Key=keys.event_key(prefix, model_id, source_bucket, key))
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-    meta = head.get("Metadata", {})
-    return meta.get(_ETAG_META) if meta.get(_TYPE_META) == EventType.CREATED else None
+def identity(entry: ManifestEntry) -> tuple[str, str]:
+    """One object version: the same key uploaded twice may sit twice in one manifest."""
+    return entry.url, entry.version_id or entry.etag
+
+
+@dataclass
+class Resumed:
+    """What earlier attempts of this child finished: vectors of embedded images, and recorded failures."""
+
+    rows: dict[tuple[str, str], Row] = field(default_factory=dict)
+    failed: set[tuple[str, str]] = field(default_factory=set)
+
+    def __contains__(self, entry: ManifestEntry) -> bool:
+        key = identity(entry)
+        row = self.rows.get(key)
+        return (row is not None and row.etag == entry.etag) or key in self.failed
 
 
 class OutputWriter:
-    def __init__(self, s3: Any, bucket: str, prefix: str, model: "ClipModel", chain_id: str) -> None:
+    """Collects a child's outcomes in memory and writes them at checkpoints (and, per object, as they come).
+
+    Called from one thread; per-object writes run on `pool`, and `flush` says which of them failed.
+    """
+
+    def __init__(
+        self, s3: Any, bucket: str, prefix: str, model: "ClipModel", chain_id: str, manifest_id: str, shard_index: int,
+        per_object_pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         self._s3 = s3
         self._bucket = bucket
         self._prefix = prefix
@@ -83,45 +105,114 @@ class OutputWriter:
         self._model_id = model.id
         self._dimensions = model.dimensions
         self._chain_id = chain_id
+        self._pool = per_object_pool
+        self._per_object = per_object_pool is not None
+        self._writes: list[tuple[ManifestEntry, Future[None]]] = []
+        self.shard_key = keys.parquet_key(prefix, model.id, manifest_id, shard_index)
+        self.events_key = keys.events_key(prefix, model.id, manifest_id, shard_index)
+        self._rows: dict[tuple[str, str], Row] = {}
+        self._events: dict[tuple[str, str], bytes] = {}
 
-    def vector_key(self, entry: ManifestEntry) -> str:
-        return keys.vector_key(self._prefix, self._model_id, entry.bucket, entry.key)
+    @property
+    def shard_url(self) -> str:
+        return keys.s3_url(self._bucket, self.shard_key)
 
-    def event_key(self, entry: ManifestEntry) -> str:
-        return keys.event_key(self._prefix, self._model_id, entry.bucket, entry.key)
-
-    def finished(self, entry: ManifestEntry) -> np.ndarray | None:
-        """The stored vector when this object's current ETag was already embedded by this model."""
-        if embedded_etag(self._s3, self._bucket, self._prefix, self._model_id, entry.bucket, entry.key) != entry.etag:
-            return None
-        body = self._s3.get_object(Bucket=self._bucket, Key=self.vector_key(entry))["Body"].read()
-        return np.asarray(json.loads(body), dtype=np.float32)
+    def resume(self, entries: tuple[ManifestEntry, ...]) -> Resumed:
+        """Reads back this child's last checkpoint (nothing on a first attempt) and keeps it for the next."""
+        try:
+            body = self._s3.get_object(Bucket=self._bucket, Key=self.events_key)["Body"].read()
+        except Exception as exc:
+            if aws.is_missing(exc):
+                return Resumed()
+            raise
+        by_url = {entry.url: entry for entry in entries}
+        resumed = Resumed()
+        created: dict[tuple[str, str], bytes] = {}
+        for event in from_json_batch(body):
+            entry = by_url.get(event.get_data()["document"]["url"])
+            if entry is None:
+                continue
+            if event.get_type() == EventType.FAILED:
+                resumed.failed.add(identity(entry))
+                self._events[identity(entry)] = to_json(event)
+            else:
+                created[identity(entry)] = to_json(event)
+        if created:
+            try:
+                shard = self._s3.get_object(Bucket=self._bucket, Key=self.shard_key)["Body"].read()
+            except Exception as exc:
+                if aws.is_missing(exc):  # vectors gone: those images are embedded again
+                    return resumed
+                raise
+            table = pq.read_table(io.BytesIO(shard))
+            vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, self._dimensions)
+            for url, etag, vector in zip(table.column("url").to_pylist(), table.column("etag").to_pylist(), vectors):
+                entry = by_url.get(url)
+                if entry is not None and identity(entry) in created:
+                    resumed.rows[identity(entry)] = self._rows[identity(entry)] = Row(entry, etag, vector)
+                    self._events[identity(entry)] = created[identity(entry)]
+        return resumed
 
     def created(self, entry: ManifestEntry, etag: str, vector: np.ndarray, keywords: Keywords | None = None) -> None:
-        vector_key = self.vector_key(entry)
-        self._s3.put_object(
-            Bucket=self._bucket,
-            Key=vector_key,
-            Body=json.dumps(vector.tolist()).encode(),
-            ContentType="application/json",
-        )
-        metadata = embedding_metadata(
-            keys.s3_url(self._bucket, vector_key), self._model_name, self._pretrained, self._dimensions, keywords
-        )
-        self._put_event(EventType.CREATED, entry, etag, metadata=metadata)
+        # Where the vector is: its own document, or this child's shard (the row whose url is the document's).
+        vectors_url = keys.s3_url(self._bucket, self._vector_key(entry)) if self._per_object else self.shard_url
+        metadata = embedding_metadata(vectors_url, self._model_name, self._pretrained, self._dimensions, keywords)
+        event = to_json(self._event(EventType.CREATED, entry, etag, metadata=metadata))
+        if self._per_object:
+            self._submit(entry, self._put_vector_then_document, entry, vector, event)
+        self._rows[identity(entry)] = Row(entry, etag, vector)
+        self._events[identity(entry)] = event
 
     def failed(self, entry: ManifestEntry, error: DocumentError, etag: str | None = None) -> None:
-        self._put_event(EventType.FAILED, entry, etag or entry.etag, error=error)
+        event = to_json(self._event(EventType.FAILED, entry, etag or entry.etag, error=error))
+        if self._per_object:
+            self._submit(entry, self._put_document, entry, event)
+        self._events[identity(entry)] = event
 
-    def _put_event(
-        self,
-        event_type: EventType,
-        entry: ManifestEntry,
-        etag: str,
-        metadata: dict[str, Any] | None = None,
+    def flush(self) -> list[tuple[ManifestEntry, BaseException]]:
+        """Waits for the per-object writes; returns those that failed."""
+        failed = [(entry, exc) for entry, future in self._writes if (exc := future.exception()) is not None]
+        self._writes = []
+        return failed
+
+    def checkpoint(self, entries: tuple[ManifestEntry, ...]) -> str:
+        """Writes the shard, then the events batch, in manifest order; returns the shard's s3:// URL.
+
+        The shard goes first, so a batch that says "created" always has its vector in the shard.
+        """
+        order = [identity(entry) for entry in entries]
+        rows = [self._rows[key] for key in dict.fromkeys(order) if key in self._rows]
+        self._s3.put_object(
+            Bucket=self._bucket, Key=self.shard_key, Body=self._parquet(rows), ContentType="application/vnd.apache.parquet"
+        )
+        events = [self._events[key] for key in dict.fromkeys(order) if key in self._events]
+        self._s3.put_object(Bucket=self._bucket, Key=self.events_key, Body=to_json_batch(events), ContentType=BATCH_CONTENT_TYPE)
+        return self.shard_url
+
+    def _vector_key(self, entry: ManifestEntry) -> str:
+        return keys.vector_key(self._prefix, self._model_id, entry.bucket, entry.key)
+
+    def _submit(self, entry: ManifestEntry, write: Callable[..., None], *args: Any) -> None:
+        assert self._pool is not None
+        self._writes.append((entry, self._pool.submit(write, *args)))
+
+    def _put_vector_then_document(self, entry: ManifestEntry, vector: np.ndarray, event: bytes) -> None:
+        self._s3.put_object(
+            Bucket=self._bucket, Key=self._vector_key(entry), Body=json.dumps(vector.tolist()).encode(), ContentType="application/json"
+        )
+        self._put_document(entry, event)
+
+    def _put_document(self, entry: ManifestEntry, event: bytes) -> None:
+        self._s3.put_object(
+            Bucket=self._bucket, Key=keys.document_key(self._prefix, self._model_id, entry.bucket, entry.key), Body=event,
+            ContentType="application/cloudevents+json",
+        )
+
+    def _event(
+        self, event_type: EventType, entry: ManifestEntry, etag: str, metadata: dict[str, Any] | None = None,
         error: DocumentError | None = None,
-    ) -> None:
-        event = document_event(
+    ) -> Any:
+        return document_event(
             event_type,
             document_ref(entry.url, entry.mime_type, entry.size, etag),
             chain_id=self._chain_id,
@@ -129,17 +220,8 @@ class OutputWriter:
             metadata=metadata,
             error=(error.code, error.message) if error else None,
         )
-        self._s3.put_object(
-            Bucket=self._bucket,
-            Key=self.event_key(entry),
-            Body=to_json(event),
-            ContentType="application/cloudevents+json",
-            Metadata={_ETAG_META: etag, _TYPE_META: str(event_type)},
-        )
 
-    def shard(self, manifest_id: str, shard_index: int, rows: list[Row]) -> str:
-        """Write the job child's Parquet shard and return its s3:// URL."""
-        schema = shard_schema(self._dimensions)
+    def _parquet(self, rows: list[Row]) -> bytes:
         vectors = np.stack([row.vector for row in rows]).astype(np.float32) if rows else np.zeros((0, self._dimensions), np.float32)
         table = pa.table(
             {
@@ -152,10 +234,8 @@ class OutputWriter:
                 "pretrained": [self._pretrained] * len(rows),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self._dimensions),
             },
-            schema=schema,
+            schema=shard_schema(self._dimensions),
         )
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        key = keys.parquet_key(self._prefix, self._model_id, manifest_id, shard_index)
-        self._s3.put_object(Bucket=self._bucket, Key=key, Body=buffer.getvalue(), ContentType="application/vnd.apache.parquet")
-        return keys.s3_url(self._bucket, key)
+        return buffer.getvalue()

@@ -18,7 +18,8 @@ from rich.table import Table
 from clip_pipeline import emulator, local, report
 from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, function_environment, read_stack
 from clip_pipeline.submitter import Target
-from clip_shared import dispatch, keys
+from clip_dispatch.submission import SubmittedJob
+from clip_shared import defaults, keys
 
 SAMPLES = emulator.REPOSITORY / "samples"
 LOCAL_STACK = "clip-local"
@@ -157,7 +158,6 @@ def _print_summary(
     clients: Clients, stack: Stack, files: list[Path], outcomes: report.Outcomes, runs: list[local.JobRun], elapsed: float, json_output: bool
 ) -> None:
     output = stack.output("OutputBucketName")
-    prefix = keys.normalise_prefix(stack.output_prefix)
     model_id = keys.model_id(stack.model, stack.pretrained)
     summary = {
         "uploaded": len(files),
@@ -167,9 +167,8 @@ def _print_summary(
         "failed_job_runs": sum(1 for run in runs if run.exit_code != 0),
         "seconds": round(elapsed, 2),
         "images_per_s": round(len(outcomes.embedded) / elapsed, 2) if elapsed else 0.0,
-        "vectors": f"s3://{output}/{prefix}vectors/{model_id}/",
-        "events": f"s3://{output}/{prefix}events/{model_id}/",
-        "parquet": f"s3://{output}/{prefix}parquet/{model_id}/",
+        "events": keys.s3_url(output, keys.events_prefix(stack.output_prefix, model_id)),
+        "parquet": keys.s3_url(output, keys.parquet_prefix(stack.output_prefix, model_id)),
         "endpoint_url": clients.endpoint_url,
         "stack_name": stack.name,
     }
@@ -190,7 +189,7 @@ def _print_summary(
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
-    for name in ("vectors", "events", "parquet"):
+    for name in ("events", "parquet"):
         table.add_row(name, summary[name])
     Console().print(table)
 
@@ -356,7 +355,7 @@ def backfill_command(
     _print_counts(f"backfill {url}", counts, json_output)
 
 
-def _announce(job: dispatch.SubmittedJob, entries: int) -> None:
+def _announce(job: SubmittedJob, entries: int) -> None:
     console.print(f"submitted job {job.job_id}: {entries} objects" + (f", {job.array_size} array children" if job.array_size else ""))
 
 

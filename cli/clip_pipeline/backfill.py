@@ -1,59 +1,60 @@
 """`clip-pipeline backfill`: objects S3 events never announced, listed and put through the
-dispatcher's own checks (type, size, claim) into array jobs. Safe to run twice: an object already
-embedded for its ETag, or already claimed by a submitted job, is counted and left alone."""
+dispatcher's own admission (type, size) into array jobs.
+
+Safe to run twice without any per-object write: an object whose current ETag is already in the
+stack's shards, or in the manifest of a job that has not ended, is counted and left alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
+from clip_dispatch.submission import SubmittedJob
+from clip_pipeline import jobs, report
 from clip_pipeline.submitter import JobSubmitter, Target
-from clip_shared import dispatch, keys
-from clip_worker.writer import embedded_etag
+from clip_shared import keys
+from clip_shared.manifest import ManifestEntry
 
-#: A backfill holds its claims while it lists; an hour is long enough for millions of objects.
-CLAIM_TTL = timedelta(hours=1)
-COUNTS = ("listed", "already_embedded", "already_submitted", "being_dispatched", "rejected", "superseded", "submitted", "jobs")
+COUNTS = ("listed", "already_embedded", "already_submitted", "rejected", "superseded", "submitted", "jobs")
 
 
 def backfill(
     target: Target,
     bucket: str,
     prefix: str,
-    on_submitted: Callable[[dispatch.SubmittedJob, int], None] = lambda job, entries: None,
+    on_submitted: Callable[[SubmittedJob, int], None] = lambda job, entries: None,
 ) -> dict[str, int]:
     """Lists s3://bucket/prefix and submits what needs embedding; returns what became of the objects."""
     counts = dict.fromkeys(COUNTS, 0)
-    s3, output_bucket, output_prefix = target.s3, target.output_bucket, target.output_prefix
-    submitter = JobSubmitter(target, lambda entries: dispatch.release(s3, output_bucket, output_prefix, entries), on_submitted)
+    s3 = target.s3
+    embedded = report.embedded_etags(s3, target.output_bucket, target.output_prefix, target.model_id)
+    pending = {(entry.url, entry.etag) for job in jobs.jobs(target.batch, target.job_queue, jobs.ACTIVE)
+               for entry in jobs.manifest_entries(s3, job)}
+    submitter = JobSubmitter(target, on_submitted=on_submitted)
 
-    def admit(item: dict[str, Any]) -> Any:
-        if embedded_etag(s3, output_bucket, output_prefix, target.model_id, bucket, item["Key"]) == keys.bare_etag(item["ETag"]):
-            return "already_embedded"
-        return dispatch.admit(s3, dispatch.ObjectRef(bucket, item["Key"]), output_bucket, output_prefix, target.max_object_bytes,
-                              submitter.manifest_id, datetime.now(timezone.utc), CLAIM_TTL)
+    def admit_listed(item: dict[str, Any]) -> tuple[str, ManifestEntry | None]:
+        url, etag = keys.s3_url(bucket, item["Key"]), keys.bare_etag(item["ETag"])
+        if embedded.get(url) == etag:
+            return "already_embedded", None
+        if (url, etag) in pending:
+            return "already_submitted", None
+        admission = admit(s3, ObjectRef(bucket, item["Key"]), target.max_object_bytes)
+        if admission.rejection is not None:
+            record_rejection(s3, target.output_bucket, target.output_prefix, admission.rejection, submitter.manifest_id)
+        return str(admission.verdict), admission.entry
 
     with ThreadPoolExecutor(16) as pool:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             items = page.get("Contents", [])
             counts["listed"] += len(items)
-            admitted = []
-            for outcome in pool.map(admit, items):
-                if isinstance(outcome, dispatch.Rejection):
-                    counts["rejected"] += 1
-                elif outcome is dispatch.Claim.DONE:
-                    counts["already_submitted"] += 1
-                elif outcome is dispatch.Claim.BUSY:
-                    counts["being_dispatched"] += 1
-                elif outcome is None:
-                    counts["superseded"] += 1
-                elif isinstance(outcome, str):
-                    counts[outcome] += 1
-                else:
-                    admitted.append(outcome)
-            submitter.add(admitted)
-        submitter.flush()
+            for verdict, entry in pool.map(admit_listed, items):
+                if entry is not None:
+                    submitter.add([entry])
+                elif verdict != Verdict.ACCEPTED:
+                    counts[verdict] += 1
+    submitter.flush()
     counts["submitted"], counts["jobs"] = submitter.submitted, submitter.jobs
     return counts

@@ -1,14 +1,26 @@
-"""What happened to every object, read back from the output bucket's CloudEvents documents."""
+"""What happened to every object, read back from the output bucket at one request per job child.
+
+The outcomes come from the children's CloudEvents batches (and the dispatcher's rejections, which
+are per object and rare), the embedded ETags from the Parquet shards' url and etag columns: reading
+a million images' outcomes costs about a thousand GETs, not a million. An object embedded twice (a
+duplicate delivery, or a new version) counts once: its latest event wins.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from clip_shared import keys
 from clip_shared.events import EventType
+
+#: Listing and reading many small documents is bound by round trips, not bandwidth.
+_PARALLEL_READS = 32
 
 
 @dataclass(frozen=True)
@@ -21,7 +33,7 @@ class Failure:
 
 @dataclass
 class Outcomes:
-    embedded: list[str] = field(default_factory=list)
+    embedded: set[str] = field(default_factory=set)
     failed: dict[str, Failure] = field(default_factory=dict)
     rejected: dict[str, Failure] = field(default_factory=dict)
 
@@ -33,24 +45,43 @@ class Outcomes:
         }
 
 
-def _keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+def _listing(s3: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+    return [item for page in pages for item in page.get("Contents", [])]
+
+
+def _read(s3: Any, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
-    documents = _keys(s3, bucket, f"{keys.normalise_prefix(prefix)}events/{model_id}/")
-    documents += _keys(s3, bucket, f"{keys.normalise_prefix(prefix)}rejected/")
-    with ThreadPoolExecutor(32) as pool:
-        events = list(pool.map(lambda key: json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), documents))
+    batches = [item["Key"] for item in _listing(s3, bucket, keys.events_prefix(prefix, model_id))]
+    rejections = [item["Key"] for item in _listing(s3, bucket, keys.rejected_prefix(prefix))]
+    with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+        events = [event for body in pool.map(lambda key: _read(s3, bucket, key), batches) for event in json.loads(body)]
+        events += [json.loads(body) for body in pool.map(lambda key: _read(s3, bucket, key), rejections)]
+    latest: dict[str, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda event: event.get("time", "")):
+        latest[event["data"]["document"]["url"]] = event
     outcomes = Outcomes()
-    for event in events:
-        url = event["data"]["document"]["url"]
+    for url, event in latest.items():
         error = event["data"].get("error", {})
+        failure = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
         if event["type"] == EventType.CREATED:
-            outcomes.embedded.append(url)
+            outcomes.embedded.add(url)
         elif event["type"] == EventType.FAILED:
-            outcomes.failed[url] = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
+            outcomes.failed[url] = failure
         else:
-            outcomes.rejected[url] = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
+            outcomes.rejected[url] = failure
     return outcomes
+
+
+def embedded_etags(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str, str]:
+    """url -> the ETag of the version last embedded, from the shards' url and etag columns."""
+    shards = sorted(_listing(s3, bucket, keys.parquet_prefix(prefix, model_id)), key=lambda item: (item["LastModified"], item["Key"]))
+    with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+        tables = pool.map(lambda item: pq.read_table(io.BytesIO(_read(s3, bucket, item["Key"])), columns=["url", "etag"]), shards)
+        etags: dict[str, str] = {}
+        for table in tables:
+            etags.update(zip(table.column("url").to_pylist(), table.column("etag").to_pylist()))
+    return etags

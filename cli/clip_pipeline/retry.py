@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from botocore.exceptions import ClientError
-
+from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
+from clip_dispatch.submission import SubmittedJob
+from clip_pipeline import jobs
 from clip_pipeline.report import Outcomes
 from clip_pipeline.submitter import JobSubmitter, Target
-from clip_shared import dispatch, keys
-from clip_shared.manifest import Manifest, ManifestEntry
+from clip_shared import aws, keys
+from clip_shared.manifest import ManifestEntry
 
 #: The code given to objects whose job failed before they were recorded.
 JOB_FAILED = "job-failed"
-COUNTS = ("candidates", "already_retried", "rejected", "superseded", "submitted", "jobs")
-_LOST_RACE = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+COUNTS = ("candidates", "already_retried", Verdict.REJECTED.value, Verdict.SUPERSEDED.value, "submitted", "jobs")
 # Candidates examined at once: a failed step then gives back at most this many markers.
 _CHUNK = 10_000
 
@@ -40,9 +40,9 @@ class Candidate:
     code: str
 
     @property
-    def ref(self) -> dispatch.ObjectRef:
+    def ref(self) -> ObjectRef:
         bucket, key = keys.parse_s3_url(self.url)
-        return dispatch.ObjectRef(bucket, key)
+        return ObjectRef(bucket, key)
 
 
 def failed_objects(outcomes: Outcomes, codes: Iterable[str]) -> list[Candidate]:
@@ -54,19 +54,12 @@ def failed_objects(outcomes: Outcomes, codes: Iterable[str]) -> list[Candidate]:
     ]
 
 
-def failed_job_objects(s3: Any, batch: Any, job_queue: str, outcomes: Outcomes) -> list[Candidate]:
+def failed_job_objects(s3: Any, batch_client: Any, job_queue: str, outcomes: Outcomes) -> list[Candidate]:
     """The entries of the queue's failed jobs that have no outcome at all."""
     recorded = {*outcomes.embedded, *outcomes.failed, *outcomes.rejected}
     found: dict[str, Candidate] = {}
-    pages = batch.get_paginator("list_jobs").paginate(jobQueue=job_queue, jobStatus="FAILED")
-    for summary in (job for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"]):
-        job = batch.describe_jobs(jobs=[summary["jobId"]])["jobs"][0]
-        environment = {item["name"]: item["value"] for item in job.get("container", {}).get("environment", [])}
-        if "MANIFEST_URI" not in environment:
-            continue
-        bucket, key = keys.parse_s3_url(environment["MANIFEST_URI"])
-        manifest = Manifest.from_json(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), source=environment["MANIFEST_URI"])
-        for entry in manifest.entries:
+    for job in jobs.jobs(batch_client, job_queue, ["FAILED"]):
+        for entry in jobs.manifest_entries(s3, job):
             if entry.url not in recorded:
                 found.setdefault(entry.url, Candidate(entry.url, job["jobId"], JOB_FAILED))
     return list(found.values())
@@ -79,8 +72,8 @@ def _mark(s3: Any, bucket: str, key: str, candidate: Candidate) -> bool:
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode(), ContentType="application/json", IfNoneMatch="*")
         return True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in _LOST_RACE:
+    except Exception as exc:
+        if aws.lost_race(exc):
             return False
         raise
 
@@ -89,8 +82,8 @@ def _marked(s3: Any, bucket: str, key: str) -> bool:
     try:
         s3.head_object(Bucket=bucket, Key=key)
         return True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+    except Exception as exc:
+        if aws.is_missing(exc):
             return False
         raise
 
@@ -99,7 +92,7 @@ def retry(
     target: Target,
     candidates: list[Candidate],
     dry_run: bool,
-    on_submitted: Callable[[dispatch.SubmittedJob, int], None] = lambda job, entries: None,
+    on_submitted: Callable[[SubmittedJob, int], None] = lambda job, entries: None,
 ) -> dict[str, int]:
     """Resubmits `candidates` (in a dry run, counts what would be); returns the counts by outcome."""
     counts = dict.fromkeys(COUNTS, 0)
@@ -113,28 +106,26 @@ def retry(
 
     submitter = JobSubmitter(target, release, on_submitted)
 
-    def admit(candidate: Candidate) -> str | ManifestEntry:
+    def take(candidate: Candidate) -> str | ManifestEntry:
         marker = keys.retry_key(prefix, candidate.url, candidate.failure_id)
         if _marked(s3, bucket, marker) if dry_run else not _mark(s3, bucket, marker, candidate):
             return "already_retried"
         try:
-            outcome = dispatch.inspect_object(s3, candidate.ref, target.max_object_bytes)
+            admission = admit(s3, candidate.ref, target.max_object_bytes)
         except Exception:
             if not dry_run:
                 s3.delete_object(Bucket=bucket, Key=marker)
             raise
-        if isinstance(outcome, dispatch.Rejection):
-            if not dry_run:
-                dispatch.record_rejection(s3, bucket, prefix, outcome, submitter.manifest_id)
-            return "rejected"
-        if outcome is None:
-            return "superseded"
-        markers[outcome.url] = marker
-        return outcome
+        if admission.rejection is not None and not dry_run:
+            record_rejection(s3, bucket, prefix, admission.rejection, submitter.manifest_id)
+        if admission.entry is None:
+            return str(admission.verdict)
+        markers[admission.entry.url] = marker
+        return admission.entry
 
     with ThreadPoolExecutor(16) as pool:
         for start in range(0, len(candidates), _CHUNK):
-            futures = [pool.submit(admit, candidate) for candidate in candidates[start : start + _CHUNK]]
+            futures = [pool.submit(take, candidate) for candidate in candidates[start : start + _CHUNK]]
             wait(futures)
             admitted: list[ManifestEntry] = [
                 result for future in futures if not future.exception() and isinstance(result := future.result(), ManifestEntry)

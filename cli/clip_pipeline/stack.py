@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from clip_shared.dispatch import CLIENT_CONFIG
+from clip_shared.aws import CLIENT_CONFIG
 
 SAMCONFIG = Path(__file__).resolve().parents[2] / "samconfig.toml"
 FALLBACK_STACK_NAME = "clip-embedding-pipeline"

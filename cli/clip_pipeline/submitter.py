@@ -1,8 +1,8 @@
 """Many objects -> AWS Batch array jobs, for the CLI's bulk commands (backfill, retry).
 
-Entries are gathered until a manifest is full (ShardSize x 10,000 array children), then written and
-submitted with the dispatcher's own code; a submission that fails gives its holds back (claims, or
-retry markers) so a later run can take the objects, and the error ends the command.
+Entries are gathered until a job is full (ShardSize x 10,000 array children), then submitted with
+the dispatcher's own code; a submission that fails gives back what was held for its objects (retry
+markers) so a later run can take them, and the error ends the command.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from clip_dispatch.submission import SubmittedJob, new_manifest_id, submit
 from clip_pipeline.stack import Clients, Stack, function_environment
-from clip_shared import dispatch, keys
-from clip_shared.manifest import ManifestEntry
+from clip_shared import defaults, keys
+from clip_shared.manifest import MAX_ARRAY_SIZE, ManifestEntry
 
 # Well under Batch's SubmitJob limit of 50 per second per account, which the dispatcher shares.
 SUBMIT_INTERVAL_S = 0.1
@@ -45,8 +46,8 @@ class Target:
             output_prefix=stack.output_prefix,
             job_queue=stack.output("JobQueueArn"),
             job_definition=stack.output("JobDefinitionArn"),
-            shard_size=int(settings.get("SHARD_SIZE", 1000)),
-            max_object_bytes=int(settings.get("MAX_OBJECT_BYTES", 50 * 1024 * 1024)),
+            shard_size=int(settings.get("SHARD_SIZE", defaults.SHARD_SIZE)),
+            max_object_bytes=int(settings.get("MAX_OBJECT_BYTES", defaults.MAX_OBJECT_BYTES)),
             model_id=keys.model_id(stack.model, stack.pretrained),
         )
 
@@ -55,16 +56,16 @@ class Target:
 class JobSubmitter:
     target: Target
     #: Undoes what was held for entries whose job could not be submitted.
-    release: Callable[[list[ManifestEntry]], None]
-    on_submitted: Callable[[dispatch.SubmittedJob, int], None] = lambda job, entries: None
-    manifest_id: str = field(default_factory=lambda: dispatch.new_manifest_id(datetime.now(timezone.utc)))
+    release: Callable[[list[ManifestEntry]], None] = lambda entries: None
+    on_submitted: Callable[[SubmittedJob, int], None] = lambda job, entries: None
+    manifest_id: str = field(default_factory=lambda: new_manifest_id(datetime.now(timezone.utc)))
     entries: list[ManifestEntry] = field(default_factory=list)
     jobs: int = 0
     submitted: int = 0
 
     def add(self, entries: Iterable[ManifestEntry]) -> None:
         self.entries += entries
-        if len(self.entries) >= self.target.shard_size * dispatch.MAX_ARRAY_SIZE:
+        if len(self.entries) >= self.target.shard_size * MAX_ARRAY_SIZE:
             self.flush()
 
     def flush(self) -> None:
@@ -72,10 +73,8 @@ class JobSubmitter:
             return
         try:
             target = self.target
-            manifest = dispatch.new_manifest(self.entries, target.shard_size, self.manifest_id)
-            job = dispatch.submit(
-                target.s3, target.batch, target.output_bucket, target.output_prefix, manifest, target.job_queue, target.job_definition
-            )
+            job = submit(target.s3, target.batch, target.output_bucket, target.output_prefix, self.manifest_id, self.entries,
+                         target.shard_size, target.job_queue, target.job_definition)
         except Exception:
             self.release(self.entries)
             raise
@@ -83,5 +82,5 @@ class JobSubmitter:
         self.jobs += 1
         self.submitted += len(self.entries)
         self.entries = []
-        self.manifest_id = dispatch.new_manifest_id(datetime.now(timezone.utc))
+        self.manifest_id = new_manifest_id(datetime.now(timezone.utc))
         time.sleep(SUBMIT_INTERVAL_S)

@@ -1,10 +1,10 @@
 """Dispatcher: one SQS batch of S3 upload notifications -> at most one Batch job.
 
-Each notified object is inspected (its real type from its first bytes, its size), rejected with
-a `document-rejected` record or claimed; the claimed objects of the whole batch go into one
-manifest and one SubmitJob (an array job when the manifest has several shards). Messages that
-could not be handled are returned as batch item failures, so SQS redelivers them and, after
-maxReceiveCount, moves them to the dead-letter queue.
+Each notified object is admitted (its real type from its first bytes, its size: one ranged GET,
+clip_dispatch.admission) or rejected with a `document-rejected` record; the accepted objects of the
+whole batch go into one job (an array job when they fill several shards, clip_dispatch.submission).
+Messages that could not be handled are returned as batch item failures, so SQS redelivers them and,
+after maxReceiveCount, moves them to the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Literal
 from urllib.parse import unquote_plus
@@ -26,8 +25,10 @@ from aws_lambda_powertools.utilities.parser.models import S3Model, S3RecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-from clip_shared import dispatch
-from clip_shared.dispatch import Claim, ObjectRef, Rejection
+from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
+from clip_dispatch.submission import dedupe, new_manifest_id, submit
+from clip_shared import defaults
+from clip_shared.aws import CLIENT_CONFIG
 from clip_shared.manifest import ManifestEntry
 
 
@@ -40,8 +41,8 @@ class Settings(BaseModel):
     output_prefix: str = Field(alias="OUTPUT_PREFIX", default="")
     job_queue: str = Field(alias="JOB_QUEUE", min_length=1)
     job_definition: str = Field(alias="JOB_DEFINITION", min_length=1)
-    shard_size: int = Field(alias="SHARD_SIZE", default=1000, ge=1)
-    max_object_bytes: int = Field(alias="MAX_OBJECT_BYTES", default=50 * 1024 * 1024, ge=1)
+    shard_size: int = Field(alias="SHARD_SIZE", default=defaults.SHARD_SIZE, ge=1)
+    max_object_bytes: int = Field(alias="MAX_OBJECT_BYTES", default=defaults.MAX_OBJECT_BYTES, ge=1)
 
 
 class S3TestEvent(BaseModel):
@@ -52,36 +53,16 @@ class S3TestEvent(BaseModel):
 
 
 class S3NotificationRecord(SqsRecordModel):
-    body: Json[S3Model | S3TestEvent]  # type: ignore[assignment]
-
-
-class ObjectBusy(RuntimeError):
-    """Another invocation holds a fresh claim on the object; SQS will redeliver the message."""
-
-
-@dataclass(frozen=True)
-class Claimed:
-    message: S3NotificationRecord
-    entries: tuple[ManifestEntry, ...]
-
-
-@dataclass(frozen=True)
-class Invocation:
-    manifest_id: str
-    started: datetime
-    claim_ttl: timedelta
+    body: Json[S3Model | S3TestEvent]  # type: ignore[assignment]  # SqsRecordModel declares body as str
 
 
 SETTINGS = Settings.model_validate(os.environ)
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
-s3 = boto3.client("s3", config=dispatch.CLIENT_CONFIG)
-batch = boto3.client("batch", config=dispatch.CLIENT_CONFIG)
+s3 = boto3.client("s3", config=CLIENT_CONFIG)
+batch_client = boto3.client("batch", config=CLIENT_CONFIG)
 processor = AsyncBatchProcessor(event_type=EventType.SQS, model=S3NotificationRecord)
-
-# A claim outlives the invocation that made it by this much before another may take it over.
-_CLAIM_MARGIN = timedelta(seconds=30)
 
 
 def _object_ref(notified: S3RecordModel) -> ObjectRef:
@@ -89,59 +70,44 @@ def _object_ref(notified: S3RecordModel) -> ObjectRef:
     return ObjectRef(notified.s3.bucket.name, unquote_plus(notified.s3.object.key), notified.s3.object.versionId)
 
 
-def _inspect_and_claim(ref: ObjectRef, invocation: Invocation) -> ManifestEntry | Rejection | Claim | None:
-    outcome = dispatch.admit(s3, ref, SETTINGS.output_bucket, SETTINGS.output_prefix, SETTINGS.max_object_bytes,
-                             invocation.manifest_id, invocation.started, invocation.claim_ttl)
-    if outcome is Claim.BUSY:
-        raise ObjectBusy(f"s3://{ref.bucket}/{ref.key} is being dispatched by another invocation")
-    return outcome
+def _admit(ref: ObjectRef, manifest_id: str) -> ManifestEntry | None:
+    admission = admit(s3, ref, SETTINGS.max_object_bytes)
+    if admission.verdict is Verdict.ACCEPTED:
+        return admission.entry
+    if admission.rejection is not None:
+        record_rejection(s3, SETTINGS.output_bucket, SETTINGS.output_prefix, admission.rejection, manifest_id)
+        logger.info("Rejected object", bucket=ref.bucket, key=ref.key, reason=str(admission.rejection.code),
+                    detail=admission.rejection.message)
+        with single_metric(name="ObjectsRejected", unit=MetricUnit.Count, value=1) as metric:
+            metric.add_dimension(name="Reason", value=str(admission.rejection.code))
+    else:
+        logger.info("Superseded by a newer version", bucket=ref.bucket, key=ref.key)
+    return None
 
 
-async def handle_message(record: S3NotificationRecord, invocation: Invocation) -> Claimed:
+async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tuple[S3NotificationRecord, list[ManifestEntry]]:
     if isinstance(record.body, S3TestEvent):
         logger.info("Skipping s3:TestEvent", bucket=record.body.Bucket)
-        return Claimed(record, ())
-    entries: list[ManifestEntry] = []
-    try:
-        for notified in record.body.Records:
-            ref = _object_ref(notified)
-            outcome = await asyncio.to_thread(_inspect_and_claim, ref, invocation)
-            if isinstance(outcome, ManifestEntry):
-                entries.append(outcome)
-            elif isinstance(outcome, Rejection):
-                logger.info("Rejected object", bucket=ref.bucket, key=ref.key, reason=str(outcome.code),
-                            detail=outcome.message)
-                with single_metric(name="ObjectsRejected", unit=MetricUnit.Count, value=1) as metric:
-                    metric.add_dimension(name="Reason", value=str(outcome.code))
-            elif outcome is Claim.DONE:
-                logger.info("Duplicate delivery; a job was already submitted", bucket=ref.bucket, key=ref.key)
-                metrics.add_metric(name="DuplicateDeliveries", unit=MetricUnit.Count, value=1)
-            else:
-                logger.info("Superseded by a newer version", bucket=ref.bucket, key=ref.key)
-    except Exception:
-        # A message fails as a whole, so it must not keep claims on the objects it did get to.
-        await asyncio.to_thread(dispatch.release, s3, SETTINGS.output_bucket, SETTINGS.output_prefix, entries)
-        raise
-    return Claimed(record, tuple(entries))
+        return record, []
+    entries = []
+    for notified in record.body.Records:
+        entry = await asyncio.to_thread(_admit, _object_ref(notified), manifest_id)
+        if entry is not None:
+            entries.append(entry)
+    return record, entries
 
 
 @tracer.capture_method
-def submit_claimed(claimed: list[Claimed], manifest_id: str) -> None:
-    entries = [entry for item in claimed for entry in item.entries]
-    manifest = dispatch.new_manifest(entries, SETTINGS.shard_size, manifest_id)
+def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntry]]], manifest_id: str) -> None:
+    entries = dedupe([entry for _, message_entries in accepted for entry in message_entries])
     try:
-        job = dispatch.submit(s3, batch, SETTINGS.output_bucket, SETTINGS.output_prefix, manifest,
-                              SETTINGS.job_queue, SETTINGS.job_definition)
+        job = submit(s3, batch_client, SETTINGS.output_bucket, SETTINGS.output_prefix, manifest_id, entries,
+                     SETTINGS.shard_size, SETTINGS.job_queue, SETTINGS.job_definition)
     except Exception:
-        logger.exception("Submitting the manifest failed; its messages will be redelivered")
+        logger.exception("Submitting the job failed; its messages will be redelivered")
         failure = sys.exc_info()
-        for item in claimed:
-            processor.failure_handler(record=item.message, exception=failure)
-        try:
-            dispatch.release(s3, SETTINGS.output_bucket, SETTINGS.output_prefix, entries)
-        except Exception:
-            # The claims then expire and the redelivered messages take them over.
-            logger.exception("Releasing claims failed")
+        for message, _ in accepted:
+            processor.failure_handler(record=message, exception=failure)
         return
     logger.info("Submitted job", job_id=job.job_id, job_name=job.job_name, manifest_uri=job.manifest_uri,
                 entries=len(entries), array_size=job.array_size)
@@ -153,16 +119,11 @@ def submit_claimed(claimed: list[Claimed], manifest_id: str) -> None:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    started = datetime.now(timezone.utc)
-    invocation = Invocation(
-        manifest_id=dispatch.new_manifest_id(started),
-        started=started,
-        claim_ttl=timedelta(milliseconds=context.get_remaining_time_in_millis()) + _CLAIM_MARGIN,
-    )
-    logger.append_keys(manifest_id=invocation.manifest_id)
-    with processor(records=event["Records"], handler=partial(handle_message, invocation=invocation)):
+    manifest_id = new_manifest_id(datetime.now(timezone.utc))
+    logger.append_keys(manifest_id=manifest_id)
+    with processor(records=event["Records"], handler=partial(handle_message, manifest_id=manifest_id)):
         results = processor.async_process()
-        claimed = [result for status, result, _ in results if status == "success" and result.entries]
-        if claimed:
-            submit_claimed(claimed, invocation.manifest_id)
+        accepted = [result for status, result, _ in results if status == "success" and result[1]]
+        if accepted:
+            submit_accepted(accepted, manifest_id)
     return processor.response()

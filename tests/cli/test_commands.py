@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import requests
 from typer.testing import CliRunner
 
+from clip_pipeline import local
 from clip_pipeline.app import app
 from clip_pipeline.stack import Clients, Stack
 from clip_shared import keys
 from clip_worker.model import load
 from clip_worker.writer import shard_schema
-from tests.cli.conftest import SHARD_SIZE
 from tests.support import TINY_MODEL, encode, photo
 
 runner = CliRunner()
@@ -35,7 +35,9 @@ def invoke(deployed: tuple[Clients, Stack], *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def test_backfill_submits_the_right_array_job_once_and_nothing_the_second_time(deployed: tuple[Clients, Stack]) -> None:
+def test_backfill_submits_the_right_array_job_once_and_nothing_the_second_time(
+    deployed: tuple[Clients, Stack], tiny_config: Path
+) -> None:
     clients, stack = deployed
     s3, batch = clients.client("s3"), clients.client("batch")
     bucket = stack.output("InputBucketName")
@@ -51,11 +53,16 @@ def test_backfill_submits_the_right_array_job_once_and_nothing_the_second_time(d
     assert job["arrayProperties"]["size"] == 3  # 5 objects in shards of SHARD_SIZE=2
     assert job["jobDefinition"] == stack.output("JobDefinitionArn")
     manifest_uri = next(e["value"] for e in job["container"]["environment"] if e["name"] == "MANIFEST_URI")
-    manifest = json.loads(s3.get_object(Bucket=stack.output("OutputBucketName"), Key=keys.parse_s3_url(manifest_uri)[1])["Body"].read())
-    assert (manifest["shardSize"], sorted(e["key"] for e in manifest["entries"])) == (SHARD_SIZE, [f"old/img-{i}.png" for i in range(5)])
+    output, prefix = keys.parse_s3_url(manifest_uri)
+    children = [json.loads(s3.get_object(Bucket=output, Key=prefix + keys.manifest_shard_name(i))["Body"].read()) for i in range(3)]
+    assert [len(child["entries"]) for child in children] == [2, 2, 1]
+    assert sorted(e["key"] for child in children for e in child["entries"]) == [f"old/img-{i}.png" for i in range(5)]
 
+    # The job runs (the worker, as Batch would run it); then there is nothing left to backfill.
+    runs = local.BatchRunner(clients, stack, {"CLIP_MODEL_CONFIG": str(tiny_config)}).run_pending()
+    assert [run.exit_code for run in runs] == [0, 0, 0]
     second = invoke(deployed, "backfill", f"s3://{bucket}/old/")
-    assert (second["submitted"], second["jobs"], second["already_submitted"]) == (0, 0, 5)
+    assert (second["submitted"], second["jobs"], second["already_embedded"], second["rejected"]) == (0, 0, 5, 1)
 
 
 def write_shard(deployed: tuple[Clients, Stack], model_id: str, vectors: dict[str, np.ndarray]) -> None:

@@ -10,14 +10,24 @@ import sys
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from clip_pipeline.app import app
 from clip_shared import keys
-from tests.support import SITECUSTOMIZE, TINY_MODEL, all_formats, cosine, encode, photo, poisoned_png, reference_embedding
+from tests.support import (
+    SITECUSTOMIZE,
+    TINY_MODEL,
+    all_formats,
+    cosine,
+    encode,
+    photo,
+    poisoned_png,
+    reference_embedding,
+    stored_events,
+    stored_vectors,
+)
 
 
 @pytest.fixture
@@ -80,16 +90,15 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         s3 = boto3.client("s3", endpoint_url=summary["endpoint_url"], region_name="us-east-1",
                           aws_access_key_id="local", aws_secret_access_key="local")  # fmt: skip
-        output = summary["vectors"].removeprefix("s3://").split("/", 1)[0]
-        input_bucket = next(b["Name"] for b in s3.list_buckets()["Buckets"] if "-input-" in b["Name"])
+        output = summary["parquet"].removeprefix("s3://").split("/", 1)[0]
         model_id = keys.model_id(TINY_MODEL, str(tiny_checkpoint))
+        vectors, events = stored_vectors(s3, model_id, bucket=output), stored_events(s3, model_id, bucket=output)
         for key, seen in expected.items():
-            vector = np.asarray(json.loads(s3.get_object(Bucket=output, Key=keys.vector_key("", model_id, input_bucket, key))["Body"].read()))
-            assert cosine(vector, reference_embedding(seen, TINY_MODEL, str(tiny_checkpoint))) >= 0.999, key
-            event = json.loads(s3.get_object(Bucket=output, Key=keys.event_key("", model_id, input_bucket, key))["Body"].read())
-            assert event["type"] == "document-created"
+            assert cosine(vectors[key], reference_embedding(seen, TINY_MODEL, str(tiny_checkpoint))) >= 0.999, key
+            assert events[key]["type"] == "document-created"
             # --labels reaches the jobs: two of the given labels, best first.
-            assert len(event["data"]["metadata"]["keywords"]) == 2 and set(event["data"]["metadata"]["keywords"]) <= set(labels)
+            keywords = events[key]["data"]["metadata"]["keywords"]
+            assert len(keywords) == 2 and set(keywords) <= set(labels)
 
         status = CliRunner().invoke(
             app, ["status", "--stack-name", summary["stack_name"], "--endpoint-url", summary["endpoint_url"], "--region", "us-east-1", "--json"],

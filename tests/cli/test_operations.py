@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
 
+from clip_pipeline import jobs
 from clip_pipeline.stack import Clients, Stack
 from clip_shared import keys
 from clip_shared.events import DocumentError, ErrorCode
@@ -31,28 +33,21 @@ def upload(deployed: tuple[Clients, Stack], prefix: str, count: int) -> list[Man
 
 
 def record_failure(deployed: tuple[Clients, Stack], entry: ManifestEntry, code: ErrorCode) -> None:
-    """What the worker writes for an object it could not embed, written by the worker's own writer."""
+    """What a job child writes for an object it could not embed, written by the worker's own writer."""
     clients, stack = deployed
     model = load(stack.model, stack.pretrained, "cpu")
-    writer = OutputWriter(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, model, "job-1")
+    manifest_id = f"m-{uuid.uuid4().hex[:8]}"
+    writer = OutputWriter(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, model, "job-1", manifest_id, 0)
     writer.failed(entry, DocumentError(code, f"{entry.url}: it went wrong"))
+    writer.checkpoint((entry,))
 
 
 def submitted_keys(deployed: tuple[Clients, Stack]) -> list[list[str]]:
     """The object keys of every job the queue got, in submission order."""
     clients, stack = deployed
-    batch, s3 = clients.client("batch"), clients.client("s3")
-    jobs = []
-    for status in ("SUCCEEDED", "FAILED"):
-        listed = batch.list_jobs(jobQueue=stack.output("JobQueueArn"), jobStatus=status)["jobSummaryList"]
-        jobs += [job for job in listed if ":" not in job["jobId"]]
-    found = []
-    for summary in sorted(jobs, key=lambda job: job["createdAt"]):
-        job = batch.describe_jobs(jobs=[summary["jobId"]])["jobs"][0]
-        uri = next(item["value"] for item in job["container"]["environment"] if item["name"] == "MANIFEST_URI")
-        manifest = json.loads(s3.get_object(Bucket=stack.output("OutputBucketName"), Key=keys.parse_s3_url(uri)[1])["Body"].read())
-        found.append(sorted(entry["key"] for entry in manifest["entries"]))
-    return found
+    s3 = clients.client("s3")
+    found = jobs.jobs(clients.client("batch"), stack.output("JobQueueArn"), ["SUCCEEDED", "FAILED"])
+    return [sorted(entry.key for entry in jobs.manifest_entries(s3, job)) for job in sorted(found, key=lambda job: job["createdAt"])]
 
 
 def test_retry_resubmits_each_failure_once_by_code_and_dry_run_changes_nothing(deployed: tuple[Clients, Stack]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import Any, Callable
 
@@ -11,7 +10,7 @@ import boto3
 import pytest
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
-from clip_shared import dispatch, keys
+from clip_shared import keys
 from clip_shared.events import from_json
 from clip_shared.manifest import Manifest, ManifestEntry
 from dispatcher_support import (
@@ -65,10 +64,19 @@ def only_job() -> dict[str, Any]:
     return jobs[0]
 
 
-def manifest_of(job: dict[str, Any]) -> Manifest:
-    bucket, key = keys.parse_s3_url(environment_of(job)["MANIFEST_URI"])
-    assert bucket == OUTPUT_BUCKET
-    return Manifest.from_json(read_output(key), source=key)
+def manifests_of(job: dict[str, Any]) -> list[Manifest]:
+    """The job's manifest files, one per array child, as each child reads its own."""
+    bucket, prefix = keys.parse_s3_url(environment_of(job)["MANIFEST_URI"])
+    assert bucket == OUTPUT_BUCKET and prefix.endswith("/")
+    size = (job.get("arrayProperties") or {}).get("size") or 1
+    manifests = [Manifest.from_json(read_output(prefix + keys.manifest_shard_name(index))) for index in range(size)]
+    assert [manifest.shard_index for manifest in manifests] == list(range(size))
+    assert output_keys(prefix) == [prefix + keys.manifest_shard_name(index) for index in range(size)]
+    return manifests
+
+
+def entries_of(job: dict[str, Any]) -> list[ManifestEntry]:
+    return [entry for manifest in manifests_of(job) for entry in manifest.entries]
 
 
 def rejection(key: str) -> dict[str, Any]:
@@ -95,13 +103,11 @@ def test_a_batch_larger_than_a_shard_becomes_one_array_job(invoke: Invoke) -> No
     assert job["jobQueue"].endswith(f":job-queue/{JOB_QUEUE}")
     assert f":job-definition/{JOB_DEFINITION}:" in job["jobDefinition"]
     assert job["arrayProperties"]["size"] == 2  # 4 images in shards of 3
-    manifest = manifest_of(job)
-    assert manifest.shard_size == SHARD_SIZE
-    assert {entry.key: entry.mime_type for entry in manifest.entries} == {
-        key: mime for key, (_, _, mime) in BATCH.items()
-    }
+    assert [len(manifest.entries) for manifest in manifests_of(job)] == [SHARD_SIZE, 4 - SHARD_SIZE]
+    entries = entries_of(job)
+    assert {entry.key: entry.mime_type for entry in entries} == {key: mime for key, (_, _, mime) in BATCH.items()}
     s3 = boto3.client("s3")
-    for entry in manifest.entries:
+    for entry in entries:
         head = s3.head_object(Bucket=INPUT_BUCKET, Key=entry.key)
         assert (entry.bucket, entry.size, entry.version_id) == (INPUT_BUCKET, head["ContentLength"], head["VersionId"])
     assert output_keys(f"{OUTPUT_PREFIX}/rejected/") == []
@@ -114,7 +120,7 @@ def test_a_key_with_spaces_and_non_ascii_characters_is_decoded(invoke: Invoke) -
 
     job = only_job()
     assert "arrayProperties" not in job or not job["arrayProperties"].get("size")
-    assert [entry.key for entry in manifest_of(job).entries] == [UNICODE_KEY]
+    assert [entry.key for entry in entries_of(job)] == [UNICODE_KEY]
 
 
 def test_a_non_image_is_rejected_whatever_its_name_and_content_type(
@@ -138,7 +144,7 @@ def test_rejected_objects_are_recorded_and_the_rest_dispatched(invoke: Invoke) -
 
     assert invoke(load_event("sqs-s3-put-mixed.json")) == {"batchItemFailures": []}
 
-    entries = manifest_of(only_job()).entries
+    entries = entries_of(only_job())
     assert {(entry.key, entry.mime_type) for entry in entries} == {
         ("mixed/page.gif", "image/gif"),
         ("mixed/motorcycle.tiff", "image/tiff"),
@@ -155,14 +161,45 @@ def test_the_s3_test_event_is_skipped(invoke: Invoke) -> None:
     assert output_keys() == []
 
 
-def test_a_duplicate_delivery_submits_nothing_new(invoke: Invoke) -> None:
+def test_a_message_delivered_twice_in_one_batch_is_embedded_once(invoke: Invoke) -> None:
+    put_input(UNICODE_KEY, encode("chelsea", "JPEG"), "image/jpeg")
+    event = load_event("sqs-s3-put-unicode-key.json")
+    twice = {"Records": [event["Records"][0], {**event["Records"][0], "messageId": "redelivered"}]}
+
+    assert invoke(twice) == {"batchItemFailures": []}
+
+    assert [entry.key for entry in entries_of(only_job())] == [UNICODE_KEY]
+
+
+def test_admission_costs_one_ranged_get_per_object_and_a_job_two_puts(app: ModuleType, invoke: Invoke) -> None:
     upload_batch()
-    event = load_event("sqs-s3-put-batch.json")
+    calls: list[tuple[str, str]] = []
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append((model.name, params.get("Key", "")))
+
+    app.s3.meta.events.register("before-parameter-build.s3", record)
+    try:
+        assert invoke(load_event("sqs-s3-put-batch.json")) == {"batchItemFailures": []}
+    finally:
+        app.s3.meta.events.unregister("before-parameter-build.s3", record)
+
+    # No HEAD, no claim: a GET of each object's first bytes, then the job's two manifest files and its record.
+    assert sorted(name for name, key in calls if not key.startswith(OUTPUT_PREFIX)) == ["GetObject"] * len(BATCH)
+    writes = sorted(key.removeprefix(f"{OUTPUT_PREFIX}/").split("/", 1)[0] for name, key in calls if name == "PutObject")
+    assert writes == ["jobs", "manifests", "manifests"]
+
+
+def test_a_delivery_in_another_batch_is_submitted_again(invoke: Invoke) -> None:
+    # SQS delivers at least once; without a per-object claim a redelivery is embedded again, and
+    # readers of the outputs keep one row per object (docs/scale.md).
+    put_input(UNICODE_KEY, encode("chelsea", "JPEG"), "image/jpeg")
+    event = load_event("sqs-s3-put-unicode-key.json")
 
     assert invoke(event) == {"batchItemFailures": []}
     assert invoke(event) == {"batchItemFailures": []}
 
-    only_job()
+    assert [[entry.key for entry in entries_of(job)] for job in submitted_jobs()] == [[UNICODE_KEY], [UNICODE_KEY]]
 
 
 def test_a_new_version_of_an_object_is_dispatched_again(invoke: Invoke) -> None:
@@ -193,18 +230,18 @@ def test_a_notification_for_a_replaced_version_is_left_to_the_newer_one(invoke: 
 def test_a_submit_job_throttle_is_retried(app: ModuleType, invoke: Invoke) -> None:
     put_input(UNICODE_KEY, encode("chelsea", "JPEG"), "image/jpeg")
 
-    with failing_submit_job(app.batch, 429, "TooManyRequestsException", times=1) as attempts:
+    with failing_submit_job(app.batch_client, 429, "TooManyRequestsException", times=1) as attempts:
         assert invoke(load_event("sqs-s3-put-unicode-key.json")) == {"batchItemFailures": []}
 
     assert len(attempts) == 2
-    assert [entry.key for entry in manifest_of(only_job()).entries] == [UNICODE_KEY]
+    assert [entry.key for entry in entries_of(only_job())] == [UNICODE_KEY]
 
 
 def test_a_persistent_failure_is_reported_and_the_redelivery_dispatches(app: ModuleType, invoke: Invoke) -> None:
     upload_mixed()
     event = load_event("sqs-s3-put-mixed.json")
 
-    with failing_submit_job(app.batch, 403, "AccessDeniedException"):
+    with failing_submit_job(app.batch_client, 403, "AccessDeniedException"):
         response = invoke(event)
 
     # Only the two accepted images failed; the rejected objects' messages are done.
@@ -212,45 +249,16 @@ def test_a_persistent_failure_is_reported_and_the_redelivery_dispatches(app: Mod
     assert submitted_jobs() == []
     assert rejection("mixed/huge.png")["error"]["code"] == "object-too-large"
 
-    # SQS redelivers the failed messages; their objects were not left claimed.
+    # SQS redelivers the failed messages, and this time they are submitted.
     redelivery = {"Records": [event["Records"][0], event["Records"][1]]}
     assert invoke(redelivery) == {"batchItemFailures": []}
-    assert {entry.key for entry in manifest_of(only_job()).entries} == {"mixed/page.gif", "mixed/motorcycle.tiff"}
+    assert {entry.key for entry in entries_of(only_job())} == {"mixed/page.gif", "mixed/motorcycle.tiff"}
 
 
 def test_when_every_message_fails_the_whole_batch_fails(app: ModuleType, invoke: Invoke) -> None:
     upload_batch()
 
-    with failing_submit_job(app.batch, 403, "AccessDeniedException"), pytest.raises(BatchProcessingError):
+    with failing_submit_job(app.batch_client, 403, "AccessDeniedException"), pytest.raises(BatchProcessingError):
         invoke(load_event("sqs-s3-put-batch.json"))
 
     assert submitted_jobs() == []
-
-
-def _claim_unicode_object(age: timedelta) -> dispatch.Claim:
-    s3 = boto3.client("s3")
-    head = s3.head_object(Bucket=INPUT_BUCKET, Key=UNICODE_KEY)
-    entry = ManifestEntry(bucket=INPUT_BUCKET, key=UNICODE_KEY, size=head["ContentLength"],
-                          etag=head["ETag"].strip('"'), mime_type="image/jpeg", version_id=head["VersionId"])
-    return dispatch.claim(s3, OUTPUT_BUCKET, OUTPUT_PREFIX, entry, "an-invocation-that-died",
-                          datetime.now(timezone.utc) - age, claim_ttl=timedelta(minutes=10))
-
-
-def test_an_object_being_dispatched_elsewhere_is_retried_later(invoke: Invoke) -> None:
-    put_input(UNICODE_KEY, encode("chelsea", "JPEG"), "image/jpeg")
-    assert _claim_unicode_object(age=timedelta(seconds=5)) is dispatch.Claim.CLAIMED
-    event = load_event("sqs-s3-put-unicode-key.json")
-
-    with pytest.raises(BatchProcessingError):  # its only message failed, so SQS redelivers it
-        invoke(event)
-
-    assert submitted_jobs() == []
-
-
-def test_a_claim_left_by_an_invocation_that_died_is_taken_over(invoke: Invoke) -> None:
-    put_input(UNICODE_KEY, encode("chelsea", "JPEG"), "image/jpeg")
-    assert _claim_unicode_object(age=timedelta(hours=1)) is dispatch.Claim.CLAIMED
-
-    assert invoke(load_event("sqs-s3-put-unicode-key.json")) == {"batchItemFailures": []}
-
-    assert [entry.key for entry in manifest_of(only_job()).entries] == [UNICODE_KEY]

@@ -35,9 +35,10 @@ from tests.support import (
     photo,
     put_manifest,
     reference_embedding,
+    stored_events,
+    stored_vectors,
     upload,
 )
-from tests.worker.test_runner import read_json
 
 CPU = torch.device("cpu")
 LIMIT = 100_000_000
@@ -81,10 +82,10 @@ def embed_on_device(model: ClipModel, files: dict[str, bytes]) -> tuple[dict[str
 
 def read_outcome(s3: Any, prefix: str, model_id: str, key: str) -> tuple[str, Any]:
     """("document-created", the vector) or ("document-failed", the error) recorded for one object."""
-    event = read_json(s3, keys.event_key(prefix, model_id, INPUT_BUCKET, key))
+    event = stored_events(s3, model_id, prefix)[key]
     if event["type"] == "document-failed":
         return event["type"], event["data"]["error"]
-    return event["type"], np.asarray(read_json(s3, keys.vector_key(prefix, model_id, INPUT_BUCKET, key)))
+    return event["type"], stored_vectors(s3, model_id, prefix)[key]
 
 
 def photos() -> dict[str, bytes]:

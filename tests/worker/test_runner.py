@@ -21,7 +21,6 @@ from clip_worker.model import load
 from clip_worker.__main__ import main
 from clip_worker.runner import EXIT_FAILED, EXIT_OK, run
 from cloudevents.core.formats.json import JSONFormat
-from PIL import Image
 
 from tests.support import (
     INPUT_BUCKET,
@@ -33,6 +32,8 @@ from tests.support import (
     photo,
     put_manifest,
     reference_embedding,
+    stored_events,
+    stored_vectors,
     tiny_worker_config,
     upload,
 )
@@ -51,12 +52,6 @@ def read_json(s3: Any, key: str) -> Any:
     return json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=key)["Body"].read())
 
 
-def read_event(s3: Any, mid: str, key: str) -> Any:
-    body = s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.event_key("", mid, INPUT_BUCKET, key))["Body"].read()
-    JSONFormat().read(None, body)  # raises unless it is a valid CloudEvent
-    return json.loads(body)
-
-
 def read_shard(s3: Any, url: str) -> Any:
     bucket, key = keys.parse_s3_url(url)
     return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
@@ -73,15 +68,17 @@ def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3:
     assert summary.exit_code == EXIT_OK
     assert (summary.progress.embedded, summary.progress.failed) == (len(files), 0)
     mid = model_id(config)
+    vectors, events = stored_vectors(s3, mid), stored_events(s3, mid)
+    assert set(vectors) == set(events) == set(files)
     for key in files:
         name = key.rsplit("/", 1)[-1]
         _, mime, seen = formats.get(name, formats["photo.jpg"])
-        vector = np.asarray(read_json(s3, keys.vector_key("", mid, INPUT_BUCKET, key)))
+        vector = vectors[key]
         assert vector.shape == (32,)
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
         assert cosine(vector, reference_embedding(seen, TINY_MODEL, config.pretrained)) >= 0.999, key
 
-        event = read_event(s3, mid, key)
+        event = events[key]
         assert event["specversion"] == "1.0" and event["type"] == "document-created"
         assert event["id"] and event["time"] and event["source"]
         data = event["data"]
@@ -93,20 +90,43 @@ def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3:
         assert data["document"]["etag"]
         embeddings = data["metadata"]["properties"]["attrs"]["embeddings"]
         assert data["metadata"]["properties"]["kind"] == "image"
-        assert embeddings == {
-            "vectors": f"s3://{OUTPUT_BUCKET}/{keys.vector_key('', mid, INPUT_BUCKET, key)}",
-            "model": TINY_MODEL,
-            "pretrained": config.pretrained,
-            "dimensions": 32,
-        }
+        # The vector is a row of the child's shard.
+        assert embeddings == {"vectors": summary.shard_url, "model": TINY_MODEL, "pretrained": config.pretrained, "dimensions": 32}
         # Without CLIP_LABELS the document has no keywords at all.
         assert set(data["metadata"]) == {"properties"} and set(data["metadata"]["properties"]["attrs"]) == {"embeddings"}
 
-    shard = read_shard(s3, summary.shard_url)
-    assert sorted(shard.column("key").to_pylist()) == sorted(files)
-    stored = np.asarray(read_json(s3, keys.vector_key("", mid, INPUT_BUCKET, "photos/photo.png")))
-    row = shard.column("key").to_pylist().index("photos/photo.png")
-    np.testing.assert_allclose(np.asarray(shard.column("vector")[row].as_py()), stored, rtol=1e-6)
+    # One shard and one events batch for the child, and nothing per object.
+    listed = [item["Key"] for item in s3.list_objects_v2(Bucket=OUTPUT_BUCKET)["Contents"]]
+    assert sorted(key for key in listed if key.startswith(("parquet/", "events/"))) == [
+        keys.events_key("", mid, "m-1", 0), keys.parquet_key("", mid, "m-1", 0)
+    ]
+    assert not [key for key in listed if key.startswith(("vectors/", "documents/"))]
+    # Rows in manifest order.
+    assert read_shard(s3, summary.shard_url).column("key").to_pylist() == list(files)
+
+
+def test_per_object_outputs_give_each_image_its_vector_and_event_too(s3: Any, config: WorkerConfig) -> None:
+    files = {f"img-{i}.png": encode(photo().rotate(i * 40), "PNG") for i in range(3)}
+    files["broken.png"] = files["img-0.png"][:300]
+    uri = put_manifest(s3, upload(s3, files))
+
+    summary = run(replace(config, manifest_uri=uri, per_object_outputs=True), s3=s3)
+
+    assert summary.exit_code == EXIT_OK
+    mid = model_id(config)
+    vectors, events = stored_vectors(s3, mid), stored_events(s3, mid)
+    for key in files:
+        document = read_json(s3, keys.document_key("", mid, INPUT_BUCKET, key))
+        JSONFormat().read(None, json.dumps(document))
+        assert (document["type"], document["data"]) == (events[key]["type"], events[key]["data"])
+        if key == "broken.png":
+            assert document["data"]["error"]["code"] == "corrupt-image"
+            continue
+        stored = read_json(s3, keys.vector_key("", mid, INPUT_BUCKET, key))
+        np.testing.assert_allclose(stored, vectors[key], rtol=1e-6)
+        assert document["data"]["metadata"]["properties"]["attrs"]["embeddings"]["vectors"] == (
+            f"s3://{OUTPUT_BUCKET}/{keys.vector_key('', mid, INPUT_BUCKET, key)}"
+        )
 
 
 def test_each_bad_input_gets_exactly_one_failure_and_the_rest_still_succeed(s3: Any, config: WorkerConfig) -> None:
@@ -128,7 +148,6 @@ def test_each_bad_input_gets_exactly_one_failure_and_the_rest_still_succeed(s3: 
 
     assert summary.exit_code == EXIT_OK
     assert (summary.progress.embedded, summary.progress.failed) == (1, 6)
-    mid = model_id(config)
     expected = {
         "truncated.jpg": "corrupt-image",
         "noise.png": "corrupt-image",
@@ -137,14 +156,15 @@ def test_each_bad_input_gets_exactly_one_failure_and_the_rest_still_succeed(s3: 
         "huge.bmp": "object-too-large",
         "deleted.jpg": "object-not-found",
     }
-    events = s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=f"events/{mid}/")["Contents"]
-    assert len(events) == len(expected) + 1
+    batch = json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.events_key("", model_id(config), "m-1", 0))["Body"].read())
+    assert len(batch) == len(expected) + 1
+    events = stored_events(s3, model_id(config))
     for key, code in expected.items():
-        event = read_event(s3, mid, key)
-        assert event["type"] == "document-failed"
-        assert event["data"]["error"]["code"] == code
-        assert f"s3://{INPUT_BUCKET}/{key}" in event["data"]["error"]["message"]
-    assert read_event(s3, mid, "ok.jpg")["type"] == "document-created"
+        assert events[key]["type"] == "document-failed"
+        assert events[key]["data"]["error"]["code"] == code
+        assert f"s3://{INPUT_BUCKET}/{key}" in events[key]["data"]["error"]["message"]
+    assert events["ok.jpg"]["type"] == "document-created"
+    assert read_shard(s3, summary.shard_url).column("key").to_pylist() == ["ok.jpg"]
 
 
 def test_array_children_cover_every_entry_exactly_once(s3: Any, config: WorkerConfig) -> None:
@@ -158,27 +178,26 @@ def test_array_children_cover_every_entry_exactly_once(s3: Any, config: WorkerCo
         seen += read_shard(s3, summary.shard_url).column("key").to_pylist()
     assert sorted(seen) == sorted(files)
 
-    with pytest.raises(ManifestError, match="array index 3"):
+    with pytest.raises(ManifestError, match="shard-00003.json"):
         run(replace(config, manifest_uri=uri, array_index=3), s3=s3)
 
 
-def test_second_run_skips_finished_work_and_redoes_only_what_changed(s3: Any, config: WorkerConfig) -> None:
+def test_a_second_attempt_of_a_child_skips_what_it_finished(s3: Any, config: WorkerConfig) -> None:
     files = {f"img-{i}.png": encode(photo().rotate(i * 30), "PNG") for i in range(5)}
-    entries = upload(s3, files)
-    uri = put_manifest(s3, entries)
+    files["broken.png"] = files["img-0.png"][:300]
+    uri = put_manifest(s3, upload(s3, files))
     first = run(replace(config, manifest_uri=uri), s3=s3)
-    assert first.progress.embedded == 5
+    assert (first.progress.embedded, first.progress.failed) == (5, 1)
+    before = stored_events(s3, model_id(config))
 
-    second = run(replace(config, manifest_uri=uri), s3=s3)
-    assert (second.progress.embedded, second.progress.skipped) == (0, 5)
-    # The shard of a resumed run still holds every vector, the reused ones included.
+    second = run(replace(config, manifest_uri=uri, attempt=2), s3=s3)
+
+    assert (second.progress.embedded, second.progress.failed, second.progress.skipped) == (0, 0, 6)
+    # Reused outcomes are the same events, not new ones; the shard still holds every vector.
+    assert {key: event["id"] for key, event in stored_events(s3, model_id(config)).items()} == {
+        key: event["id"] for key, event in before.items()
+    }
     assert read_shard(s3, second.shard_url).num_rows == 5
-
-    # A new version of one object is embedded again; its neighbours are not.
-    entries[:1] = upload(s3, {"img-0.png": encode(photo().transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG")})
-    uri = put_manifest(s3, entries, manifest_id="m-2")
-    third = run(replace(config, manifest_uri=uri), s3=s3)
-    assert (third.progress.embedded, third.progress.skipped) == (1, 4)
 
 
 def test_with_a_label_set_each_created_event_lists_the_top_k_labels_of_its_stored_vector(s3: Any, config: WorkerConfig) -> None:
@@ -194,10 +213,10 @@ def test_with_a_label_set_each_created_event_lists_the_top_k_labels_of_its_store
     assert (summary.exit_code, summary.progress.embedded) == (EXIT_OK, len(files))
     model = load(config.model, config.pretrained, "cpu")
     label_set = LabelSet.embed(model, read_labels(labels_uri, s3))
+    vectors, events = stored_vectors(s3, model.id), stored_events(s3, model.id)
     for key in files:
-        vector = np.asarray(read_json(s3, keys.vector_key("", model.id, INPUT_BUCKET, key)), dtype=np.float32)
-        expected = label_set.top(vector[np.newaxis], 3)[0]
-        metadata = read_event(s3, model.id, key)["data"]["metadata"]
+        expected = label_set.top(vectors[key][np.newaxis], 3)[0]
+        metadata = events[key]["data"]["metadata"]
         assert metadata["keywords"] == [label.label for label in expected], key
         attrs = metadata["properties"]["attrs"]
         assert attrs["zeroShot"] == {"prompt": PROMPT, "labelCount": 6}

@@ -8,6 +8,7 @@ One shape for all three outcomes (the shape Project Lakechain's CLIP processor e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,6 +19,8 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 SOURCE = "urn:clip-embedding-pipeline"
+#: The CloudEvents JSON batch format: a JSON array of structured-mode events.
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 _FORMAT = JSONFormat()
 
 
@@ -137,3 +140,13 @@ def to_json(event: CloudEvent) -> bytes:
 
 def from_json(data: bytes | str) -> BaseCloudEvent:
     return _FORMAT.read(None, data)
+
+
+def to_json_batch(events: Sequence[bytes]) -> bytes:
+    """Events already serialised by `to_json`, as one CloudEvents JSON batch document."""
+    return b"[" + b",".join(events) + b"]"
+
+
+def from_json_batch(data: bytes | str) -> list[BaseCloudEvent]:
+    """Each event of a CloudEvents JSON batch document, read (and validated) by the SDK."""
+    return [_FORMAT.read(None, json.dumps(item)) for item in json.loads(data)]

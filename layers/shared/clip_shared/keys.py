@@ -1,16 +1,26 @@
-"""Where every output lives. Keys are deterministic, so a re-run overwrites instead of duplicating.
+"""Where everything lives in the output bucket: the one place keys and prefixes are built.
 
-    {prefix}vectors/{model_id}/{bucket}/{key}.json        the vector, a JSON array of floats
-    {prefix}events/{model_id}/{bucket}/{key}.json         its CloudEvents document (created or failed)
-    {prefix}parquet/{model_id}/{manifest_id}/shard-00000.parquet   one columnar shard per job child
-    {prefix}rejected/{bucket}/{key}.json                  the dispatcher's rejection record
-    {prefix}manifests/{manifest_id}.json                  the manifest a job embeds
-    {prefix}journal/{manifest_id}/shard-00000.json        what a job child has in flight (crash recovery)
+Keys are deterministic, so a re-run overwrites instead of duplicating. Per job child (the default):
+
+    {prefix}parquet/{model_id}/{manifest_id}/shard-00000.parquet   the child's vectors, one row per embedded image
+    {prefix}events/{model_id}/{manifest_id}/shard-00000.json       its CloudEvents batch: created and failed
+
+Per object, rare or optional:
+
+    {prefix}rejected/dispatcher/{bucket}/{key}.json      the dispatcher's document-rejected event
+    {prefix}vectors/{model_id}/{bucket}/{key}.json       the vector, a JSON array (PER_OBJECT_OUTPUTS)
+    {prefix}documents/{model_id}/{bucket}/{key}.json     its CloudEvent (PER_OBJECT_OUTPUTS)
+
+And what the pipeline keeps for itself:
+
+    {prefix}manifests/{manifest_id}/shard-00000.json     what each job child embeds
+    {prefix}jobs/{manifest_id}.json                       the dispatcher's record of the job it submitted
+    {prefix}journal/{manifest_id}/shard-00000.json       what a job child had in flight (crash recovery)
     {prefix}retries/{sha256}.json                         one per failure `clip-pipeline retry` resubmitted
 
-The source bucket and key are kept verbatim, which makes the mapping injective: two different
-inputs never share an output. S3 keys are limited to 1024 bytes; a source key too long to fit
-is stored under `_long/<sha256 of bucket/key>` instead, and since bucket names cannot start
+Per-object keys keep the source bucket and key verbatim, which makes the mapping injective: two
+different inputs never share an output. S3 keys are limited to 1024 bytes; a source key too long
+to fit is stored under `_long/<sha256 of bucket/key>` instead, and since bucket names cannot start
 with an underscore that namespace cannot collide with a verbatim one.
 """
 
@@ -23,15 +33,13 @@ from urllib.parse import urlparse
 
 MAX_KEY_BYTES = 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: CLIP_PRETRAINED value for random weights (smoke tests only).
+RANDOM_WEIGHTS = "none"
 
 
 def normalise_prefix(prefix: str) -> str:
     prefix = prefix.strip("/")
     return f"{prefix}/" if prefix else ""
-
-
-#: CLIP_PRETRAINED value for random weights (smoke tests only).
-RANDOM_WEIGHTS = "none"
 
 
 def weights_id(pretrained: str) -> str:
@@ -66,12 +74,29 @@ def _per_object(prefix: str, kind: str, scope: str, bucket: str, key: str) -> st
     return f"{head}_long/{digest}.json"
 
 
-def vector_key(prefix: str, model: str, bucket: str, key: str) -> str:
-    return _per_object(prefix, "vectors", model, bucket, key)
+def _shard(index: int) -> str:
+    return f"shard-{index:05d}"
 
 
-def event_key(prefix: str, model: str, bucket: str, key: str) -> str:
-    return _per_object(prefix, "events", model, bucket, key)
+def parquet_prefix(prefix: str, model: str) -> str:
+    return f"{normalise_prefix(prefix)}parquet/{model}/"
+
+
+def parquet_key(prefix: str, model: str, manifest_id: str, shard_index: int) -> str:
+    return f"{parquet_prefix(prefix, model)}{manifest_id}/{_shard(shard_index)}.parquet"
+
+
+def events_prefix(prefix: str, model: str) -> str:
+    return f"{normalise_prefix(prefix)}events/{model}/"
+
+
+def events_key(prefix: str, model: str, manifest_id: str, shard_index: int) -> str:
+    """A job child's CloudEvents batch document."""
+    return f"{events_prefix(prefix, model)}{manifest_id}/{_shard(shard_index)}.json"
+
+
+def rejected_prefix(prefix: str) -> str:
+    return f"{normalise_prefix(prefix)}rejected/"
 
 
 def rejection_key(prefix: str, bucket: str, key: str) -> str:
@@ -79,22 +104,36 @@ def rejection_key(prefix: str, bucket: str, key: str) -> str:
     return _per_object(prefix, "rejected", "dispatcher", bucket, key)
 
 
-def parquet_key(prefix: str, model: str, manifest_id: str, shard_index: int) -> str:
-    return f"{normalise_prefix(prefix)}parquet/{model}/{manifest_id}/shard-{shard_index:05d}.parquet"
+def vector_key(prefix: str, model: str, bucket: str, key: str) -> str:
+    return _per_object(prefix, "vectors", model, bucket, key)
+
+
+def document_key(prefix: str, model: str, bucket: str, key: str) -> str:
+    """One object's own CloudEvent, written besides the batch when per-object outputs are on."""
+    return _per_object(prefix, "documents", model, bucket, key)
+
+
+def manifest_prefix(prefix: str, manifest_id: str) -> str:
+    """What a job's MANIFEST_URI names: child i reads `shard-{i:05d}.json` under it."""
+    return f"{normalise_prefix(prefix)}manifests/{manifest_id}/"
+
+
+def manifest_shard_name(shard_index: int) -> str:
+    return f"{_shard(shard_index)}.json"
+
+
+def job_record_key(prefix: str, manifest_id: str) -> str:
+    return f"{normalise_prefix(prefix)}jobs/{manifest_id}.json"
 
 
 def journal_key(prefix: str, manifest_id: str, shard_index: int) -> str:
-    return f"{normalise_prefix(prefix)}journal/{manifest_id}/shard-{shard_index:05d}.json"
+    return f"{normalise_prefix(prefix)}journal/{manifest_id}/{_shard(shard_index)}.json"
 
 
 def retry_key(prefix: str, url: str, failure_id: str) -> str:
     """Names one failure of one object (the event that recorded it, or the job that died with it)."""
     digest = hashlib.sha256(f"{url}\0{failure_id}".encode()).hexdigest()
     return f"{normalise_prefix(prefix)}retries/{digest}.json"
-
-
-def manifest_key(prefix: str, manifest_id: str) -> str:
-    return f"{normalise_prefix(prefix)}manifests/{manifest_id}.json"
 
 
 def bare_etag(etag: str) -> str:

@@ -1,19 +1,22 @@
-"""The manifest: the list of validated input objects the dispatcher hands to one Batch job.
+"""The manifest: the validated input objects the dispatcher hands to one Batch job, one file per child.
 
-One JSON document per job. An array job of N children shares one manifest; child i embeds
-entries [i * shardSize, (i + 1) * shardSize), so the children cover every entry exactly once
-without the worker having to be told the array size (Batch does not pass it to children).
+A job of N array children has N manifest files under one prefix (`keys.manifest_prefix`), which
+the job's MANIFEST_URI names; child i reads `shard-{i:05d}.json` and nothing else, so a child of a
+ten-million-object backfill downloads its thousand entries, not the whole list.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: AWS Batch accepts array jobs of 2 to 10,000 children.
+MAX_ARRAY_SIZE = 10_000
 
 
 class ManifestError(ValueError):
@@ -38,26 +41,14 @@ class ManifestEntry(_Model):
 
 
 class Manifest(_Model):
+    """One job child's entries."""
+
     schema_version: int = SCHEMA_VERSION
     manifest_id: str = Field(min_length=1)
+    shard_index: int = Field(default=0, ge=0)
+    shard_count: int = Field(default=1, ge=1)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    shard_size: int = Field(ge=1)
     entries: tuple[ManifestEntry, ...]
-
-    @property
-    def shard_count(self) -> int:
-        return max(1, math.ceil(len(self.entries) / self.shard_size))
-
-    def shard(self, index: int | None) -> tuple[ManifestEntry, ...]:
-        """The entries one job child owns; `None` (not an array job) owns them all."""
-        if index is None:
-            return self.entries
-        if not 0 <= index < self.shard_count:
-            raise ManifestError(
-                f"manifest {self.manifest_id} has {self.shard_count} shard(s) of {self.shard_size}; "
-                f"array index {index} is outside it"
-            )
-        return self.entries[index * self.shard_size : (index + 1) * self.shard_size]
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, exclude_none=True).encode()
@@ -73,3 +64,24 @@ class Manifest(_Model):
                 f"{source} has schemaVersion {manifest.schema_version}; this worker reads version {SCHEMA_VERSION}"
             )
         return manifest
+
+
+def split(manifest_id: str, entries: Sequence[ManifestEntry], shard_size: int) -> list[Manifest]:
+    """`entries` as the files of one job: child i embeds entries [i * shard_size, (i + 1) * shard_size)."""
+    count = max(1, math.ceil(len(entries) / shard_size))
+    if count > MAX_ARRAY_SIZE:
+        raise ManifestError(
+            f"{len(entries)} entries in shards of {shard_size} need {count} array children; "
+            f"Batch allows {MAX_ARRAY_SIZE}: split the entries or raise the shard size"
+        )
+    created = datetime.now(timezone.utc)
+    return [
+        Manifest(
+            manifest_id=manifest_id,
+            shard_index=index,
+            shard_count=count,
+            created_at=created,
+            entries=tuple(entries[index * shard_size : (index + 1) * shard_size]),
+        )
+        for index in range(count)
+    ]
