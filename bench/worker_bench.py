@@ -36,6 +36,7 @@ from unittest import mock
 
 import numpy as np
 import open_clip
+import pyarrow.parquet as pq
 import PIL
 import skimage
 import torch
@@ -44,7 +45,7 @@ from moto import mock_aws
 from PIL import Image, ImageOps
 
 from clip_shared import keys
-from clip_shared.manifest import Manifest, ManifestEntry
+from clip_shared.manifest import Manifest, ManifestEntry, split
 from clip_worker import decoder, log, runner
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, default_batch_size, load
@@ -207,12 +208,15 @@ def moto_s3() -> Iterator[None]:
 
 
 def upload(s3: Any, files: list[bytes]) -> Manifest:
+    """The photos in the input bucket, and the one-child job's manifest file in the output bucket."""
     entries = []
     for index, data in enumerate(files):
         key = f"photos/{index:05d}.jpg"
         etag = s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=data)["ETag"].strip('"')
         entries.append(ManifestEntry(bucket=INPUT_BUCKET, key=key, size=len(data), etag=etag, mime_type="image/jpeg"))
-    return Manifest(manifest_id="bench", shard_size=len(entries), entries=tuple(entries))
+    (manifest,) = split("bench", entries, len(entries))
+    s3.put_object(Bucket=OUTPUT_BUCKET, Key=keys.manifest_prefix("", "bench") + keys.manifest_shard_name(0), Body=manifest.to_json())
+    return manifest
 
 
 def naive_loop(s3: Any, model: ClipModel, entries: Sequence[ManifestEntry], prefix: str) -> None:
@@ -226,13 +230,19 @@ def naive_loop(s3: Any, model: ClipModel, entries: Sequence[ManifestEntry], pref
         s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=json.dumps(vector.tolist()).encode())
 
 
-def read_vectors(s3: Any, model: ClipModel, entries: Sequence[ManifestEntry], prefix: str) -> np.ndarray:
+def naive_vectors(s3: Any, model: ClipModel, entries: Sequence[ManifestEntry], prefix: str) -> np.ndarray:
     return np.array(
         [
             json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.vector_key(prefix, model.id, e.bucket, e.key))["Body"].read())
             for e in entries
         ]
     )
+
+
+def worker_vectors(s3: Any, model: ClipModel, prefix: str) -> np.ndarray:
+    """The worker's shard, in manifest order (which is the order it writes its rows in)."""
+    body = s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.parquet_key(prefix, model.id, "bench", 0))["Body"].read()
+    return np.array(pq.read_table(io.BytesIO(body)).column("vector").to_pylist())
 
 
 def bench_end_to_end(
@@ -243,9 +253,7 @@ def bench_end_to_end(
         for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):
             s3.create_bucket(Bucket=bucket)
         manifest = upload(s3, files)
-        manifest_key = keys.manifest_key("", manifest.manifest_id)
-        s3.put_object(Bucket=OUTPUT_BUCKET, Key=manifest_key, Body=manifest.to_json())
-        config = replace(config, manifest_uri=keys.s3_url(OUTPUT_BUCKET, manifest_key))
+        config = replace(config, manifest_uri=keys.s3_url(OUTPUT_BUCKET, keys.manifest_prefix("", "bench")))
         # A fresh output prefix per run, or the worker would find the last run's outputs and skip the work.
         worker_runs, naive_runs = itertools.count(), itertools.count()
 
@@ -262,8 +270,8 @@ def bench_end_to_end(
         with mock.patch.object(runner, "load", return_value=model):
             # The whole job is one unit: the worker's speed comes from overlapping the images.
             seconds = fastest({"worker": worker, "naive": naive}, [manifest], repeats)
-        ours = read_vectors(s3, model, manifest.entries, "worker-0/")
-        theirs = read_vectors(s3, model, manifest.entries, "naive-0/")
+        ours = worker_vectors(s3, model, "worker-0/")
+        theirs = naive_vectors(s3, model, manifest.entries, "naive-0/")
     return EndToEndResult(
         size=f"{size[0]}x{size[1]}",
         images=len(files),

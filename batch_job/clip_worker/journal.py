@@ -2,11 +2,15 @@
 
 An object that kills the worker (a decoder crash, an out-of-memory kill) leaves no record of its
 own: the process is gone. So the child writes, ahead of its work, the range of shard positions it
-may be holding: one small PUT per window of objects, not per object. When an attempt starts and
-the journal still says "running", the last attempt died, and the objects of that range that are
-not finished are suspects: the new attempt prepares them one at a time, in isolation, naming each
-in the journal before it starts. A suspect that kills its isolated process fails alone
-(`crashes-worker`); one named alone when an attempt died is failed without being touched again.
+may be holding: one small PUT per window of objects (about 528 images on a GPU), not per object,
+and none for the first window, which an attempt that finds no journal assumes. A clean exit that
+leaves work to a retry (75, 143) writes "exited"; a finished child writes nothing more.
+
+When a later attempt finds the journal "running", or none at all, the last attempt died, and the
+objects of the window it was in that are not finished are suspects: the new attempt prepares them
+one at a time, in isolation, naming each in the journal before it starts. A suspect that kills its
+isolated process fails alone (`crashes-worker`); one named alone when an attempt died is failed
+without being touched again.
 """
 
 from __future__ import annotations
@@ -47,12 +51,18 @@ class Journal:
     _high: int = 0
     _careful: int | None = None
 
+    def __post_init__(self) -> None:
+        # The first window is implied, never written: what an attempt that finds no journal suspects.
+        self._high = self.slack
+
     def recover(self) -> Recovery:
+        if self.attempt == 1:
+            return Recovery()
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
         except Exception as exc:
             if aws.is_missing(exc):
-                return Recovery()
+                return Recovery(True, frozenset(range(self.slack)), None, self.attempt - 1)
             raise
         state = json.loads(body)
         if state.get("state") != "running":
@@ -83,7 +93,7 @@ class Journal:
         self._write("running")
 
     def exited(self) -> None:
-        """A clean exit (finished, interrupted, or leaving work to a retry): nothing to suspect."""
+        """A clean exit that leaves work to a retry (interrupted, or S3 failing): nothing to suspect."""
         self._write("exited")
 
     def _write(self, state: str) -> None:

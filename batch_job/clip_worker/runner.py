@@ -36,7 +36,7 @@ from clip_worker.model import default_batch_size, load
 from clip_worker.pipeline import Pipeline
 from clip_worker.prepare import Deferred, Failed, Stage
 from clip_worker.progress import Progress
-from clip_worker.writer import OutputWriter
+from clip_worker.writer import OutputWriter, Resumed
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -91,7 +91,8 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             s3, config.output_bucket, config.output_prefix, model, config.job_id or manifest.manifest_id,
             manifest.manifest_id, shard_index, write_pool if config.per_object_outputs else None,
         )
-        resumed = writer.resume(entries)
+        # A first attempt has nothing to resume (and saves the GET of a batch that does not exist).
+        resumed = writer.resume(entries) if config.attempt > 1 else Resumed()
         pipeline = Pipeline(entries, stage, Embedder(model, config.max_image_pixels, transform), writer, journal, label_set, batch_size, stop)
         logger.info(
             "job started",
@@ -134,10 +135,6 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
         finally:
             if isolated is not None:
                 isolated.close()
-            try:
-                journal.exited()
-            except Exception as exc:  # noqa: BLE001 - a stale "running" journal costs the next attempt time, not results
-                logger.warning("could not update the journal", extra={"reason": str(exc)})
 
     interrupted = stop.is_set() and progress.done < progress.total
     if interrupted:
@@ -146,6 +143,11 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
         exit_code = EXIT_RETRY
     else:
         exit_code = EXIT_OK
+    if exit_code != EXIT_OK:
+        try:
+            journal.exited()
+        except Exception as exc:  # noqa: BLE001 - the next attempt then suspects the last window: slower, not wrong
+            logger.warning("could not update the journal", extra={"reason": str(exc)})
     logger.info("job interrupted" if interrupted else "job finished", extra={**progress.fields(), "shard": shard_url, "exit_code": exit_code})
     return Summary(exit_code, progress, shard_url)
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clip_pipeline import emulator, local, report
+from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, function_environment, read_stack
 from clip_pipeline.submitter import Target
 from clip_dispatch.submission import SubmittedJob
@@ -72,11 +73,11 @@ def _load_model(model: str, pretrained: str, model_config: Path | None, device: 
 @app.command("local")
 def local_command(
     folder: Annotated[Path, typer.Argument(help="Images to upload (default: the bundled samples).", exists=True, file_okay=False)] = SAMPLES,
-    model: Annotated[str, typer.Option(help="open_clip model name.")] = "ViT-B-32",
-    pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint file, or `none`.")] = "openai",
+    model: Annotated[str, typer.Option(help="open_clip model name.")] = defaults.MODEL,
+    pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint file, or `none`.")] = defaults.PRETRAINED,
     model_config: Annotated[Path | None, typer.Option(help="Extra open_clip model config (JSON file or folder).")] = None,
     batching_window: Annotated[int, typer.Option(help="The dispatcher's MaximumBatchingWindowInSeconds.")] = 2,
-    shard_size: Annotated[int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")] = 1000,
+    shard_size: Annotated[int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")] = defaults.SHARD_SIZE,
     labels: Annotated[str, typer.Option(help="Zero-shot keywords in each event: `default`, labels separated by commas, or an s3:// label file (the ClipLabels parameter). Off when empty.")] = "",
     keywords_top_k: Annotated[int, typer.Option(min=1, help="Labels per image with --labels (the KeywordsTopK parameter).")] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
@@ -110,48 +111,17 @@ def local_command(
                 },
             )
             stack = read_stack(clients, LOCAL_STACK)
-            poller = local.LambdaPoller(clients, stack.output("DispatcherFunctionName"))
         extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
-        runner = local.BatchRunner(clients, stack, extra)
-        s3, sqs = clients.client("s3"), clients.client("sqs")
-        started = time.monotonic()
-        input_bucket = stack.output("InputBucketName")
-        with console.status(f"Uploading {len(files)} files to s3://{input_bucket}/ ..."):
-            for path in files:
-                s3.upload_file(str(path), input_bucket, path.relative_to(folder).as_posix())
-        queue_url = stack.output("UploadQueueUrl")
-        runs_done: list[local.JobRun] = []
-        while True:
-            invocations = poller.poll()
-            for invocation in invocations:
-                console.print(f"dispatcher: {invocation.records} messages, {invocation.failures} failed")
-            runs = runner.run_pending(on_output=lambda line: _show_worker_line(line, json_output))
-            runs_done += runs
-            for run in runs:
-                child = "" if run.array_index is None else f" child {run.array_index}"
-                console.print(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
-            attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
-            in_flight = int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
-            if not invocations and not runs and not in_flight:
-                break
-        elapsed = time.monotonic() - started
+        reporter = Reporter(console, json_output)
+        with reporter.shown():
+            pipeline = local.run_pipeline(clients, stack, folder, files, reporter, extra, console.print if not json_output else lambda line: None)
+        s3 = clients.client("s3")
         outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
-        _print_summary(clients, stack, files, outcomes, runs_done, elapsed, json_output)
+        _print_summary(clients, stack, files, outcomes, pipeline.runs, pipeline.seconds, json_output)
         if serve_api:
             _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
         elif keep:
             _wait_for_interrupt(clients, stack)
-
-
-def _show_worker_line(line: str, quiet: bool) -> None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return
-    if quiet or record.get("message") not in ("progress", "job started", "job finished", "job interrupted", "object failed"):
-        return
-    fields = {k: record[k] for k in ("done", "total", "images_per_s", "eta_s", "url", "code") if k in record}
-    console.print(f"  worker: {record['message']} {fields}")
 
 
 def _print_summary(
@@ -216,8 +186,8 @@ TopOption = Annotated[int, typer.Option("--top", min=1, help="How many results."
 
 
 def _model(stack: Stack | None, model: str | None, pretrained: str | None, model_config: Path | None) -> Any:
-    name = model or (stack.model if stack else "ViT-B-32")
-    weights = pretrained or (stack.pretrained if stack else "openai")
+    name = model or (stack.model if stack else defaults.MODEL)
+    weights = pretrained or (stack.pretrained if stack else defaults.PRETRAINED)
     return _load_model(name, weights, model_config)
 
 
@@ -350,8 +320,16 @@ def backfill_command(
     if bucket != stack.output("InputBucketName"):
         console.print(f"[yellow]warning:[/yellow] the stack's job role reads only s3://{stack.output('InputBucketName')}/; "
                       f"jobs for s3://{bucket}/ fail unless you grant it read access")
-    with console.status(f"Listing s3://{bucket}/{prefix} ..."):
-        counts = backfill(Target.of(clients, stack), bucket, prefix, _announce)
+    reporter = Reporter(console, json_output)
+    reporter.start("listed")
+    reporter.start("admitted")
+
+    def on_page(counts: dict[str, int]) -> None:
+        reporter.update("listed", counts["listed"])
+        reporter.update("admitted", counts["submitted"])
+
+    with reporter.shown():
+        counts = backfill(Target.of(clients, stack), bucket, prefix, _announce, on_page)
     _print_counts(f"backfill {url}", counts, json_output)
 
 

@@ -26,6 +26,7 @@ def backfill(
     bucket: str,
     prefix: str,
     on_submitted: Callable[[SubmittedJob, int], None] = lambda job, entries: None,
+    on_page: Callable[[dict[str, int]], None] = lambda counts: None,
 ) -> dict[str, int]:
     """Lists s3://bucket/prefix and submits what needs embedding; returns what became of the objects."""
     counts = dict.fromkeys(COUNTS, 0)
@@ -55,6 +56,8 @@ def backfill(
                     submitter.add([entry])
                 elif verdict != Verdict.ACCEPTED:
                     counts[verdict] += 1
+            counts["submitted"] = submitter.submitted + len(submitter.entries)
+            on_page(counts)
     submitter.flush()
     counts["submitted"], counts["jobs"] = submitter.submitted, submitter.jobs
     return counts

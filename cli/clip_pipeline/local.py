@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_pipeline.emulator import REPOSITORY
+from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import Clients, Stack, plain_environment
 
 DISPATCHER = REPOSITORY / "functions" / "dispatcher" / "app.py"
@@ -63,6 +65,9 @@ class EventSourceMapping:
 class Invocation:
     records: int
     failures: int
+    #: How long the handler ran here, against the emulator, and the CPU time this process spent meanwhile.
+    seconds: float
+    cpu_seconds: float
 
 
 def complete_s3_notification(body: str) -> str:
@@ -165,8 +170,10 @@ class LambdaPoller:
                 ]
             }
             name, timeout_s = self.context_template
+            started, cpu_started = time.monotonic(), time.process_time()
             with contextlib.redirect_stdout(sys.stderr):
                 response = self._handler(event, LambdaContext(name, timeout_s)) or {}
+            seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
             failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
             done = [m for m in messages if m["MessageId"] not in failed]
             for start in range(0, len(done), 10):
@@ -179,7 +186,7 @@ class LambdaPoller:
                     # Locally nobody waits out the visibility timeout: retry at once; the redrive
                     # policy still moves a message to the DLQ after maxReceiveCount.
                     self._sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
-            invocations.append(Invocation(len(messages), len(failed)))
+            invocations.append(Invocation(len(messages), len(failed), seconds, cpu_seconds))
         return invocations
 
 
@@ -238,7 +245,8 @@ class BatchRunner:
         definitions = self._batch.describe_job_definitions(jobDefinitions=[job["jobDefinition"]])["jobDefinitions"]
         return dict(definitions[0].get("retryStrategy") or {}) if definitions else {}
 
-    def run_pending(self, on_output: Callable[[str], None] = lambda line: None) -> list[JobRun]:
+    def run_pending(self, on_output: Callable[[tuple[str, int | None], str], None] = lambda child, line: None) -> list[JobRun]:
+        """Runs every job submitted since the last call; `on_output` gets each line a child prints."""
         runs = []
         for job in self._new_jobs():
             container = job["container"]
@@ -258,7 +266,9 @@ class BatchRunner:
                 if index is not None:
                     child["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
                 for attempt in range(1, attempts + 1):
-                    exit_code = exit_code_seen_by_batch(self._run(command, {**child, "AWS_BATCH_JOB_ATTEMPT": str(attempt)}, on_output))
+                    environment_of_attempt = {**child, "AWS_BATCH_JOB_ATTEMPT": str(attempt)}
+                    print_line = functools.partial(on_output, (job["jobId"], index))
+                    exit_code = exit_code_seen_by_batch(self._run(command, environment_of_attempt, print_line))
                     runs.append(JobRun(job["jobId"], index, exit_code, attempt))
                     if exit_code == 0 or not retries(strategy, exit_code):
                         break
@@ -271,3 +281,76 @@ class BatchRunner:
         for line in process.stdout:
             on_output(line.rstrip("\n"))
         return process.wait()
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    runs: list[JobRun]
+    #: Every dispatcher invocation (one SQS batch handed to the handler).
+    invocations: list[Invocation]
+    seconds: float
+
+
+@dataclass
+class _ChildProgress:
+    """The latest `done` each job child's worker reported, for one running total."""
+
+    done: dict[tuple[str, int | None], int] = field(default_factory=dict)
+
+    def total(self) -> int:
+        return sum(self.done.values())
+
+
+def run_pipeline(
+    clients: Clients,
+    stack: Stack,
+    folder: Path,
+    files: list[Path],
+    reporter: Reporter,
+    extra_environment: dict[str, str],
+    say: Callable[[str], None],
+) -> PipelineRun:
+    """Upload `files`, then do what AWS would until every upload is dispatched and every job has run."""
+    poller = LambdaPoller(clients, stack.output("DispatcherFunctionName"))
+    runner = BatchRunner(clients, stack, extra_environment)
+    s3, sqs = clients.client("s3"), clients.client("sqs")
+    started = time.monotonic()
+    input_bucket = stack.output("InputBucketName")
+    reporter.start("uploaded", len(files))
+    for count, path in enumerate(files, 1):
+        s3.upload_file(str(path), input_bucket, path.relative_to(folder).as_posix())
+        reporter.update("uploaded", count)
+    reporter.start("dispatched", len(files))
+    reporter.start("processed", len(files))
+    dispatched = 0
+    children = _ChildProgress()
+
+    def worker_line(child: tuple[str, int | None], line: str) -> None:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        message = record.get("message")
+        if message in ("progress", "job finished", "job interrupted") and "done" in record:
+            children.done[child] = record["done"]
+            reporter.update("processed", children.total())
+        elif message == "object failed":
+            say(f"worker: {record.get('url')}: {record.get('code')}")
+
+    queue_url = stack.output("UploadQueueUrl")
+    runs: list[JobRun] = []
+    invoked: list[Invocation] = []
+    while True:
+        invocations = poller.poll()
+        invoked += invocations
+        dispatched += sum(invocation.records - invocation.failures for invocation in invocations)
+        reporter.update("dispatched", dispatched)
+        done = runner.run_pending(worker_line)
+        for run in done:
+            child = "" if run.array_index is None else f" child {run.array_index}"
+            say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
+        runs += done
+        attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+        in_flight = int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+        if not invocations and not done and not in_flight:
+            return PipelineRun(runs, invoked, time.monotonic() - started)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from aws_lambda_powertools.utilities.parser.models import S3Model, S3RecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
+from clip_dispatch.admission import ADMISSION_THREADS, ObjectRef, Verdict, admit, record_rejection
 from clip_dispatch.submission import dedupe, new_manifest_id, submit
 from clip_shared import defaults
 from clip_shared.aws import CLIENT_CONFIG
@@ -63,6 +64,7 @@ metrics = Metrics()
 s3 = boto3.client("s3", config=CLIENT_CONFIG)
 batch_client = boto3.client("batch", config=CLIENT_CONFIG)
 processor = AsyncBatchProcessor(event_type=EventType.SQS, model=S3NotificationRecord)
+admission_pool = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admit")
 
 
 def _object_ref(notified: S3RecordModel) -> ObjectRef:
@@ -71,6 +73,7 @@ def _object_ref(notified: S3RecordModel) -> ObjectRef:
 
 
 def _admit(ref: ObjectRef, manifest_id: str) -> ManifestEntry | None:
+    # Runs on admission_pool's threads; the messages of a batch are admitted concurrently.
     admission = admit(s3, ref, SETTINGS.max_object_bytes)
     if admission.verdict is Verdict.ACCEPTED:
         return admission.entry
@@ -91,7 +94,7 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
         return record, []
     entries = []
     for notified in record.body.Records:
-        entry = await asyncio.to_thread(_admit, _object_ref(notified), manifest_id)
+        entry = await asyncio.get_running_loop().run_in_executor(admission_pool, _admit, _object_ref(notified), manifest_id)
         if entry is not None:
             entries.append(entry)
     return record, entries

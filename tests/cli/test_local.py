@@ -111,6 +111,13 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+    # --json: progress came as JSON lines on stderr, ending at the totals.
+    assert process.stderr is not None
+    progress = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith('{"progress"')]
+    last = {line["progress"]: line for line in progress}
+    assert last["uploaded"]["completed"] == last["uploaded"]["total"] == len(expected) + 5
+    assert last["dispatched"]["completed"] == len(expected) + 5
+    assert last["processed"]["completed"] == len(expected) + 3  # all but the two rejected
 
 
 def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: Path) -> None:

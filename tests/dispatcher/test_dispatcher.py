@@ -171,7 +171,7 @@ def test_a_message_delivered_twice_in_one_batch_is_embedded_once(invoke: Invoke)
     assert [entry.key for entry in entries_of(only_job())] == [UNICODE_KEY]
 
 
-def test_admission_costs_one_ranged_get_per_object_and_a_job_two_puts(app: ModuleType, invoke: Invoke) -> None:
+def test_admission_costs_one_ranged_get_per_object_and_a_job_a_put_per_child(app: ModuleType, invoke: Invoke) -> None:
     upload_batch()
     calls: list[tuple[str, str]] = []
 
@@ -184,10 +184,10 @@ def test_admission_costs_one_ranged_get_per_object_and_a_job_two_puts(app: Modul
     finally:
         app.s3.meta.events.unregister("before-parameter-build.s3", record)
 
-    # No HEAD, no claim: a GET of each object's first bytes, then the job's two manifest files and its record.
+    # No HEAD, no claim, no record: a GET of each object's first bytes, then the job's two manifest files.
     assert sorted(name for name, key in calls if not key.startswith(OUTPUT_PREFIX)) == ["GetObject"] * len(BATCH)
     writes = sorted(key.removeprefix(f"{OUTPUT_PREFIX}/").split("/", 1)[0] for name, key in calls if name == "PutObject")
-    assert writes == ["jobs", "manifests", "manifests"]
+    assert writes == ["manifests", "manifests"]
 
 
 def test_a_delivery_in_another_batch_is_submitted_again(invoke: Invoke) -> None:

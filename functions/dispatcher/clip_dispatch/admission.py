@@ -17,6 +17,11 @@ from clip_shared.events import ErrorCode, EventType, document_event, document_re
 from clip_shared.manifest import ManifestEntry
 
 
+#: Admissions are waits on S3 (a ranged GET each): this many at once keeps a batch's wall time, which
+#: Lambda bills, near one GET's latency per 32 objects on a function with a fraction of a vCPU.
+ADMISSION_THREADS = 32
+
+
 @dataclass(frozen=True)
 class ObjectRef:
     """An object as a notification (or a listing) names it; the key is already URL-decoded."""

@@ -1,14 +1,16 @@
-"""Entries -> one AWS Batch job: its manifest files, SubmitJob (an array job for several shards), and
-the job record the CLI's `status` and `retry` read."""
+"""Entries -> one AWS Batch job: its manifest files, then SubmitJob (an array job for several shards).
+
+Nothing else is written: Batch keeps the job (with its MANIFEST_URI) for the CLI's `status` and
+`retry`, and the dispatcher's log line records the submission for as long as the logs are kept.
+"""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from clip_shared import keys
@@ -47,7 +49,7 @@ def submit(
     job_queue: str,
     job_definition: str,
 ) -> SubmittedJob:
-    """Write one manifest file per child, submit the job, record the submission."""
+    """Write one manifest file per child, then submit the job."""
     manifests = split(manifest_id, entries, shard_size)
     prefix = keys.manifest_prefix(output_prefix, manifest_id)
     with ThreadPoolExecutor(min(_PARALLEL_WRITES, len(manifests))) as pool:
@@ -65,17 +67,4 @@ def submit(
     if array_size is not None:
         request["arrayProperties"] = {"size": array_size}
     response = batch_client.submit_job(**request)
-    job = SubmittedJob(response["jobId"], response["jobName"], manifest_uri, array_size)
-    record = {
-        "jobId": job.job_id,
-        "jobName": job.job_name,
-        "jobQueue": job_queue,
-        "jobDefinition": job_definition,
-        "manifestUri": manifest_uri,
-        "arraySize": array_size,
-        "entries": len(entries),
-        "submittedAt": datetime.now(timezone.utc).isoformat(),
-    }
-    s3.put_object(Bucket=output_bucket, Key=keys.job_record_key(output_prefix, manifest_id),
-                  Body=json.dumps(record).encode(), ContentType="application/json")
-    return job
+    return SubmittedJob(response["jobId"], response["jobName"], manifest_uri, array_size)

@@ -31,11 +31,19 @@ class QueryConfig(BaseModel):
     max_body_bytes: int = Field(alias="MAX_BODY_BYTES", default=6 * 1024 * 1024, ge=1024)
     #: Texts and images in one request.
     max_items: int = Field(alias="MAX_ITEMS", default=32, ge=1)
-    #: Decoded pixels per image; a 50 MP RGB image is 150 MB, a fair share of a Lambda's memory.
+    #: Decoded pixels per image, read from its header before decoding (decompression bombs).
     max_image_pixels: int = Field(alias="MAX_IMAGE_PIXELS", default=50_000_000, ge=1)
-    #: Characters per text, checked before tokenising so a huge text costs nothing.
-    max_text_chars: int = Field(alias="MAX_TEXT_CHARS", default=10_000, ge=1)
-    max_labels: int = Field(alias="MAX_LABELS", default=1_000, ge=1)
+    #: Decoded pixels of all a request's images together. Decoding costs time and memory in
+    #: proportion (up to 30 bytes a pixel while an RGBA image is flattened): this is what keeps the
+    #: worst request inside API Gateway's 29 s and a 3008 MB function (docs/query-api.md, measured).
+    max_request_pixels: int = Field(alias="MAX_REQUEST_PIXELS", default=25_000_000, ge=1)
+    #: Characters per text, checked before tokenising: the tokenizer's cost grows with the square of
+    #: a word's length (a 10,000-letter word takes it 10 s).
+    max_text_chars: int = Field(alias="MAX_TEXT_CHARS", default=1_000, ge=1)
+    #: A request's own labels: each is tokenized (up to 35 ms for one of the vocabulary's longest
+    #: pieces glued together) and embedded by the text tower (65 ms for ViT-B-32 on 2 vCPUs) on
+    #: every call, so this bounds /classify's time. Larger sets belong in CLIP_LABELS, baked.
+    max_labels: int = Field(alias="MAX_LABELS", default=50, ge=1)
     #: The most search results (k) one request may ask for.
     max_results: int = Field(alias="MAX_RESULTS", default=100, ge=1)
     #: How often a warm container looks for new Parquet shards.

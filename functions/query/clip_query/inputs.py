@@ -1,4 +1,4 @@
-"""What a request sends: texts and images under the names the caller chose, and options.
+"""What a request sends: texts and images under the names the caller chose, and the endpoint's options.
 
 Three request shapes carry the same content:
 - JSON `{"text": "..."}` or `{"image": "<base64>"}`: one input (the SageMaker-backed API's shape);
@@ -6,66 +6,45 @@ Three request shapes carry the same content:
   object's own keys;
 - `multipart/form-data`: file parts are images, other parts are texts, each keyed by its field
   name (`name[0]`, `name[1]`... when a name repeats).
-Options (`truncate`, `labels`, `top_k`, `k`) are JSON members or form fields of those names.
+Options are JSON members or form fields of the endpoint's own option names (models.py); another
+endpoint's option is refused, not read as a text.
+
+Whatever the body holds, reading it costs at most a bounded amount: the JSON parser's depth and
+number sizes are capped, containers longer than the limits are refused before pydantic looks at
+their items, and every refusal is a QueryError naming the field.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from clip_shared.mime import ACCEPTED_MIME_TYPES
+from clip_query.config import QueryConfig
+from clip_query.errors import Code, QueryError, invalid, shown
+from clip_query.models import BASE64_ERROR, INPUT_FIELDS, ClassifyRequest, EmbedRequest, SearchParameters, SearchRequest, is_text
 
-#: Form fields and JSON members that are options, never inputs.
-OPTIONS = ("truncate", "labels", "top_k", "k")
+M = TypeVar("M", bound=BaseModel)
 
-
-class ApiError(Exception):
-    """A request the API refuses: a 4xx status and a JSON body that names the field and the limit."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None, **details: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.details = details
-
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            error["field"] = self.field
-        return error | self.details
-
-
-def invalid(message: str, field: str | None = None) -> ApiError:
-    return ApiError(400, "invalid-request", message, field)
-
-
-def unsupported_type(field: str, found: str | None) -> ApiError:
-    kind = f"a {found} file" if found else "not a recognisable file type"
-    return ApiError(
-        415,
-        "unsupported-type",
-        f"{field} is {kind}; send one of the accepted image types",
-        field,
-        accepted=sorted(ACCEPTED_MIME_TYPES),
-    )
+#: Every option name of every endpoint: in a form, such a field is never read as a text.
+OPTIONS = frozenset().union(*(set(model.model_fields) - INPUT_FIELDS for model in (EmbedRequest, ClassifyRequest, SearchRequest)))
+#: Python refuses to convert longer digit strings (sys.get_int_max_str_digits); such a JSON number
+#: is read as an infinity, which the models refuse as a number out of range, naming its member.
+MAX_INT_DIGITS = 4300
 
 
 @dataclass
-class Inputs:
+class Inputs(Generic[M]):
+    #: The endpoint's request model: its options (inputs are taken out into `texts` and `images`).
+    options: M
     texts: dict[str, str] = field(default_factory=dict)
     images: dict[str, bytes] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
     #: The request was `{"text": ...}` or `{"image": ...}`: the answer is the bare vector.
     single: bool = False
 
@@ -73,135 +52,158 @@ class Inputs:
     def count(self) -> int:
         return len(self.texts) + len(self.images)
 
-    def flag(self, name: str) -> bool:
-        value = self.options.get(name, False)
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no", ""):
-            return value.strip().lower() in ("true", "1", "yes")
-        raise invalid(f"{name} must be true or false, not {value!r}", name)
 
-    def integer(self, name: str, default: int, limit: int) -> int:
-        value = self.options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise invalid(f"{name} must be a whole number, not {value!r}", name)
-        try:
-            number = int(value)
-        except ValueError:
-            raise invalid(f"{name} must be a whole number, not {value!r}", name) from None
-        if number < 1:
-            raise invalid(f"{name} must be at least 1", name)
-        if number > limit:
-            raise ApiError(400, "over-limit", f"{name}={number} is over the limit of {limit}", name, limit=limit)
-        return number
-
-    def labels(self, limit: int) -> list[str] | None:
-        """The request's own label set: a JSON list, or a form field of comma-separated labels."""
-        value = self.options.get("labels")
-        if value is None:
-            return None
-        if isinstance(value, str):
-            value = value.split(",")
-        if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
-            raise invalid("labels must be a list of strings (or, in a form, one comma-separated field)", "labels")
-        labels = list(dict.fromkeys(label.strip() for label in value if label.strip()))
-        if not labels:
-            raise invalid("labels is empty; leave it out to use the default label set", "labels")
-        if len(labels) > limit:
-            raise ApiError(400, "too-many-labels", f"{len(labels)} labels is over the limit of {limit}", "labels", limit=limit)
-        return labels
+def field_name(location: tuple[int | str, ...]) -> str | None:
+    """pydantic's error location as the API names fields: `k`, `texts[2]`, or a name the caller chose."""
+    name: str | None = None
+    for part in location:
+        if part == "[key]":
+            continue
+        name = f"{name}[{part}]" if isinstance(part, int) else part
+    return name
 
 
-def decode_base64(value: Any, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise invalid(f"{field} must be a base64 string", field)
-    # Browsers hand out data URLs (data:image/png;base64,...); the payload is what follows the comma.
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+def validated(model: type[M], data: dict[str, Any]) -> M:
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "invalid-base64", f"{field} is not valid base64", field) from None
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        name = field_name(first["loc"])
+        if first["type"] == "missing":
+            raise invalid(f"{name} is missing", name) from None
+        code = Code.INVALID_BASE64 if first["type"] == BASE64_ERROR else Code.INVALID_REQUEST
+        # models.py's own messages read on from the name ("image is not valid base64"); pydantic's are sentences.
+        message = first["msg"]
+        if name is not None:
+            message = f"{shown(name)}{' ' if message[:1].islower() else ': '}{message}"
+        raise QueryError(code, message, name) from None
 
 
-def _named(value: Any, field: str) -> list[tuple[str, Any]]:
-    if isinstance(value, list):
-        return [(f"{field}[{position}]", item) for position, item in enumerate(value)]
-    if isinstance(value, dict):
-        return list(value.items())
-    raise invalid(f"{field} must be a list, or an object of name -> value", field)
+def check_counts(items: int, labels: int, config: QueryConfig) -> None:
+    if items > config.max_items:
+        raise QueryError(
+            Code.TOO_MANY_ITEMS, f"{items} inputs is over the limit of {config.max_items} a request", limit=config.max_items
+        )
+    if labels > config.max_labels:
+        raise QueryError(
+            Code.TOO_MANY_LABELS, f"{labels} labels is over the limit of {config.max_labels}", "labels", limit=config.max_labels
+        )
 
 
-def from_json(document: Any) -> Inputs:
+def check_k(k: int, config: QueryConfig) -> int:
+    if k > config.max_results:
+        raise QueryError(Code.OVER_LIMIT, f"k={shown(k)} is over the limit of {config.max_results}", "k", limit=config.max_results)
+    return k
+
+
+def _json_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise invalid("the body is empty; send JSON or multipart/form-data")
+    try:
+        return json.loads(body, parse_int=_json_int)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("the body nests arrays or objects too deeply to be a request") from None
+
+
+def _add(inputs: Inputs[Any], name: str, value: str | bytes) -> None:
+    if name in inputs.texts or name in inputs.images:
+        raise invalid(f"'{shown(name)}' names two inputs", name)
+    if isinstance(value, str):
+        inputs.texts[name] = value
+    else:
+        inputs.images[name] = value
+
+
+def from_json(document: Any, model: type[M], config: QueryConfig) -> Inputs[M]:
     if not isinstance(document, dict):
         raise invalid("the body must be a JSON object")
-    inputs = Inputs(options={name: document[name] for name in OPTIONS if name in document})
-    unknown = sorted(set(document) - {"text", "image", "texts", "images", *OPTIONS})
+    unknown = sorted(set(document) - set(model.model_fields))
     if unknown:
-        raise invalid(f"unknown field {unknown[0]!r}; expected text, image, texts, images or {', '.join(OPTIONS)}", unknown[0])
-    if "text" in document:
-        inputs.texts["text"] = document["text"]
-    if "image" in document:
-        inputs.images["image"] = decode_base64(document["image"], "image")
-    for name, text in _named(document.get("texts", []), "texts"):
-        inputs.texts[name] = text
-    for name, value in _named(document.get("images", []), "images"):
-        if name in inputs.texts:
-            raise invalid(f"{name!r} names both a text and an image", name)
-        inputs.images[name] = decode_base64(value, name)
-    for name, text in inputs.texts.items():
-        if not isinstance(text, str):
-            raise invalid(f"{name} must be a string", name)
-    inputs.single = inputs.count == 1 and set(document) - set(OPTIONS) <= {"text", "image"}
+        raise invalid(f"unknown field '{shown(unknown[0])}'; expected {', '.join(model.model_fields)}", unknown[0])
+    # Counted before pydantic looks at the items: it would report every one of a million wrong items.
+    sizes = {name: len(value) if isinstance(value, (list, dict)) else 1 for name, value in document.items()}
+    check_counts(sum(sizes.get(name, 0) for name in INPUT_FIELDS), sizes.get("labels", 0), config)
+    # pydantic reports a bad key with the key mangled; the caller's own names come back escaped instead.
+    for name in (key for many in ("texts", "images") if isinstance(document.get(many), dict) for key in document[many]):
+        if not is_text(name):
+            raise invalid(f"'{shown(name)}' holds a lone surrogate, which is not text", name)
+    inputs = Inputs(options=validated(model, document))
+    for single in ("text", "image"):
+        if (value := getattr(inputs.options, single, None)) is not None:
+            _add(inputs, single, value)
+    for many in ("texts", "images"):
+        for name, value in (getattr(inputs.options, many, None) or {}).items():
+            _add(inputs, name, value)
+    inputs.single = inputs.count == 1 and not document.keys() & {"texts", "images"}
     return inputs
 
 
-async def from_form(request: Request, max_items: int) -> Inputs:
+async def from_form(request: Request, model: type[M], config: QueryConfig) -> Inputs[M]:
+    options = set(model.model_fields) - INPUT_FIELDS
     try:
-        form = await request.form(max_files=max_items, max_fields=max_items + len(OPTIONS))
+        form = await request.form(max_files=config.max_items, max_fields=config.max_items + len(options))
     except (MultiPartException, HTTPException) as exc:
         # Starlette reports its part limits as an HTTP 400 whose detail is the parser's message.
-        message = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+        message = str(getattr(exc, "detail", None) or getattr(exc, "message", exc))
         if "Too many" in message:
-            raise ApiError(400, "too-many-items", f"{message} (at most {max_items} inputs a request)", limit=max_items) from None
-        raise invalid(f"the multipart body cannot be read: {message}") from None
-    counts: dict[str, int] = {}
-    for name, _ in form.multi_items():
-        counts[name] = counts.get(name, 0) + 1
-    seen: dict[str, int] = {}
-    inputs = Inputs()
-    for name, value in form.multi_items():
-        if name in OPTIONS:
-            inputs.options[name] = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
-            continue
-        position = seen.get(name, 0)
-        seen[name] = position + 1
-        key = f"{name}[{position}]" if counts[name] > 1 else name
-        if isinstance(value, UploadFile):
-            inputs.images[key] = await value.read()
-        else:
-            inputs.texts[key] = value
-    await form.close()
+            raise QueryError(
+                Code.TOO_MANY_ITEMS, f"{message} (at most {config.max_items} inputs a request)", limit=config.max_items
+            ) from None
+        raise invalid(f"the multipart body cannot be read: {shown(message)}") from None
+    try:
+        counts: dict[str, int] = {}
+        for name, _ in form.multi_items():
+            counts[name] = counts.get(name, 0) + 1
+        seen: dict[str, int] = {}
+        values: dict[str, str] = {}
+        parts: list[tuple[str, str | bytes]] = []
+        for name, value in form.multi_items():
+            # A form's charset parameter may name a codec (unicode_escape) that makes lone surrogates.
+            if not is_text(name) or (isinstance(value, str) and not is_text(value)):
+                raise invalid(f"'{shown(name)}' holds a lone surrogate, which is not text", name)
+            if name in OPTIONS:
+                if name not in options:
+                    raise invalid(f"{shown(name)} is not an option here; expected {', '.join(sorted(options))}", name)
+                values[name] = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
+                continue
+            position = seen.get(name, 0)
+            seen[name] = position + 1
+            key = f"{name}[{position}]" if counts[name] > 1 else name
+            parts.append((key, await value.read() if isinstance(value, UploadFile) else value))
+    finally:
+        await form.close()
+    inputs = Inputs(options=validated(model, values))
+    for key, value in parts:
+        _add(inputs, key, value)
     return inputs
 
 
-async def read(request: Request, max_items: int) -> Inputs:
-    """The request's inputs, whatever its shape; ApiError when it is malformed or over `max_items`."""
+async def read(request: Request, model: type[M], config: QueryConfig) -> Inputs[M]:
+    """The request's inputs and options, whatever its shape; QueryError when it is malformed or over a limit."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        inputs = await from_form(request, max_items)
+        inputs = await from_form(request, model, config)
     elif content_type in ("application/json", ""):
-        body = await request.body()
-        if not body:
-            raise invalid("the body is empty; send JSON or multipart/form-data")
-        try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise invalid(f"the body is not valid JSON: {exc}") from None
-        inputs = from_json(document)
+        inputs = from_json(parse_json(await request.body()), model, config)
     else:
-        raise ApiError(
-            415, "unsupported-media-type", f"Content-Type {content_type} is not accepted; send application/json or multipart/form-data"
+        raise QueryError(
+            Code.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {shown(content_type)} is not accepted; send application/json or multipart/form-data",
         )
-    if inputs.count > max_items:
-        raise ApiError(400, "too-many-items", f"{inputs.count} inputs is over the limit of {max_items} a request", limit=max_items)
+    check_counts(inputs.count, len(getattr(inputs.options, "labels", None) or ()), config)
     return inputs
+
+
+def search_parameters(request: Request, config: QueryConfig) -> SearchParameters:
+    """GET /search's query string."""
+    if not request.query_params.get("q", "").strip():
+        raise invalid("q is missing: GET /search?q=a+red+bicycle&k=10", "q")
+    parameters = validated(SearchParameters, dict(request.query_params))
+    check_k(parameters.k, config)
+    return parameters

@@ -1,21 +1,28 @@
 """The query API's work, on the worker's own code: texts and images to vectors (ClipModel), zero-shot
-labels (clip_worker.labels) and the nearest stored images (clip_worker.index)."""
+labels (clip_worker.labels) and the nearest stored images (clip_worker.index).
+
+It knows nothing of HTTP: a refusal is a QueryError with a stable code, which api.py turns into a status.
+"""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 from aws_lambda_powertools import Logger
+from PIL import Image
 
 from clip_query.config import QueryConfig
-from clip_query.inputs import ApiError, invalid, unsupported_type
+from clip_query.errors import Code, QueryError, image_error, invalid, shown, unsupported_type
 from clip_shared import keys
-from clip_shared.events import DocumentError, ErrorCode
+from clip_shared.events import DocumentError
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
 from clip_worker.index import Match, VectorIndex, list_shards, read_shard
 from clip_worker.labels import PROMPT, Label, LabelSet, read_labels
@@ -67,15 +74,37 @@ class LiveIndex:
             return self._index
 
 
-def image_error(field: str, error: DocumentError, max_pixels: int) -> ApiError:
-    if error.code is ErrorCode.TOO_MANY_PIXELS:
-        return ApiError(400, "too-many-pixels", error.message, field, limit=max_pixels)
-    if error.code is ErrorCode.UNSUPPORTED_TYPE:
-        return unsupported_type(field, None)
-    return ApiError(400, str(error.code), error.message, field)
+@dataclass(frozen=True)
+class Vectors:
+    texts: dict[str, np.ndarray]
+    images: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Classified:
+    #: Each image's best labels, best first.
+    images: dict[str, list[Label]]
+    #: `request`, or the configured set's name (CLIP_LABELS).
+    label_set: str
+    labels_compared: int
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """The width and height an image's header declares, read without decoding a pixel; None when
+    the header cannot be read (ClipModel.prepare then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception:  # noqa: BLE001 - whatever a malformed header raises, decoding reports it
+        return None
 
 
 class QueryService:
+    """Every check before any work: a request over a limit costs its parsing, a look at its image
+    headers and the tokenizing of its texts, never a decode or a forward pass."""
+
     def __init__(self, config: QueryConfig, s3: Any, model: ClipModel | None = None) -> None:
         self.config = config
         self.s3 = s3
@@ -91,59 +120,87 @@ class QueryService:
 
     def check_text(self, field: str, text: str, truncate: bool) -> None:
         if not text.strip():
-            raise invalid(f"{field} is empty", field)
+            raise invalid(f"{shown(field)} is empty", field)
         if len(text) > self.config.max_text_chars:
-            raise ApiError(
-                400,
-                "text-too-long",
-                f"{field} has {len(text)} characters, over the limit of {self.config.max_text_chars}",
+            raise QueryError(
+                Code.TEXT_TOO_LONG,
+                f"{shown(field)} has {len(text)} characters, over the limit of {self.config.max_text_chars}",
                 field,
                 limit=self.config.max_text_chars,
                 unit="characters",
             )
         if not truncate and not self.model.text_fits(text):
-            raise ApiError(
-                400,
-                "text-too-long",
-                f"{field} is longer than {self.model.name}'s {self.model.context_length}-token context; shorten it, "
+            raise QueryError(
+                Code.TEXT_TOO_LONG,
+                f"{shown(field)} is longer than {self.model.name}'s {self.model.context_length}-token context; shorten it, "
                 "or send truncate=true to embed only its beginning",
                 field,
                 limit=self.model.context_length,
                 unit="tokens",
             )
 
-    def text_vectors(self, texts: dict[str, str], truncate: bool) -> dict[str, np.ndarray]:
-        for field, text in texts.items():
-            self.check_text(field, text, truncate)
-        return dict(zip(texts, self.model.embed_texts(list(texts.values())))) if texts else {}
-
-    def image_vectors(self, images: dict[str, bytes]) -> dict[str, np.ndarray]:
-        """The worker's own path: the real type from the bytes, then ClipModel.prepare and embed."""
-        pixels = []
+    def check_images(self, images: dict[str, bytes]) -> None:
+        """The real type of each image from its bytes, and its pixels from its header: each within
+        MAX_IMAGE_PIXELS, all of them together within MAX_REQUEST_PIXELS."""
+        total = 0
         for field, data in images.items():
             found = sniff_mime(data[:SNIFF_BYTES])
             if not is_accepted(found):
                 raise unsupported_type(field, found)
-            try:
-                pixels.append(self.model.prepare(data, field, self.config.max_image_pixels))
-            except DocumentError as error:
-                raise image_error(field, error, self.config.max_image_pixels) from None
-        return dict(zip(images, self.model.embed(torch.stack(pixels)))) if pixels else {}
+            size = declared_size(data)
+            if size is None:
+                continue
+            width, height = size
+            if width * height > self.config.max_image_pixels:
+                raise QueryError(
+                    Code.TOO_MANY_PIXELS,
+                    f"{shown(field)} is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{self.config.max_image_pixels} an image",
+                    field,
+                    limit=self.config.max_image_pixels,
+                )
+            total += width * height
+            if total > self.config.max_request_pixels:
+                raise QueryError(
+                    Code.TOO_MANY_PIXELS,
+                    f"the images up to {shown(field)} hold {total} pixels, over the limit of "
+                    f"{self.config.max_request_pixels} a request",
+                    field,
+                    limit=self.config.max_request_pixels,
+                )
+
+    def vectors(self, texts: dict[str, str], images: dict[str, bytes], truncate: bool) -> Vectors:
+        for field, text in texts.items():
+            self.check_text(field, text, truncate)
+        self.check_images(images)
+        return Vectors(self._text_vectors(texts), self._image_vectors(images))
+
+    def similarity(self, vectors: Vectors) -> dict[str, dict[str, float]]:
+        """The cosine of every text with every image: unit vectors, so their dot product."""
+        return {
+            text: {image: float(text_vector @ image_vector) for image, image_vector in vectors.images.items()}
+            for text, text_vector in vectors.texts.items()
+        }
+
+    def classify(self, images: dict[str, bytes], labels: list[str] | None, top_k: int | None) -> Classified:
+        """Each image's `top_k` best of the request's labels, or of the configured set."""
+        self.check_images(images)
+        for label in labels or ():
+            self.check_text("labels", PROMPT.format(label), truncate=False)
+        vectors = self._image_vectors(images)
+        label_set = self.label_set(labels)
+        k = min(top_k or self.config.top_k, len(label_set.labels))
+        ranked = dict(zip(vectors, label_set.top(np.stack(list(vectors.values())), k)))
+        return Classified(ranked, "request" if labels else self.config.labels, len(label_set.labels))
 
     def label_set(self, labels: list[str] | None) -> LabelSet:
         """The request's labels, or the configured set, embedded once per container."""
         if labels is not None:
-            for label in labels:
-                self.check_text("labels", PROMPT.format(label), truncate=False)
             return LabelSet.embed(self.model, labels)
         with self._labels_lock:
             if self._default_labels is None:
                 self._default_labels = LabelSet.cached(self.model, read_labels(self.config.labels, self.s3), self.config.cache_dir)
             return self._default_labels
-
-    def classify(self, images: dict[str, np.ndarray], labels: LabelSet, k: int) -> dict[str, list[Label]]:
-        """Each image's k best labels; the API has made sure there is at least one image."""
-        return dict(zip(images, labels.top(np.stack(list(images.values())), k)))
 
     def search(self, vector: np.ndarray, k: int) -> tuple[list[Match], int]:
         index = self.index.current()
@@ -158,3 +215,21 @@ class QueryService:
         return self.s3.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.config.preview_url_s
         )
+
+    def _text_vectors(self, texts: dict[str, str]) -> dict[str, np.ndarray]:
+        return dict(zip(texts, self.model.embed_texts(list(texts.values())))) if texts else {}
+
+    def _image_vectors(self, images: dict[str, bytes]) -> dict[str, np.ndarray]:
+        """The worker's own path, ClipModel.prepare and embed, on images check_images has passed."""
+        pixels = []
+        for field, data in images.items():
+            try:
+                pixels.append(self.model.prepare(data, shown(field), self.config.max_image_pixels))
+            except DocumentError as error:
+                raise image_error(field, error, self.config.max_image_pixels) from None
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a decoder's surprise on hostile bytes is still a bad image
+                logger.warning("image could not be decoded", extra={"field": shown(field)}, exc_info=True)
+                raise QueryError(Code.CORRUPT_IMAGE, f"{shown(field)} could not be decoded: {type(exc).__name__}", field) from exc
+        return dict(zip(images, self.model.embed(torch.stack(pixels)))) if pixels else {}

@@ -14,7 +14,6 @@ Per object, rare or optional:
 And what the pipeline keeps for itself:
 
     {prefix}manifests/{manifest_id}/shard-00000.json     what each job child embeds
-    {prefix}jobs/{manifest_id}.json                       the dispatcher's record of the job it submitted
     {prefix}journal/{manifest_id}/shard-00000.json       what a job child had in flight (crash recovery)
     {prefix}retries/{sha256}.json                         one per failure `clip-pipeline retry` resubmitted
 
@@ -120,10 +119,6 @@ def manifest_prefix(prefix: str, manifest_id: str) -> str:
 
 def manifest_shard_name(shard_index: int) -> str:
     return f"{_shard(shard_index)}.json"
-
-
-def job_record_key(prefix: str, manifest_id: str) -> str:
-    return f"{normalise_prefix(prefix)}jobs/{manifest_id}.json"
 
 
 def journal_key(prefix: str, manifest_id: str, shard_index: int) -> str:

@@ -1,0 +1,312 @@
+"""What a million images cost: the local pipeline over N photos, every AWS request counted and priced.
+
+`clip-pipeline local`'s own code runs (the real dispatcher handler, the real worker as Batch would
+run it) against moto's server with its request recorder on; each recorded request is attributed
+to the part of the pipeline that would make it on AWS, priced at us-east-1 list prices, and
+divided by the number of images. Requests only the emulator needs (creating the stack, the local
+runner's queue and job polling, the uploads themselves) are left out, and two costs the emulator
+makes no request for are added from their definition: the SQS message S3's event notification
+sends per upload, and the dispatcher Lambda's invocations. The GPU term comes from a throughput
+given on the command line (docs/gpu.md), since no GPU runs here.
+
+    python -m bench.cost_bench                                  # 100 JPEGs of about 30 KB
+    python -m bench.cost_bench --images 1000 --json bench/out/cost.json
+    python -m bench.cost_bench --gpu-images-per-second 400 --gpu-dollars-per-hour 0.526
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+#: us-east-1 list prices, November 2026 (https://aws.amazon.com/s3/pricing/, /sqs/pricing/, /lambda/pricing/).
+S3_WRITE = 0.005 / 1000  # PUT, COPY, POST, LIST
+S3_READ = 0.0004 / 1000  # GET, HEAD and the rest; DELETE is free
+SQS_REQUEST = 0.40 / 1_000_000  # a request carries up to 10 messages (64 KB chunks)
+LAMBDA_REQUEST = 0.20 / 1_000_000
+LAMBDA_GB_SECOND = 0.0000166667
+#: Lambda gives a function one vCPU at 1,769 MB, in proportion below it.
+LAMBDA_MB_PER_VCPU = 1769
+#: The dispatcher's waits on AWS: first byte of a small ranged GET, a PUT, SubmitJob.
+S3_GET_LATENCY_S = 0.025
+S3_PUT_LATENCY_S = 0.05
+SUBMIT_LATENCY_S = 0.1
+#: The issue's target for everything but the GPU, at default settings.
+TARGET_PER_MILLION = 1.50
+JPEG_BYTES = 30_000
+
+
+@dataclass(frozen=True)
+class Line:
+    component: str
+    what: str
+    kind: str
+    requests: int
+    per_image: float
+    dollars_per_million: float
+
+
+def photos(count: int, folder: Path) -> list[Path]:
+    """`count` distinct JPEGs of about 30 KB, cut from scikit-image's photos."""
+    from PIL import Image
+
+    from bench.worker_bench import PHOTO_NAMES, PHOTOS
+
+    sources = [Image.open(PHOTOS / name).convert("RGB") for name in PHOTO_NAMES]
+    paths = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        angle = index // len(sources) * 7 % 360
+        picture = source.rotate(angle, expand=False).resize((480, 360))
+        quality = 90
+        while True:
+            buffer = io.BytesIO()
+            picture.save(buffer, "JPEG", quality=quality)
+            if buffer.tell() <= JPEG_BYTES * 1.1 or quality <= 40:
+                break
+            quality -= 5
+        path = folder / f"photo-{index:05d}.jpg"
+        path.write_bytes(buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def _operation(entry: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(service, operation, bucket, key) of one recorded request."""
+    headers = {name.lower(): value for name, value in entry["headers"].items()}
+    target = headers.get("x-amz-target", "")
+    body = base64.b64decode(entry["body"]) if entry.get("body_encoded") else (entry.get("body") or "").encode()
+    url = urlparse(entry["url"])
+    if "AmazonSQS" in target:
+        return "sqs", target.rsplit(".", 1)[-1], "", ""
+    authorization = headers.get("authorization", "")
+    service = authorization.split("/")[3] if authorization.count("/") >= 4 else ""
+    if service != "s3":
+        if b"Action=" in body:
+            return service, dict(part.split("=", 1) for part in body.decode().split("&") if "=" in part).get("Action", ""), "", ""
+        return service, url.path, "", ""
+    bucket, _, key = unquote(url.path).lstrip("/").partition("/")
+    method = entry["method"]
+    query = url.query
+    if method == "GET" and not key:
+        return "s3", "ListObjects", bucket, ""
+    if method == "GET":
+        return "s3", "GetObject" + ("(range)" if "range" in headers else ""), bucket, key
+    return "s3", {"PUT": "PutObject", "HEAD": "HeadObject", "DELETE": "DeleteObject", "POST": "Post"}.get(method, method) + (
+        "?" + query if query and method == "POST" else ""
+    ), bucket, key
+
+
+def attribute(operation: tuple[str, str, str, str], input_bucket: str, output_bucket: str) -> tuple[str, str] | None:
+    """(component, what) on AWS for a recorded request, or None for what only the emulator needs."""
+    service, name, bucket, key = operation
+    if service == "sqs":
+        # The local poller stands in for Lambda's event source mapping: its receives and deletes are
+        # what AWS's poller does (counted from the deletes, below); queue attributes are the runner's.
+        return ("lambda poller", "delete batch") if name == "DeleteMessageBatch" else None
+    if service != "s3":
+        return None
+    if bucket == input_bucket:
+        if name == "GetObject(range)":
+            return "dispatcher", "first bytes of each upload"
+        if name == "GetObject":
+            return "worker", "download of each image"
+        return None  # the uploads: the user's own requests
+    if bucket != output_bucket:
+        return None
+    top = key.split("/", 1)[0]
+    if name == "PutObject":
+        return {"manifests": ("dispatcher", "manifest files"), "jobs": ("dispatcher", "job records"),
+                "rejected": ("dispatcher", "rejection records")}.get(top, ("worker", f"{top}/ writes"))
+    if name.startswith("GetObject") or name == "HeadObject":
+        return ("worker", "manifest reads") if top == "manifests" else ("worker", f"{top}/ reads")
+    if name == "ListObjects":
+        return "worker", "listings"
+    return None
+
+
+def price(name: str) -> float:
+    return S3_WRITE if name in ("PutObject", "ListObjects") or name.startswith("Post") else 0.0 if name == "DeleteObject" else S3_READ
+
+
+def measure(count: int, model: str, pretrained: str, model_config: str | None, shard_size: int) -> dict[str, Any]:
+    import requests
+    from rich.console import Console
+
+    from clip_pipeline import emulator, local
+    from clip_pipeline.app import LOCAL_STACK
+    from clip_pipeline.progress import Reporter
+    from clip_pipeline.stack import read_stack
+
+    recording = Path(os.environ["MOTO_RECORDER_FILEPATH"])
+    for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", emulator.REGION)):
+        os.environ.setdefault(name, value)
+    with tempfile.TemporaryDirectory() as scratch, emulator.running() as clients:
+        files = photos(count, Path(scratch))
+        os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
+        emulator.deploy(clients, LOCAL_STACK, {
+            "ImageUri": "local/clip-worker:dev", "ClipModel": model, "ClipPretrained": pretrained,
+            "ShardSize": str(shard_size), "MaximumBatchingWindowInSeconds": "2",
+        })
+        stack = read_stack(clients, LOCAL_STACK)
+        requests.post(f"{clients.endpoint_url}/moto-api/recorder/reset-recording", timeout=10)
+        requests.post(f"{clients.endpoint_url}/moto-api/recorder/start-recording", timeout=10)
+        extra = {"CLIP_MODEL_CONFIG": model_config} if model_config else {}
+        started = time.monotonic()
+        with Reporter(Console(stderr=True), json_lines=True).shown() as reporter:
+            run = local.run_pipeline(clients, stack, Path(scratch), files, reporter, extra, lambda line: None)
+        requests.post(f"{clients.endpoint_url}/moto-api/recorder/stop-recording", timeout=10)
+        elapsed = time.monotonic() - started
+        entries = [json.loads(line) for line in recording.read_text().splitlines() if line.strip()]
+        input_bucket, output_bucket = stack.output("InputBucketName"), stack.output("OutputBucketName")
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for entry in entries:
+        operation = _operation(entry)
+        attributed = attribute(operation, input_bucket, output_bucket)
+        if attributed is not None:
+            counts[(*attributed, operation[1])] += 1
+    return {"images": count, "seconds": round(elapsed, 1), "job_runs": len(run.runs), "counts": counts,
+            "dispatcher_invocations": len(run.invocations),
+            "dispatcher_seconds": round(sum(invocation.seconds for invocation in run.invocations), 3),
+            "dispatcher_cpu_seconds_per_invocation": round(dispatcher_cpu_per_invocation(round(count / max(1, len(run.invocations)))), 4),
+            "recorded_requests": len(entries)}
+
+
+def dispatcher_cpu_per_invocation(records: int, repeats: int = 5) -> float:
+    """CPU seconds the real dispatcher handler spends on one SQS batch of `records` uploads, with every
+    S3 and Batch answer canned (no emulator in the process), so the time is the function's own."""
+    from botocore.awsrequest import AWSResponse
+    from moto.core.botocore_stubber import MockRawResponse as Canned
+
+    from bench.worker_bench import PHOTO_NAMES, PHOTOS
+    from clip_pipeline import local
+
+    head = (PHOTOS / PHOTO_NAMES[3]).read_bytes()[:262]  # rocket.jpg: a JPEG's first bytes
+
+    def answer(request: Any, event_name: str, **_: Any) -> AWSResponse:
+        operation = event_name.rsplit(".", 1)[-1]
+        if operation == "GetObject":
+            headers = {"Content-Range": "bytes 0-261/30000", "ETag": '"0123456789abcdef0123456789abcdef"',
+                       "x-amz-version-id": "v1", "Content-Length": "262", "Content-Type": "image/jpeg"}
+            return AWSResponse(request.url, 206, headers, Canned(head))
+        if operation == "SubmitJob":
+            body = json.dumps({"jobId": "j", "jobName": "n", "jobArn": "arn:aws:batch:us-east-1:1:job/j"}).encode()
+            return AWSResponse(request.url, 200, {"Content-Type": "application/json"}, Canned(body))
+        return AWSResponse(request.url, 200, {"ETag": '"e"'}, Canned(b""))
+
+    environment = {"OUTPUT_BUCKET": "out-bucket", "OUTPUT_PREFIX": "", "JOB_QUEUE": "q", "JOB_DEFINITION": "d",
+                   "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Bench", "AWS_ENDPOINT_URL": ""}
+    saved = dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            handler = local.load_handler(local.DISPATCHER, environment)
+        module = sys.modules[handler.__module__]
+        for client in (module.s3, module.batch_client):
+            client.meta.events.register_first("before-send", answer)
+        notifications = [{"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": "2026-11-30T00:00:00.000Z",
+                          "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "p"}, "requestParameters": {"sourceIPAddress": "1.2.3.4"},
+                          "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "i"},
+                          "s3": {"s3SchemaVersion": "1.0", "configurationId": "c", "bucket": {"name": "in-bucket", "ownerIdentity": {"principalId": "p"}, "arn": "arn:aws:s3:::in-bucket"},
+                                 "object": {"key": f"photo-{index}.jpg", "size": 30000, "eTag": "0123456789abcdef0123456789abcdef", "versionId": "v1", "sequencer": "0"}}}
+                         for index in range(records)]
+        event = {"Records": [{"messageId": str(index), "receiptHandle": "h", "body": json.dumps({"Records": [notification]}),
+                              "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0", "SenderId": "s", "ApproximateFirstReceiveTimestamp": "0"},
+                              "messageAttributes": {}, "md5OfBody": "m", "eventSource": "aws:sqs",
+                              "eventSourceARN": "arn:aws:sqs:us-east-1:1:q", "awsRegion": "us-east-1"}
+                             for index, notification in enumerate(notifications)]}
+        timings = []
+        for _ in range(repeats + 1):
+            started = time.process_time()
+            with contextlib.redirect_stdout(io.StringIO()):
+                response = handler(event, local.LambdaContext("bench", 300))
+            timings.append(time.process_time() - started)
+            assert response == {"batchItemFailures": []}, response
+        return min(timings[1:])  # warm: Lambda reuses its environment across invocations
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def cost_table(measured: dict[str, Any], gpu_images_per_s: float, gpu_dollars_per_hour: float, memory_mb: int) -> list[Line]:
+    from clip_dispatch.admission import ADMISSION_THREADS
+
+    images = measured["images"]
+    lines = []
+    for (component, what, name), requests in sorted(measured["counts"].items()):
+        if component == "lambda poller":
+            # Each delete batch follows one receive that returned messages: two SQS requests.
+            lines.append(Line("SQS (Lambda's poller)", "receive + delete, up to 10 messages each", "SQS", 2 * requests,
+                              2 * requests / images, 2 * requests * SQS_REQUEST / images * 1e6))
+            continue
+        unit = price(name)
+        lines.append(Line(component, what, name, requests, requests / images, requests * unit / images * 1e6))
+    lines.append(Line("SQS (S3 notification)", "one message per upload, sent by S3", "SQS", images, 1.0, SQS_REQUEST * 1e6))
+    invocations = measured["dispatcher_invocations"]
+    # Lambda gives a function memory/1769 of a vCPU, so the handler's own CPU time stretches by that
+    # much; on top come its waits on S3 and Batch, with AWS's usual latencies (the module's constants).
+    cpu_share = min(1.0, memory_mb / LAMBDA_MB_PER_VCPU)
+    waits = invocations * (math.ceil(images / invocations / ADMISSION_THREADS) * S3_GET_LATENCY_S + S3_PUT_LATENCY_S + SUBMIT_LATENCY_S)
+    billed_s = measured["dispatcher_cpu_seconds_per_invocation"] * invocations / cpu_share + waits
+    dollars = invocations * LAMBDA_REQUEST + billed_s * memory_mb / 1024 * LAMBDA_GB_SECOND
+    lines.append(Line("dispatcher", f"Lambda: {invocations} invocations, {billed_s:.2f} s billed at {memory_mb} MB", "Lambda",
+                      invocations, invocations / images, dollars / images * 1e6))
+    if gpu_images_per_s > 0:
+        lines.append(Line("GPU", f"{gpu_dollars_per_hour}/h at {gpu_images_per_s:g} images/s", "EC2", 0, 0.0,
+                          gpu_dollars_per_hour / 3600 / gpu_images_per_s * 1e6))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default="none", help="weights for the worker; `none` (random) is enough to count requests")
+    parser.add_argument("--model-config", default=None)
+    parser.add_argument("--shard-size", type=int, default=1000, help="the ShardSize parameter (default: the template's)")
+    parser.add_argument("--gpu-images-per-second", type=float, default=0.0, help="measured GPU throughput; 0 leaves the GPU out")
+    parser.add_argument("--gpu-dollars-per-hour", type=float, default=0.526, help="g4dn.xlarge on demand, us-east-1")
+    parser.add_argument("--dispatcher-memory-mb", type=int, default=256, help="the dispatcher's MemorySize in template.yaml")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    measured = measure(args.images, args.model, args.pretrained, args.model_config, args.shard_size)
+    lines = cost_table(measured, args.gpu_images_per_second, args.gpu_dollars_per_hour, args.dispatcher_memory_mb)
+    without_gpu = sum(line.dollars_per_million for line in lines if line.component != "GPU")
+    total = sum(line.dollars_per_million for line in lines)
+    print(f"{measured['images']} JPEGs of about {JPEG_BYTES // 1000} KB through the local pipeline in {measured['seconds']} s "
+          f"({measured['job_runs']} job runs, {measured['recorded_requests']} requests recorded)")
+    print(f"{'component':<22} {'what':<46} {'request':<17} {'count':>6} {'per image':>10} {'$/million':>10}")
+    for line in lines:
+        print(f"{line.component:<22} {line.what:<46} {line.kind:<17} {line.requests:>6} {line.per_image:>10.4f} {line.dollars_per_million:>10.3f}")
+    verdict = "met" if without_gpu <= TARGET_PER_MILLION else "MISSED"
+    print(f"\neverything but the GPU: ${without_gpu:.3f} per million images ({verdict}: target <= ${TARGET_PER_MILLION:.2f})")
+    if args.gpu_images_per_second > 0:
+        print(f"with the GPU:           ${total:.3f} per million images")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {**{k: v for k, v in measured.items() if k != "counts"}, "lines": [asdict(line) for line in lines],
+                    "dollars_per_million_without_gpu": round(without_gpu, 4), "dollars_per_million": round(total, 4)}
+        args.json.write_text(json.dumps(document, indent=2))
+    return 0 if without_gpu <= TARGET_PER_MILLION else 1
+
+
+if __name__ == "__main__":
+    # The emulator's process records every request it serves into this file.
+    os.environ.setdefault("MOTO_ENABLE_RECORDING", "True")
+    os.environ.setdefault("MOTO_RECORDER_FILEPATH", str(Path(tempfile.gettempdir()) / f"cost-bench-{os.getpid()}.jsonl"))
+    sys.exit(main())
