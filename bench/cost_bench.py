@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote_plus, unquote, urlparse
 
 #: us-east-1 list prices, November 2026 (https://aws.amazon.com/s3/pricing/, /sqs/pricing/, /lambda/pricing/).
 S3_WRITE = 0.005 / 1000  # PUT, COPY, POST, LIST
@@ -186,6 +186,27 @@ def measure(count: int, model: str, pretrained: str, model_config: str | None, s
             "recorded_requests": len(entries)}
 
 
+def sqs_event(bucket: str, objects: list[tuple[str, str, str | None]]) -> dict[str, Any]:
+    """An SQS batch for Lambda: one message per (key, eTag, versionId), each holding S3's notification."""
+    records = []
+    for index, (key, etag, version_id) in enumerate(objects):
+        notified = {"key": quote_plus(key), "size": 30000, "eTag": etag, "sequencer": "0", **({"versionId": version_id} if version_id else {})}
+        notification = {
+            "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": "2026-11-30T00:00:00.000Z",
+            "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "p"}, "requestParameters": {"sourceIPAddress": "1.2.3.4"},
+            "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "i"},
+            "s3": {"s3SchemaVersion": "1.0", "configurationId": "c", "object": notified,
+                   "bucket": {"name": bucket, "ownerIdentity": {"principalId": "p"}, "arn": f"arn:aws:s3:::{bucket}"}},
+        }
+        records.append({
+            "messageId": str(index), "receiptHandle": "h", "body": json.dumps({"Records": [notification]}),
+            "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0", "SenderId": "s", "ApproximateFirstReceiveTimestamp": "0"},
+            "messageAttributes": {}, "md5OfBody": "m", "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:1:q",
+            "awsRegion": "us-east-1",
+        })
+    return {"Records": records}
+
+
 def dispatcher_cpu_per_invocation(records: int, repeats: int = 5) -> float:
     """CPU seconds the real dispatcher handler spends on one SQS batch of `records` uploads, with every
     S3 and Batch answer canned (no emulator in the process), so the time is the function's own."""
@@ -217,17 +238,7 @@ def dispatcher_cpu_per_invocation(records: int, repeats: int = 5) -> float:
         module = sys.modules[handler.__module__]
         for client in (module.s3, module.batch_client):
             client.meta.events.register_first("before-send", answer)
-        notifications = [{"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": "2026-11-30T00:00:00.000Z",
-                          "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "p"}, "requestParameters": {"sourceIPAddress": "1.2.3.4"},
-                          "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "i"},
-                          "s3": {"s3SchemaVersion": "1.0", "configurationId": "c", "bucket": {"name": "in-bucket", "ownerIdentity": {"principalId": "p"}, "arn": "arn:aws:s3:::in-bucket"},
-                                 "object": {"key": f"photo-{index}.jpg", "size": 30000, "eTag": "0123456789abcdef0123456789abcdef", "versionId": "v1", "sequencer": "0"}}}
-                         for index in range(records)]
-        event = {"Records": [{"messageId": str(index), "receiptHandle": "h", "body": json.dumps({"Records": [notification]}),
-                              "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0", "SenderId": "s", "ApproximateFirstReceiveTimestamp": "0"},
-                              "messageAttributes": {}, "md5OfBody": "m", "eventSource": "aws:sqs",
-                              "eventSourceARN": "arn:aws:sqs:us-east-1:1:q", "awsRegion": "us-east-1"}
-                             for index, notification in enumerate(notifications)]}
+        event = sqs_event("in-bucket", [(f"photo-{index}.jpg", "0123456789abcdef0123456789abcdef", "v1") for index in range(records)])
         timings = []
         for _ in range(repeats + 1):
             started = time.process_time()
@@ -270,6 +281,35 @@ def cost_table(measured: dict[str, Any], gpu_images_per_s: float, gpu_dollars_pe
     return lines
 
 
+@dataclass(frozen=True)
+class ColdStart:
+    """What a batch window pays when no GPU instance is running: a model, not a measurement (no GPU here).
+
+    Batch launches an instance (boot and ECS registration), pulls the worker image (about 4 GB
+    compressed, most of it CUDA torch), loads the model, embeds, and keeps the idle instance until it
+    scales in; EC2 bills all of it by the second.
+    """
+
+    boot_s: float = 150.0
+    pull_s: float = 90.0
+    load_s: float = 20.0
+    idle_tail_s: float = 300.0
+
+    @property
+    def seconds(self) -> float:
+        return self.boot_s + self.pull_s + self.load_s + self.idle_tail_s
+
+
+def trickle(per_window: list[int], pipeline_per_million: float, gpu_images_per_s: float, gpu_dollars_per_hour: float,
+            cold: ColdStart) -> list[tuple[int, float]]:
+    """$ per million images when every window of `n` uploads finds the GPUs scaled to zero."""
+    rows = []
+    for n in per_window:
+        gpu_s = cold.seconds + n / gpu_images_per_s
+        rows.append((n, pipeline_per_million + gpu_s * gpu_dollars_per_hour / 3600 / n * 1e6))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
@@ -280,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-images-per-second", type=float, default=0.0, help="measured GPU throughput; 0 leaves the GPU out")
     parser.add_argument("--gpu-dollars-per-hour", type=float, default=0.526, help="g4dn.xlarge on demand, us-east-1")
     parser.add_argument("--dispatcher-memory-mb", type=int, default=256, help="the dispatcher's MemorySize in template.yaml")
+    parser.add_argument("--trickle", type=int, nargs="*", default=[10, 100, 1000],
+                        help="uploads per batch window for the cold-start model (needs --gpu-images-per-second)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -297,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\neverything but the GPU: ${without_gpu:.3f} per million images ({verdict}: target <= ${TARGET_PER_MILLION:.2f})")
     if args.gpu_images_per_second > 0:
         print(f"with the GPU:           ${total:.3f} per million images")
+        cold = ColdStart()
+        print(f"\ntrickle: each window's uploads find the GPUs at zero ({cold.boot_s:g} s boot, {cold.pull_s:g} s image pull, "
+              f"{cold.load_s:g} s model load, {cold.idle_tail_s:g} s idle before scale-in: a model, not a measurement)")
+        for n, dollars in trickle(args.trickle, without_gpu, args.gpu_images_per_second, args.gpu_dollars_per_hour, cold):
+            print(f"  {n:>6} uploads per window   ${dollars:>12,.2f} per million images   (${dollars / 1e6:.5f} an image)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {**{k: v for k, v in measured.items() if k != "counts"}, "lines": [asdict(line) for line in lines],

@@ -28,61 +28,52 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
-import importlib
 import io
 import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stdout
-from importlib import metadata
+from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
-from unittest import mock
 
 import boto3
 import numpy as np
 import open_clip
-import PIL
-import skimage
 import torch
 import torch.nn.functional as F
-from aws_lambda_powertools.logging.filters import SuppressFilter
-from moto import mock_aws
 from moto.server import ThreadedMotoServer
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-from PIL import Image, ImageOps
+from PIL import Image
 
+from bench._harness import JPEG_QUALITY, REPOSITORY, environment, jpeg_photo, save_random_checkpoint, write_json
+from bench.query_function import (
+    EVENTS,
+    FUNCTION_NAME,
+    MEMORY_MB,
+    OUTPUT_BUCKET,
+    STORED_BUCKET,
+    clean_environment,
+    entry_point,
+    event,
+    function_environment,
+    invoke,
+)
+from bench.query_sizes import MB, bench_sizes, image_mb
 from bench.search_bench import shard
 from bench.worker_bench import positive
-from clip_pipeline.local import LambdaContext
 from clip_shared import keys
 from clip_worker import bake
 from clip_worker.labels import DEFAULT_LABELS, LabelSet
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-EVENTS = REPOSITORY / "events"
-PHOTO = Path(skimage.__file__).parent / "data" / "chelsea.png"
-OUTPUT_BUCKET = "bench-query-output"
-STORED_BUCKET = "bench-query-input"
-FUNCTION_NAME = "clip-query"
-#: The Lambda this machine resembles: 4096 MB gets about 2.3 vCPUs.
-MEMORY_MB = 4096
 SEARCH_TEXT = "a photo of a cat"
 SEARCH_K = 10
 FULL_IMAGE = (1600, 1200)
 QUICK_IMAGE = (320, 240)
-JPEG_QUALITY = 90
-MB = 1e6
 #: Turns each side of a warm comparison takes (see `fastest`).
 ROUNDS = 4
 
@@ -103,105 +94,8 @@ IMPORT_GROUPS = (
     ),
     ("fastapi, pydantic", "import fastapi, fastapi.responses, pydantic, starlette.concurrency"),
     ("mangum", "from mangum import Mangum"),
-    ("clip_query modules", "import clip_query.config, clip_query.inputs, clip_query.service, clip_query.api"),
+    ("clip_query modules", "import clip_query.config, clip_query.errors, clip_query.models, clip_query.inputs, clip_query.service, clip_query.middleware, clip_query.api"),
 )
-
-#: One cold start, run as `python -c COLD_CHILD '<json>'` with S3 on a moto server. Times are
-#: wall-clock (time.time), so the parent can count the interpreter's start from the moment it
-#: spawned this process.
-COLD_CHILD = r"""
-import time
-started = time.time()
-import json, sys
-settings = json.loads(sys.argv[1])
-imports = {}
-for name, statement in settings["import_groups"]:
-    before = time.time()
-    exec(statement)
-    imports[name] = time.time() - before
-imported = time.time()
-
-# The harness, not timed: a Lambda context, and a stopwatch on the model load. S3 is a moto server
-# in the parent process (AWS_ENDPOINT_URL): moto imported here would slow what follows for no
-# reason of the function's own (its objects make every garbage collection longer).
-class LambdaContext:
-    # What Powertools reads of Lambda's context (clip_pipeline.local's would import the CLI and
-    # moto's CloudFormation, seconds of modules the function never loads).
-    def __init__(self, function_name, timeout_s, memory_mb):
-        import uuid
-        self.function_name = function_name
-        self.memory_limit_in_mb = memory_mb
-        self.aws_request_id = str(uuid.uuid4())
-        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{function_name}"
-        self._deadline = time.monotonic() + timeout_s
-    def get_remaining_time_in_millis(self):
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
-
-import clip_query.service, clip_shared.keys
-def stopwatch(module, name, seconds):
-    real = getattr(module, name)
-    def timed(*args, **kwargs):
-        before = time.time()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            seconds.append(time.time() - before)
-    setattr(module, name, timed)
-model_load, weights_id = [], []
-stopwatch(clip_query.service, "load", model_load)
-# A checkpoint file is named by its content (a SHA-256 of the file); a tag such as `openai` is not.
-stopwatch(clip_shared.keys, "weights_id", weights_id)
-harness = time.time()
-
-import clip_query.lambda_function as entry
-initialised = time.time()
-
-first = {}
-for name, path in settings["events"].items():
-    with open(path) as stream:
-        event = json.load(stream)
-    context = LambdaContext(settings["function"], 29, settings["memory_mb"])
-    before = time.time()
-    response = entry.handler(event, context)
-    first[name] = time.time() - before
-    if response["statusCode"] != 200:
-        raise SystemExit(f"{name}: status {response['statusCode']}: {response['body'][:500]}")
-entry.service.s3.head_bucket(Bucket=settings["bucket"])  # after the timings: the function reaches the moto server
-
-# The peak resident memory of this process since its exec. (getrusage's ru_maxrss would not do:
-# Linux carries the parent's high-water mark across fork and exec.)
-with open("/proc/self/status") as stream:
-    peak_kib = next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:"))
-with open(settings["out"], "w") as stream:
-    json.dump(
-        {
-            "started": started,
-            "imports": imports,
-            "imported": imported,
-            "harness_s": harness - imported,
-            "init_s": initialised - harness,
-            "model_load_s": model_load[0],
-            "weights_id_s": sum(weights_id),
-            "first": first,
-            "peak_rss_mb": peak_kib * 1024 / 1e6,
-        },
-        stream,
-    )
-"""
-
-#: The floor: a fresh interpreter that imports torch and nothing else.
-TORCH_CHILD = r"""
-import time
-started = time.time()
-import torch
-imported = time.time()
-import json, sys
-with open("/proc/self/status") as stream:
-    peak_kib = next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:"))
-with open(sys.argv[1], "w") as stream:
-    json.dump({"started": started, "imported": imported, "peak_rss_mb": peak_kib * 1024 / 1e6}, stream)
-"""
-
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -232,85 +126,19 @@ def fastest(sides: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
     return found
 
 
-def clean_environment(extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment with fake AWS credentials, none of the developer's endpoints, and `extra`."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_BATCH_JOB_ARRAY_INDEX", "AWS_BATCH_JOB_ID")
-    }
-    env.update(
-        {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
-    env.update(extra)
-    return env
-
-
-def function_environment(args: argparse.Namespace, checkpoint: Path, cache_dir: Path) -> dict[str, str]:
-    """What the image and the template give the QueryFunction, with the weights as a checkpoint file."""
-    env = {
-        "CLIP_CACHE_DIR": str(cache_dir),
-        "OUTPUT_BUCKET": OUTPUT_BUCKET,
-        "OUTPUT_PREFIX": "",
-        "CLIP_MODEL": args.model,
-        "CLIP_PRETRAINED": str(checkpoint),
-        "CLIP_LABELS": "default",
-        "HF_HUB_OFFLINE": "1",
-        # Lambda has no GPU: the model loads on the CPU even where this runs on a GPU machine.
-        "CUDA_VISIBLE_DEVICES": "",
-        "POWERTOOLS_SERVICE_NAME": FUNCTION_NAME,
-        "POWERTOOLS_METRICS_NAMESPACE": "ClipPipelineBench",
-    }
-    if args.model_config:
-        env["CLIP_MODEL_CONFIG"] = str(Path(args.model_config).resolve())
-    return env
-
-
-def save_random_checkpoint(model: str, path: Path) -> Path:
-    """Seeded random weights in the checkpoint format open_clip loads from a file path."""
-    torch.manual_seed(0)
-    network = open_clip.create_model(model)
-    torch.save({"state_dict": network.state_dict()}, path)
-    del network
-    return path
-
-
-def jpeg_photo(size: tuple[int, int]) -> bytes:
-    """scikit-image's cat, cropped to 4:3 and resized with LANCZOS, as a JPEG of quality 90."""
-    image = ImageOps.fit(Image.open(PHOTO).convert("RGB"), size, Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
-
-
-def event(template: str, **changes: Any) -> dict[str, Any]:
-    """One of the sample events in events/, with its body or query string replaced."""
-    document = json.loads((EVENTS / template).read_text())
-    if "body" in changes:
-        document["body"] = changes["body"]
-        document["headers"]["content-length"] = str(len(changes["body"].encode()))
-    if "query" in changes:
-        document["rawQueryString"] = "&".join(f"{name}={value.replace(' ', '+')}" for name, value in changes["query"].items())
-        document["queryStringParameters"] = changes["query"]
-    return document
-
-
 # ---------------------------------------------------------------------------------------------
 # (1) cold start
 
 
-def cold_start_once(python: str, env: dict[str, str], settings: dict[str, Any], folder: Path) -> dict[str, Any]:
-    out = folder / "cold.json"
+def child(kind: str, env: dict[str, str], settings: dict[str, Any], folder: Path) -> tuple[float, dict[str, Any]]:
+    """`python -m bench.cold_child kind`: when it was spawned (wall clock), and what it measured."""
+    out = folder / f"{kind}.json"
     out.unlink(missing_ok=True)
     spawned = time.time()
     done = subprocess.run(
-        [python, "-c", COLD_CHILD, json.dumps({**settings, "out": str(out)})],
-        env=env,
+        [sys.executable, "-m", "bench.cold_child", kind, json.dumps({**settings, "out": str(out)})],
+        # The child runs in a scratch folder; it finds this repository's benchmarks through the path.
+        env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))},
         cwd=folder,
         stdout=subprocess.DEVNULL,  # the JSON log lines and EMF metrics the function prints
         stderr=subprocess.PIPE,
@@ -319,26 +147,30 @@ def cold_start_once(python: str, env: dict[str, str], settings: dict[str, Any], 
         check=False,
     )
     if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"the cold-start process failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    child = json.loads(out.read_text())
-    interpreter = child["started"] - spawned
-    imports = child["imported"] - child["started"]
-    first = child["first"]
+        raise RuntimeError(f"the {kind} cold-start process failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return spawned, json.loads(out.read_text())
+
+
+def cold_start_once(env: dict[str, str], settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    spawned, measured = child("function", env, settings, folder)
+    interpreter = measured["started"] - spawned
+    imports = measured["imported"] - measured["started"]
+    first = measured["first"]
     return {
         "interpreter_s": interpreter,
         "imports_s": imports,
-        "import_groups_s": child["imports"],
+        "import_groups_s": measured["imports"],
         "startup_s": interpreter + imports,
-        "init_s": child["init_s"],
-        "model_load_s": child["model_load_s"],
-        "hash_checkpoint_s": child["weights_id_s"],
+        "init_s": measured["init_s"],
+        "model_load_s": measured["model_load_s"],
+        "hash_checkpoint_s": measured["weights_id_s"],
         "first_embed_text_s": first["embed_text"],
         "first_embed_image_s": first["embed_image"],
-        "total_s": interpreter + imports + child["init_s"] + first["embed_text"] + first["embed_image"],
+        "total_s": interpreter + imports + measured["init_s"] + first["embed_text"] + first["embed_image"],
         # What a tag such as CLIP_PRETRAINED=openai (the image's weights) would take: no file to hash.
-        "total_without_hash_s": interpreter + imports + child["init_s"] - child["weights_id_s"] + first["embed_text"] + first["embed_image"],
-        "harness_s": child["harness_s"],
-        "peak_rss_mb": child["peak_rss_mb"],
+        "total_without_hash_s": interpreter + imports + measured["init_s"] - measured["weights_id_s"] + first["embed_text"] + first["embed_image"],
+        "harness_s": measured["harness_s"],
+        "peak_rss_mb": measured["peak_rss_mb"],
     }
 
 
@@ -350,26 +182,18 @@ def server_stopped(server: ThreadedMotoServer) -> Iterator[None]:
         server.stop()
 
 
-def torch_floor_once(python: str, env: dict[str, str], folder: Path) -> dict[str, float]:
-    out = folder / "torch.json"
-    out.unlink(missing_ok=True)
-    spawned = time.time()
-    done = subprocess.run(
-        [python, "-c", TORCH_CHILD, str(out)], env=env, cwd=folder, capture_output=True, text=True, timeout=600, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"`import torch` failed in a fresh process:\n{done.stderr[-4000:]}")
-    child = json.loads(out.read_text())
+def torch_floor_once(env: dict[str, str], folder: Path) -> dict[str, float]:
+    spawned, measured = child("torch", env, {}, folder)
     return {
-        "interpreter_s": child["started"] - spawned,
-        "import_torch_s": child["imported"] - child["started"],
-        "total_s": child["imported"] - spawned,
-        "peak_rss_mb": child["peak_rss_mb"],
+        "interpreter_s": measured["started"] - spawned,
+        "import_torch_s": measured["imported"] - measured["started"],
+        "total_s": measured["imported"] - spawned,
+        "peak_rss_mb": measured["peak_rss_mb"],
     }
 
 
 def bench_cold_start(args: argparse.Namespace, checkpoint: Path, cache_dir: Path, repeats: int) -> dict[str, Any]:
-    env = clean_environment(function_environment(args, checkpoint, cache_dir))
+    env = clean_environment(function_environment(args.model, args.model_config, checkpoint, cache_dir))
     # The image's pip install compiles every module; let this repository's (an editable install
     # here) be compiled once and cached too, rather than on every start.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -396,11 +220,11 @@ def bench_cold_start(args: argparse.Namespace, checkpoint: Path, cache_dir: Path
         for round_ in range(repeats):
             # Alternate who goes first, so neither always finds the page cache the other warmed.
             if round_ % 2 == 0:
-                runs.append(cold_start_once(sys.executable, env, settings, Path(folder)))
-                floors.append(torch_floor_once(sys.executable, env, Path(folder)))
+                runs.append(cold_start_once(env, settings, Path(folder)))
+                floors.append(torch_floor_once(env, Path(folder)))
             else:
-                floors.append(torch_floor_once(sys.executable, env, Path(folder)))
-                runs.append(cold_start_once(sys.executable, env, settings, Path(folder)))
+                floors.append(torch_floor_once(env, Path(folder)))
+                runs.append(cold_start_once(env, settings, Path(folder)))
     phases = [key for key in runs[0] if key != "import_groups_s"]
     fastest_run = {key: best([run[key] for run in runs]) for key in phases}
     fastest_run["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
@@ -422,37 +246,12 @@ def bench_cold_start(args: argparse.Namespace, checkpoint: Path, cache_dir: Path
 # (2) warm latency
 
 
-@contextmanager
-def entry_point(env: dict[str, str]) -> Iterator[ModuleType]:
-    """clip_query.lambda_function imported as Lambda's runtime imports it, on an in-process moto S3."""
-    # Powertools loggers propagate to the root logger. In Lambda, Powertools filters its records out
-    # of the runtime's root handler, which exists before the function is imported; a root handler
-    # added later here (open_clip's logging.warning adds one) would print every log line twice.
-    suppress = SuppressFilter(FUNCTION_NAME)
-    for handler in logging.root.handlers:
-        handler.addFilter(suppress)
-    with mock.patch.dict(os.environ, clean_environment(env), clear=True), mock_aws():
-        boto3.client("s3").create_bucket(Bucket=OUTPUT_BUCKET)
-        sys.modules.pop("clip_query.lambda_function", None)
-        try:
-            module = importlib.import_module("clip_query.lambda_function")
-            for handler in logging.root.handlers:  # and any that loading the model added
-                handler.addFilter(suppress)
-            yield module
-        finally:
-            sys.modules.pop("clip_query.lambda_function", None)
-            for handler in logging.root.handlers:
-                handler.removeFilter(suppress)
-
-
 def bench_warm(
     args: argparse.Namespace, checkpoint: Path, cache_dir: Path, image_size: tuple[int, int], rows: int, repeats: int
 ) -> dict[str, Any]:
     photo = jpeg_photo(image_size)
     encoded = base64.b64encode(photo).decode()
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    with entry_point(function_environment(args, checkpoint, cache_dir)) as entry:
-        previous_stream = entry.logger.registered_handler.setStream(devnull)
+    with entry_point(function_environment(args.model, args.model_config, checkpoint, cache_dir)) as entry:
         service = entry.service
         model = service.model
         data = shard(rows, model.dimensions, model.name, model.pretrained, STORED_BUCKET)
@@ -466,13 +265,8 @@ def bench_warm(
             "search": event("query-search-text.json", query={"q": SEARCH_TEXT, "k": str(SEARCH_K)}),
         }
 
-        def invoke(name: str) -> dict[str, Any]:
-            request = copy.deepcopy(events[name])
-            context = LambdaContext(FUNCTION_NAME, 29, MEMORY_MB)
-            with redirect_stdout(devnull):  # the EMF metrics document each invocation prints
-                started = time.perf_counter()
-                response = entry.handler(request, context)
-                elapsed = time.perf_counter() - started
+        def call(name: str) -> dict[str, Any]:
+            elapsed, response = invoke(entry, events[name])
             if response["statusCode"] != 200:
                 raise RuntimeError(f"{name}: status {response['statusCode']}: {response['body'][:500]}")
             return {"seconds": elapsed, "body": json.loads(response["body"])}
@@ -489,12 +283,12 @@ def bench_warm(
                 return F.normalize(network.encode_image(pixels), dim=-1)[0].numpy()
 
         # Warm both sides' code paths (the API's first calls are what (1) measures).
-        api_text = np.array(invoke("embed_text")["body"], np.float32)
-        api_image = np.array(invoke("embed_image")["body"], np.float32)
+        api_text = np.array(call("embed_text")["body"], np.float32)
+        api_image = np.array(call("embed_image")["body"], np.float32)
         ref_text, ref_image = reference_text(), reference_image()
 
-        classify_first = invoke("classify")
-        search_first = invoke("search")
+        classify_first = call("classify")
+        search_first = call("search")
         # What the first /classify would cost without the vectors baked into the image (a label set
         # other than the default, or an image built without them): the service's own embedding.
         started = time.perf_counter()
@@ -520,11 +314,9 @@ def bench_warm(
             ("search", reference_search),
         ):
             # Each request against its own reference, pair by pair.
-            seconds |= fastest({request: lambda request=request: invoke(request), f"reference_{request}": reference}, repeats)
-        classified = [label["label"] for label in invoke("classify")["body"]["images"]["image"]]
-        found = invoke("search")["body"]
-        entry.logger.registered_handler.setStream(previous_stream)
-    devnull.close()
+            seconds |= fastest({request: lambda request=request: call(request), f"reference_{request}": reference}, repeats)
+        classified = [label["label"] for label in call("classify")["body"]["images"]["image"]]
+        found = call("search")["body"]
 
     latency = {
         "embed_text": seconds["embed_text"],
@@ -572,125 +364,11 @@ def bench_warm(
 
 
 # ---------------------------------------------------------------------------------------------
-# (3) sizes
-
-#: Libraries only the CUDA build of torch brings; the CPU build the Lambda image installs has none.
-CUDA_ONLY_PREFIXES = ("nvidia-", "cuda-", "triton")
-TORCH_BUILD = ("torch", "torchvision")
-
-
-def installed_bytes(distribution: metadata.Distribution) -> int:
-    total = 0
-    for file in distribution.files or []:
-        path = Path(distribution.locate_file(file))
-        if path.is_file():
-            total += path.stat().st_size
-    return total
-
-
-def requirement_closure(roots: Sequence[str], stop: Callable[[str], bool]) -> dict[str, metadata.Distribution]:
-    """Every installed distribution `roots` (PEP 508, extras included) require, recursively, not
-    descending into the distributions `stop` names (which are still included)."""
-    found: dict[str, metadata.Distribution] = {}
-    done: dict[str, set[str]] = {}
-    pending = [Requirement(root) for root in roots]
-    while pending:
-        requirement = pending.pop()
-        name = canonicalize_name(requirement.name)
-        extras = set(requirement.extras)
-        if name in done and extras <= done[name]:
-            continue
-        try:
-            distribution = metadata.distribution(requirement.name)
-        except metadata.PackageNotFoundError:
-            continue
-        done.setdefault(name, set()).update(extras)
-        found[name] = distribution
-        if stop(name):
-            continue
-        for text in distribution.requires or []:
-            child = Requirement(text)
-            if child.marker is None or any(child.marker.evaluate({"extra": extra}) for extra in {"", *done[name]}):
-                pending.append(child)
-    return found
-
-
-def sized(distributions: dict[str, metadata.Distribution]) -> dict[str, float]:
-    return dict(sorted(((name, installed_bytes(d) / MB) for name, d in distributions.items()), key=lambda item: -item[1]))
-
-
-def source_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and "__pycache__" not in path.parts)
-
-
-def bench_sizes(checkpoint: Path, cache_dir: Path) -> dict[str, Any]:
-    def is_torch(name: str) -> bool:
-        return name in TORCH_BUILD or name.startswith(CUDA_ONLY_PREFIXES)
-
-    project = canonicalize_name("clip-embedding-pipeline")
-    api = requirement_closure(["clip-embedding-pipeline[query]"], is_torch)
-    api = {name: d for name, d in api.items() if not is_torch(name) and name != project}
-    # What torch and torchvision need besides the CUDA libraries: the CPU build needs it too.
-    torch_side = requirement_closure(list(TORCH_BUILD), lambda name: name.startswith(CUDA_ONLY_PREFIXES))
-    torch_requirements = {name: d for name, d in torch_side.items() if not is_torch(name) and name not in api}
-    everything = requirement_closure(list(TORCH_BUILD), lambda name: False)
-    cuda = {name: d for name, d in everything.items() if name.startswith(CUDA_ONLY_PREFIXES)}
-    torch_build = {name: d for name, d in torch_side.items() if name in TORCH_BUILD}
-    packages = {
-        "clip_shared": REPOSITORY / "layers" / "shared" / "clip_shared",
-        "clip_worker": REPOSITORY / "batch_job" / "clip_worker",
-        "clip_query": REPOSITORY / "functions" / "query" / "clip_query",
-        "clip_pipeline": REPOSITORY / "cli" / "clip_pipeline",
-    }
-    groups = {
-        "api_dependencies": sized(api),
-        "torch_requirements": sized(torch_requirements),
-        "torch_cuda_build": sized(torch_build),
-        "cuda_libraries": sized(cuda),
-        "project_code": {name: source_bytes(folder) / MB for name, folder in packages.items()},
-    }
-    sizes = {
-        "checkpoint_mb": checkpoint.stat().st_size / MB,
-        "baked_label_vectors_mb": source_bytes(cache_dir) / MB,
-        "totals_mb": {name: sum(group.values()) for name, group in groups.items()},
-        **groups,
-    }
-    sizes["image_without_torch_and_base_mb"] = image_mb(sizes)
-    return sizes
-
-
-# ---------------------------------------------------------------------------------------------
 # report
-
-
-def environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
-    return {
-        "commit": commit + ("+dirty" if dirty else ""),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "pillow": PIL.__version__,
-        "fastapi": metadata.version("fastapi"),
-        "mangum": metadata.version("mangum"),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
 
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:9.1f}"
-
-
-def image_mb(sizes: dict[str, Any]) -> float:
-    """What this machine can measure of the image: all of it but torch and the Lambda base image."""
-    totals = sizes["totals_mb"]
-    return sizes["checkpoint_mb"] + sizes["baked_label_vectors_mb"] + totals["api_dependencies"] + totals["torch_requirements"] + totals["project_code"]
 
 
 def report(results: dict[str, Any]) -> str:
@@ -798,9 +476,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "sizes": bench_sizes(checkpoint, cache_dir),
         }
     print(report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return results
 
 

@@ -23,7 +23,7 @@ from aws_lambda_powertools.logging.filters import SuppressFilter
 from moto import mock_aws
 
 from bench._harness import REPOSITORY
-from clip_pipeline.local import LambdaContext
+from bench.cold_child import LambdaContext
 
 EVENTS = REPOSITORY / "events"
 OUTPUT_BUCKET = "bench-query-output"

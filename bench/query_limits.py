@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
+import dataclasses
 import io
 import json
 import random
@@ -113,22 +115,27 @@ def b64(data: bytes) -> str:
 
 
 class Words:
-    """Texts that fill the model's context and cost its tokenizer the most, and never repeat (the
-    tokenizer caches every word it has seen): one long word of the vocabulary's longest pieces
-    glued together, which the BPE merges back piece by piece (random words cost it a tenth)."""
+    """Texts that fill the model's context and cost its tokenizer the most, and never repeat: one long
+    word of the vocabulary's longest pieces glued together, which the BPE merges back piece by piece
+    (random words cost it a tenth). They are fitted with a copy of the tokenizer, whose cache of
+    every word it has seen would otherwise hand the API the answer."""
 
-    def __init__(self, model: ClipModel, seed: int = 0) -> None:
-        self.fits = model.text_fits
+    def __init__(self, model: ClipModel, max_chars: int, seed: int = 0) -> None:
+        self.fitting = dataclasses.replace(model, tokenizer=copy.deepcopy(model.tokenizer))
+        self.max_chars = max_chars
         self.rng = random.Random(seed)
         vocabulary = getattr(model.tokenizer, "encoder", {})
-        self.pieces = sorted(piece for piece in vocabulary if piece.isalpha() and len(piece) >= 8) or ["word"]
+        self.pieces = sorted(piece for piece in vocabulary if piece.isascii() and piece.isalpha() and len(piece) >= 8) or ["word"]
 
     def longest(self, prefix: str = "") -> str:
-        """As much as still fits the model's context after `prefix`."""
-        text = ""
-        while self.fits(prefix + (candidate := text + self.rng.choice(self.pieces))):
-            text = candidate
-        return text
+        """As many pieces as still fit the model's context, and MAX_TEXT_CHARS, after `prefix` (by bisection)."""
+        pieces = self.rng.choices(self.pieces, k=2 * self.fitting.context_length)
+        fitting, too_many = 0, len(pieces)
+        while too_many - fitting > 1:
+            middle = (fitting + too_many) // 2
+            text = prefix + "".join(pieces[:middle])
+            fitting, too_many = (middle, too_many) if len(text) <= self.max_chars and self.fitting.text_fits(text) else (fitting, middle)
+        return "".join(pieces[:fitting])
 
     def letters(self, count: int) -> str:
         return "".join(self.rng.choices(string.ascii_lowercase, k=count))
@@ -190,7 +197,7 @@ def bench(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[str,
         data = shard(args.rows, service.model.dimensions, service.model.name, service.model.pretrained, STORED_BUCKET)
         service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=keys.parquet_key("", service.model.id, "bench", 0), Body=data)
         service.index.current()
-        words = Words(service.model)
+        words = Words(service.model, limits.text_chars)
         photo = b64(jpeg_photo(REFERENCE_PHOTO[args.quick]))
         references = {
             "embed_one_text": lambda: event("query-embed-text.json", body=json.dumps({"text": words.longest()})),

@@ -11,6 +11,7 @@ reported as corrupt while those just below our limit are reported as too big.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,16 @@ from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
 
 #: Pillow's format names for the MIME types the pipeline accepts (MPO is a camera JPEG).
 SUPPORTED_FORMATS = frozenset({"BMP", "GIF", "JPEG", "MPO", "PNG", "TIFF", "WEBP", "PCX"})
+
+#: Scans a JPEG may hold. Baseline has 1, libjpeg's progressive script 10, mozjpeg's about 20; each
+#: scan is another pass over the whole picture's coefficients, so a crafted file of thousands of tiny
+#: scans would cost thousands of decodes of a picture the pixel limit lets through.
+MAX_JPEG_SCANS = 64
+#: In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a restart marker or more fill:
+#: anything else is the next segment's marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: Start-of-frame markers of sequential JPEGs (baseline, extended, lossless; Huffman or arithmetic).
+_SEQUENTIAL_FRAMES = frozenset({0xC0, 0xC1, 0xC3, 0xC5, 0xC7, 0xC9, 0xCB, 0xCD, 0xCF})
 
 _SIXTEEN_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
@@ -81,6 +92,10 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: Pixe
                 ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {image.format} image, which the pipeline does not embed"
             )
         width, height = image.size
+        if image.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+            raise DocumentError(
+                ErrorCode.CORRUPT_IMAGE, f"{url} is a JPEG of {scans} scans; photos have at most {MAX_JPEG_SCANS}, and each costs a full decode"
+            )
         if width * height > max_pixels:
             raise DocumentError(
                 ErrorCode.TOO_MANY_PIXELS,
@@ -99,6 +114,29 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: Pixe
         raise DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} could not be decoded: {exc}") from exc
     with budget.hold(width * height) if budget else nullcontext():
         yield _load(image, url, min_side)
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS segments) a progressive JPEG's first image holds, walking its markers, not
+    its pixels; 1 for a sequential JPEG, whose few scans (one per component at most) cost one decode."""
+    scans, position, end = 0, 2, len(data)
+    while position + 4 <= end:
+        marker = data[position + 1]
+        if data[position] != 0xFF or marker == 0xD9:
+            break
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            position += 1 if marker == 0xFF else 2
+            continue
+        if marker in _SEQUENTIAL_FRAMES:
+            return 1
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                break
+            position = found.start()
+    return scans
 
 
 def _load(image: Image.Image, url: str, min_side: int) -> Image.Image:

@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from clip_worker import decoder
 from clip_worker.model import ClipModel
 
 #: Decoded full-size pixels held on the device at once. A batch of 256 phone photos decoded in one
@@ -96,6 +97,8 @@ def probe(data: bytes, max_pixels: int) -> Jpeg | None:
         or max(width, height) > MAX_ASPECT * min(width, height)
         # A file cut short decodes with grey blocks on nvJPEG but fails in Pillow; keep Pillow's verdict.
         or not data.endswith(b"\xff\xd9")
+        # So does a decoding bomb of many scans (see decoder.MAX_JPEG_SCANS).
+        or decoder.jpeg_scans(data) > decoder.MAX_JPEG_SCANS
     ):
         return None
     return Jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), width * height, orientation if orientation in _UPRIGHT else 1)

@@ -305,6 +305,7 @@ def status(
 @app.command("backfill")
 def backfill_command(
     url: Annotated[str, typer.Argument(help="s3://bucket/prefix of objects uploaded before the stack existed.")],
+    threads: Annotated[int, typer.Option(min=1, max=256, help="Objects admitted at once (each is a ranged GET).")] = 32,
     stack_name: StackName = "",
     endpoint_url: EndpointUrl = None,
     region: Region = None,
@@ -329,7 +330,7 @@ def backfill_command(
         reporter.update("admitted", counts["submitted"])
 
     with reporter.shown():
-        counts = backfill(Target.of(clients, stack), bucket, prefix, _announce, on_page)
+        counts = backfill(Target.of(clients, stack), bucket, prefix, _announce, on_page, threads)
     _print_counts(f"backfill {url}", counts, json_output)
 
 

@@ -27,8 +27,13 @@ def backfill(
     prefix: str,
     on_submitted: Callable[[SubmittedJob, int], None] = lambda job, entries: None,
     on_page: Callable[[dict[str, int]], None] = lambda counts: None,
+    threads: int = 32,
 ) -> dict[str, int]:
-    """Lists s3://bucket/prefix and submits what needs embedding; returns what became of the objects."""
+    """Lists s3://bucket/prefix and submits what needs embedding; returns what became of the objects.
+
+    Admission is a ranged GET an object, a wait on S3: `threads` of them at once set the pace (about
+    threads / 30 ms objects a second from inside the region).
+    """
     counts = dict.fromkeys(COUNTS, 0)
     s3 = target.s3
     embedded = report.embedded_etags(s3, target.output_bucket, target.output_prefix, target.model_id)
@@ -47,7 +52,7 @@ def backfill(
             record_rejection(s3, target.output_bucket, target.output_prefix, admission.rejection, submitter.manifest_id)
         return str(admission.verdict), admission.entry
 
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             items = page.get("Contents", [])
             counts["listed"] += len(items)

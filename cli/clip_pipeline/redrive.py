@@ -3,7 +3,7 @@
 Messages land in the dead-letter queue when the dispatcher failed on them maxReceiveCount times
 (an outage of S3 or Batch, a bug since fixed). Moving them back lets the dispatcher try again; a
 message is sent to the upload queue before it is deleted from the dead-letter queue, so a failure
-in between duplicates a message (which the dispatcher's claims absorb) and never loses one.
+in between duplicates a message (its object is embedded twice; readers keep one row) and never loses one.
 Running it again moves what is left, and nothing once the queue is empty.
 """
 

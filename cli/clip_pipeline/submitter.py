@@ -1,8 +1,10 @@
 """Many objects -> AWS Batch array jobs, for the CLI's bulk commands (backfill, retry).
 
-Entries are gathered until a job is full (ShardSize x 10,000 array children), then submitted with
-the dispatcher's own code; a submission that fails gives back what was held for its objects (retry
-markers) so a later run can take them, and the error ends the command.
+Entries are gathered until a job has CHILDREN_PER_JOB array children's worth, then submitted with
+the dispatcher's own code: the GPUs start on the first jobs while the listing goes on, and the CLI
+holds one job's entries at a time, not a ten-million-object backfill's. A submission that fails
+gives back what was held for its objects (retry markers) so a later run can take them, and the
+error ends the command.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from typing import Any
 from clip_dispatch.submission import SubmittedJob, new_manifest_id, submit
 from clip_pipeline.stack import Clients, Stack, function_environment
 from clip_shared import defaults, keys
-from clip_shared.manifest import MAX_ARRAY_SIZE, ManifestEntry
+from clip_shared.manifest import ManifestEntry
 
 # Well under Batch's SubmitJob limit of 50 per second per account, which the dispatcher shares.
 SUBMIT_INTERVAL_S = 0.1
+#: 100 children of 1,000 images (the default ShardSize): a job per 100,000 objects, a hundred jobs for
+#: ten million, far below Batch's 10,000 children a job and SubmitJob's rate.
+CHILDREN_PER_JOB = 100
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class JobSubmitter:
 
     def add(self, entries: Iterable[ManifestEntry]) -> None:
         self.entries += entries
-        if len(self.entries) >= self.target.shard_size * MAX_ARRAY_SIZE:
+        if len(self.entries) >= self.target.shard_size * CHILDREN_PER_JOB:
             self.flush()
 
     def flush(self) -> None:

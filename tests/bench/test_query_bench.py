@@ -1,11 +1,14 @@
-"""The query API benchmark still runs end to end; its speed is measured by hand, never here."""
+"""The query API benchmarks still run end to end; their speed is measured by hand, never here."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.query_bench import main
+from bench.query_limits import main as limits_main
 from tests.support import TINY_MODEL
 
 
@@ -39,3 +42,24 @@ def test_quick_run_measures_cold_start_warm_latency_and_sizes(tiny_config: Path,
     assert {"open-clip-torch", "fastapi", "mangum", "pyarrow", "boto3"} <= set(sizes["api_dependencies"])
     assert not any(name.startswith(("torch", "nvidia-")) for name in sizes["api_dependencies"])
     assert sizes["totals_mb"]["api_dependencies"] > 0 and sizes["totals_mb"]["torch_cuda_build"] > 0
+
+
+def test_quick_run_times_the_costliest_request_of_every_endpoint(tiny_config: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "limits.json"
+
+    results = limits_main(
+        ["--quick", "--model", TINY_MODEL, "--model-config", str(tiny_config), "--pretrained", str(tiny_checkpoint), "--json", str(out)]
+    )
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    # Each request was answered as it must be (200, or 400 for the refusals) or the run would have stopped.
+    assert set(results["requests"]) == {
+        "embed_one_text", "embed_one_photo", "embed_one_image_png", "embed_one_image_webp", "embed_one_image_tiff",
+        "embed_texts", "embed_texts_truncated", "embed_images", "similarity", "classify", "search_text", "search_image",
+        "refused_last_text", "refused_nested", "refused_labels",
+    }  # fmt: skip
+    assert results["limits"]["items"] == 4 and results["limits"]["labels"] == 6
+    assert results["costliest_format"] in ("png", "webp", "tiff")
+    for measured in results["requests"].values():
+        assert measured["seconds"] > 0 and measured["peak_rss_mb"] > 0
+        assert measured["projected_cold_s"] > measured["projected_s"] == pytest.approx(measured["seconds"] * results["scale_to_default_memory"])

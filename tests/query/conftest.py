@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import boto3
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
 from clip_query.service import QueryService
@@ -43,8 +45,8 @@ STORED = {
     "photos/rocket.jpg": (PHOTOS / "rocket.jpg").read_bytes(),
 }
 #: Limits small enough to reach in a test.
-LIMITS = {"MAX_ITEMS": "6", "MAX_BODY_BYTES": "2000000", "MAX_IMAGE_PIXELS": "4000000", "MAX_TEXT_CHARS": "2000",
-          "MAX_LABELS": "50", "MAX_RESULTS": "20"}
+LIMITS = {"MAX_ITEMS": "6", "MAX_BODY_BYTES": "2000000", "MAX_IMAGE_PIXELS": "4000000", "MAX_REQUEST_PIXELS": "6000000",
+          "MAX_TEXT_CHARS": "2000", "MAX_LABELS": "50", "MAX_RESULTS": "20"}
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,20 @@ def stored(tiny_config: Path, tiny_checkpoint: Path) -> Iterator[Stored]:
     server.stop()
 
 
+def query_env(tiny_config: Path, tiny_checkpoint: Path) -> dict[str, str]:
+    """The API's environment for the tiny model over the stored vectors, limits left at their defaults."""
+    return {
+        "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        "CLIP_MODEL": TINY_MODEL,
+        "CLIP_PRETRAINED": str(tiny_checkpoint),
+        "CLIP_MODEL_CONFIG": str(tiny_config),
+        "INDEX_REFRESH_SECONDS": "0",
+    }
+
+
 @pytest.fixture(scope="module")
 def query_config(stored: Stored, tiny_config: Path, tiny_checkpoint: Path) -> QueryConfig:
-    return QueryConfig.from_env(
-        {
-            "OUTPUT_BUCKET": OUTPUT_BUCKET,
-            "CLIP_MODEL": TINY_MODEL,
-            "CLIP_PRETRAINED": str(tiny_checkpoint),
-            "CLIP_MODEL_CONFIG": str(tiny_config),
-            "INDEX_REFRESH_SECONDS": "0",
-            **LIMITS,
-        }
-    )
+    return QueryConfig.from_env({**query_env(tiny_config, tiny_checkpoint), **LIMITS})
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +104,9 @@ def model(query_config: QueryConfig) -> ClipModel:
     return load(query_config.model, query_config.pretrained, "cpu", model_config_path=query_config.model_config_path)
 
 
-@pytest.fixture(scope="module")
-def api(stored: Stored, query_config: QueryConfig, model: ClipModel) -> Iterator[str]:
-    """The API's base URL: the FastAPI application on uvicorn, on a free loopback port."""
-    app = create_app(query_config, QueryService(query_config, stored.s3, model))
+@contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """The application on uvicorn, on a free loopback port, as `clip-pipeline serve` runs it; its base URL."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
@@ -113,6 +116,23 @@ def api(stored: Stored, query_config: QueryConfig, model: ClipModel) -> Iterator
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def api(stored: Stored, query_config: QueryConfig, model: ClipModel) -> Iterator[str]:
+    """The API's base URL, with limits small enough to reach in a test."""
+    with served(create_app(query_config, QueryService(query_config, stored.s3, model))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def default_api(stored: Stored, tiny_config: Path, tiny_checkpoint: Path, model: ClipModel) -> Iterator[str]:
+    """The API's base URL with the limits a deployment gets (only the model is the tiny one)."""
+    config = QueryConfig.from_env(query_env(tiny_config, tiny_checkpoint))
+    with served(create_app(config, QueryService(config, stored.s3, model))) as url:
+        yield url

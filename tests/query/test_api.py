@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from clip_shared import keys
 from clip_shared.mime import ACCEPTED_MIME_TYPES
+from clip_worker.index import VectorIndex
 from clip_worker.labels import DEFAULT_LABELS, PROMPT
 from clip_worker.model import ClipModel
 from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
@@ -31,8 +31,10 @@ def b64(data: bytes) -> str:
 
 
 def stored_vector(stored: Stored, model: ClipModel, key: str) -> list[float]:
-    body = stored.s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.vector_key("", model.id, INPUT_BUCKET, key))["Body"].read()
-    return json.loads(body)
+    """The vector the worker stored for an uploaded object, read from its Parquet shards."""
+    vector = VectorIndex.load(stored.s3, OUTPUT_BUCKET, "", model.id).vector_of(keys.s3_url(INPUT_BUCKET, key))
+    assert vector is not None, key
+    return vector.tolist()
 
 
 def reference_text(model: ClipModel, texts: list[str]) -> np.ndarray:

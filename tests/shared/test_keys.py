@@ -8,8 +8,10 @@ from clip_shared import keys
 def test_keys_keep_the_source_key_verbatim_and_are_deterministic() -> None:
     key = keys.vector_key("out/", "ViT-B-32__openai", "in-bucket", "photos/a b/café.jpg")
     assert key == "out/vectors/ViT-B-32__openai/in-bucket/photos/a b/café.jpg.json"
-    assert keys.event_key("out", "m", "b", "k") == "out/events/m/b/k.json"
+    assert keys.document_key("out", "m", "b", "k") == "out/documents/m/b/k.json"
     assert keys.parquet_key("", "m", "man-1", 3) == "parquet/m/man-1/shard-00003.parquet"
+    assert keys.events_key("out", "m", "man-1", 3) == "out/events/m/man-1/shard-00003.json"
+    assert keys.manifest_prefix("out", "man-1") + keys.manifest_shard_name(3) == "out/manifests/man-1/shard-00003.json"
 
 
 def test_different_inputs_never_share_an_output_even_when_keys_are_too_long_for_s3() -> None:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from clip_shared.events import DocumentError, ErrorCode
-from clip_worker.decoder import decode
+from clip_worker.decoder import decode, jpeg_scans
 from tests.support import all_formats, encode, photo
 
 LIMIT = 100_000_000
@@ -66,3 +66,16 @@ def test_bad_bytes_fail_with_a_stable_code_naming_the_object(data: bytes, code: 
         decode(data, "s3://in/bad-object", 224, LIMIT)
     assert caught.value.code == code
     assert "s3://in/bad-object" in caught.value.message
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding_and_real_photos_pass() -> None:
+    progressive = encode(photo(), "JPEG", progressive=True)
+    assert (jpeg_scans(encode(photo(), "JPEG")), jpeg_scans(progressive)) == (1, 10)
+    assert decode(progressive, "s3://in/progressive.jpg", 224, LIMIT).size == photo().size
+    # The same picture's last scan repeated: each repeat is one more pass over every coefficient.
+    last = progressive.rfind(b"\xff\xda")
+    bomb = progressive[:last] + progressive[last:-2] * 200 + b"\xff\xd9"
+    with pytest.raises(DocumentError) as caught:
+        decode(bomb, "s3://in/bomb.jpg", 224, LIMIT)
+    assert caught.value.code == ErrorCode.CORRUPT_IMAGE
+    assert "s3://in/bomb.jpg" in caught.value.message and "209 scans" in caught.value.message

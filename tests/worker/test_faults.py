@@ -240,8 +240,7 @@ def test_an_image_that_kills_the_worker_fails_alone_on_the_next_attempt(
     assert f"s3://{INPUT_BUCKET}/img-05.png" in reason and "killed" in reason
     shard = read_shard(s3, keys.s3_url(OUTPUT_BUCKET, keys.parquet_key("", mid, "m-1", 0)))
     assert sorted(shard.column("key").to_pylist()) == sorted(name for name in files if name not in failures)
-    journal = json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.journal_key("", "m-1", 0))["Body"].read())
-    assert journal["state"] == "exited"
+    # The second attempt finished: it left the journal as it was, for no attempt follows.
 
 
 def test_the_object_alone_in_flight_when_an_attempt_died_is_failed_without_being_read_again(
@@ -263,11 +262,18 @@ def test_the_object_alone_in_flight_when_an_attempt_died_is_failed_without_being
     assert "attempt 1" in stored_events(s3, model_id(config))["img-02.png"]["data"]["error"]["message"]
 
 
-def test_a_clean_run_leaves_nothing_to_suspect(s3: Any, config: WorkerConfig) -> None:
+def test_a_child_that_fits_one_window_writes_no_journal_and_one_that_leaves_work_says_it_exited(
+    s3: Any, config: WorkerConfig
+) -> None:
     uri = put_manifest(s3, upload(s3, photos(3)))
     assert run(replace(config, manifest_uri=uri), s3=s3).exit_code == EXIT_OK
-    journal = json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.journal_key("", "m-1", 0))["Body"].read())
+    assert "Contents" not in s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix="journal/")
+
+    # An attempt that leaves work to a retry is no crash: the next one has nothing to suspect.
+    throttled = SlowDown(picks=lambda operation, url: operation == "GetObject" and url.endswith("/img-01.png"))
+    uri = put_manifest(s3, upload(s3, photos(3)), manifest_id="m-2")
+    assert run(replace(config, manifest_uri=uri), s3=throttled.on(quick_client())).exit_code == EXIT_RETRY
+    journal = json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.journal_key("", "m-2", 0))["Body"].read())
     assert journal["state"] == "exited"
     again = run(replace(config, manifest_uri=uri, attempt=2), s3=s3)
-    assert (again.exit_code, again.progress.skipped) == (EXIT_OK, 3)
-
+    assert (again.exit_code, again.progress.skipped, again.progress.embedded) == (EXIT_OK, 2, 1)

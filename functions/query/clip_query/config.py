@@ -32,7 +32,7 @@ class QueryConfig(BaseModel):
     #: Texts and images in one request.
     max_items: int = Field(alias="MAX_ITEMS", default=32, ge=1)
     #: Decoded pixels per image, read from its header before decoding (decompression bombs).
-    max_image_pixels: int = Field(alias="MAX_IMAGE_PIXELS", default=50_000_000, ge=1)
+    max_image_pixels: int = Field(alias="MAX_IMAGE_PIXELS", default=25_000_000, ge=1)
     #: Decoded pixels of all a request's images together. Decoding costs time and memory in
     #: proportion (up to 30 bytes a pixel while an RGBA image is flattened): this is what keeps the
     #: worst request inside API Gateway's 29 s and a 3008 MB function (docs/query-api.md, measured).
