@@ -3,7 +3,7 @@ and against the model alone, per model and photo size, in one run on one machine
 
 (1) reference: clip-retrieval's recipe. A torch DataLoader whose worker processes do PIL.Image.open
     + open_clip's transform, batch 256, the fp32 model under fp16 autocast (on CUDA).
-(2) worker: the worker's own code (prepare.pixels in threads, embed.Embedder on the main thread):
+(2) worker: the worker's own code (prepare.model_input in threads, embed.Embedder on the main thread):
     on CUDA, the fp16 model, and JPEGs decoded with nvJPEG and cropped on the GPU (device_decode.py)
     where the worker decides to (GPU_DECODE=auto: a GPU with a hardware JPEG decoder; --decode forces).
 (3) ceiling: the worker's model on pre-made input tensors already on the device.
@@ -161,7 +161,7 @@ def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: st
 
     def prepare(index: int) -> prepare_stage.Prepared:
         entry = entries[index]
-        return prepare_stage.Prepared(entry, entry.etag, prepare_stage.pixels(files[index], entry.url, model, config, transform is not None, budget, None))
+        return prepare_stage.Prepared(entry, entry.etag, prepare_stage.model_input(files[index], entry.url, model, config, transform is not None, budget, None))
 
     def work() -> np.ndarray:
         # runner.run's loop without S3: the same window, threads, batches and embedder.
@@ -274,7 +274,7 @@ def report(env: dict[str, Any], rows: list[Row], peaks: dict[str, int | None], c
         f"hardware JPEG decoder {'yes' if env['hardware_jpeg_decoder'] else 'no'}",
         f"(1) reference: DataLoader, {env['cpus']} worker processes, PIL + open_clip transform, batch {REFERENCE_BATCH}"
         + (", autocast fp16" if env["device"].startswith("cuda") else ", fp32"),
-        "(2) worker: prepare.pixels + embed.Embedder   (3) ceiling: the model alone on pre-made tensors",
+        "(2) worker: prepare.model_input + embed.Embedder   (3) ceiling: the model alone on pre-made tensors",
         "",
         f"{'model':>14} {'MP':>5} {'size':>10} {'images':>6} {'KiB':>6} {'(1) img/s':>10} {'(2) img/s':>10} "
         f"{'(3) img/s':>10} {'(2)/(1)':>8} {'(2)/(3)':>8} {'min cos':>9}",

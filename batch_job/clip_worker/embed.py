@@ -30,18 +30,18 @@ class Embedder:
 
     def submit(self, batch: list[Prepared]) -> tuple[list[Failed], list[tuple[Prepared, np.ndarray]]]:
         """Queue `batch`; returns its images that failed, and the vectors of the batch queued before it."""
-        jpegs = [item.pixels for item in batch if isinstance(item.pixels, device_decode.Jpeg)]
+        jpegs = [item.image for item in batch if isinstance(item.image, device_decode.Jpeg)]
         on_device = iter(device_decode.preprocess(jpegs, self._transform, self._stream) if jpegs and self._transform else ())
         kept: list[Prepared] = []
         inputs: list[torch.Tensor] = []
         failed: list[Failed] = []
         for item in batch:
-            outcome = item.pixels if isinstance(item.pixels, torch.Tensor) else next(on_device)
+            outcome = item.image if isinstance(item.image, torch.Tensor) else next(on_device)
             if isinstance(outcome, RuntimeError):
                 # The device gave up on it: the CPU path decodes it, or says what is wrong with it.
                 logger.info("decoding on the CPU instead", extra={"url": item.entry.url, "reason": f"{type(outcome).__name__}: {outcome}"})
                 try:
-                    outcome = self._model.prepare(item.pixels.data.numpy().tobytes(), item.entry.url, self._max_pixels)
+                    outcome = self._model.prepare(item.image.data.numpy().tobytes(), item.entry.url, self._max_pixels)
                 except DocumentError as error:
                     failed.append(Failed(item.entry, error))
                     continue

@@ -82,7 +82,7 @@ class VectorIndex:
 
 def list_shards(s3: Any, bucket: str, prefix: str, model_id: str) -> list[dict[str, Any]]:
     """The listing entries (Key, ETag, LastModified...) of one model's shards, oldest first."""
-    shard_prefix = f"{keys.normalise_prefix(prefix)}parquet/{model_id}/"
+    shard_prefix = keys.parquet_prefix(prefix, model_id)
     found = [
         item
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=shard_prefix)

@@ -30,7 +30,7 @@ class Prepared:
     entry: ManifestEntry
     etag: str
     #: The model's input made on the CPU, or a JPEG left for the main thread to decode on the device.
-    pixels: torch.Tensor | device_decode.Jpeg
+    image: torch.Tensor | device_decode.Jpeg
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def ahead(pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], 
             yield future.result()
 
 
-def pixels(
+def model_input(
     data: bytes, url: str, model: ClipModel, config: WorkerConfig, on_device: bool, budget: PixelBudget, isolated: Isolated | None
 ) -> torch.Tensor | device_decode.Jpeg:
     """What the prepare threads make of an object's bytes: a JPEG for the device when it can take it."""
@@ -104,7 +104,7 @@ def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
             data, etag = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
         with stage.progress.timed("decode"):
             on_device = stage.on_device and stage.isolated is None
-            return Prepared(entry, etag, pixels(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated))
+            return Prepared(entry, etag, model_input(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated))
     except DocumentError as error:
         return Failed(entry, error)
     except reader.TransientError as exc:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from clip_pipeline import emulator, local, report
 from clip_pipeline.progress import Reporter
-from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, function_environment, read_stack
+from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, read_stack
 from clip_pipeline.submitter import Target
 from clip_dispatch.submission import SubmittedJob
 from clip_shared import defaults, keys
@@ -276,18 +276,9 @@ def status(
 ) -> None:
     """Jobs by state, objects embedded, rejected and failed, and the dead-letter queue's depth."""
     clients, stack = _stack(stack_name, endpoint_url, region)
-    batch = clients.client("batch")
-    jobs: dict[str, int] = {}
-    for state in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"):
-        pages = batch.get_paginator("list_jobs").paginate(jobQueue=stack.output("JobQueueArn"), jobStatus=state)
-        jobs[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
-    outcomes = report.tally(
-        clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
-    )
-    dlq = clients.client("sqs").get_queue_attributes(
-        QueueUrl=stack.output("DeadLetterQueueUrl"), AttributeNames=["ApproximateNumberOfMessages"]
-    )["Attributes"]["ApproximateNumberOfMessages"]
-    result = {"stack": stack.name, "model": stack.model, "pretrained": stack.pretrained, "jobs": jobs, **outcomes.as_dict(), "dead_letter_messages": int(dlq)}
+    jobs, outcomes, dead_letters = report.status(clients, stack)
+    result = {"stack": stack.name, "model": stack.model, "pretrained": stack.pretrained, "jobs": jobs, **outcomes.as_dict(),
+              "dead_letter_messages": dead_letters}
     if json_output:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -298,7 +289,7 @@ def status(
     table.add_row("failed", str(len(outcomes.failed)))
     for url, outcome in sorted({**outcomes.rejected, **outcomes.failed}.items()):
         table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
-    table.add_row("dead-letter queue", f"{dlq} messages")
+    table.add_row("dead-letter queue", f"{dead_letters} messages")
     Console().print(table)
 
 
@@ -367,7 +358,7 @@ def retry_command(
         outcomes = report.tally(target.s3, target.output_bucket, target.output_prefix, target.model_id)
         candidates = retry.failed_objects(outcomes, code or [])
         if failed_jobs:
-            candidates += retry.failed_job_objects(target.s3, target.batch, target.job_queue, outcomes)
+            candidates += retry.failed_job_objects(target.s3, target.batch_client, target.job_queue, outcomes)
     counts = retry.retry(target, candidates, dry_run, _announce)
     _print_counts("retry (dry run)" if dry_run else "retry", {"dry_run": dry_run, **counts}, json_output)
 
@@ -418,47 +409,20 @@ def _serve(
     model: Any = None,
 ) -> None:
     """Serve until Ctrl-C; `model` is the stack's model when the caller has it loaded already."""
-    import socket
+    from clip_pipeline import serve
 
-    import uvicorn
-
-    from clip_query.api import create_app
-    from clip_query.config import ConfigError, QueryConfig
-    from clip_query.service import QueryService
-
-    if "QueryFunctionName" in stack.outputs:
-        # The deployed function's own settings, so the API here answers as the deployed one does.
-        environment = function_environment(clients, stack, "QueryFunctionName")
-    else:
-        environment = {"OUTPUT_BUCKET": stack.output("OutputBucketName"), **stack.worker_environment}
-    # The image's weight cache is not on this machine; open_clip's own cache (or --pretrained) serves.
-    environment.pop("CLIP_CACHE_DIR", None)
-    if pretrained:
-        environment["CLIP_PRETRAINED"] = pretrained
-    if model_config:
-        environment["CLIP_MODEL_CONFIG"] = str(model_config.resolve())
     try:
-        config = QueryConfig.from_env(environment)
-    except ConfigError as exc:
+        config = serve.query_config(clients, stack, pretrained, model_config)
+        model = model or _load_model(config.model, config.pretrained, model_config)
+        listener = serve.listen(host, port)
+    except serve.ServeError as exc:
         raise Failure(str(exc)) from exc
-    service = QueryService(config, clients.client("s3"), model or _load_model(config.model, config.pretrained, model_config))
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-        # Listening before the URL is printed: a client that reads it and connects at once waits in
-        # the backlog for uvicorn instead of being refused.
-        listener.listen(128)
-    except OSError as exc:
-        raise Failure(f"cannot listen on {host}:{port}: {exc.strerror}; pass --port 0 for a free port") from exc
-    url = f"http://{host}:{listener.getsockname()[1]}/"
     if json_output:
-        typer.echo(json.dumps({"url": url, "stack_name": stack.name, "model": config.model}))
+        typer.echo(json.dumps({"url": serve.url_of(host, listener), "stack_name": stack.name, "model": config.model}))
         sys.stdout.flush()
     else:
-        console.print(f"Query API and demo page for stack {stack.name} ({config.model}) at {url} (Ctrl-C stops it)")
-    server = uvicorn.Server(uvicorn.Config(create_app(config, service), log_level="warning", access_log=False))
-    server.run(sockets=[listener])
+        console.print(f"Query API and demo page for stack {stack.name} ({config.model}) at {serve.url_of(host, listener)} (Ctrl-C stops it)")
+    serve.serve(config, clients.client("s3"), model, listener)
 
 
 @app.command()

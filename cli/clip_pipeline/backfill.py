@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
 from typing import Any
 
 from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
@@ -18,7 +19,14 @@ from clip_pipeline.submitter import JobSubmitter, Target
 from clip_shared import keys
 from clip_shared.manifest import ManifestEntry
 
-COUNTS = ("listed", "already_embedded", "already_submitted", "rejected", "superseded", "submitted", "jobs")
+class Skipped(StrEnum):
+    """Why a listed object is left alone without asking S3 about it."""
+
+    ALREADY_EMBEDDED = "already_embedded"
+    ALREADY_SUBMITTED = "already_submitted"
+
+
+COUNTS = ("listed", *Skipped, Verdict.REJECTED, Verdict.SUPERSEDED, "submitted", "jobs")
 
 
 def backfill(
@@ -37,20 +45,20 @@ def backfill(
     counts = dict.fromkeys(COUNTS, 0)
     s3 = target.s3
     embedded = report.embedded_etags(s3, target.output_bucket, target.output_prefix, target.model_id)
-    pending = {(entry.url, entry.etag) for job in jobs.jobs(target.batch, target.job_queue, jobs.ACTIVE)
+    pending = {(entry.url, entry.etag) for job in jobs.jobs(target.batch_client, target.job_queue, jobs.ACTIVE)
                for entry in jobs.manifest_entries(s3, job)}
     submitter = JobSubmitter(target, on_submitted=on_submitted)
 
-    def admit_listed(item: dict[str, Any]) -> tuple[str, ManifestEntry | None]:
+    def admit_listed(item: dict[str, Any]) -> tuple[Verdict | Skipped, ManifestEntry | None]:
         url, etag = keys.s3_url(bucket, item["Key"]), keys.bare_etag(item["ETag"])
         if embedded.get(url) == etag:
-            return "already_embedded", None
+            return Skipped.ALREADY_EMBEDDED, None
         if (url, etag) in pending:
-            return "already_submitted", None
+            return Skipped.ALREADY_SUBMITTED, None
         admission = admit(s3, ObjectRef(bucket, item["Key"]), target.max_object_bytes)
         if admission.rejection is not None:
             record_rejection(s3, target.output_bucket, target.output_prefix, admission.rejection, submitter.manifest_id)
-        return str(admission.verdict), admission.entry
+        return admission.verdict, admission.entry
 
     with ThreadPoolExecutor(threads) as pool:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

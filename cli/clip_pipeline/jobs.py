@@ -10,6 +10,7 @@ from clip_shared.manifest import Manifest, ManifestEntry
 
 #: States of a job that has not ended: its objects may still be embedded.
 ACTIVE = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+STATES = (*ACTIVE, "SUCCEEDED", "FAILED")
 
 
 def jobs(batch_client: Any, job_queue: str, states: Iterable[str]) -> Iterator[dict[str, Any]]:

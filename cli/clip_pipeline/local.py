@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clip_pipeline import jobs
 from clip_pipeline.emulator import REPOSITORY
 from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import Clients, Stack, plain_environment
@@ -231,7 +232,7 @@ class BatchRunner:
 
     def _new_jobs(self) -> Iterator[dict[str, Any]]:
         # moto settles jobs at once without running them; what matters is that they were submitted.
-        for status in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED"):
+        for status in jobs.STATES:
             pages = self._batch.get_paginator("list_jobs").paginate(jobQueue=self._job_queue, jobStatus=status)
             for summary in (job for page in pages for job in page["jobSummaryList"]):
                 # Array children (parent:index) are the runner's to start, from their parent.

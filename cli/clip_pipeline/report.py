@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from clip_pipeline import jobs, redrive
+from clip_pipeline.stack import Clients, Stack
 from clip_shared import keys
 from clip_shared.events import EventType
 
@@ -85,3 +87,14 @@ def embedded_etags(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str
         for table in tables:
             etags.update(zip(table.column("url").to_pylist(), table.column("etag").to_pylist()))
     return etags
+
+
+def status(clients: Clients, stack: Stack) -> tuple[dict[str, int], Outcomes, int]:
+    """The stack's jobs by state, every object's outcome, and how many messages wait in the dead-letter queue."""
+    batch_client = clients.client("batch")
+    counts = {}
+    for state in jobs.STATES:
+        pages = batch_client.get_paginator("list_jobs").paginate(jobQueue=stack.output("JobQueueArn"), jobStatus=state)
+        counts[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
+    outcomes = tally(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained))
+    return counts, outcomes, redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))

@@ -27,7 +27,9 @@ from clip_shared.manifest import ManifestEntry
 
 #: The code given to objects whose job failed before they were recorded.
 JOB_FAILED = "job-failed"
-COUNTS = ("candidates", "already_retried", Verdict.REJECTED.value, Verdict.SUPERSEDED.value, "submitted", "jobs")
+#: A candidate whose failure has a marker already: this retry leaves it alone.
+ALREADY_RETRIED = "already_retried"
+COUNTS = ("candidates", ALREADY_RETRIED, Verdict.REJECTED, Verdict.SUPERSEDED, "submitted", "jobs")
 # Candidates examined at once: a failed step then gives back at most this many markers.
 _CHUNK = 10_000
 
@@ -109,7 +111,7 @@ def retry(
     def take(candidate: Candidate) -> str | ManifestEntry:
         marker = keys.retry_key(prefix, candidate.url, candidate.failure_id)
         if _marked(s3, bucket, marker) if dry_run else not _mark(s3, bucket, marker, candidate):
-            return "already_retried"
+            return ALREADY_RETRIED
         try:
             admission = admit(s3, candidate.ref, target.max_object_bytes)
         except Exception:

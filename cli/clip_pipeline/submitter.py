@@ -32,7 +32,7 @@ class Target:
     """Where the CLI's jobs go, under the limits the deployed dispatcher applies to uploads."""
 
     s3: Any
-    batch: Any
+    batch_client: Any
     output_bucket: str
     output_prefix: str
     job_queue: str
@@ -46,7 +46,7 @@ class Target:
         settings = function_environment(clients, stack, "DispatcherFunctionName")
         return cls(
             s3=clients.client("s3"),
-            batch=clients.client("batch"),
+            batch_client=clients.client("batch"),
             output_bucket=stack.output("OutputBucketName"),
             output_prefix=stack.output_prefix,
             job_queue=stack.output("JobQueueArn"),
@@ -78,7 +78,7 @@ class JobSubmitter:
             return
         try:
             target = self.target
-            job = submit(target.s3, target.batch, target.output_bucket, target.output_prefix, self.manifest_id, self.entries,
+            job = submit(target.s3, target.batch_client, target.output_bucket, target.output_prefix, self.manifest_id, self.entries,
                          target.shard_size, target.job_queue, target.job_definition)
         except Exception:
             self.release(self.entries)

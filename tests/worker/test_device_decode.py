@@ -21,7 +21,7 @@ from clip_worker.config import WorkerConfig
 from clip_worker.decoder import PixelBudget
 from clip_worker.embed import Embedder, decode_on_device, device_transform
 from clip_worker.model import ClipModel, load
-from clip_worker.prepare import Prepared, pixels
+from clip_worker.prepare import Prepared, model_input
 from clip_worker.runner import EXIT_OK, run
 from PIL import Image, ImageOps
 
@@ -68,11 +68,11 @@ def device_pixels(model: ClipModel, files: list[bytes]) -> torch.Tensor:
 
 
 def embed_on_device(model: ClipModel, files: dict[str, bytes]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The worker's own path on the device (prepare.pixels in GPU mode, then the Embedder): vectors by file, and failures."""
+    """The worker's own path on the device (prepare.model_input in GPU mode, then the Embedder): vectors by file, and failures."""
     config = WorkerConfig(manifest_uri="", output_bucket="", max_image_pixels=LIMIT)
     embedder = Embedder(model, LIMIT, device_transform(model, True))
     batch = [
-        Prepared(entry, "etag", pixels(data, entry.url, model, config, True, PixelBudget(LIMIT), None))
+        Prepared(entry, "etag", model_input(data, entry.url, model, config, True, PixelBudget(LIMIT), None))
         for entry, data in ((ManifestEntry(bucket=INPUT_BUCKET, key=name, size=len(data), etag="etag", mime_type="image/jpeg"), data) for name, data in files.items())
     ]
     failed, done = embedder.submit(batch)
