@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pytest arguments, e.g. `make test PYTEST_ARGS="-k worker -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: install browser test unit local serve clean
+.PHONY: install browser lint test unit local serve clean
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,15 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
-## The whole suite as CI runs it: SAM template checks, static checks of the template, then every test.
-test: install browser sam-validate sam-build template-checks unit
+## The whole suite as CI runs it: lint and types, SAM template checks, static checks of the template, then every test.
+test: install browser lint sam-validate sam-build template-checks unit
+
+## ruff (lint and format) and mypy; each function's handler is an app.py, so those are typed one by one.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	for handler in functions/*/app.py; do $(BIN)/mypy $$handler || exit 1; done
 
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

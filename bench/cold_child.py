@@ -15,8 +15,8 @@ import time
 STARTED = time.time()
 
 import json  # noqa: E402 - after the clock starts, as everything here
-import sys  # noqa: E402
-from typing import Any  # noqa: E402
+import sys  # noqa: E402 - after the clock starts, as everything here
+from typing import Any  # noqa: E402 - after the clock starts, as everything here
 
 
 def peak_rss_mb() -> float:

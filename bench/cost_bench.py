@@ -106,9 +106,13 @@ def _operation(entry: dict[str, Any]) -> tuple[str, str, str, str]:
         return "s3", "ListObjects", bucket, ""
     if method == "GET":
         return "s3", "GetObject" + ("(range)" if "range" in headers else ""), bucket, key
-    return "s3", {"PUT": "PutObject", "HEAD": "HeadObject", "DELETE": "DeleteObject", "POST": "Post"}.get(method, method) + (
-        "?" + query if query and method == "POST" else ""
-    ), bucket, key
+    return (
+        "s3",
+        {"PUT": "PutObject", "HEAD": "HeadObject", "DELETE": "DeleteObject", "POST": "Post"}.get(method, method)
+        + ("?" + query if query and method == "POST" else ""),
+        bucket,
+        key,
+    )
 
 
 def attribute(operation: tuple[str, str, str, str], input_bucket: str, output_bucket: str) -> tuple[str, str] | None:
@@ -130,8 +134,11 @@ def attribute(operation: tuple[str, str, str, str], input_bucket: str, output_bu
         return None
     top = key.split("/", 1)[0]
     if name == "PutObject":
-        return {"manifests": ("dispatcher", "manifest files"), "jobs": ("dispatcher", "job records"),
-                "rejected": ("dispatcher", "rejection records")}.get(top, ("worker", f"{top}/ writes"))
+        return {
+            "manifests": ("dispatcher", "manifest files"),
+            "jobs": ("dispatcher", "job records"),
+            "rejected": ("dispatcher", "rejection records"),
+        }.get(top, ("worker", f"{top}/ writes"))
     if name.startswith("GetObject") or name == "HeadObject":
         return ("worker", "manifest reads") if top == "manifests" else ("worker", f"{top}/ reads")
     if name == "ListObjects":
@@ -140,7 +147,13 @@ def attribute(operation: tuple[str, str, str, str], input_bucket: str, output_bu
 
 
 def price(name: str) -> float:
-    return S3_WRITE if name in ("PutObject", "ListObjects") or name.startswith("Post") else 0.0 if name == "DeleteObject" else S3_READ
+    return (
+        S3_WRITE
+        if name in ("PutObject", "ListObjects") or name.startswith("Post")
+        else 0.0
+        if name == "DeleteObject"
+        else S3_READ
+    )
 
 
 def measure(count: int, model: str, pretrained: str, model_config: str | None, shard_size: int) -> dict[str, Any]:
@@ -153,15 +166,26 @@ def measure(count: int, model: str, pretrained: str, model_config: str | None, s
     from clip_pipeline.stack import read_stack
 
     recording = Path(os.environ["MOTO_RECORDER_FILEPATH"])
-    for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", emulator.REGION)):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"),
+        ("AWS_DEFAULT_REGION", emulator.REGION),
+    ):
         os.environ.setdefault(name, value)
     with tempfile.TemporaryDirectory() as scratch, emulator.running() as clients:
         files = photos(count, Path(scratch))
         os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
-        emulator.deploy(clients, LOCAL_STACK, {
-            "ImageUri": "local/clip-worker:dev", "ClipModel": model, "ClipPretrained": pretrained,
-            "ShardSize": str(shard_size), "MaximumBatchingWindowInSeconds": "2",
-        })
+        emulator.deploy(
+            clients,
+            LOCAL_STACK,
+            {
+                "ImageUri": "local/clip-worker:dev",
+                "ClipModel": model,
+                "ClipPretrained": pretrained,
+                "ShardSize": str(shard_size),
+                "MaximumBatchingWindowInSeconds": "2",
+            },
+        )
         stack = read_stack(clients, LOCAL_STACK)
         requests.post(f"{clients.endpoint_url}/moto-api/recorder/reset-recording", timeout=10)
         requests.post(f"{clients.endpoint_url}/moto-api/recorder/start-recording", timeout=10)
@@ -179,31 +203,65 @@ def measure(count: int, model: str, pretrained: str, model_config: str | None, s
         attributed = attribute(operation, input_bucket, output_bucket)
         if attributed is not None:
             counts[(*attributed, operation[1])] += 1
-    return {"images": count, "seconds": round(elapsed, 1), "job_runs": len(run.runs), "counts": counts,
-            "dispatcher_invocations": len(run.invocations),
-            "dispatcher_seconds": round(sum(invocation.seconds for invocation in run.invocations), 3),
-            "dispatcher_cpu_seconds_per_invocation": round(dispatcher_cpu_per_invocation(round(count / max(1, len(run.invocations)))), 4),
-            "recorded_requests": len(entries)}
+    return {
+        "images": count,
+        "seconds": round(elapsed, 1),
+        "job_runs": len(run.runs),
+        "counts": counts,
+        "dispatcher_invocations": len(run.invocations),
+        "dispatcher_seconds": round(sum(invocation.seconds for invocation in run.invocations), 3),
+        "dispatcher_cpu_seconds_per_invocation": round(
+            dispatcher_cpu_per_invocation(round(count / max(1, len(run.invocations)))), 4
+        ),
+        "recorded_requests": len(entries),
+    }
 
 
 def sqs_event(bucket: str, objects: list[tuple[str, str, str | None]]) -> dict[str, Any]:
     """An SQS batch for Lambda: one message per (key, eTag, versionId), each holding S3's notification."""
     records = []
     for index, (key, etag, version_id) in enumerate(objects):
-        notified = {"key": quote_plus(key), "size": 30000, "eTag": etag, "sequencer": "0", **({"versionId": version_id} if version_id else {})}
-        notification = {
-            "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": "2026-11-30T00:00:00.000Z",
-            "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "p"}, "requestParameters": {"sourceIPAddress": "1.2.3.4"},
-            "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "i"},
-            "s3": {"s3SchemaVersion": "1.0", "configurationId": "c", "object": notified,
-                   "bucket": {"name": bucket, "ownerIdentity": {"principalId": "p"}, "arn": f"arn:aws:s3:::{bucket}"}},
+        notified = {
+            "key": quote_plus(key),
+            "size": 30000,
+            "eTag": etag,
+            "sequencer": "0",
+            **({"versionId": version_id} if version_id else {}),
         }
-        records.append({
-            "messageId": str(index), "receiptHandle": "h", "body": json.dumps({"Records": [notification]}),
-            "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0", "SenderId": "s", "ApproximateFirstReceiveTimestamp": "0"},
-            "messageAttributes": {}, "md5OfBody": "m", "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:1:q",
+        notification = {
+            "eventVersion": "2.1",
+            "eventSource": "aws:s3",
             "awsRegion": "us-east-1",
-        })
+            "eventTime": "2026-11-30T00:00:00.000Z",
+            "eventName": "ObjectCreated:Put",
+            "userIdentity": {"principalId": "p"},
+            "requestParameters": {"sourceIPAddress": "1.2.3.4"},
+            "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "i"},
+            "s3": {
+                "s3SchemaVersion": "1.0",
+                "configurationId": "c",
+                "object": notified,
+                "bucket": {"name": bucket, "ownerIdentity": {"principalId": "p"}, "arn": f"arn:aws:s3:::{bucket}"},
+            },
+        }
+        records.append(
+            {
+                "messageId": str(index),
+                "receiptHandle": "h",
+                "body": json.dumps({"Records": [notification]}),
+                "attributes": {
+                    "ApproximateReceiveCount": "1",
+                    "SentTimestamp": "0",
+                    "SenderId": "s",
+                    "ApproximateFirstReceiveTimestamp": "0",
+                },
+                "messageAttributes": {},
+                "md5OfBody": "m",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:1:q",
+                "awsRegion": "us-east-1",
+            }
+        )
     return {"Records": records}
 
 
@@ -221,16 +279,28 @@ def dispatcher_cpu_per_invocation(records: int, repeats: int = 5) -> float:
     def answer(request: Any, event_name: str, **_: Any) -> AWSResponse:
         operation = event_name.rsplit(".", 1)[-1]
         if operation == "GetObject":
-            headers = {"Content-Range": "bytes 0-261/30000", "ETag": '"0123456789abcdef0123456789abcdef"',
-                       "x-amz-version-id": "v1", "Content-Length": "262", "Content-Type": "image/jpeg"}
+            headers = {
+                "Content-Range": "bytes 0-261/30000",
+                "ETag": '"0123456789abcdef0123456789abcdef"',
+                "x-amz-version-id": "v1",
+                "Content-Length": "262",
+                "Content-Type": "image/jpeg",
+            }
             return AWSResponse(request.url, 206, headers, Canned(head))
         if operation == "SubmitJob":
             body = json.dumps({"jobId": "j", "jobName": "n", "jobArn": "arn:aws:batch:us-east-1:1:job/j"}).encode()
             return AWSResponse(request.url, 200, {"Content-Type": "application/json"}, Canned(body))
         return AWSResponse(request.url, 200, {"ETag": '"e"'}, Canned(b""))
 
-    environment = {"OUTPUT_BUCKET": "out-bucket", "OUTPUT_PREFIX": "", "JOB_QUEUE": "q", "JOB_DEFINITION": "d",
-                   "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Bench", "AWS_ENDPOINT_URL": ""}
+    environment = {
+        "OUTPUT_BUCKET": "out-bucket",
+        "OUTPUT_PREFIX": "",
+        "JOB_QUEUE": "q",
+        "JOB_DEFINITION": "d",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_METRICS_NAMESPACE": "Bench",
+        "AWS_ENDPOINT_URL": "",
+    }
     saved = dict(os.environ)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -238,7 +308,9 @@ def dispatcher_cpu_per_invocation(records: int, repeats: int = 5) -> float:
         module = sys.modules[handler.__module__]
         for client in (module.s3, module.batch_client):
             client.meta.events.register_first("before-send", answer)
-        event = sqs_event("in-bucket", [(f"photo-{index}.jpg", "0123456789abcdef0123456789abcdef", "v1") for index in range(records)])
+        event = sqs_event(
+            "in-bucket", [(f"photo-{index}.jpg", "0123456789abcdef0123456789abcdef", "v1") for index in range(records)]
+        )
         timings = []
         for _ in range(repeats + 1):
             started = time.process_time()
@@ -260,8 +332,16 @@ def cost_table(measured: dict[str, Any], gpu_images_per_s: float, gpu_dollars_pe
     for (component, what, name), requests in sorted(measured["counts"].items()):
         if component == "lambda poller":
             # Each delete batch follows one receive that returned messages: two SQS requests.
-            lines.append(Line("SQS (Lambda's poller)", "receive + delete, up to 10 messages each", "SQS", 2 * requests,
-                              2 * requests / images, 2 * requests * SQS_REQUEST / images * 1e6))
+            lines.append(
+                Line(
+                    "SQS (Lambda's poller)",
+                    "receive + delete, up to 10 messages each",
+                    "SQS",
+                    2 * requests,
+                    2 * requests / images,
+                    2 * requests * SQS_REQUEST / images * 1e6,
+                )
+            )
             continue
         unit = price(name)
         lines.append(Line(component, what, name, requests, requests / images, requests * unit / images * 1e6))
@@ -270,14 +350,32 @@ def cost_table(measured: dict[str, Any], gpu_images_per_s: float, gpu_dollars_pe
     # Lambda gives a function memory/1769 of a vCPU, so the handler's own CPU time stretches by that
     # much; on top come its waits on S3 and Batch, with AWS's usual latencies (the module's constants).
     cpu_share = min(1.0, memory_mb / LAMBDA_MB_PER_VCPU)
-    waits = invocations * (math.ceil(images / invocations / ADMISSION_THREADS) * S3_GET_LATENCY_S + S3_PUT_LATENCY_S + SUBMIT_LATENCY_S)
+    waits = invocations * (
+        math.ceil(images / invocations / ADMISSION_THREADS) * S3_GET_LATENCY_S + S3_PUT_LATENCY_S + SUBMIT_LATENCY_S
+    )
     billed_s = measured["dispatcher_cpu_seconds_per_invocation"] * invocations / cpu_share + waits
     dollars = invocations * LAMBDA_REQUEST + billed_s * memory_mb / 1024 * LAMBDA_GB_SECOND
-    lines.append(Line("dispatcher", f"Lambda: {invocations} invocations, {billed_s:.2f} s billed at {memory_mb} MB", "Lambda",
-                      invocations, invocations / images, dollars / images * 1e6))
+    lines.append(
+        Line(
+            "dispatcher",
+            f"Lambda: {invocations} invocations, {billed_s:.2f} s billed at {memory_mb} MB",
+            "Lambda",
+            invocations,
+            invocations / images,
+            dollars / images * 1e6,
+        )
+    )
     if gpu_images_per_s > 0:
-        lines.append(Line("GPU", f"{gpu_dollars_per_hour}/h at {gpu_images_per_s:g} images/s", "EC2", 0, 0.0,
-                          gpu_dollars_per_hour / 3600 / gpu_images_per_s * 1e6))
+        lines.append(
+            Line(
+                "GPU",
+                f"{gpu_dollars_per_hour}/h at {gpu_images_per_s:g} images/s",
+                "EC2",
+                0,
+                0.0,
+                gpu_dollars_per_hour / 3600 / gpu_images_per_s * 1e6,
+            )
+        )
     return lines
 
 
@@ -300,8 +398,9 @@ class ColdStart:
         return self.boot_s + self.pull_s + self.load_s + self.idle_tail_s
 
 
-def trickle(per_window: list[int], pipeline_per_million: float, gpu_images_per_s: float, gpu_dollars_per_hour: float,
-            cold: ColdStart) -> list[tuple[int, float]]:
+def trickle(
+    per_window: list[int], pipeline_per_million: float, gpu_images_per_s: float, gpu_dollars_per_hour: float, cold: ColdStart
+) -> list[tuple[int, float]]:
     """$ per million images when every window of `n` uploads finds the GPUs scaled to zero."""
     rows = []
     for n in per_window:
@@ -314,14 +413,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--pretrained", default="none", help="weights for the worker; `none` (random) is enough to count requests")
+    parser.add_argument(
+        "--pretrained", default="none", help="weights for the worker; `none` (random) is enough to count requests"
+    )
     parser.add_argument("--model-config", default=None)
     parser.add_argument("--shard-size", type=int, default=1000, help="the ShardSize parameter (default: the template's)")
     parser.add_argument("--gpu-images-per-second", type=float, default=0.0, help="measured GPU throughput; 0 leaves the GPU out")
     parser.add_argument("--gpu-dollars-per-hour", type=float, default=0.526, help="g4dn.xlarge on demand, us-east-1")
     parser.add_argument("--dispatcher-memory-mb", type=int, default=256, help="the dispatcher's MemorySize in template.yaml")
-    parser.add_argument("--trickle", type=int, nargs="*", default=[10, 100, 1000],
-                        help="uploads per batch window for the cold-start model (needs --gpu-images-per-second)")
+    parser.add_argument(
+        "--trickle",
+        type=int,
+        nargs="*",
+        default=[10, 100, 1000],
+        help="uploads per batch window for the cold-start model (needs --gpu-images-per-second)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -330,24 +436,34 @@ def main(argv: list[str] | None = None) -> int:
     lines = cost_table(measured, args.gpu_images_per_second, args.gpu_dollars_per_hour, args.dispatcher_memory_mb)
     without_gpu = sum(line.dollars_per_million for line in lines if line.component != "GPU")
     total = sum(line.dollars_per_million for line in lines)
-    print(f"{measured['images']} JPEGs of about {JPEG_BYTES // 1000} KB through the local pipeline in {measured['seconds']} s "
-          f"({measured['job_runs']} job runs, {measured['recorded_requests']} requests recorded)")
+    print(
+        f"{measured['images']} JPEGs of about {JPEG_BYTES // 1000} KB through the local pipeline in {measured['seconds']} s "
+        f"({measured['job_runs']} job runs, {measured['recorded_requests']} requests recorded)"
+    )
     print(f"{'component':<22} {'what':<46} {'request':<17} {'count':>6} {'per image':>10} {'$/million':>10}")
     for line in lines:
-        print(f"{line.component:<22} {line.what:<46} {line.kind:<17} {line.requests:>6} {line.per_image:>10.4f} {line.dollars_per_million:>10.3f}")
+        print(
+            f"{line.component:<22} {line.what:<46} {line.kind:<17} {line.requests:>6} {line.per_image:>10.4f} {line.dollars_per_million:>10.3f}"
+        )
     verdict = "met" if without_gpu <= TARGET_PER_MILLION else "MISSED"
     print(f"\neverything but the GPU: ${without_gpu:.3f} per million images ({verdict}: target <= ${TARGET_PER_MILLION:.2f})")
     if args.gpu_images_per_second > 0:
         print(f"with the GPU:           ${total:.3f} per million images")
         cold = ColdStart()
-        print(f"\ntrickle: each window's uploads find the GPUs at zero ({cold.boot_s:g} s boot, {cold.pull_s:g} s image pull, "
-              f"{cold.load_s:g} s model load, {cold.idle_tail_s:g} s idle before scale-in: a model, not a measurement)")
+        print(
+            f"\ntrickle: each window's uploads find the GPUs at zero ({cold.boot_s:g} s boot, {cold.pull_s:g} s image pull, "
+            f"{cold.load_s:g} s model load, {cold.idle_tail_s:g} s idle before scale-in: a model, not a measurement)"
+        )
         for n, dollars in trickle(args.trickle, without_gpu, args.gpu_images_per_second, args.gpu_dollars_per_hour, cold):
             print(f"  {n:>6} uploads per window   ${dollars:>12,.2f} per million images   (${dollars / 1e6:.5f} an image)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {**{k: v for k, v in measured.items() if k != "counts"}, "lines": [asdict(line) for line in lines],
-                    "dollars_per_million_without_gpu": round(without_gpu, 4), "dollars_per_million": round(total, 4)}
+        document = {
+            **{k: v for k, v in measured.items() if k != "counts"},
+            "lines": [asdict(line) for line in lines],
+            "dollars_per_million_without_gpu": round(without_gpu, 4),
+            "dollars_per_million": round(total, 4),
+        }
         args.json.write_text(json.dumps(document, indent=2))
     return 0 if without_gpu <= TARGET_PER_MILLION else 1
 

@@ -46,9 +46,9 @@ from bench.worker_bench import PHOTO_NAMES, camera_sized, variants
 from clip_shared.manifest import ManifestEntry
 from clip_worker import device_decode
 from clip_worker import embed as embed_stage
-from clip_worker.decoder import PixelBudget
 from clip_worker import prepare as prepare_stage
 from clip_worker.config import WorkerConfig
+from clip_worker.decoder import PixelBudget
 from clip_worker.model import ClipModel, default_batch_size, load
 
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
@@ -129,7 +129,11 @@ def best_rate(work: Callable[[], object], images: int, repeats: int, device: tor
 
 
 def reference(
-    network: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor], files: Sequence[bytes], device: torch.device, cpus: int
+    network: Any,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    files: Sequence[bytes],
+    device: torch.device,
+    cpus: int,
 ) -> Callable[[], np.ndarray]:
     loader = DataLoader(
         Jpegs(files, preprocess),
@@ -161,7 +165,11 @@ def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: st
 
     def prepare(index: int) -> prepare_stage.Prepared:
         entry = entries[index]
-        return prepare_stage.Prepared(entry, entry.etag, prepare_stage.model_input(files[index], entry.url, model, config, transform is not None, budget, None))
+        return prepare_stage.Prepared(
+            entry,
+            entry.etag,
+            prepare_stage.model_input(files[index], entry.url, model, config, transform is not None, budget, None),
+        )
 
     def work() -> np.ndarray:
         # runner.run's loop without S3: the same window, threads, batches and embedder.
@@ -208,8 +216,15 @@ def size_for(megapixels: float) -> tuple[int, int]:
 
 
 def bench_model(
-    name: str, pretrained: str, config_path: str | None, device: torch.device, photos: dict[float, list[bytes]],
-    batch_size: int | None, cpus: int, repeats: int, decode: str,
+    name: str,
+    pretrained: str,
+    config_path: str | None,
+    device: torch.device,
+    photos: dict[float, list[bytes]],
+    batch_size: int | None,
+    cpus: int,
+    repeats: int,
+    decode: str,
 ) -> tuple[list[Row], int | None]:
     """One model's rows, and the worker's peak GPU memory (None off CUDA)."""
     images = len(next(iter(photos.values())))
@@ -218,7 +233,10 @@ def bench_model(
         torch.manual_seed(0)  # the weights load() gives for CLIP_PRETRAINED=none, so (1) and (2)'s vectors compare
         network, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
         network.eval()
-        references = {mp: best_rate(reference(network, preprocess, files, device, cpus), images, repeats, device) for mp, files in photos.items()}
+        references = {
+            mp: best_rate(reference(network, preprocess, files, device, cpus), images, repeats, device)
+            for mp, files in photos.items()
+        }
         # The reference's fp32 model leaves the GPU before the worker's is measured.
         del network
         if device.type == "cuda":
@@ -253,17 +271,23 @@ def bench_model(
 
 def targets(rows: list[Row], peaks: dict[str, int | None], cpus: int) -> list[tuple[str, bool]]:
     checks = [
-        (f"{row.model} {row.megapixels} MP: worker/ceiling {row.worker_vs_ceiling} >= {TARGET_VS_CEILING}", row.worker_vs_ceiling >= TARGET_VS_CEILING)
+        (
+            f"{row.model} {row.megapixels} MP: worker/ceiling {row.worker_vs_ceiling} >= {TARGET_VS_CEILING}",
+            row.worker_vs_ceiling >= TARGET_VS_CEILING,
+        )
         for row in rows
     ]
     if cpus == 4:
         checks += [
-            (f"ViT-B-32 {row.megapixels} MP, 4 CPUs: worker/reference {row.worker_vs_reference} >= {TARGET_VS_REFERENCE}", row.worker_vs_reference >= TARGET_VS_REFERENCE)
+            (
+                f"ViT-B-32 {row.megapixels} MP, 4 CPUs: worker/reference {row.worker_vs_reference} >= {TARGET_VS_REFERENCE}",
+                row.worker_vs_reference >= TARGET_VS_REFERENCE,
+            )
             for row in rows
             if row.model == "ViT-B-32"
         ]
-    if peaks.get("ViT-L-14") is not None:
-        checks.append((f"ViT-L-14 peak GPU memory {peaks['ViT-L-14'] / 1024**3:.2f} GiB fits a 16 GB T4", peaks["ViT-L-14"] < T4_MEMORY_BYTES))
+    if (large := peaks.get("ViT-L-14")) is not None:
+        checks.append((f"ViT-L-14 peak GPU memory {large / 1024**3:.2f} GiB fits a 16 GB T4", large < T4_MEMORY_BYTES))
     return checks
 
 
@@ -287,7 +311,10 @@ def report(env: dict[str, Any], rows: list[Row], peaks: dict[str, int | None], c
         )
     lines.append("")
     for model, peak in peaks.items():
-        lines.append(f"{model}: the worker's peak GPU memory (torch.cuda.max_memory_allocated) " + (f"{peak / 1024**3:.2f} GiB" if peak is not None else "n/a (not on CUDA)"))
+        lines.append(
+            f"{model}: the worker's peak GPU memory (torch.cuda.max_memory_allocated) "
+            + (f"{peak / 1024**3:.2f} GiB" if peak is not None else "n/a (not on CUDA)")
+        )
     lines += ["", "targets" if env["device"].startswith("cuda") else "targets (set for --device cuda; not tested on a CPU)"]
     lines += [f"    {'met   ' if met else 'MISSED'} {text}" for text, met in checks]
     return "\n".join(lines)
@@ -296,15 +323,23 @@ def report(env: dict[str, Any], rows: list[Row], peaks: dict[str, int | None], c
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated open_clip names (default {','.join(MODELS)})")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated open_clip names (default {','.join(MODELS)})"
+    )
     parser.add_argument("--model-config", help="an extra open_clip model config, as CLIP_MODEL_CONFIG")
     parser.add_argument("--pretrained", default="none", help="as CLIP_PRETRAINED (default none: seeded random weights)")
-    parser.add_argument("--sizes", default=",".join(map(str, MEGAPIXELS)), help="comma-separated megapixels (default 0.3,2.0,12.0)")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, MEGAPIXELS)), help="comma-separated megapixels (default 0.3,2.0,12.0)"
+    )
     parser.add_argument("--images", type=int, help="photos per size (default 1024; 16 with --quick)")
     parser.add_argument("--batch-size", type=int, help="the worker's batch (default: model.default_batch_size)")
     parser.add_argument("--cpus", type=int, help="CPUs to use, as on g4dn.xlarge's 4 (default: all)")
-    parser.add_argument("--decode", choices=("auto", "device", "cpu"), default="auto", help="(2)'s decoding: the worker's choice, or forced")
-    parser.add_argument("--repeats", type=int, help="timed runs of each pipeline after a warm-up, the best kept (default 2; 1 with --quick)")
+    parser.add_argument(
+        "--decode", choices=("auto", "device", "cpu"), default="auto", help="(2)'s decoding: the worker's choice, or forced"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="timed runs of each pipeline after a warm-up, the best kept (default 2; 1 with --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 0.3 MP only, 16 photos, one repeat")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return parser.parse_args(argv)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import logging
@@ -94,7 +95,10 @@ IMPORT_GROUPS = (
     ),
     ("fastapi, pydantic", "import fastapi, fastapi.responses, pydantic, starlette.concurrency"),
     ("mangum", "from mangum import Mangum"),
-    ("clip_query modules", "import clip_query.config, clip_query.errors, clip_query.models, clip_query.inputs, clip_query.service, clip_query.middleware, clip_query.api"),
+    (
+        "clip_query modules",
+        "import clip_query.config, clip_query.errors, clip_query.models, clip_query.inputs, clip_query.service, clip_query.middleware, clip_query.api",
+    ),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +172,12 @@ def cold_start_once(env: dict[str, str], settings: dict[str, Any], folder: Path)
         "first_embed_image_s": first["embed_image"],
         "total_s": interpreter + imports + measured["init_s"] + first["embed_text"] + first["embed_image"],
         # What a tag such as CLIP_PRETRAINED=openai (the image's weights) would take: no file to hash.
-        "total_without_hash_s": interpreter + imports + measured["init_s"] - measured["weights_id_s"] + first["embed_text"] + first["embed_image"],
+        "total_without_hash_s": interpreter
+        + imports
+        + measured["init_s"]
+        - measured["weights_id_s"]
+        + first["embed_text"]
+        + first["embed_image"],
         "harness_s": measured["harness_s"],
         "peak_rss_mb": measured["peak_rss_mb"],
     }
@@ -214,7 +223,11 @@ def bench_cold_start(args: argparse.Namespace, checkpoint: Path, cache_dir: Path
     host, port = server.get_host_and_port()
     env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
     boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     ).create_bucket(Bucket=OUTPUT_BUCKET)
     with server_stopped(server), tempfile.TemporaryDirectory(prefix="query-bench-cold-") as folder:
         for round_ in range(repeats):
@@ -307,14 +320,15 @@ def bench_warm(
             return [urls[i] for i in top[np.argsort(-scores[top], kind="stable")]]
 
         seconds: dict[str, float] = {}
-        for request, reference in (
+        references: tuple[tuple[str, Callable[[], object]], ...] = (
             ("embed_text", reference_text),
             ("embed_image", reference_image),
             ("classify", reference_classify),
             ("search", reference_search),
-        ):
+        )
+        for request, reference in references:
             # Each request against its own reference, pair by pair.
-            seconds |= fastest({request: lambda request=request: call(request), f"reference_{request}": reference}, repeats)
+            seconds |= fastest({request: functools.partial(call, request), f"reference_{request}": reference}, repeats)
         classified = [label["label"] for label in call("classify")["body"]["images"]["image"]]
         found = call("search")["body"]
 
@@ -327,7 +341,7 @@ def bench_warm(
         "search_first": search_first["seconds"],
         "search": seconds["search"],
     }
-    reference = {
+    reference_s = {
         "text": seconds["reference_embed_text"],
         "image": seconds["reference_embed_image"],
         "classify": seconds["reference_classify"],
@@ -346,11 +360,11 @@ def bench_warm(
         "latency_s": latency,
         "reference_s": reference,
         "ratios": {
-            "embed_text": latency["embed_text"] / reference["text"],
-            "embed_image": latency["embed_image"] / reference["image"],
+            "embed_text": latency["embed_text"] / reference_s["text"],
+            "embed_image": latency["embed_image"] / reference_s["image"],
             "classify_first_to_classify": latency["classify_first"] / latency["classify"],
-            "classify": latency["classify"] / reference["classify"],
-            "search": latency["search"] / reference["search"],
+            "classify": latency["classify"] / reference_s["classify"],
+            "search": latency["search"] / reference_s["search"],
             "search_first_to_search": latency["search_first"] / latency["search"],
         },
         "checks": {
@@ -436,7 +450,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: a small photo and shard, one repeat")
     parser.add_argument("--repeats", type=positive, help="cold starts of each kind, the best kept (default 3; 1 with --quick)")
-    parser.add_argument("--warm-repeats", type=positive, help="calls of each warm request, the best kept (default 20; 2 with --quick)")
+    parser.add_argument(
+        "--warm-repeats", type=positive, help="calls of each warm request, the best kept (default 20; 2 with --quick)"
+    )
     parser.add_argument("--rows", type=positive, help="stored vectors /search ranks (default 100000; 2000 with --quick)")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     parser.add_argument("--model-config", help="an extra open_clip model config, as CLIP_MODEL_CONFIG")
@@ -459,7 +475,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.pretrained:
             checkpoint, pretrained = args.pretrained.resolve(), f"checkpoint {args.pretrained.name}"
         else:
-            checkpoint, pretrained = save_random_checkpoint(args.model, Path(folder) / f"{args.model}-random.pt"), "seeded random weights"
+            checkpoint, pretrained = (
+                save_random_checkpoint(args.model, Path(folder) / f"{args.model}-random.pt"),
+                "seeded random weights",
+            )
         # As the image's build does (functions/query/Dockerfile): the default labels' text vectors
         # computed once into CLIP_CACHE_DIR, where the function's first /classify finds them.
         cache_dir = Path(folder) / "clip-cache"

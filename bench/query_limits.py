@@ -35,6 +35,7 @@ import argparse
 import base64
 import copy
 import dataclasses
+import functools
 import io
 import json
 import random
@@ -72,9 +73,19 @@ MB_PER_VCPU = 1769
 #: starts a container waits for on top of its own time.
 COLD_START_S = 9.6
 #: Formats Pillow decodes at full size whatever the model needs, with an alpha channel to flatten.
-FULL_DECODE_FORMATS = {"png": ("PNG", {}), "webp": ("WEBP", {"lossless": True}), "tiff": ("TIFF", {"compression": "tiff_adobe_deflate"})}
+FULL_DECODE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    "png": ("PNG", {}),
+    "webp": ("WEBP", {"lossless": True}),
+    "tiff": ("TIFF", {"compression": "tiff_adobe_deflate"}),
+}
 #: Limits of a smoke run, where the tiny test model stands in for ViT-B-32.
-QUICK_LIMITS = {"MAX_ITEMS": "4", "MAX_REQUEST_PIXELS": "1000000", "MAX_TEXT_CHARS": "300", "MAX_LABELS": "6", "MAX_RESULTS": "20"}
+QUICK_LIMITS = {
+    "MAX_ITEMS": "4",
+    "MAX_REQUEST_PIXELS": "1000000",
+    "MAX_TEXT_CHARS": "300",
+    "MAX_LABELS": "6",
+    "MAX_RESULTS": "20",
+}
 #: The typical request the worst are compared with: a 2 MP photo (a smaller one at the quick limits).
 REFERENCE_PHOTO = {False: (1600, 1200), True: (640, 480)}
 
@@ -99,6 +110,10 @@ def peak_rss_reset() -> float:
 def rss_mb(field: str = "VmHWM") -> float:
     with open("/proc/self/status") as stream:
         return next(int(line.split()[1]) for line in stream if line.startswith(f"{field}:")) * 1024 / 1e6
+
+
+def identity(request: dict[str, Any]) -> dict[str, Any]:
+    return request
 
 
 def image(pixels: int, kind: str) -> bytes:
@@ -134,7 +149,9 @@ class Words:
         while too_many - fitting > 1:
             middle = (fitting + too_many) // 2
             text = prefix + "".join(pieces[:middle])
-            fitting, too_many = (middle, too_many) if len(text) <= self.max_chars and self.fitting.text_fits(text) else (fitting, middle)
+            fitting, too_many = (
+                (middle, too_many) if len(text) <= self.max_chars and self.fitting.text_fits(text) else (fitting, middle)
+            )
         return "".join(pieces[:fitting])
 
     def letters(self, count: int) -> str:
@@ -192,7 +209,12 @@ def bench(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[str,
         service = entry.service
         config = service.config
         limits = Limits(
-            config.max_items, config.max_request_pixels, config.max_text_chars, config.max_labels, config.max_results, config.max_body_bytes
+            config.max_items,
+            config.max_request_pixels,
+            config.max_text_chars,
+            config.max_labels,
+            config.max_results,
+            config.max_body_bytes,
         )
         data = shard(args.rows, service.model.dimensions, service.model.name, service.model.pretrained, STORED_BUCKET)
         service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=keys.parquet_key("", service.model.id, "bench", 0), Body=data)
@@ -209,7 +231,9 @@ def bench(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[str,
         formats = {}
         for kind in FULL_DECODE_FORMATS:
             request = event("query-embed-image.json", body=json.dumps({"image": b64(image(limits.request_pixels, kind))}))
-            formats[kind] = results[f"embed_one_image_{kind}"] = measure(entry, lambda request=request: request, args.repeats, 200)
+            formats[kind] = results[f"embed_one_image_{kind}"] = measure(
+                entry, functools.partial(identity, request), args.repeats, 200
+            )
         costliest = max(formats, key=lambda kind: formats[kind]["seconds"])
         for name, build in requests_for(limits, costliest, words).items():
             results[name] = measure(entry, build, args.repeats, 400 if name.startswith("refused") else 200)
@@ -224,11 +248,15 @@ def bench(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[str,
 
 def report(results: dict[str, Any]) -> str:
     env, limits = results["environment"], results["limits"]
-    worst = max((name for name in results["requests"] if not name.startswith("refused")), key=lambda n: results["requests"][n]["seconds"])
+    worst = max(
+        (name for name in results["requests"] if not name.startswith("refused")), key=lambda n: results["requests"][n]["seconds"]
+    )
     lines = [
         f"{results['model']} ({results['pretrained']}) on the CPU: {env['cpu_count']} cores, torch {env['torch']}, "
         f"commit {env['commit']}, {env['date']}",
-        "limits: " + ", ".join(f"{name} {value:,}" for name, value in limits.items()) + f"; images: {results['costliest_format']} (the costliest)",
+        "limits: "
+        + ", ".join(f"{name} {value:,}" for name, value in limits.items())
+        + f"; images: {results['costliest_format']} (the costliest)",
         f"best of {results['repeats']}; at {MEMORY_MB} MB = this x {results['scale_to_default_memory']:.2f}; "
         f"cold = that + {COLD_START_S} s of cold start; API Gateway gives up at {TIMEOUT_S + 1} s",
         "",
@@ -251,7 +279,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=positive, help="stored vectors the searches rank (default 100000; 2000 with --quick)")
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     parser.add_argument("--model-config", help="an extra open_clip model config, as CLIP_MODEL_CONFIG")
-    parser.add_argument("--pretrained", type=Path, help="a checkpoint file (default: seeded random weights saved to a temporary one)")
+    parser.add_argument(
+        "--pretrained", type=Path, help="a checkpoint file (default: seeded random weights saved to a temporary one)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)

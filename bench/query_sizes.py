@@ -25,7 +25,7 @@ TORCH_BUILD = ("torch", "torchvision")
 def installed_bytes(distribution: metadata.Distribution) -> int:
     total = 0
     for file in distribution.files or []:
-        path = Path(distribution.locate_file(file))
+        path = Path(str(distribution.locate_file(file)))
         if path.is_file():
             total += path.stat().st_size
     return total
@@ -105,4 +105,10 @@ def bench_sizes(checkpoint: Path, cache_dir: Path) -> dict[str, Any]:
 def image_mb(sizes: dict[str, Any]) -> float:
     """What this machine can measure of the image: all of it but torch and the Lambda base image."""
     totals = sizes["totals_mb"]
-    return sizes["checkpoint_mb"] + sizes["baked_label_vectors_mb"] + totals["api_dependencies"] + totals["torch_requirements"] + totals["project_code"]
+    return (
+        sizes["checkpoint_mb"]
+        + sizes["baked_label_vectors_mb"]
+        + totals["api_dependencies"]
+        + totals["torch_requirements"]
+        + totals["project_code"]
+    )

@@ -40,9 +40,16 @@ def simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, 
     from clip_pipeline import local
 
     environment = {
-        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-        "OUTPUT_BUCKET": OUTPUT_BUCKET, "OUTPUT_PREFIX": "", "JOB_QUEUE": "queue", "JOB_DEFINITION": "definition",
-        "SHARD_SIZE": str(shard_size), "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_METRICS_NAMESPACE": "Bench",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        "OUTPUT_PREFIX": "",
+        "JOB_QUEUE": "queue",
+        "JOB_DEFINITION": "definition",
+        "SHARD_SIZE": str(shard_size),
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_METRICS_NAMESPACE": "Bench",
         "POWERTOOLS_LOG_LEVEL": "WARNING",
     }
     os.environ.pop("AWS_ENDPOINT_URL", None)
@@ -55,12 +62,23 @@ def simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, 
         role = boto3.client("iam").create_role(RoleName="batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
         batch = boto3.client("batch")
         environment_arn = batch.create_compute_environment(
-            computeEnvironmentName="gpu", type="UNMANAGED", state="ENABLED", serviceRole=role)["computeEnvironmentArn"]
-        batch.create_job_queue(jobQueueName="queue", state="ENABLED", priority=1,
-                               computeEnvironmentOrder=[{"order": 1, "computeEnvironment": environment_arn}])
-        batch.register_job_definition(jobDefinitionName="definition", type="container",
-                                      containerProperties={"image": "worker", "command": ["python", "-m", "clip_worker"],
-                                                           "resourceRequirements": [{"type": "VCPU", "value": "4"}, {"type": "MEMORY", "value": "15000"}]})
+            computeEnvironmentName="gpu", type="UNMANAGED", state="ENABLED", serviceRole=role
+        )["computeEnvironmentArn"]
+        batch.create_job_queue(
+            jobQueueName="queue",
+            state="ENABLED",
+            priority=1,
+            computeEnvironmentOrder=[{"order": 1, "computeEnvironment": environment_arn}],
+        )
+        batch.register_job_definition(
+            jobDefinitionName="definition",
+            type="container",
+            containerProperties={
+                "image": "worker",
+                "command": ["python", "-m", "clip_worker"],
+                "resourceRequirements": [{"type": "VCPU", "value": "4"}, {"type": "MEMORY", "value": "15000"}],
+            },
+        )
         started = time.monotonic()
         objects = []
         for index in range(notifications):
@@ -85,10 +103,16 @@ def simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, 
             invocations.append((len(event["Records"]), time.monotonic() - began))
             if response["batchItemFailures"]:
                 raise RuntimeError(f"the dispatcher failed {len(response['batchItemFailures'])} messages")
-        jobs = [job for state in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
-                for job in batch.list_jobs(jobQueue="queue", jobStatus=state)["jobSummaryList"] if ":" not in job["jobId"]]
-        children = sum(max(1, (batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0].get("arrayProperties") or {}).get("size") or 1)
-                       for job in jobs)
+        jobs = [
+            job
+            for state in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
+            for job in batch.list_jobs(jobQueue="queue", jobStatus=state)["jobSummaryList"]
+            if ":" not in job["jobId"]
+        ]
+        children = sum(
+            max(1, (batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0].get("arrayProperties") or {}).get("size") or 1)
+            for job in jobs
+        )
     seconds = sum(duration for _, duration in invocations)
     return {
         "notifications": notifications,

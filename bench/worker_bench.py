@@ -36,8 +36,8 @@ from unittest import mock
 
 import numpy as np
 import open_clip
-import pyarrow.parquet as pq
 import PIL
+import pyarrow.parquet as pq
 import skimage
 import torch
 import torch.nn.functional as F
@@ -215,7 +215,9 @@ def upload(s3: Any, files: list[bytes]) -> Manifest:
         etag = s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=data)["ETag"].strip('"')
         entries.append(ManifestEntry(bucket=INPUT_BUCKET, key=key, size=len(data), etag=etag, mime_type="image/jpeg"))
     (manifest,) = split("bench", entries, len(entries))
-    s3.put_object(Bucket=OUTPUT_BUCKET, Key=keys.manifest_prefix("", "bench") + keys.manifest_shard_name(0), Body=manifest.to_json())
+    s3.put_object(
+        Bucket=OUTPUT_BUCKET, Key=keys.manifest_prefix("", "bench") + keys.manifest_shard_name(0), Body=manifest.to_json()
+    )
     return manifest
 
 
@@ -317,9 +319,7 @@ def targets(decode: list[DecodeResult], end_to_end: EndToEndResult) -> list[tupl
     ]
 
 
-def report(
-    env: dict[str, Any], repeats: int, decode: list[DecodeResult], end_to_end: EndToEndResult, quick: bool
-) -> str:
+def report(env: dict[str, Any], repeats: int, decode: list[DecodeResult], end_to_end: EndToEndResult, quick: bool) -> str:
     lines = [
         f"{env['model']} (pretrained={env['pretrained']}) on {env['device']}, {env['cpu_count']} cores, "
         f"torch {env['torch']}, open_clip {env['open_clip']}, Pillow {env['pillow']}",
@@ -344,9 +344,7 @@ def report(
         f"{'worker':>12} {e2e.worker_images_per_s:>9.2f}   runner.run: batch {e2e.batch_size}, {e2e.io_threads} io threads",
         f"{'speedup':>12} {e2e.speedup:>8.2f}x   min cosine worker vs naive {e2e.min_cosine:.6f}",
         "",
-        "targets (set for the full run: 12 MP photos, ViT-B-32; a --quick run does not test them)"
-        if quick
-        else "targets",
+        "targets (set for the full run: 12 MP photos, ViT-B-32; a --quick run does not test them)" if quick else "targets",
     ]
     lines += [f"    {'met   ' if met else 'MISSED'} {text}" for text, met in targets(decode, end_to_end)]
     return "\n".join(lines)

@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 import skimage
 import torch
 import torch.nn.functional as F
+from PIL import Image, PngImagePlugin
+
 from clip_shared import keys
 from clip_shared.events import from_json_batch
 from clip_shared.manifest import ManifestEntry, split
 from clip_shared.mime import sniff_mime
 from clip_worker.config import WorkerConfig
-from PIL import Image, PngImagePlugin
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 INPUT_BUCKET = "input-bucket"
@@ -57,7 +58,11 @@ def all_formats(image: Image.Image) -> dict[str, tuple[bytes, str, Image.Image]]
     rgba = image.copy()
     rgba.putalpha(255)
     return {
-        "photo.jpg": (encode(image, "JPEG", quality=92), "image/jpeg", Image.open(io.BytesIO(encode(image, "JPEG", quality=92))).convert("RGB")),
+        "photo.jpg": (
+            encode(image, "JPEG", quality=92),
+            "image/jpeg",
+            Image.open(io.BytesIO(encode(image, "JPEG", quality=92))).convert("RGB"),
+        ),
         "rotated.jpg": (encode(rotated_exif, "JPEG", quality=92, exif=exif), "image/jpeg", image),
         "cmyk.jpg": (encode(image.convert("CMYK"), "JPEG", quality=95), "image/jpeg", image),
         "gray.jpg": (encode(gray, "JPEG", quality=95), "image/jpeg", gray.convert("RGB")),
@@ -90,7 +95,7 @@ def save_tiny_checkpoint(path: Path, seed: int = 1234) -> Path:
 
 
 @cache
-def _reference_model(name: str, pretrained: str | None) -> tuple[torch.nn.Module, object]:
+def _reference_model(name: str, pretrained: str | None) -> tuple[Any, Any]:
     if pretrained is None:
         torch.manual_seed(0)  # what the worker does for CLIP_PRETRAINED=none
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
@@ -145,7 +150,7 @@ def stored_vectors(s3: Any, model_id: str, prefix: str = "", bucket: str = OUTPU
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=keys.parquet_prefix(prefix, model_id)):
         for item in page.get("Contents", []):
             table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()))
-            for key, vector in zip(table.column("key").to_pylist(), table.column("vector").to_pylist()):
+            for key, vector in zip(table.column("key").to_pylist(), table.column("vector").to_pylist(), strict=True):
                 found[key] = np.asarray(vector, dtype=np.float32)
     return found
 

@@ -335,7 +335,10 @@ def test_the_images_start_from_the_ecr_public_gallery() -> None:
 def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_last_attempt() -> None:
     definition = stack()["Resources"]["WorkerJobDefinition"]["Properties"]
     strategy = definition["RetryStrategy"]
-    rules = [(rule.get("OnExitCode") or rule.get("OnReason") or rule.get("OnStatusReason"), rule["Action"]) for rule in strategy["EvaluateOnExit"]]
+    rules = [
+        (rule.get("OnExitCode") or rule.get("OnReason") or rule.get("OnStatusReason"), rule["Action"])
+        for rule in strategy["EvaluateOnExit"]
+    ]
     # Batch takes the first rule that matches, and allows five.
     assert len(rules) <= 5 and rules[-1] == ("*", "EXIT")
     assert ("75", "RETRY") in rules and ("13*", "RETRY") in rules  # S3 would not serve; killed or crashed (137: OOM)
@@ -346,8 +349,13 @@ def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_l
 def test_jobs_that_cannot_start_are_cancelled_and_alarmed_on() -> None:
     resources = stack(RunnableTimeoutSeconds="7200")["Resources"]
     actions = resources["JobQueue"]["Properties"]["JobStateTimeLimitActions"]
-    assert {action["Reason"] for action in actions} >= {"CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY", "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"}
-    assert all((action["Action"], action["State"], action["MaxTimeSeconds"]) == ("CANCEL", "RUNNABLE", "7200") for action in actions)
+    assert {action["Reason"] for action in actions} >= {
+        "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
+        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+    }
+    assert all(
+        (action["Action"], action["State"], action["MaxTimeSeconds"]) == ("CANCEL", "RUNNABLE", "7200") for action in actions
+    )
     pattern = resources["StuckJobsRule"]["Properties"]["EventPattern"]
     assert pattern["detail"]["statusReason"] == [{"prefix": "Canceled by JobStateTimeLimit"}]
     alarm = resources["StuckJobsAlarm"]["Properties"]

@@ -6,12 +6,12 @@ import signal
 import sys
 import threading
 
+from clip_shared.aws import is_transient
 from clip_shared.manifest import ManifestError
 from clip_worker.config import ConfigError, WorkerConfig
 from clip_worker.labels import LabelError
 from clip_worker.log import logger
 from clip_worker.model import ModelLoadError
-from clip_shared.aws import is_transient
 from clip_worker.runner import EXIT_FAILED, EXIT_RETRY, run
 
 

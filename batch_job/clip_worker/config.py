@@ -13,10 +13,15 @@ class ConfigError(ValueError):
     """A setting that is missing or malformed; the message names the variable and the fix."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    value = _optional_int(env, name, minimum)
+    return default if value is None else value
+
+
+def _optional_int(env: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
-        return default
+        return None
     try:
         value = int(raw)
     except ValueError:
@@ -80,7 +85,7 @@ class WorkerConfig:
     transient_retry_s: int = 20
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
         env = os.environ if env is None else env
         missing = [name for name in ("MANIFEST_URI", "OUTPUT_BUCKET") if not env.get(name)]
         if missing:
@@ -101,7 +106,7 @@ class WorkerConfig:
             cache_dir=env.get("CLIP_CACHE_DIR") or None,
             device=None if device == "auto" else device,
             gpu_decode=None if gpu_decode == "auto" else gpu_decode == "on",
-            batch_size=_int(env, "BATCH_SIZE", None),
+            batch_size=_optional_int(env, "BATCH_SIZE"),
             io_threads=_int(env, "IO_THREADS", cls.io_threads),
             max_object_bytes=_int(env, "MAX_OBJECT_BYTES", cls.max_object_bytes),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
@@ -111,7 +116,7 @@ class WorkerConfig:
             per_object_outputs=_bool(env, "PER_OBJECT_OUTPUTS"),
             labels=env.get("CLIP_LABELS", "").strip() or None,
             keywords_top_k=_int(env, "KEYWORDS_TOP_K", cls.keywords_top_k),
-            array_index=_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", None, minimum=0),
+            array_index=_optional_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", minimum=0),
             job_id=env.get("AWS_BATCH_JOB_ID") or None,
             attempt=_int(env, "AWS_BATCH_JOB_ATTEMPT", cls.attempt),
             max_attempts=_int(env, "JOB_ATTEMPTS", cls.max_attempts),

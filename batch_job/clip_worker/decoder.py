@@ -88,19 +88,17 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: Pixe
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
         if image.format not in SUPPORTED_FORMATS:
-            raise DocumentError(
-                ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {image.format} image, which the pipeline does not embed"
-            )
+            raise DocumentError(ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {image.format} image, which the pipeline does not embed")
         width, height = image.size
         if image.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
             raise DocumentError(
-                ErrorCode.CORRUPT_IMAGE, f"{url} is a JPEG of {scans} scans; photos have at most {MAX_JPEG_SCANS}, and each costs a full decode"
+                ErrorCode.CORRUPT_IMAGE,
+                f"{url} is a JPEG of {scans} scans; photos have at most {MAX_JPEG_SCANS}, and each costs a full decode",
             )
         if width * height > max_pixels:
             raise DocumentError(
                 ErrorCode.TOO_MANY_PIXELS,
-                f"{url} is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit "
-                "(MAX_IMAGE_PIXELS)",
+                f"{url} is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel limit (MAX_IMAGE_PIXELS)",
             )
     except DocumentError:
         raise

@@ -101,7 +101,9 @@ def probe(data: bytes, max_pixels: int) -> Jpeg | None:
         or decoder.jpeg_scans(data) > decoder.MAX_JPEG_SCANS
     ):
         return None
-    return Jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), width * height, orientation if orientation in _UPRIGHT else 1)
+    return Jpeg(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), width * height, orientation if orientation in _UPRIGHT else 1
+    )
 
 
 @functools.cache
@@ -135,7 +137,13 @@ def _torchvision_nvjpeg() -> ctypes.CDLL | None:
     if path is None:
         return None
     nvjpeg = ctypes.CDLL(path)
-    nvjpeg.nvjpegCreateEx.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+    nvjpeg.nvjpegCreateEx.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
     nvjpeg.nvjpegCreateEx.restype = ctypes.c_int
     nvjpeg.nvjpegDestroy.argtypes = [ctypes.c_void_p]
     nvjpeg.nvjpegDestroy.restype = ctypes.c_int
@@ -197,7 +205,7 @@ def decode(jpegs: Sequence[Jpeg], device: torch.device) -> list[Outcome]:
             images = [_attempt(decode_jpeg, jpeg.data, ImageReadMode.RGB, device) for jpeg in jpegs]
     return [
         _attempt(_UPRIGHT.get(jpeg.orientation, _same), image) if isinstance(image, torch.Tensor) else image
-        for jpeg, image in zip(jpegs, images)
+        for jpeg, image in zip(jpegs, images, strict=True)
     ]
 
 
@@ -248,7 +256,7 @@ class TensorTransform:
         self.device = device
 
     @classmethod
-    def for_model(cls, model: ClipModel) -> "TensorTransform":
+    def for_model(cls, model: ClipModel) -> TensorTransform:
         return cls(model.preprocess, model.dtype, model.device)
 
     def crop(self, image: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,9 @@ class Embedder:
             outcome = item.image if isinstance(item.image, torch.Tensor) else next(on_device)
             if isinstance(outcome, RuntimeError):
                 # The device gave up on it: the CPU path decodes it, or says what is wrong with it.
-                logger.info("decoding on the CPU instead", extra={"url": item.entry.url, "reason": f"{type(outcome).__name__}: {outcome}"})
+                logger.info(
+                    "decoding on the CPU instead", extra={"url": item.entry.url, "reason": f"{type(outcome).__name__}: {outcome}"}
+                )
                 try:
                     outcome = self._model.prepare(item.image.data.numpy().tobytes(), item.entry.url, self._max_pixels)
                 except DocumentError as error:
@@ -61,7 +63,7 @@ class Embedder:
             return []
         items, features = self._queued
         self._queued = None
-        return list(zip(items, features.cpu().numpy()))
+        return list(zip(items, features.cpu().numpy(), strict=True))
 
 
 def decode_on_device(device: torch.device, gpu_decode: bool | None) -> bool:
@@ -82,7 +84,11 @@ def device_transform(model: ClipModel, gpu_decode: bool | None) -> device_decode
         if model.device.type == "cuda":
             logger.info(
                 "decoding JPEGs with Pillow on the CPU",
-                extra={"reason": "GPU_DECODE=off" if gpu_decode is False else "this GPU has no hardware JPEG decoder; GPU_DECODE=on would use nvJPEG anyway"},
+                extra={
+                    "reason": "GPU_DECODE=off"
+                    if gpu_decode is False
+                    else "this GPU has no hardware JPEG decoder; GPU_DECODE=on would use nvJPEG anyway"
+                },
             )
         return None
     try:

@@ -36,7 +36,7 @@ class VectorIndex:
         return len(self.urls)
 
     @classmethod
-    def from_tables(cls, tables: Iterable[pa.Table]) -> "VectorIndex":
+    def from_tables(cls, tables: Iterable[pa.Table]) -> VectorIndex:
         """Later tables win: an image embedded again (new version, re-run) appears once, newest vector."""
         non_empty = [table.select(["url", "vector"]) for table in tables if table.num_rows]
         if not non_empty:
@@ -51,7 +51,7 @@ class VectorIndex:
         return cls(list(last_row), matrix[rows] if len(rows) < len(urls) else matrix)
 
     @classmethod
-    def load(cls, s3: Any, bucket: str, prefix: str, model_id: str) -> "VectorIndex":
+    def load(cls, s3: Any, bucket: str, prefix: str, model_id: str) -> VectorIndex:
         """Every shard of one model in the output bucket, oldest first."""
         return cls.from_tables(read_shard(s3, bucket, item["Key"]) for item in list_shards(s3, bucket, prefix, model_id))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from clip_shared import aws
@@ -103,6 +103,6 @@ class Journal:
             "window": [self._low, self._high],
             "careful": self._careful,
             "suspects": self.suspects,
-            "updatedAt": datetime.now(timezone.utc).isoformat(),
+            "updatedAt": datetime.now(UTC).isoformat(),
         }
         self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(document).encode(), ContentType="application/json")

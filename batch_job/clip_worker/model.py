@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -38,7 +39,8 @@ class ClipModel:
     preprocess: Callable[[Image.Image], torch.Tensor]
     #: The shortest side the preprocessing resizes to; decoding may stop at this size.
     image_size: int
-    network: torch.nn.Module
+    #: open_clip's CLIP (open_clip ships no type information, hence Any).
+    network: Any
     #: open_clip's tokenizer for this model: list of texts -> token ids of its context length.
     tokenizer: Callable[[list[str]], torch.Tensor]
 
@@ -74,7 +76,7 @@ class ClipModel:
         """Whether the text tower sees all of `text`: open_clip's tokenizers silently cut the rest."""
         if getattr(self.tokenizer, "sot_token_id", None) is not None:
             # open_clip's own BPE tokenizer: the text's tokens plus start and end must fit.
-            return len(self.tokenizer.encode(text)) + 2 <= self.context_length  # type: ignore[attr-defined]
+            return len(self.tokenizer.encode(text)) + 2 <= self.context_length  # type: ignore[attr-defined]  # the BPE tokenizer has encode; the Callable type does not say so
         # Hugging Face tokenizers pad with zeros: a text that reaches the last position may have been cut.
         return int(self.tokenizer([text])[0, -1]) == 0
 
@@ -131,7 +133,9 @@ def load(
     image_size = min(size) if isinstance(size, (tuple, list)) else int(size)
     with torch.inference_mode():
         # A real forward pass tells the output width of any architecture, and warms the kernels up.
-        probe = torch.zeros(1, 3, image_size, image_size, device=torch_device, dtype=open_clip.get_input_dtype(precision) or torch.float32)
+        probe = torch.zeros(
+            1, 3, image_size, image_size, device=torch_device, dtype=open_clip.get_input_dtype(precision) or torch.float32
+        )
         dimensions = int(network.encode_image(probe).shape[-1])
     return ClipModel(
         name=name,

@@ -7,6 +7,7 @@ hears where the window is (see journal.py), and suspects of a crash go through a
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -80,7 +81,9 @@ class Pipeline:
         return deferred
 
     def fail(self, result: Failed) -> None:
-        logger.warning("object failed", extra={"url": result.entry.url, "code": result.error.code, "reason": result.error.message})
+        logger.warning(
+            "object failed", extra={"url": result.entry.url, "code": result.error.code, "reason": result.error.message}
+        )
         self.writer.failed(result.entry, result.error)
         self.progress.failed += 1
         self._landed(result.entry)
@@ -92,9 +95,12 @@ class Pipeline:
 
     def _submitted(self, order: list[int]) -> Iterator[ManifestEntry]:
         for index in order:
-            self.journal.advance(index, lambda: min((self._position[entry] for entry in self._in_flight), default=index))
+            self.journal.advance(index, functools.partial(self._oldest_in_flight, index))
             self._in_flight[self.entries[index]] += 1
             yield self.entries[index]
+
+    def _oldest_in_flight(self, submitting: int) -> int:
+        return min((self._position[entry] for entry in self._in_flight), default=submitting)
 
     def _handle(self, result: Prepared | Failed | Deferred, batch: list[Prepared], deferred: list[Deferred]) -> None:
         if isinstance(result, Failed):
@@ -113,7 +119,7 @@ class Pipeline:
         for failure in failures:
             self.fail(failure)
         vectors = [vector for _, vector in done]
-        for (item, vector), words in zip(done, keywords(self.label_set, vectors, self.stage.config.keywords_top_k)):
+        for (item, vector), words in zip(done, keywords(self.label_set, vectors, self.stage.config.keywords_top_k), strict=True):
             self.writer.created(item.entry, item.etag, vector, words)
             self._landed(item.entry)
         self.progress.embedded += len(done)
@@ -130,4 +136,3 @@ class Pipeline:
                 self.checkpoint()
             except Exception as exc:  # noqa: BLE001 - the final checkpoint decides; this one only saves work
                 logger.warning("could not write a checkpoint", extra={"reason": f"{type(exc).__name__}: {exc}"})
-

@@ -47,7 +47,9 @@ class Deferred:
     reason: str
 
 
-def ahead(pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], window: int, stop: threading.Event) -> Iterator[R]:
+def ahead(
+    pool: ThreadPoolExecutor, items: Iterable[T], work: Callable[[T], R], window: int, stop: threading.Event
+) -> Iterator[R]:
     """Results of `work` over `items` in completion order, at most `window` in flight; none started after `stop`."""
     pending: set[Future[R]] = set()
     remaining = iter(items)
@@ -104,7 +106,9 @@ def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
             data, etag = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
         with stage.progress.timed("decode"):
             on_device = stage.on_device and stage.isolated is None
-            return Prepared(entry, etag, model_input(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated))
+            return Prepared(
+                entry, etag, model_input(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated)
+            )
     except DocumentError as error:
         return Failed(entry, error)
     except reader.TransientError as exc:

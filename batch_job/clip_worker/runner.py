@@ -86,14 +86,25 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     isolated = Isolated(model.bounded_preprocess, model.image_size, config.max_image_pixels) if recovery.crashed else None
     stage = Stage(s3, model, config, transform is not None, progress, PixelBudget(config.decode_pixel_budget), isolated)
 
-    with ThreadPoolExecutor(config.io_threads, "prepare") as prepare_pool, ThreadPoolExecutor(config.io_threads, "write") as write_pool:
+    with (
+        ThreadPoolExecutor(config.io_threads, "prepare") as prepare_pool,
+        ThreadPoolExecutor(config.io_threads, "write") as write_pool,
+    ):
         writer = OutputWriter(
-            s3, config.output_bucket, config.output_prefix, model, config.job_id or manifest.manifest_id,
-            manifest.manifest_id, shard_index, write_pool if config.per_object_outputs else None,
+            s3,
+            config.output_bucket,
+            config.output_prefix,
+            model,
+            config.job_id or manifest.manifest_id,
+            manifest.manifest_id,
+            shard_index,
+            write_pool if config.per_object_outputs else None,
         )
         # A first attempt has nothing to resume (and saves the GET of a batch that does not exist).
         resumed = writer.resume(entries) if config.attempt > 1 else Resumed()
-        pipeline = Pipeline(entries, stage, Embedder(model, config.max_image_pixels, transform), writer, journal, label_set, batch_size, stop)
+        pipeline = Pipeline(
+            entries, stage, Embedder(model, config.max_image_pixels, transform), writer, journal, label_set, batch_size, stop
+        )
         logger.info(
             "job started",
             extra={
@@ -118,11 +129,16 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             progress.skipped = len(finished)
             culprit = recovery.culprit if recovery.culprit is not None and recovery.culprit < len(entries) else None
             if culprit is not None and culprit not in finished:
-                pipeline.fail(Failed(entries[culprit], DocumentError(
-                    ErrorCode.CRASHES_WORKER,
-                    f"{entries[culprit].url} was the only object in flight when attempt {recovery.attempt} of this job died "
-                    "(a crash or an out-of-memory kill); it is not tried again",
-                )))
+                pipeline.fail(
+                    Failed(
+                        entries[culprit],
+                        DocumentError(
+                            ErrorCode.CRASHES_WORKER,
+                            f"{entries[culprit].url} was the only object in flight when attempt {recovery.attempt} of this job died "
+                            "(a crash or an out-of-memory kill); it is not tried again",
+                        ),
+                    )
+                )
                 finished.add(culprit)
             suspects = sorted(index for index in recovery.suspects if index < len(entries) and index not in finished)
             journal.start(suspects)
@@ -148,7 +164,10 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             journal.exited()
         except Exception as exc:  # noqa: BLE001 - the next attempt then suspects the last window: slower, not wrong
             logger.warning("could not update the journal", extra={"reason": str(exc)})
-    logger.info("job interrupted" if interrupted else "job finished", extra={**progress.fields(), "shard": shard_url, "exit_code": exit_code})
+    logger.info(
+        "job interrupted" if interrupted else "job finished",
+        extra={**progress.fields(), "shard": shard_url, "exit_code": exit_code},
+    )
     return Summary(exit_code, progress, shard_url)
 
 
@@ -171,11 +190,16 @@ def settle(pipeline: Pipeline, deferred: list[Deferred], config: WorkerConfig) -
     """What is still failing is left to the next attempt, or recorded as download-failed on the last."""
     if config.attempt >= config.max_attempts:
         for item in deferred:
-            pipeline.fail(Failed(item.entry, DocumentError(
-                ErrorCode.DOWNLOAD_FAILED,
-                f"{item.reason} (still failing on attempt {config.attempt} of {config.max_attempts}; "
-                "`clip-pipeline retry --code download-failed` tries again)",
-            )))
+            pipeline.fail(
+                Failed(
+                    item.entry,
+                    DocumentError(
+                        ErrorCode.DOWNLOAD_FAILED,
+                        f"{item.reason} (still failing on attempt {config.attempt} of {config.max_attempts}; "
+                        "`clip-pipeline retry --code download-failed` tries again)",
+                    ),
+                )
+            )
         return
     for item in deferred:
         logger.warning("object left to the next attempt", extra={"url": item.entry.url, "reason": item.reason})

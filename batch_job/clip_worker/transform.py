@@ -10,6 +10,7 @@ resize-then-crop while the work is that of one input-sized image.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,10 +28,10 @@ class Preprocess:
 
     def __init__(self, compose: Callable[[Image.Image], torch.Tensor]) -> None:
         self.compose = compose
-        self.transforms: Sequence[object] = list(getattr(compose, "transforms", ()))
+        self.transforms: Sequence[Any] = list(getattr(compose, "transforms", ()))
         self._shortest = shortest_side(self.transforms)
         self._rest = transforms.Compose(list(self.transforms[2:]))
-        first = self.transforms[0] if self.transforms else None
+        first: Any = self.transforms[0] if self.transforms else None
         # Anything else is bounded already when its first step fixes the output size (squash, longest).
         self._needs_cap = self._shortest is None and not (
             (type(first) is transforms.Resize and isinstance(first.size, Sequence) and len(first.size) == 2)
@@ -46,7 +47,7 @@ class Preprocess:
         return self.compose(image)
 
 
-def shortest_side(steps: Sequence[object]) -> tuple[int, tuple[int, int], int] | None:
+def shortest_side(steps: Sequence[Any]) -> tuple[int, tuple[int, int], int] | None:
     """(size, crop, Pillow resample) when the steps start with Resize(int) then CenterCrop, else None."""
     if len(steps) < 2:
         return None

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cloudevents.core.base import BaseCloudEvent
 
 from clip_shared import aws, keys
 from clip_shared.events import (
@@ -87,6 +88,13 @@ class Resumed:
         return (row is not None and row.etag == entry.etag) or key in self.failed
 
 
+def document_url(event: BaseCloudEvent) -> str:
+    """The url of the object an event of ours is about (its data is always a JSON object)."""
+    data = event.get_data()
+    assert isinstance(data, dict)
+    return str(data["document"]["url"])
+
+
 class OutputWriter:
     """Collects a child's outcomes in memory and writes them at checkpoints (and, per object, as they come).
 
@@ -94,7 +102,14 @@ class OutputWriter:
     """
 
     def __init__(
-        self, s3: Any, bucket: str, prefix: str, model: "ClipModel", chain_id: str, manifest_id: str, shard_index: int,
+        self,
+        s3: Any,
+        bucket: str,
+        prefix: str,
+        model: ClipModel,
+        chain_id: str,
+        manifest_id: str,
+        shard_index: int,
         per_object_pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self._s3 = s3
@@ -129,7 +144,7 @@ class OutputWriter:
         resumed = Resumed()
         created: dict[tuple[str, str], bytes] = {}
         for event in from_json_batch(body):
-            entry = by_url.get(event.get_data()["document"]["url"])
+            entry = by_url.get(document_url(event))
             if entry is None:
                 continue
             if event.get_type() == EventType.FAILED:
@@ -146,7 +161,7 @@ class OutputWriter:
                 raise
             table = pq.read_table(io.BytesIO(shard))
             vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, self._dimensions)
-            for url, etag, vector in zip(table.column("url").to_pylist(), table.column("etag").to_pylist(), vectors):
+            for url, etag, vector in zip(table.column("url").to_pylist(), table.column("etag").to_pylist(), vectors, strict=True):
                 entry = by_url.get(url)
                 if entry is not None and identity(entry) in created:
                     resumed.rows[identity(entry)] = self._rows[identity(entry)] = Row(entry, etag, vector)
@@ -198,18 +213,27 @@ class OutputWriter:
 
     def _put_vector_then_document(self, entry: ManifestEntry, vector: np.ndarray, event: bytes) -> None:
         self._s3.put_object(
-            Bucket=self._bucket, Key=self._vector_key(entry), Body=json.dumps(vector.tolist()).encode(), ContentType="application/json"
+            Bucket=self._bucket,
+            Key=self._vector_key(entry),
+            Body=json.dumps(vector.tolist()).encode(),
+            ContentType="application/json",
         )
         self._put_document(entry, event)
 
     def _put_document(self, entry: ManifestEntry, event: bytes) -> None:
         self._s3.put_object(
-            Bucket=self._bucket, Key=keys.document_key(self._prefix, self._model_id, entry.bucket, entry.key), Body=event,
+            Bucket=self._bucket,
+            Key=keys.document_key(self._prefix, self._model_id, entry.bucket, entry.key),
+            Body=event,
             ContentType="application/cloudevents+json",
         )
 
     def _event(
-        self, event_type: EventType, entry: ManifestEntry, etag: str, metadata: dict[str, Any] | None = None,
+        self,
+        event_type: EventType,
+        entry: ManifestEntry,
+        etag: str,
+        metadata: dict[str, Any] | None = None,
         error: DocumentError | None = None,
     ) -> Any:
         return document_event(
@@ -222,7 +246,9 @@ class OutputWriter:
         )
 
     def _parquet(self, rows: list[Row]) -> bytes:
-        vectors = np.stack([row.vector for row in rows]).astype(np.float32) if rows else np.zeros((0, self._dimensions), np.float32)
+        vectors = (
+            np.stack([row.vector for row in rows]).astype(np.float32) if rows else np.zeros((0, self._dimensions), np.float32)
+        )
         table = pa.table(
             {
                 "url": [row.entry.url for row in rows],

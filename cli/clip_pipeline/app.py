@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clip_dispatch.submission import SubmittedJob
 from clip_pipeline import emulator, local, report
 from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, read_stack
 from clip_pipeline.submitter import Target
-from clip_dispatch.submission import SubmittedJob
 from clip_shared import defaults, keys
 
 SAMPLES = emulator.REPOSITORY / "samples"
@@ -72,13 +72,22 @@ def _load_model(model: str, pretrained: str, model_config: Path | None, device: 
 
 @app.command("local")
 def local_command(
-    folder: Annotated[Path, typer.Argument(help="Images to upload (default: the bundled samples).", exists=True, file_okay=False)] = SAMPLES,
+    folder: Annotated[
+        Path, typer.Argument(help="Images to upload (default: the bundled samples).", exists=True, file_okay=False)
+    ] = SAMPLES,
     model: Annotated[str, typer.Option(help="open_clip model name.")] = defaults.MODEL,
     pretrained: Annotated[str, typer.Option(help="open_clip tag, checkpoint file, or `none`.")] = defaults.PRETRAINED,
     model_config: Annotated[Path | None, typer.Option(help="Extra open_clip model config (JSON file or folder).")] = None,
     batching_window: Annotated[int, typer.Option(help="The dispatcher's MaximumBatchingWindowInSeconds.")] = 2,
-    shard_size: Annotated[int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")] = defaults.SHARD_SIZE,
-    labels: Annotated[str, typer.Option(help="Zero-shot keywords in each event: `default`, labels separated by commas, or an s3:// label file (the ClipLabels parameter). Off when empty.")] = "",
+    shard_size: Annotated[
+        int, typer.Option(help="Images per Batch array child (the ShardSize parameter).")
+    ] = defaults.SHARD_SIZE,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Zero-shot keywords in each event: `default`, labels separated by commas, or an s3:// label file (the ClipLabels parameter). Off when empty."
+        ),
+    ] = "",
     keywords_top_k: Annotated[int, typer.Option(min=1, help="Labels per image with --labels (the KeywordsTopK parameter).")] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
     serve_api: Annotated[bool, typer.Option("--serve", help="Then serve the query API and demo page over the results.")] = False,
@@ -90,7 +99,11 @@ def local_command(
     warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
     # Loaded once up front, so missing weights end the run in one line instead of failing every job.
     clip = _load_model(model, pretrained, model_config, device="cpu")
-    for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", emulator.REGION)):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"),
+        ("AWS_DEFAULT_REGION", emulator.REGION),
+    ):
         os.environ.setdefault(name, value)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     with emulator.running() as clients:
@@ -114,7 +127,9 @@ def local_command(
         extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
         reporter = Reporter(console, json_output)
         with reporter.shown():
-            pipeline = local.run_pipeline(clients, stack, folder, files, reporter, extra, console.print if not json_output else lambda line: None)
+            pipeline = local.run_pipeline(
+                clients, stack, folder, files, reporter, extra, console.print if not json_output else lambda line: None
+            )
         s3 = clients.client("s3")
         outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
         _print_summary(clients, stack, files, outcomes, pipeline.runs, pipeline.seconds, json_output)
@@ -125,7 +140,13 @@ def local_command(
 
 
 def _print_summary(
-    clients: Clients, stack: Stack, files: list[Path], outcomes: report.Outcomes, runs: list[local.JobRun], elapsed: float, json_output: bool
+    clients: Clients,
+    stack: Stack,
+    files: list[Path],
+    outcomes: report.Outcomes,
+    runs: list[local.JobRun],
+    elapsed: float,
+    json_output: bool,
 ) -> None:
     output = stack.output("OutputBucketName")
     model_id = keys.model_id(stack.model, stack.pretrained)
@@ -277,8 +298,14 @@ def status(
     """Jobs by state, objects embedded, rejected and failed, and the dead-letter queue's depth."""
     clients, stack = _stack(stack_name, endpoint_url, region)
     jobs, outcomes, dead_letters = report.status(clients, stack)
-    result = {"stack": stack.name, "model": stack.model, "pretrained": stack.pretrained, "jobs": jobs, **outcomes.as_dict(),
-              "dead_letter_messages": dead_letters}
+    result = {
+        "stack": stack.name,
+        "model": stack.model,
+        "pretrained": stack.pretrained,
+        "jobs": jobs,
+        **outcomes.as_dict(),
+        "dead_letter_messages": dead_letters,
+    }
     if json_output:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -310,8 +337,10 @@ def backfill_command(
         raise Failure(f"{url!r} is not an s3://bucket/prefix URL")
     clients, stack = _stack(stack_name, endpoint_url, region)
     if bucket != stack.output("InputBucketName"):
-        console.print(f"[yellow]warning:[/yellow] the stack's job role reads only s3://{stack.output('InputBucketName')}/; "
-                      f"jobs for s3://{bucket}/ fail unless you grant it read access")
+        console.print(
+            f"[yellow]warning:[/yellow] the stack's job role reads only s3://{stack.output('InputBucketName')}/; "
+            f"jobs for s3://{bucket}/ fail unless you grant it read access"
+        )
     reporter = Reporter(console, json_output)
     reporter.start("listed")
     reporter.start("admitted")
@@ -326,7 +355,9 @@ def backfill_command(
 
 
 def _announce(job: SubmittedJob, entries: int) -> None:
-    console.print(f"submitted job {job.job_id}: {entries} objects" + (f", {job.array_size} array children" if job.array_size else ""))
+    console.print(
+        f"submitted job {job.job_id}: {entries} objects" + (f", {job.array_size} array children" if job.array_size else "")
+    )
 
 
 def _print_counts(title: str, counts: dict[str, Any], json_output: bool) -> None:
@@ -341,8 +372,16 @@ def _print_counts(title: str, counts: dict[str, Any], json_output: bool) -> None
 
 @app.command("retry")
 def retry_command(
-    code: Annotated[list[str] | None, typer.Option("--code", help="Only failures with this error code (repeatable), e.g. download-failed.")] = None,
-    failed_jobs: Annotated[bool, typer.Option("--failed-jobs", help="Also objects of failed jobs that never got an outcome (e.g. cancelled after waiting for a GPU).")] = False,
+    code: Annotated[
+        list[str] | None, typer.Option("--code", help="Only failures with this error code (repeatable), e.g. download-failed.")
+    ] = None,
+    failed_jobs: Annotated[
+        bool,
+        typer.Option(
+            "--failed-jobs",
+            help="Also objects of failed jobs that never got an outcome (e.g. cancelled after waiting for a GPU).",
+        ),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be resubmitted; change nothing.")] = False,
     stack_name: StackName = "",
     endpoint_url: EndpointUrl = None,
@@ -379,7 +418,11 @@ def redrive_command(
         result = redrive(clients.client("sqs"), stack.output("DeadLetterQueueUrl"), stack.output("UploadQueueUrl"), dry_run)
     except RedriveError as exc:
         raise Failure(str(exc)) from exc
-    _print_counts("redrive (dry run)" if dry_run else "redrive", {"dry_run": dry_run, "waiting": result.waiting, "moved": result.moved}, json_output)
+    _print_counts(
+        "redrive (dry run)" if dry_run else "redrive",
+        {"dry_run": dry_run, "waiting": result.waiting, "moved": result.moved},
+        json_output,
+    )
 
 
 @app.command()
@@ -421,7 +464,9 @@ def _serve(
         typer.echo(json.dumps({"url": serve.url_of(host, listener), "stack_name": stack.name, "model": config.model}))
         sys.stdout.flush()
     else:
-        console.print(f"Query API and demo page for stack {stack.name} ({config.model}) at {serve.url_of(host, listener)} (Ctrl-C stops it)")
+        console.print(
+            f"Query API and demo page for stack {stack.name} ({config.model}) at {serve.url_of(host, listener)} (Ctrl-C stops it)"
+        )
     serve.serve(config, clients.client("s3"), model, listener)
 
 
@@ -440,7 +485,9 @@ def preflight(
     from clip_pipeline import preflight as checks
 
     try:
-        parameters = checks.deploy_parameters(stack_name or default_stack_name(config_file), parameter_overrides or [], samconfig=config_file)
+        parameters = checks.deploy_parameters(
+            stack_name or default_stack_name(config_file), parameter_overrides or [], samconfig=config_file
+        )
         report = checks.run(Clients(endpoint_url, region).client, parameters)
     except checks.PreflightError as exc:
         raise Failure(f"{exc.code}: {exc}") from exc

@@ -19,6 +19,7 @@ from clip_pipeline.submitter import JobSubmitter, Target
 from clip_shared import keys
 from clip_shared.manifest import ManifestEntry
 
+
 class Skipped(StrEnum):
     """Why a listed object is left alone without asking S3 about it."""
 
@@ -45,8 +46,11 @@ def backfill(
     counts = dict.fromkeys(COUNTS, 0)
     s3 = target.s3
     embedded = report.embedded_etags(s3, target.output_bucket, target.output_prefix, target.model_id)
-    pending = {(entry.url, entry.etag) for job in jobs.jobs(target.batch_client, target.job_queue, jobs.ACTIVE)
-               for entry in jobs.manifest_entries(s3, job)}
+    pending = {
+        (entry.url, entry.etag)
+        for job in jobs.jobs(target.batch_client, target.job_queue, jobs.ACTIVE)
+        for entry in jobs.manifest_entries(s3, job)
+    }
     submitter = JobSubmitter(target, on_submitted=on_submitted)
 
     def admit_listed(item: dict[str, Any]) -> tuple[Verdict | Skipped, ManifestEntry | None]:

@@ -54,7 +54,9 @@ def running() -> Iterator[Clients]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     # Batch jobs are run by the local runner (see local.py), not by moto in Docker.
-    requests.post(f"{endpoint}/moto-api/config", json={"batch": {"use_docker": False}, "lambda": {"use_docker": False}}, timeout=10)
+    requests.post(
+        f"{endpoint}/moto-api/config", json={"batch": {"use_docker": False}, "lambda": {"use_docker": False}}, timeout=10
+    )
     try:
         yield Clients(endpoint_url=endpoint, region=REGION)
     finally:
@@ -127,8 +129,10 @@ def _apply_bucket_notifications(template: dict[str, Any], stack_name: str, clien
             }
             for item in declared.get("QueueConfigurations", [])
         ]
+        bucket = resources[logical_id]
+        assert bucket is not None, f"the stack has no {logical_id}"
         s3.put_bucket_notification_configuration(
-            Bucket=resources[logical_id].physical_resource_id,
+            Bucket=bucket.physical_resource_id,
             NotificationConfiguration={"QueueConfigurations": queues},
         )
 

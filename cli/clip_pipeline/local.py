@@ -112,7 +112,9 @@ class LambdaPoller:
         self.context_template = (function_name, int(configuration.get("Timeout", 3)))
         mappings = self._lambda.list_event_source_mappings(FunctionName=function_name)["EventSourceMappings"]
         self.mappings = [
-            EventSourceMapping(m["UUID"], m["EventSourceArn"], int(m["BatchSize"]), int(m.get("MaximumBatchingWindowInSeconds", 0)))
+            EventSourceMapping(
+                m["UUID"], m["EventSourceArn"], int(m["BatchSize"]), int(m.get("MaximumBatchingWindowInSeconds", 0))
+            )
             for m in mappings
         ]
         for mapping in self.mappings:

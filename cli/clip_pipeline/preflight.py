@@ -178,8 +178,12 @@ class DeployParameters:
     def logs_resource_policies(self) -> list[str]:
         """The names of the CloudWatch Logs resource policies the stack creates."""
         resources = _template(self.template)["Resources"].values()
-        names = [resource["Properties"]["PolicyName"] for resource in resources if resource["Type"] == "AWS::Logs::ResourcePolicy"]
-        return [name["Fn::Sub"].replace("${AWS::StackName}", self.stack_name) if isinstance(name, dict) else name for name in names]
+        names = [
+            resource["Properties"]["PolicyName"] for resource in resources if resource["Type"] == "AWS::Logs::ResourcePolicy"
+        ]
+        return [
+            name["Fn::Sub"].replace("${AWS::StackName}", self.stack_name) if isinstance(name, dict) else name for name in names
+        ]
 
 
 def _pairs(overrides: str | Iterable[str] | None) -> Iterable[str]:
@@ -189,7 +193,9 @@ def _pairs(overrides: str | Iterable[str] | None) -> Iterable[str]:
     return [pair for item in ([overrides] if isinstance(overrides, str) else overrides) for pair in shlex.split(item)]
 
 
-def deploy_parameters(stack_name: str, overrides: Sequence[str] = (), template: Path = TEMPLATE, samconfig: Path = SAMCONFIG) -> DeployParameters:
+def deploy_parameters(
+    stack_name: str, overrides: Sequence[str] = (), template: Path = TEMPLATE, samconfig: Path = SAMCONFIG
+) -> DeployParameters:
     declared = _template(template)["Parameters"]
     values = {name: str(spec.get("Default", "")) for name, spec in declared.items()}
     for pair in [*_pairs(samconfig_setting("parameter_overrides", samconfig)), *_pairs(overrides)]:
@@ -217,7 +223,11 @@ def check_lambda(client: ClientFactory, parameters: DeployParameters) -> list[Ch
     dispatcher = parameters.number("DispatcherConcurrency")
     needed = dispatcher + (1 if parameters.query_service else 0)
     if unreserved >= needed:
-        concurrency = Check("lambda-concurrency", Status.PASS, f"{unreserved} unreserved concurrent executions; the stack's functions need {needed}")
+        concurrency = Check(
+            "lambda-concurrency",
+            Status.PASS,
+            f"{unreserved} unreserved concurrent executions; the stack's functions need {needed}",
+        )
     else:
         fits = unreserved - (needed - dispatcher)
         concurrency = Check(
@@ -231,7 +241,13 @@ def check_lambda(client: ClientFactory, parameters: DeployParameters) -> list[Ch
         )
     memory = parameters.number("QueryMemorySize")
     if not parameters.query_service or memory <= NEW_ACCOUNT_MEMORY_MB:
-        memory_check = Check("lambda-memory", Status.PASS, f"QueryMemorySize={memory} MB is within every account's limit" if parameters.query_service else "no query function (QueryService=false)")
+        memory_check = Check(
+            "lambda-memory",
+            Status.PASS,
+            f"QueryMemorySize={memory} MB is within every account's limit"
+            if parameters.query_service
+            else "no query function (QueryService=false)",
+        )
     elif limit < STANDARD_CONCURRENCY:
         memory_check = Check(
             "lambda-memory",
@@ -241,7 +257,9 @@ def check_lambda(client: ClientFactory, parameters: DeployParameters) -> list[Ch
             f"Deploy with QueryMemorySize={NEW_ACCOUNT_MEMORY_MB}, or ask AWS Support to lift the cap (it has no quota code)",
         )
     else:
-        memory_check = Check("lambda-memory", Status.PASS, f"QueryMemorySize={memory} MB; this account has Lambda's standard quotas")
+        memory_check = Check(
+            "lambda-memory", Status.PASS, f"QueryMemorySize={memory} MB; this account has Lambda's standard quotas"
+        )
     return [concurrency, memory_check]
 
 
@@ -267,13 +285,17 @@ def check_gpu_vcpus(client: ClientFactory, parameters: DeployParameters) -> Chec
             f"{name}: {value} vCPUs, below MaxvCpus={max_vcpus}: at most {value // job_vcpus} jobs run at once{unchecked}",
             request,
         )
-    return Check("gpu-vcpus", Status.WARN if other else Status.PASS, f"{name}: {value} vCPUs, enough for MaxvCpus={max_vcpus}{unchecked}")
+    return Check(
+        "gpu-vcpus", Status.WARN if other else Status.PASS, f"{name}: {value} vCPUs, enough for MaxvCpus={max_vcpus}{unchecked}"
+    )
 
 
 def check_codebuild(client: ClientFactory, parameters: DeployParameters) -> Check:
     builds = parameters.image_builds
     if not builds:
-        return Check("codebuild-builds", Status.PASS, "no image is built during the deploy (ImageUri and QueryImageUri are given)")
+        return Check(
+            "codebuild-builds", Status.PASS, "no image is built during the deploy (ImageUri and QueryImageUri are given)"
+        )
     name, value = _quota(client("service-quotas"), *LINUX_LARGE_BUILDS)
     request = QuotaRequest(*LINUX_LARGE_BUILDS, name, len(builds))
     images = " and ".join(builds)
@@ -325,7 +347,11 @@ def check_logs_resource_policies(client: ClientFactory, parameters: DeployParame
     existing = sorted(policy["policyName"] for policy in client("logs").describe_resource_policies()["resourcePolicies"])
     new = [name for name in parameters.logs_resource_policies if name not in existing]
     if len(existing) + len(new) <= LOGS_RESOURCE_POLICIES:
-        return Check("logs-resource-policies", Status.PASS, f"{len(existing)} of the region's {LOGS_RESOURCE_POLICIES} CloudWatch Logs resource policies used; the stack adds {len(new)}")
+        return Check(
+            "logs-resource-policies",
+            Status.PASS,
+            f"{len(existing)} of the region's {LOGS_RESOURCE_POLICIES} CloudWatch Logs resource policies used; the stack adds {len(new)}",
+        )
     return Check(
         "logs-resource-policies",
         Status.FAIL,
@@ -356,8 +382,9 @@ def check_sam_build_python(search_path: str | None = None) -> Check:
     return Check(
         "sam-build-python",
         Status.FAIL,
-        "no Python 3.12 on PATH" + (f" ({', '.join(tried)} are other versions)" if tried else "")
-        + ": `sam build` stops with \"Binary validation failed for python\". Install Python 3.12; with pyenv, "
+        "no Python 3.12 on PATH"
+        + (f" ({', '.join(tried)} are other versions)" if tried else "")
+        + ': `sam build` stops with "Binary validation failed for python". Install Python 3.12; with pyenv, '
         "build with PYENV_VERSION=<a 3.12 version> as `make sam-build` does",
     )
 
@@ -384,9 +411,13 @@ def run(client: ClientFactory, parameters: DeployParameters) -> Report:
         sts = client("sts")
         account = sts.get_caller_identity()["Account"]
     except NoRegionError:
-        raise PreflightError("no-region", "no AWS region: pass --region, or set the one `sam deploy` will use (aws configure, AWS_REGION)") from None
+        raise PreflightError(
+            "no-region", "no AWS region: pass --region, or set the one `sam deploy` will use (aws configure, AWS_REGION)"
+        ) from None
     except NoCredentialsError:
-        raise PreflightError("no-credentials", "no AWS credentials: configure the ones `sam deploy` will use (aws configure, AWS_PROFILE)") from None
+        raise PreflightError(
+            "no-credentials", "no AWS credentials: configure the ones `sam deploy` will use (aws configure, AWS_PROFILE)"
+        ) from None
     checks = [
         *_checked(["lambda-concurrency", "lambda-memory"], lambda: check_lambda(client, parameters)),
         *_checked(["gpu-vcpus"], lambda: check_gpu_vcpus(client, parameters)),
@@ -402,7 +433,9 @@ _STYLE = {Status.PASS: "green", Status.WARN: "yellow", Status.FAIL: "red", Statu
 
 
 def render(report: Report, console: Console) -> None:
-    table = Table("", "check", "finding", title=f"preflight: stack {report.stack_name}, account {report.account}, {report.region}")
+    table = Table(
+        "", "check", "finding", title=f"preflight: stack {report.stack_name}, account {report.account}, {report.region}"
+    )
     for check in report.checks:
         table.add_row(Text(str(check.status), style=_STYLE[check.status]), check.code, Text(check.finding))
     console.print(table)
@@ -412,4 +445,8 @@ def render(report: Report, console: Console) -> None:
         for request in requests:
             console.print(Text(f"  {request.quota_name}: {request.desired_value}\n    {request.command(report.region)}"))
     failed = [check.code for check in report.checks if check.status is Status.FAIL]
-    console.print(f"[red]{len(failed)} failed ({', '.join(failed)}): fix them before `sam deploy`[/red]" if failed else "[green]ready for `sam deploy`[/green]")
+    console.print(
+        f"[red]{len(failed)} failed ({', '.join(failed)}): fix them before `sam deploy`[/red]"
+        if failed
+        else "[green]ready for `sam deploy`[/green]"
+    )

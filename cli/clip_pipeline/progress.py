@@ -33,15 +33,19 @@ class Reporter:
         self._json = json_lines
         self._counters: dict[str, _Counter] = {}
         self._tasks: dict[str, TaskID] = {}
-        self._display = None if json_lines else Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
+        self._display = (
+            None
+            if json_lines
+            else Progress(
+                TextColumn("{task.description:<12}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
         )
 
     def start(self, name: str, total: int | None = None) -> None:
@@ -62,12 +66,17 @@ class Reporter:
         if now - counter.emitted_at >= _JSON_INTERVAL_S or completed == counter.total:
             counter.emitted_at = now
             remaining = (counter.total - completed) / rate if counter.total is not None and rate > 0 else None
-            line: dict[str, Any] = {"progress": name, "completed": completed, "total": counter.total,
-                                    "per_s": round(rate, 2), "eta_s": round(remaining, 1) if remaining is not None else None}
+            line: dict[str, Any] = {
+                "progress": name,
+                "completed": completed,
+                "total": counter.total,
+                "per_s": round(rate, 2),
+                "eta_s": round(remaining, 1) if remaining is not None else None,
+            }
             print(json.dumps(line), file=sys.stderr, flush=True)
 
     @contextmanager
-    def shown(self) -> Iterator["Reporter"]:
+    def shown(self) -> Iterator[Reporter]:
         if self._display is None:
             yield self
             return

@@ -50,7 +50,11 @@ def redrive(sqs: Any, dead_letter_url: str, queue_url: str, dry_run: bool = Fals
         if not messages:
             return Redrive(before, moved)
         entries = [
-            {"Id": str(index), "MessageBody": message["Body"], **({"MessageAttributes": message["MessageAttributes"]} if message.get("MessageAttributes") else {})}
+            {
+                "Id": str(index),
+                "MessageBody": message["Body"],
+                **({"MessageAttributes": message["MessageAttributes"]} if message.get("MessageAttributes") else {}),
+            }
             for index, message in enumerate(messages)
         ]
         sent = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)

@@ -80,12 +80,14 @@ def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
 
 def embedded_etags(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str, str]:
     """url -> the ETag of the version last embedded, from the shards' url and etag columns."""
-    shards = sorted(_listing(s3, bucket, keys.parquet_prefix(prefix, model_id)), key=lambda item: (item["LastModified"], item["Key"]))
+    shards = sorted(
+        _listing(s3, bucket, keys.parquet_prefix(prefix, model_id)), key=lambda item: (item["LastModified"], item["Key"])
+    )
     with ThreadPoolExecutor(_PARALLEL_READS) as pool:
         tables = pool.map(lambda item: pq.read_table(io.BytesIO(_read(s3, bucket, item["Key"])), columns=["url", "etag"]), shards)
         etags: dict[str, str] = {}
         for table in tables:
-            etags.update(zip(table.column("url").to_pylist(), table.column("etag").to_pylist()))
+            etags.update(zip(table.column("url").to_pylist(), table.column("etag").to_pylist(), strict=True))
     return etags
 
 
@@ -96,5 +98,7 @@ def status(clients: Clients, stack: Stack) -> tuple[dict[str, int], Outcomes, in
     for state in jobs.STATES:
         pages = batch_client.get_paginator("list_jobs").paginate(jobQueue=stack.output("JobQueueArn"), jobStatus=state)
         counts[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
-    outcomes = tally(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained))
+    outcomes = tally(
+        clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
+    )
     return counts, outcomes, redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
@@ -69,8 +69,12 @@ def failed_job_objects(s3: Any, batch_client: Any, job_queue: str, outcomes: Out
 
 def _mark(s3: Any, bucket: str, key: str, candidate: Candidate) -> bool:
     """True when this run took the failure (the marker is new)."""
-    body = {"url": candidate.url, "failureId": candidate.failure_id, "code": candidate.code,
-            "retriedAt": datetime.now(timezone.utc).isoformat()}
+    body = {
+        "url": candidate.url,
+        "failureId": candidate.failure_id,
+        "code": candidate.code,
+        "retriedAt": datetime.now(UTC).isoformat(),
+    }
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode(), ContentType="application/json", IfNoneMatch="*")
         return True
@@ -139,8 +143,8 @@ def retry(
                     release([*submitter.entries, *admitted])
                 raise error
             for future in futures:
-                if isinstance(future.result(), str):
-                    counts[future.result()] += 1
+                if isinstance(outcome := future.result(), str):
+                    counts[outcome] += 1
             if dry_run:
                 counts["submitted"] += len(admitted)
             else:

@@ -56,5 +56,7 @@ def url_of(host: str, listener: socket.socket) -> str:
 
 def serve(config: QueryConfig, s3: Any, model: Any, listener: socket.socket) -> None:
     """Until Ctrl-C."""
-    server = uvicorn.Server(uvicorn.Config(create_app(config, QueryService(config, s3, model)), log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, QueryService(config, s3, model)), log_level="warning", access_log=False)
+    )
     server.run(sockets=[listener])

@@ -94,9 +94,9 @@ def read_stack(clients: Clients, name: str) -> Stack:
         ) from exc
     outputs = {item["OutputKey"]: item["OutputValue"] for item in described.get("Outputs", [])}
     stack = Stack(name, outputs, {})
-    definition = clients.client("batch").describe_job_definitions(
-        jobDefinitions=[stack.output("JobDefinitionArn")]
-    )["jobDefinitions"]
+    definition = clients.client("batch").describe_job_definitions(jobDefinitions=[stack.output("JobDefinitionArn")])[
+        "jobDefinitions"
+    ]
     environment = definition[0]["containerProperties"].get("environment", []) if definition else []
     return Stack(name, outputs, plain_environment(environment))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from clip_dispatch.submission import SubmittedJob, new_manifest_id, submit
@@ -42,7 +42,7 @@ class Target:
     model_id: str
 
     @classmethod
-    def of(cls, clients: Clients, stack: Stack) -> "Target":
+    def of(cls, clients: Clients, stack: Stack) -> Target:
         settings = function_environment(clients, stack, "DispatcherFunctionName")
         return cls(
             s3=clients.client("s3"),
@@ -63,7 +63,7 @@ class JobSubmitter:
     #: Undoes what was held for entries whose job could not be submitted.
     release: Callable[[list[ManifestEntry]], None] = lambda entries: None
     on_submitted: Callable[[SubmittedJob, int], None] = lambda job, entries: None
-    manifest_id: str = field(default_factory=lambda: new_manifest_id(datetime.now(timezone.utc)))
+    manifest_id: str = field(default_factory=lambda: new_manifest_id(datetime.now(UTC)))
     entries: list[ManifestEntry] = field(default_factory=list)
     jobs: int = 0
     submitted: int = 0
@@ -78,8 +78,17 @@ class JobSubmitter:
             return
         try:
             target = self.target
-            job = submit(target.s3, target.batch_client, target.output_bucket, target.output_prefix, self.manifest_id, self.entries,
-                         target.shard_size, target.job_queue, target.job_definition)
+            job = submit(
+                target.s3,
+                target.batch_client,
+                target.output_bucket,
+                target.output_prefix,
+                self.manifest_id,
+                self.entries,
+                target.shard_size,
+                target.job_queue,
+                target.job_definition,
+            )
         except Exception:
             self.release(self.entries)
             raise
@@ -87,5 +96,5 @@ class JobSubmitter:
         self.jobs += 1
         self.submitted += len(self.entries)
         self.entries = []
-        self.manifest_id = new_manifest_id(datetime.now(timezone.utc))
+        self.manifest_id = new_manifest_id(datetime.now(UTC))
         time.sleep(SUBMIT_INTERVAL_S)

@@ -79,7 +79,9 @@ def respond(
         "Data": data or {},
     }
     # The presigned URL is signed for an empty Content-Type.
-    request = urllib.request.Request(event["ResponseURL"], data=json.dumps(body).encode(), method="PUT", headers={"Content-Type": ""})
+    request = urllib.request.Request(
+        event["ResponseURL"], data=json.dumps(body).encode(), method="PUT", headers={"Content-Type": ""}
+    )
     with urllib.request.urlopen(request, timeout=30):
         pass
 
@@ -87,14 +89,21 @@ def respond(
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: LambdaContext) -> None:
     # The response URL is a credential for this request: it stays out of the log.
-    logger.info("custom resource request", extra={"request": {key: value for key, value in event.items() if key != "ResponseURL"}})
+    logger.info(
+        "custom resource request", extra={"request": {key: value for key, value in event.items() if key != "ResponseURL"}}
+    )
     try:
         if event["RequestType"] == "Delete":
             # Nothing to undo: images go with their repository, and the default VPC is not the stack's.
             respond(event, "SUCCESS")
         elif event["ResourceType"] == "Custom::DefaultNetwork":
             network = default_network(boto3.client("ec2"))
-            respond(event, "SUCCESS", data={"VpcId": network.vpc_id, "SubnetIds": ",".join(network.subnet_ids)}, physical_id=network.vpc_id)
+            respond(
+                event,
+                "SUCCESS",
+                data={"VpcId": network.vpc_id, "SubnetIds": ",".join(network.subnet_ids)},
+                physical_id=network.vpc_id,
+            )
         elif event["ResourceType"] in IMAGE_RESOURCES:
             build_id = start_image_build(boto3.client("codebuild"), event)
             logger.info("image build started; the build answers CloudFormation", extra={"build_id": build_id})

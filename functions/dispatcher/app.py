@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
 from urllib.parse import unquote_plus
@@ -22,6 +22,7 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 from aws_lambda_powertools.utilities.batch import AsyncBatchProcessor, EventType
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.parser.models import S3Model, S3RecordModel, SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
@@ -54,7 +55,7 @@ class S3TestEvent(BaseModel):
 
 
 class S3NotificationRecord(SqsRecordModel):
-    body: Json[S3Model | S3TestEvent]  # type: ignore[assignment]  # SqsRecordModel declares body as str
+    body: Json[S3Model | S3TestEvent]
 
 
 SETTINGS = Settings.model_validate(os.environ)
@@ -67,9 +68,13 @@ processor = AsyncBatchProcessor(event_type=EventType.SQS, model=S3NotificationRe
 admission_pool = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admit")
 
 
-def _object_ref(notified: S3RecordModel) -> ObjectRef:
+def _object_ref(notified: S3RecordModel) -> ObjectRef | None:
+    """The object a record announces; None for a record that names none (S3 sends them for no upload)."""
+    announced = notified.s3.object
+    if announced is None:
+        return None
     # Notification keys are URL-encoded with spaces as '+'.
-    return ObjectRef(notified.s3.bucket.name, unquote_plus(notified.s3.object.key), notified.s3.object.versionId)
+    return ObjectRef(notified.s3.bucket.name, unquote_plus(announced.key), announced.versionId)
 
 
 def _admit(ref: ObjectRef, manifest_id: str) -> ManifestEntry | None:
@@ -79,8 +84,13 @@ def _admit(ref: ObjectRef, manifest_id: str) -> ManifestEntry | None:
         return admission.entry
     if admission.rejection is not None:
         record_rejection(s3, SETTINGS.output_bucket, SETTINGS.output_prefix, admission.rejection, manifest_id)
-        logger.info("Rejected object", bucket=ref.bucket, key=ref.key, reason=str(admission.rejection.code),
-                    detail=admission.rejection.message)
+        logger.info(
+            "Rejected object",
+            bucket=ref.bucket,
+            key=ref.key,
+            reason=str(admission.rejection.code),
+            detail=admission.rejection.message,
+        )
         with single_metric(name="ObjectsRejected", unit=MetricUnit.Count, value=1) as metric:
             metric.add_dimension(name="Reason", value=str(admission.rejection.code))
     else:
@@ -94,7 +104,11 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
         return record, []
     entries = []
     for notified in record.body.Records:
-        entry = await asyncio.get_running_loop().run_in_executor(admission_pool, _admit, _object_ref(notified), manifest_id)
+        ref = _object_ref(notified)
+        if ref is None:
+            logger.info("Skipping a record that names no object", event_name=notified.eventName)
+            continue
+        entry = await asyncio.get_running_loop().run_in_executor(admission_pool, _admit, ref, manifest_id)
         if entry is not None:
             entries.append(entry)
     return record, entries
@@ -104,16 +118,31 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
 def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntry]]], manifest_id: str) -> None:
     entries = dedupe([entry for _, message_entries in accepted for entry in message_entries])
     try:
-        job = submit(s3, batch_client, SETTINGS.output_bucket, SETTINGS.output_prefix, manifest_id, entries,
-                     SETTINGS.shard_size, SETTINGS.job_queue, SETTINGS.job_definition)
+        job = submit(
+            s3,
+            batch_client,
+            SETTINGS.output_bucket,
+            SETTINGS.output_prefix,
+            manifest_id,
+            entries,
+            SETTINGS.shard_size,
+            SETTINGS.job_queue,
+            SETTINGS.job_definition,
+        )
     except Exception:
         logger.exception("Submitting the job failed; its messages will be redelivered")
         failure = sys.exc_info()
         for message, _ in accepted:
             processor.failure_handler(record=message, exception=failure)
         return
-    logger.info("Submitted job", job_id=job.job_id, job_name=job.job_name, manifest_uri=job.manifest_uri,
-                entries=len(entries), array_size=job.array_size)
+    logger.info(
+        "Submitted job",
+        job_id=job.job_id,
+        job_name=job.job_name,
+        manifest_uri=job.manifest_uri,
+        entries=len(entries),
+        array_size=job.array_size,
+    )
     metrics.add_metric(name="ObjectsAccepted", unit=MetricUnit.Count, value=len(entries))
     metrics.add_metric(name="JobsSubmitted", unit=MetricUnit.Count, value=1)
 
@@ -121,8 +150,8 @@ def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntr
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    manifest_id = new_manifest_id(datetime.now(timezone.utc))
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    manifest_id = new_manifest_id(datetime.now(UTC))
     logger.append_keys(manifest_id=manifest_id)
     with processor(records=event["Records"], handler=partial(handle_message, manifest_id=manifest_id)):
         results = processor.async_process()

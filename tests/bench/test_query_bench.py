@@ -16,12 +16,31 @@ def test_quick_run_measures_cold_start_warm_latency_and_sizes(tiny_config: Path,
     out = tmp_path / "query.json"
 
     results = main(
-        ["--quick", "--model", TINY_MODEL, "--model-config", str(tiny_config), "--pretrained", str(tiny_checkpoint), "--json", str(out)]
+        [
+            "--quick",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(tiny_config),
+            "--pretrained",
+            str(tiny_checkpoint),
+            "--json",
+            str(out),
+        ]
     )
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     cold = results["cold_start"]
-    phases = ("interpreter_s", "imports_s", "init_s", "model_load_s", "hash_checkpoint_s", "first_embed_text_s", "first_embed_image_s", "total_s")
+    phases = (
+        "interpreter_s",
+        "imports_s",
+        "init_s",
+        "model_load_s",
+        "hash_checkpoint_s",
+        "first_embed_text_s",
+        "first_embed_image_s",
+        "total_s",
+    )
     for phase in phases:
         assert cold["best"][phase] > 0, phase
     assert cold["best"]["total_s"] > cold["best"]["init_s"] > cold["best"]["model_load_s"]
@@ -29,8 +48,23 @@ def test_quick_run_measures_cold_start_warm_latency_and_sizes(tiny_config: Path,
     assert cold["torch_import_floor"]["total_s"] > 0 and cold["ratio_total_to_torch_floor"] > 0
 
     warm = results["warm"]
-    assert set(warm["latency_s"]) == {"embed_text", "embed_image", "classify_first", "labels_not_baked", "classify", "search_first", "search"}
-    assert set(warm["ratios"]) == {"embed_text", "embed_image", "classify", "search", "classify_first_to_classify", "search_first_to_search"}
+    assert set(warm["latency_s"]) == {
+        "embed_text",
+        "embed_image",
+        "classify_first",
+        "labels_not_baked",
+        "classify",
+        "search_first",
+        "search",
+    }
+    assert set(warm["ratios"]) == {
+        "embed_text",
+        "embed_image",
+        "classify",
+        "search",
+        "classify_first_to_classify",
+        "search_first_to_search",
+    }
     assert all(seconds > 0 for seconds in [*warm["latency_s"].values(), *warm["reference_s"].values()])
     assert all(ratio > 0 for ratio in warm["ratios"].values())
     # The API and open_clip's own code embed the same small photo alike, and rank the same vectors.
@@ -44,11 +78,23 @@ def test_quick_run_measures_cold_start_warm_latency_and_sizes(tiny_config: Path,
     assert sizes["totals_mb"]["api_dependencies"] > 0 and sizes["totals_mb"]["torch_cuda_build"] > 0
 
 
-def test_quick_run_times_the_costliest_request_of_every_endpoint(tiny_config: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_quick_run_times_the_costliest_request_of_every_endpoint(
+    tiny_config: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "limits.json"
 
     results = limits_main(
-        ["--quick", "--model", TINY_MODEL, "--model-config", str(tiny_config), "--pretrained", str(tiny_checkpoint), "--json", str(out)]
+        [
+            "--quick",
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(tiny_config),
+            "--pretrained",
+            str(tiny_checkpoint),
+            "--json",
+            str(out),
+        ]
     )
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -62,4 +108,8 @@ def test_quick_run_times_the_costliest_request_of_every_endpoint(tiny_config: Pa
     assert results["costliest_format"] in ("png", "webp", "tiff")
     for measured in results["requests"].values():
         assert measured["seconds"] > 0 and measured["peak_rss_mb"] > 0
-        assert measured["projected_cold_s"] > measured["projected_s"] == pytest.approx(measured["seconds"] * results["scale_to_default_memory"])
+        assert (
+            measured["projected_cold_s"]
+            > measured["projected_s"]
+            == pytest.approx(measured["seconds"] * results["scale_to_default_memory"])
+        )

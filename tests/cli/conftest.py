@@ -27,6 +27,11 @@ def deployed(request: pytest.FixtureRequest, tiny_config: Path, tiny_checkpoint:
             emulator.deploy(
                 clients,
                 stack_name,
-                {"ImageUri": "local/x:1", "ClipModel": TINY_MODEL, "ClipPretrained": str(tiny_checkpoint), "ShardSize": str(SHARD_SIZE)},
+                {
+                    "ImageUri": "local/x:1",
+                    "ClipModel": TINY_MODEL,
+                    "ClipPretrained": str(tiny_checkpoint),
+                    "ShardSize": str(SHARD_SIZE),
+                },
             )
             yield clients, read_stack(clients, stack_name)

@@ -47,14 +47,20 @@ def test_backfill_submits_the_right_array_job_once_and_nothing_the_second_time(
 
     first = invoke(deployed, "backfill", f"s3://{bucket}/old/")
     assert (first["listed"], first["submitted"], first["rejected"], first["jobs"]) == (6, 5, 1, 1)
-    jobs = [j for j in batch.list_jobs(jobQueue=stack.output("JobQueueArn"), jobStatus="SUCCEEDED")["jobSummaryList"] if ":" not in j["jobId"]]
+    jobs = [
+        j
+        for j in batch.list_jobs(jobQueue=stack.output("JobQueueArn"), jobStatus="SUCCEEDED")["jobSummaryList"]
+        if ":" not in j["jobId"]
+    ]
     assert len(jobs) == 1
     job = batch.describe_jobs(jobs=[jobs[0]["jobId"]])["jobs"][0]
     assert job["arrayProperties"]["size"] == 3  # 5 objects in shards of SHARD_SIZE=2
     assert job["jobDefinition"] == stack.output("JobDefinitionArn")
     manifest_uri = next(e["value"] for e in job["container"]["environment"] if e["name"] == "MANIFEST_URI")
     output, prefix = keys.parse_s3_url(manifest_uri)
-    children = [json.loads(s3.get_object(Bucket=output, Key=prefix + keys.manifest_shard_name(i))["Body"].read()) for i in range(3)]
+    children = [
+        json.loads(s3.get_object(Bucket=output, Key=prefix + keys.manifest_shard_name(i))["Body"].read()) for i in range(3)
+    ]
     assert [len(child["entries"]) for child in children] == [2, 2, 1]
     assert sorted(e["key"] for child in children for e in child["entries"]) == [f"old/img-{i}.png" for i in range(5)]
 
@@ -77,7 +83,9 @@ def write_shard(deployed: tuple[Clients, Stack], model_id: str, vectors: dict[st
             "etag": ["e"] * len(vectors),
             "model": [TINY_MODEL] * len(vectors),
             "pretrained": ["p"] * len(vectors),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.stack(list(vectors.values())).astype(np.float32).reshape(-1)), dimensions),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.stack(list(vectors.values())).astype(np.float32).reshape(-1)), dimensions
+            ),
         },
         schema=shard_schema(dimensions),
     )
@@ -92,7 +100,9 @@ def unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def test_search_similar_and_embed_text_rank_by_the_vectors(deployed: tuple[Clients, Stack], tiny_config: Path, tiny_checkpoint: Path) -> None:
+def test_search_similar_and_embed_text_rank_by_the_vectors(
+    deployed: tuple[Clients, Stack], tiny_config: Path, tiny_checkpoint: Path
+) -> None:
     model = load(TINY_MODEL, str(tiny_checkpoint), "cpu", model_config_path=str(tiny_config))
     bicycle = model.embed_texts(["a red bicycle"])[0]
     rng = np.random.default_rng(7)
@@ -109,7 +119,9 @@ def test_search_similar_and_embed_text_rank_by_the_vectors(deployed: tuple[Clien
     assert [match["url"] for match in similar] == ["s3://in/near-bicycle.jpg"]
 
     clients, stack = deployed
-    result = runner.invoke(app, ["embed-text", "a red bicycle", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or "", *config])
+    result = runner.invoke(
+        app, ["embed-text", "a red bicycle", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or "", *config]
+    )
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(json.loads(result.stdout), bicycle, atol=1e-6)
 
@@ -118,7 +130,9 @@ def test_unknown_stack_and_unembedded_image_fail_in_one_clear_line(deployed: tup
     clients, stack = deployed
     result = runner.invoke(app, ["status", "--stack-name", "no-such-stack", "--endpoint-url", clients.endpoint_url or ""])
     assert result.exit_code == 2 and "cannot read stack no-such-stack" in result.output
-    result = runner.invoke(app, ["backfill", "bucket-without-scheme", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or ""])
+    result = runner.invoke(
+        app, ["backfill", "bucket-without-scheme", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or ""]
+    )
     assert result.exit_code == 2 and "is not an s3://bucket/prefix URL" in result.output
 
 

@@ -106,7 +106,12 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         )  # fmt: skip
         assert status.exit_code == 0, status.output
         report = json.loads(status.stdout)
-        assert (report["embedded"], len(report["rejected"]), len(report["failed"]), report["dead_letter_messages"]) == (len(expected), 2, 3, 0)
+        assert (report["embedded"], len(report["rejected"]), len(report["failed"]), report["dead_letter_messages"]) == (
+            len(expected),
+            2,
+            3,
+            0,
+        )
         assert report["jobs"]["SUCCEEDED"] == 1
     finally:
         process.send_signal(signal.SIGINT)
@@ -123,7 +128,10 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
 def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pt"
     result = subprocess.run(
-        [sys.executable, "-m", "clip_pipeline", "local", "--pretrained", str(missing)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "clip_pipeline", "local", "--pretrained", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "pass --pretrained /path/to/checkpoint.pt, or --pretrained none" in result.stderr

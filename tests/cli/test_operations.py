@@ -37,7 +37,9 @@ def record_failure(deployed: tuple[Clients, Stack], entry: ManifestEntry, code: 
     clients, stack = deployed
     model = load(stack.model, stack.pretrained, "cpu")
     manifest_id = f"m-{uuid.uuid4().hex[:8]}"
-    writer = OutputWriter(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, model, "job-1", manifest_id, 0)
+    writer = OutputWriter(
+        clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, model, "job-1", manifest_id, 0
+    )
     writer.failed(entry, DocumentError(code, f"{entry.url}: it went wrong"))
     writer.checkpoint((entry,))
 
@@ -47,7 +49,9 @@ def submitted_keys(deployed: tuple[Clients, Stack]) -> list[list[str]]:
     clients, stack = deployed
     s3 = clients.client("s3")
     found = jobs.jobs(clients.client("batch"), stack.output("JobQueueArn"), ["SUCCEEDED", "FAILED"])
-    return [sorted(entry.key for entry in jobs.manifest_entries(s3, job)) for job in sorted(found, key=lambda job: job["createdAt"])]
+    return [
+        sorted(entry.key for entry in jobs.manifest_entries(s3, job)) for job in sorted(found, key=lambda job: job["createdAt"])
+    ]
 
 
 def test_retry_resubmits_each_failure_once_by_code_and_dry_run_changes_nothing(deployed: tuple[Clients, Stack]) -> None:
@@ -107,7 +111,9 @@ def test_redrive_moves_the_dead_letter_queue_back_once(deployed: tuple[Clients, 
     sqs, functions = clients.client("sqs"), clients.client("lambda")
     dead_letters, uploads = stack.output("DeadLetterQueueUrl"), stack.output("UploadQueueUrl")
     # moto's stand-in for Lambda would consume the upload queue; here the test reads it instead.
-    for mapping in functions.list_event_source_mappings(FunctionName=stack.output("DispatcherFunctionName"))["EventSourceMappings"]:
+    for mapping in functions.list_event_source_mappings(FunctionName=stack.output("DispatcherFunctionName"))[
+        "EventSourceMappings"
+    ]:
         functions.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)
     sqs.purge_queue(QueueUrl=uploads)
     bodies = [json.dumps({"Records": [{"s3": {"object": {"key": f"lost-{i}.jpg"}}}]}) for i in range(13)]

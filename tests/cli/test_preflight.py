@@ -58,7 +58,9 @@ class Account:
         self.asked.append((request["ServiceCode"], code))
         table = self.applied if model.name == "GetServiceQuota" else self.defaults
         if code not in table:
-            return AWSResponse(None, 400, {}, None), {"Error": {"Code": "NoSuchResourceException", "Message": f"{code} not found"}}
+            return AWSResponse(None, 400, {}, None), {
+                "Error": {"Code": "NoSuchResourceException", "Message": f"{code} not found"}
+            }
         quota = {"ServiceCode": request["ServiceCode"], "QuotaCode": code, "QuotaName": QUOTA_NAMES[code], "Value": table[code]}
         return AWSResponse(None, 200, {}, None), {"Quota": quota}
 
@@ -114,7 +116,12 @@ def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_an_account_with_room_passes_every_check(account: Account, python312: Path, samconfig: Path) -> None:
     report = preflight(samconfig)
 
-    assert (report["ok"], report["stack_name"], report["account"], report["region"]) == (True, "first-stack", "123456789012", REGION)
+    assert (report["ok"], report["stack_name"], report["account"], report["region"]) == (
+        True,
+        "first-stack",
+        "123456789012",
+        REGION,
+    )
     assert {code: check["status"] for code, check in checks(report).items()} == {
         "lambda-concurrency": "pass",
         "lambda-memory": "pass",
@@ -129,7 +136,9 @@ def test_an_account_with_room_passes_every_check(account: Account, python312: Pa
     assert all(check["request"] is None for check in report["checks"])
 
 
-def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(account: Account, python312: Path, samconfig: Path) -> None:
+def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
     account.concurrency = account.unreserved = 10
     account.applied = {}
     account.defaults = {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 1.0}
@@ -150,11 +159,16 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(accou
     }
     # One build at a time still deploys (each build fetches its source when it starts), only slower.
     assert found["codebuild-builds"]["status"] == "warn"
-    assert (found["codebuild-builds"]["request"]["quota_code"], found["codebuild-builds"]["request"]["desired_value"]) == (LINUX_LARGE_BUILDS, 2)
+    assert (found["codebuild-builds"]["request"]["quota_code"], found["codebuild-builds"]["request"]["desired_value"]) == (
+        LINUX_LARGE_BUILDS,
+        2,
+    )
     assert report["ok"] is False
 
 
-def test_the_table_names_what_failed_and_the_commands_that_request_more(account: Account, python312: Path, samconfig: Path) -> None:
+def test_the_table_names_what_failed_and_the_commands_that_request_more(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
     account.applied = {ON_DEMAND_GPU: 0.0}
     account.defaults[LINUX_LARGE_BUILDS] = 0.0
 
@@ -177,7 +191,9 @@ def test_spot_capacity_checks_the_spot_quota_against_max_vcpus(account: Account,
     assert found["gpu-vcpus"]["request"]["desired_value"] == 32
 
 
-def test_samconfig_parameters_apply_and_the_command_line_overrides_them(account: Account, python312: Path, samconfig: Path) -> None:
+def test_samconfig_parameters_apply_and_the_command_line_overrides_them(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
     samconfig.write_text(
         'version = 0.1\n[default.deploy.parameters]\nstack_name = "saved"\nparameter_overrides = "UseSpot=\\"true\\" MaxvCpus=\\"8\\""\n'
     )
@@ -191,13 +207,17 @@ def test_samconfig_parameters_apply_and_the_command_line_overrides_them(account:
 
 
 def test_images_given_by_uri_need_no_build(account: Account, python312: Path, samconfig: Path) -> None:
-    found = checks(preflight(samconfig, "--parameter-overrides", "ImageUri=r/w:1", "--parameter-overrides", "QueryImageUri=r/q:1"))
+    found = checks(
+        preflight(samconfig, "--parameter-overrides", "ImageUri=r/w:1", "--parameter-overrides", "QueryImageUri=r/q:1")
+    )
 
     assert found["codebuild-builds"]["status"] == "pass"
     assert ("codebuild", LINUX_LARGE_BUILDS) not in account.asked
 
 
-def test_too_little_unreserved_concurrency_fails_with_the_increase_or_a_smaller_dispatcher(account: Account, python312: Path, samconfig: Path) -> None:
+def test_too_little_unreserved_concurrency_fails_with_the_increase_or_a_smaller_dispatcher(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
     # Other functions of the account reserve all but four executions.
     account.concurrency, account.unreserved = 50, 4
 
@@ -206,7 +226,11 @@ def test_too_little_unreserved_concurrency_fails_with_the_increase_or_a_smaller_
     check = found["lambda-concurrency"]
     assert check["status"] == "fail"
     assert "DispatcherConcurrency=3" in check["finding"]
-    assert (check["request"]["service_code"], check["request"]["quota_code"], check["request"]["desired_value"]) == ("lambda", LAMBDA_CONCURRENCY, 52)
+    assert (check["request"]["service_code"], check["request"]["quota_code"], check["request"]["desired_value"]) == (
+        "lambda",
+        LAMBDA_CONCURRENCY,
+        52,
+    )
 
 
 def test_checks_aws_will_not_answer_are_unknown_not_passed(account: Account, python312: Path, samconfig: Path) -> None:
@@ -238,16 +262,25 @@ def test_given_subnets_must_be_in_the_given_vpc(account: Account, python312: Pat
     ours = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.1.{i}.0/24")["Subnet"]["SubnetId"] for i in range(2)]
     elsewhere = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"][0]["SubnetId"]
 
-    assert checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={','.join(ours)}"))["network"]["status"] == "pass"
-    mixed = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={ours[0]},{elsewhere}", exit_code=1))["network"]
+    assert (
+        checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={','.join(ours)}"))["network"]["status"]
+        == "pass"
+    )
+    mixed = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={ours[0]},{elsewhere}", exit_code=1))[
+        "network"
+    ]
     assert mixed["status"] == "fail" and elsewhere in mixed["finding"] and ours[0] not in mixed["finding"]
-    missing = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds=subnet-0000000000000000f", exit_code=1))["network"]
+    missing = checks(
+        preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds=subnet-0000000000000000f", exit_code=1)
+    )["network"]
     assert missing["status"] == "fail" and "subnet-0000000000000000f" in missing["finding"]
     alone = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc}", exit_code=1))["network"]
     assert alone["status"] == "fail" and "go together" in alone["finding"]
 
 
-def test_a_region_with_ten_logs_resource_policies_has_no_room_for_the_stacks(account: Account, python312: Path, samconfig: Path) -> None:
+def test_a_region_with_ten_logs_resource_policies_has_no_room_for_the_stacks(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
     logs = boto3.client("logs", region_name=REGION)
     document = json.dumps({"Version": "2012-10-17", "Statement": []})
     for i in range(9):
@@ -264,7 +297,9 @@ def test_a_region_with_ten_logs_resource_policies_has_no_room_for_the_stacks(acc
     assert checks(preflight(samconfig))["logs-resource-policies"]["status"] == "pass"
 
 
-def test_sam_build_needs_a_python_3_12_on_path(account: Account, tmp_path: Path, samconfig: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sam_build_needs_a_python_3_12_on_path(
+    account: Account, tmp_path: Path, samconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The pyenv trap: a `python3.12` on PATH that runs another version.
     other = tmp_path / "other"
     executable(other, "python3.12", os.path.realpath(sys.executable))

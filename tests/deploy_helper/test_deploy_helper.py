@@ -80,12 +80,16 @@ def started_builds() -> Iterator[list[dict[str, Any]]]:
     """The StartBuild requests sent to CodeBuild, as sent (moto's build record drops the variables)."""
     requests: list[dict[str, Any]] = []
     boto3.setup_default_session()
-    boto3.DEFAULT_SESSION.events.register("provide-client-params.codebuild.StartBuild", lambda params, **_: requests.append(dict(params)))
+    boto3.DEFAULT_SESSION.events.register(
+        "provide-client-params.codebuild.StartBuild", lambda params, **_: requests.append(dict(params))
+    )
     yield requests
     boto3.DEFAULT_SESSION = None
 
 
-def request(endpoint: CloudFormationEndpoint, resource_type: str, request_type: str = "Create", **properties: str) -> dict[str, Any]:
+def request(
+    endpoint: CloudFormationEndpoint, resource_type: str, request_type: str = "Create", **properties: str
+) -> dict[str, Any]:
     event = {
         "RequestType": request_type,
         "ServiceToken": "arn:aws:lambda:us-east-1:123456789012:function:clip-pipeline-DeployHelper",
@@ -94,7 +98,10 @@ def request(endpoint: CloudFormationEndpoint, resource_type: str, request_type: 
         "RequestId": "5d3e0b9c-request",
         "LogicalResourceId": resource_type.removeprefix("Custom::"),
         "ResourceType": resource_type,
-        "ResourceProperties": {"ServiceToken": "arn:aws:lambda:us-east-1:123456789012:function:clip-pipeline-DeployHelper", **properties},
+        "ResourceProperties": {
+            "ServiceToken": "arn:aws:lambda:us-east-1:123456789012:function:clip-pipeline-DeployHelper",
+            **properties,
+        },
     }
     if request_type != "Create":
         event["PhysicalResourceId"] = "vpc-previous"
@@ -125,12 +132,18 @@ def create_project() -> None:
         # moto wants a source location, which the real project (NO_SOURCE) has none of.
         source={"type": "S3", "location": "artifacts/source.zip"},
         artifacts={"type": "NO_ARTIFACTS"},
-        environment={"type": "LINUX_CONTAINER", "image": "aws/codebuild/amazonlinux-x86_64-standard:5.0", "computeType": "BUILD_GENERAL1_LARGE"},
+        environment={
+            "type": "LINUX_CONTAINER",
+            "image": "aws/codebuild/amazonlinux-x86_64-standard:5.0",
+            "computeType": "BUILD_GENERAL1_LARGE",
+        },
         serviceRole=role,
     )
 
 
-def test_the_default_network_is_the_default_vpc_and_its_default_subnets(helper: ModuleType, cloudformation: CloudFormationEndpoint) -> None:
+def test_the_default_network_is_the_default_vpc_and_its_default_subnets(
+    helper: ModuleType, cloudformation: CloudFormationEndpoint
+) -> None:
     ec2 = boto3.client("ec2")
     vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
     defaults = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
@@ -147,7 +160,9 @@ def test_the_default_network_is_the_default_vpc_and_its_default_subnets(helper: 
     assert cloudformation.content_types == [""]
 
 
-def test_a_region_without_a_default_vpc_fails_the_resource_saying_what_to_deploy_with(helper: ModuleType, cloudformation: CloudFormationEndpoint) -> None:
+def test_a_region_without_a_default_vpc_fails_the_resource_saying_what_to_deploy_with(
+    helper: ModuleType, cloudformation: CloudFormationEndpoint
+) -> None:
     ec2 = boto3.client("ec2")
     vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
     for subnet in ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]:
@@ -180,10 +195,15 @@ def test_an_image_request_starts_a_build_that_fetches_its_own_source_and_answers
     assert variables["SOURCE_LAYER_ARN"] == LAYER_ARN
     assert variables["CFN_RESPONSE_URL"] == event["ResponseURL"]
     assert (variables["CFN_STACK_ID"], variables["CFN_REQUEST_ID"], variables["CFN_LOGICAL_ID"]) == (
-        event["StackId"], event["RequestId"], "WorkerImage"
+        event["StackId"],
+        event["RequestId"],
+        "WorkerImage",
     )
     assert (variables["DOCKERFILE"], variables["REPOSITORY_URI"], variables["CLIP_MODEL"], variables["CLIP_PRETRAINED"]) == (
-        "batch_job/Dockerfile", REPOSITORY, "ViT-B-32", "openai"
+        "batch_job/Dockerfile",
+        REPOSITORY,
+        "ViT-B-32",
+        "openai",
     )
     assert len(boto3.client("codebuild").list_builds_for_project(projectName=PROJECT)["ids"]) == 1
 
@@ -201,10 +221,16 @@ def test_deletes_succeed_without_touching_anything(
     helper: ModuleType, cloudformation: CloudFormationEndpoint, started_builds: list[dict[str, Any]]
 ) -> None:
     create_project()
-    for event in (request(cloudformation, "Custom::DefaultNetwork", "Delete"), {**image_request(cloudformation), "RequestType": "Delete", "PhysicalResourceId": f"{REPOSITORY}:0123"}):
+    for event in (
+        request(cloudformation, "Custom::DefaultNetwork", "Delete"),
+        {**image_request(cloudformation), "RequestType": "Delete", "PhysicalResourceId": f"{REPOSITORY}:0123"},
+    ):
         invoke(helper, event)
 
-    assert [(r["Status"], r["PhysicalResourceId"]) for r in cloudformation.responses] == [("SUCCESS", "vpc-previous"), ("SUCCESS", f"{REPOSITORY}:0123")]
+    assert [(r["Status"], r["PhysicalResourceId"]) for r in cloudformation.responses] == [
+        ("SUCCESS", "vpc-previous"),
+        ("SUCCESS", f"{REPOSITORY}:0123"),
+    ]
     assert started_builds == []
 
 
@@ -212,7 +238,10 @@ def test_an_unknown_resource_type_fails_naming_it(helper: ModuleType, cloudforma
     invoke(helper, request(cloudformation, "Custom::Something"))
 
     [response] = cloudformation.responses
-    assert (response["Status"], response["Reason"]) == ("FAILED", "unknown-resource-type: the deploy helper does not serve Custom::Something")
+    assert (response["Status"], response["Reason"]) == (
+        "FAILED",
+        "unknown-resource-type: the deploy helper does not serve Custom::Something",
+    )
 
 
 def test_the_response_url_never_reaches_the_log(helper: ModuleType, cloudformation: CloudFormationEndpoint) -> None:

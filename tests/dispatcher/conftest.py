@@ -14,8 +14,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
-
 from dispatcher_support import (
     INPUT_BUCKET,
     JOB_DEFINITION,
@@ -27,6 +25,7 @@ from dispatcher_support import (
     SHARD_SIZE,
     FakeLambdaContext,
 )
+from moto import mock_aws
 
 ENVIRONMENT = {
     "AWS_DEFAULT_REGION": "us-east-1",

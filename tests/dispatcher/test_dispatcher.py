@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import boto3
 import pytest
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
-
-from clip_shared import keys
-from clip_shared.events import from_json
-from clip_shared.manifest import Manifest, ManifestEntry
 from dispatcher_support import (
     INPUT_BUCKET,
     JOB_DEFINITION,
@@ -31,6 +28,10 @@ from dispatcher_support import (
     read_output,
     submitted_jobs,
 )
+
+from clip_shared import keys
+from clip_shared.events import from_json
+from clip_shared.manifest import Manifest, ManifestEntry
 
 Invoke = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -83,7 +84,9 @@ def rejection(key: str) -> dict[str, Any]:
     event = from_json(read_output(keys.rejection_key(OUTPUT_PREFIX, INPUT_BUCKET, key)))
     assert event.get_type() == "document-rejected"
     assert event.get_subject() == f"s3://{INPUT_BUCKET}/{key}"
-    return event.get_data()
+    data = event.get_data()
+    assert isinstance(data, dict)
+    return data
 
 
 def message_ids(event: dict[str, Any], *indexes: int) -> list[dict[str, str]]:
@@ -123,9 +126,7 @@ def test_a_key_with_spaces_and_non_ascii_characters_is_decoded(invoke: Invoke) -
     assert [entry.key for entry in entries_of(job)] == [UNICODE_KEY]
 
 
-def test_a_non_image_is_rejected_whatever_its_name_and_content_type(
-    invoke: Invoke, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_non_image_is_rejected_whatever_its_name_and_content_type(invoke: Invoke, capsys: pytest.CaptureFixture[str]) -> None:
     put_input("uploads/report.jpg", NOT_AN_IMAGE, "image/jpeg")
 
     assert invoke(load_event("sqs-s3-put-not-an-image.json")) == {"batchItemFailures": []}

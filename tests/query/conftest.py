@@ -17,14 +17,14 @@ import boto3
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from moto.server import ThreadedMotoServer
+
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
 from clip_query.service import QueryService
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, load
 from clip_worker.runner import EXIT_OK, run
-from moto.server import ThreadedMotoServer
-
 from tests.support import (
     INPUT_BUCKET,
     OUTPUT_BUCKET,
@@ -45,8 +45,15 @@ STORED = {
     "photos/rocket.jpg": (PHOTOS / "rocket.jpg").read_bytes(),
 }
 #: Limits small enough to reach in a test.
-LIMITS = {"MAX_ITEMS": "6", "MAX_BODY_BYTES": "2000000", "MAX_IMAGE_PIXELS": "4000000", "MAX_REQUEST_PIXELS": "6000000",
-          "MAX_TEXT_CHARS": "2000", "MAX_LABELS": "50", "MAX_RESULTS": "20"}
+LIMITS = {
+    "MAX_ITEMS": "6",
+    "MAX_BODY_BYTES": "2000000",
+    "MAX_IMAGE_PIXELS": "4000000",
+    "MAX_REQUEST_PIXELS": "6000000",
+    "MAX_TEXT_CHARS": "2000",
+    "MAX_LABELS": "50",
+    "MAX_RESULTS": "20",
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,11 @@ def stored(tiny_config: Path, tiny_checkpoint: Path) -> Iterator[Stored]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             patch.setenv(name, value)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):

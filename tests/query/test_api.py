@@ -54,7 +54,9 @@ def test_single_image_json_returns_the_workers_vector(api: str, stored: Stored, 
     # Embedded on its own by the worker, an image gets the very same floats from the API.
     alone = encode(photo("coffee.png"), "TIFF")
     embed_with_worker(stored, {"alone/coffee.tif": alone}, "m-alone")
-    assert requests.post(f"{api}/embed", json={"image": b64(alone)}, timeout=30).json() == stored_vector(stored, model, "alone/coffee.tif")
+    assert requests.post(f"{api}/embed", json={"image": b64(alone)}, timeout=30).json() == stored_vector(
+        stored, model, "alone/coffee.tif"
+    )
 
 
 def test_single_text_json_returns_the_text_towers_unit_vector(api: str, model: ClipModel) -> None:
@@ -68,7 +70,7 @@ def test_single_text_json_returns_the_text_towers_unit_vector(api: str, model: C
 
 def test_multipart_returns_every_vector_keyed_by_the_callers_field_names(api: str) -> None:
     coffee = STORED["photos/coffee.webp"]
-    files = [
+    files: list[tuple[str, Any]] = [
         ("cat", ("cat.jpg", CAT, "image/jpeg")),
         ("shots", ("a.webp", coffee, "image/webp")),
         ("shots", ("b.jpg", ROCKET, "application/octet-stream")),
@@ -92,9 +94,7 @@ def test_multipart_returns_every_vector_keyed_by_the_callers_field_names(api: st
 
 
 def test_json_lists_and_objects_are_keyed_by_position_or_name(api: str) -> None:
-    response = requests.post(
-        f"{api}/embed", json={"texts": ["a cat", "a rocket"], "images": {"mine": b64(CAT)}}, timeout=30
-    )
+    response = requests.post(f"{api}/embed", json={"texts": ["a cat", "a rocket"], "images": {"mine": b64(CAT)}}, timeout=30)
     assert response.status_code == 200
     body = response.json()
     assert sorted(body["vectors"]) == ["mine", "texts[0]", "texts[1]"]
@@ -148,8 +148,8 @@ def test_search_by_text_returns_the_nearest_stored_image_first(api: str, stored:
     query = "a photograph of an astronaut"
     text_vector = reference_text(model, [query])[0]
     scores = {key: float(np.asarray(stored_vector(stored, model, key)) @ text_vector) for key in STORED}
-    expected = sorted(scores, key=scores.get, reverse=True)
-    response = requests.get(f"{api}/search", params={"q": query, "k": 3}, timeout=30)
+    expected = sorted(scores, key=lambda key: scores[key], reverse=True)
+    response = requests.get(f"{api}/search", params={"q": query, "k": "3"}, timeout=30)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["indexed"] >= len(STORED)
@@ -195,13 +195,29 @@ LONG_TEXT = "many words " * 60  # ~120 tokens, over the 77-token context
 @pytest.mark.parametrize(
     ("method", "path", "request_args", "status", "code", "field", "limit"),
     [
-        ("post", "/embed", {"data": b"x" * 2_000_001, "headers": {"content-type": "application/json"}}, 413, "body-too-large", None, 2_000_000),
+        (
+            "post",
+            "/embed",
+            {"data": b"x" * 2_000_001, "headers": {"content-type": "application/json"}},
+            413,
+            "body-too-large",
+            None,
+            2_000_000,
+        ),
         ("post", "/embed", {"json": {"texts": ["a"] * 7}}, 400, "too-many-items", None, 6),
         ("post", "/embed", {"files": [("f", ("a.jpg", CAT))] * 7}, 400, "too-many-items", None, 6),
         ("post", "/embed", {"json": {"image": None}}, 400, "invalid-request", "image", None),
         ("post", "/embed", {"json": {"image": "not base64!"}}, 400, "invalid-base64", "image", None),
         ("post", "/embed", {"json": {"image": b64(b"%PDF-1.7\n" + b"0" * 300)}}, 415, "unsupported-type", "image", None),
-        ("post", "/embed", {"files": {"doc": ("notes.txt", b"just some text, not a picture" * 20)}}, 415, "unsupported-type", "doc", None),
+        (
+            "post",
+            "/embed",
+            {"files": {"doc": ("notes.txt", b"just some text, not a picture" * 20)}},
+            415,
+            "unsupported-type",
+            "doc",
+            None,
+        ),
         ("post", "/embed", {"json": {"images": [b64(TRUNCATED_JPEG)]}}, 400, "corrupt-image", "images[0]", None),
         ("post", "/embed", {"json": {"image": b64(big_png(2100))}}, 400, "too-many-pixels", "image", 4_000_000),
         ("post", "/embed", {"json": {"text": LONG_TEXT}}, 400, "text-too-long", "text", 77),
@@ -209,14 +225,38 @@ LONG_TEXT = "many words " * 60  # ~120 tokens, over the 77-token context
         ("post", "/embed", {"json": {"text": "   "}}, 400, "invalid-request", "text", None),
         ("post", "/embed", {"json": {"txt": "typo"}}, 400, "invalid-request", "txt", None),
         ("post", "/embed", {"json": ["a", "b"]}, 400, "invalid-request", None, None),
-        ("post", "/embed", {"data": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid-request", None, None),
+        (
+            "post",
+            "/embed",
+            {"data": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "invalid-request",
+            None,
+            None,
+        ),
         ("post", "/embed", {"data": b""}, 400, "invalid-request", None, None),
-        ("post", "/embed", {"data": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported-media-type", None, None),
+        (
+            "post",
+            "/embed",
+            {"data": b"hello", "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported-media-type",
+            None,
+            None,
+        ),
         ("post", "/embed", {"json": {}}, 400, "invalid-request", None, None),
         ("post", "/embed", {"json": {"texts": ["a"], "truncate": "maybe"}}, 400, "invalid-request", "truncate", None),
         ("post", "/similarity", {"json": {"texts": ["a cat"]}}, 400, "invalid-request", "images", None),
         ("post", "/classify", {"json": {"labels": ["a", "b"]}}, 400, "invalid-request", "image", None),
-        ("post", "/classify", {"json": {"image": b64(CAT), "labels": [f"l{n}" for n in range(51)]}}, 400, "too-many-labels", "labels", 50),
+        (
+            "post",
+            "/classify",
+            {"json": {"image": b64(CAT), "labels": [f"l{n}" for n in range(51)]}},
+            400,
+            "too-many-labels",
+            "labels",
+            50,
+        ),
         ("post", "/classify", {"json": {"image": b64(CAT), "labels": []}}, 400, "invalid-request", "labels", None),
         ("post", "/classify", {"json": {"image": b64(CAT), "top_k": 0}}, 400, "invalid-request", "top_k", None),
         ("post", "/classify", {"json": {"image": b64(CAT), "labels": [LONG_TEXT]}}, 400, "text-too-long", "labels", 77),

@@ -46,7 +46,9 @@ def invoke(module: ModuleType, name: str) -> tuple[dict[str, Any], Any]:
     return response, json.loads(response["body"])
 
 
-def test_sample_events_answer_through_the_lambda_entry_point(lambda_function: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_events_answer_through_the_lambda_entry_point(
+    lambda_function: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
     logs = io.StringIO()
     # The JSON log lines, however pytest captures the stream the logger was created with.
     previous = lambda_function.logger.registered_handler.setStream(logs)
@@ -69,5 +71,10 @@ def test_sample_events_answer_through_the_lambda_entry_point(lambda_function: Mo
     lambda_function.logger.registered_handler.setStream(previous)
     # Powertools: the request id in the access log line, and one EMF metric document per invocation.
     requests_logged = [json.loads(line) for line in logs.getvalue().splitlines() if '"message":"request"' in line]
-    assert [line["request_id"] for line in requests_logged] == ["sample-embed-1", "sample-embed-image-1", "sample-classify-1", "sample-search-1"]
+    assert [line["request_id"] for line in requests_logged] == [
+        "sample-embed-1",
+        "sample-embed-image-1",
+        "sample-classify-1",
+        "sample-search-1",
+    ]
     assert capsys.readouterr().out.count('"Responses2xx":[1.0]') == 4

@@ -34,7 +34,14 @@ def api_schema(app: FastAPI) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-OPERATIONS = [("GET", "/health"), ("POST", "/embed"), ("POST", "/similarity"), ("POST", "/classify"), ("GET", "/search"), ("POST", "/search")]
+OPERATIONS = [
+    ("GET", "/health"),
+    ("POST", "/embed"),
+    ("POST", "/similarity"),
+    ("POST", "/classify"),
+    ("GET", "/search"),
+    ("POST", "/search"),
+]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 

@@ -58,9 +58,18 @@ def refusal(response: requests.Response, status: int, code: str) -> dict[str, An
         ("/search", b'{"text": "a cat", "k": ' + b"7" * 5000 + b"}", "invalid-request", "k"),
         ("/embed", b"[" * 100_000, "invalid-request", None),
     ],
-    ids=["data-url-without-comma", "surrogate-texts-key", "surrogate-member", "surrogate-label", "k-of-5000-digits", "100000-nested"],
+    ids=[
+        "data-url-without-comma",
+        "surrogate-texts-key",
+        "surrogate-member",
+        "surrogate-label",
+        "k-of-5000-digits",
+        "100000-nested",
+    ],
 )
-def test_the_issues_reproductions_are_4xx_naming_the_field(api: str, path: str, body: bytes, code: str, field: str | None) -> None:
+def test_the_issues_reproductions_are_4xx_naming_the_field(
+    api: str, path: str, body: bytes, code: str, field: str | None
+) -> None:
     error = refusal(requests.post(f"{api}{path}", data=body, headers=JSON, timeout=30), 400, code)
     assert error.get("field") == field
 
@@ -76,7 +85,13 @@ def test_the_issues_reproductions_are_4xx_naming_the_field(api: str, path: str, 
         ("/embed", {"data": b'{"text": "\\udfff"}', "headers": JSON}, "invalid-request", "text", None),
         ("/embed", {"data": b'{"texts": ["ok", "\\ud83d"]}', "headers": JSON}, "invalid-request", "texts[1]", None),
         ("/embed", {"data": b'{"images": {"\\udc00x": "aGk="}}', "headers": JSON}, "invalid-request", "\\udc00x", None),
-        ("/classify", {"data": b'{"image": "aGk=", "labels": "cat,\\ud800dog"}', "headers": JSON}, "invalid-request", "labels[1]", None),
+        (
+            "/classify",
+            {"data": b'{"image": "aGk=", "labels": "cat,\\ud800dog"}', "headers": JSON},
+            "invalid-request",
+            "labels[1]",
+            None,
+        ),
         ("/embed", {"data": b'{"text": "caf\xe9"}', "headers": JSON}, "invalid-request", None, None),
         ("/embed", {"data": b'{"text": "\xed\xa0\x80"}', "headers": JSON}, "invalid-request", "text", None),
         # numbers that are too big, not whole, or not numbers
@@ -89,19 +104,37 @@ def test_the_issues_reproductions_are_4xx_naming_the_field(api: str, path: str, 
         ("/classify", {"json": {"image": b64(CAT), "top_k": "9" * 5000}}, "invalid-request", "top_k", None),
         ("/search", {"files": {"image": ("cat.jpg", CAT)}, "data": {"k": "9" * 5000}}, "invalid-request", "k", None),
         # JSON a parser struggles with, and members that are there but empty
-        ("/embed", {"data": b'{"texts": ' + b"[" * 500 + b"]" * 500 + b"}", "headers": JSON}, "invalid-request", "texts[0]", None),
+        (
+            "/embed",
+            {"data": b'{"texts": ' + b"[" * 500 + b"]" * 500 + b"}", "headers": JSON},
+            "invalid-request",
+            "texts[0]",
+            None,
+        ),
         ("/embed", {"data": b'{"texts": {"a": ' + b'{"b": ' * 50_000 + b"}", "headers": JSON}, "invalid-request", None, None),
         ("/embed", {"json": {"text": None}}, "invalid-request", "text", None),
         ("/embed", {"json": {"texts": ["a"], "truncate": None}}, "invalid-request", "truncate", None),
         # containers far over a limit are refused before their items are looked at
         ("/embed", {"json": {"texts": list(range(200_000))}}, "too-many-items", None, 6),
         ("/classify", {"json": {"image": b64(CAT), "labels": [[]] * 200_000}}, "too-many-labels", "labels", 50),
-        ("/classify", {"json": {"image": b64(CAT), "labels": ",".join(f"l{n}" for n in range(51))}}, "too-many-labels", "labels", 50),
+        (
+            "/classify",
+            {"json": {"image": b64(CAT), "labels": ",".join(f"l{n}" for n in range(51))}},
+            "too-many-labels",
+            "labels",
+            50,
+        ),
         # another endpoint's option, as JSON or as a form field
         ("/embed", {"json": {"text": "a", "k": 3}}, "invalid-request", "k", None),
         ("/embed", {"files": {"caption": (None, "a cat"), "top_k": (None, "3")}}, "invalid-request", "top_k", None),
         # multipart that is not
-        ("/embed", {"data": b"--x\r\nnope", "headers": {"content-type": "multipart/form-data; boundary=x"}}, "invalid-request", None, None),
+        (
+            "/embed",
+            {"data": b"--x\r\nnope", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+            "invalid-request",
+            None,
+            None,
+        ),
         ("/embed", {"data": b"--x--", "headers": {"content-type": "multipart/form-data"}}, "invalid-request", None, None),
     ],
 )
@@ -122,7 +155,12 @@ def test_a_multipart_body_in_a_codec_that_makes_lone_surrogates_is_refused(api: 
 
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
-    [("get", "/embed", "POST"), ("put", "/search", "GET, POST"), ("delete", "/health", "GET"), ("post", "/openapi.json", "GET, HEAD")],
+    [
+        ("get", "/embed", "POST"),
+        ("put", "/search", "GET, POST"),
+        ("delete", "/health", "GET"),
+        ("post", "/openapi.json", "GET, HEAD"),
+    ],
 )
 def test_a_405_says_which_methods_the_path_takes(api: str, method: str, path: str, allowed: str) -> None:
     response = requests.request(method, f"{api}{path}", timeout=30)
@@ -159,7 +197,9 @@ def test_the_default_limits_refuse_the_labels_that_took_40_s(default_api: str) -
 
 def test_images_within_the_limit_each_but_over_it_together_are_refused_before_decoding(api: str, default_api: str) -> None:
     # Test limits: 4 MP an image, 6 MP a request.
-    error = refusal(requests.post(f"{api}/embed", json={"images": [b64(png(1900, 1900))] * 2}, timeout=30), 400, "too-many-pixels")
+    error = refusal(
+        requests.post(f"{api}/embed", json={"images": [b64(png(1900, 1900))] * 2}, timeout=30), 400, "too-many-pixels"
+    )
     assert error["field"] == "images[1]" and error["limit"] == 6_000_000
     # The defaults: 32 one-colour PNGs of 20 MP are 1.2 MB of JSON and would take minutes to decode.
     images = {f"page{n}": b64(png(5000, 4000)) for n in range(32)}
@@ -197,14 +237,16 @@ def app(stored: Stored, query_config: QueryConfig, model: ClipModel) -> FastAPI:
     return create_app(query_config, QueryService(query_config, stored.s3, model))
 
 
-def asgi(app: FastAPI, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int, dict[str, str], Any]:
+def asgi(
+    app: FastAPI, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""
+) -> tuple[int, dict[str, str], Any]:
     """One request straight into the ASGI application: (status, headers, JSON body)."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Any) -> None:
         sent.append(message)
 
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode("utf-8", "surrogatepass"),

@@ -16,7 +16,9 @@ def test_keys_keep_the_source_key_verbatim_and_are_deterministic() -> None:
 
 def test_different_inputs_never_share_an_output_even_when_keys_are_too_long_for_s3() -> None:
     long_a, long_b = "a" * 1100, "a" * 1099 + "b"
-    outputs = {keys.vector_key("", "m", bucket, key) for bucket, key in [("b1", long_a), ("b1", long_b), ("b2", long_a), ("b1", "x")]}
+    outputs = {
+        keys.vector_key("", "m", bucket, key) for bucket, key in [("b1", long_a), ("b1", long_b), ("b2", long_a), ("b1", "x")]
+    }
     assert len(outputs) == 4
     assert all(len(output.encode()) <= keys.MAX_KEY_BYTES for output in outputs)
 

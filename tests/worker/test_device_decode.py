@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from clip_shared import keys
+from PIL import Image, ImageOps
+
 from clip_shared.manifest import ManifestEntry
 from clip_worker import device_decode
 from clip_worker.config import WorkerConfig
@@ -23,8 +24,6 @@ from clip_worker.embed import Embedder, decode_on_device, device_transform
 from clip_worker.model import ClipModel, load
 from clip_worker.prepare import Prepared, model_input
 from clip_worker.runner import EXIT_OK, run
-from PIL import Image, ImageOps
-
 from tests.support import (
     INPUT_BUCKET,
     OUTPUT_BUCKET,
@@ -62,9 +61,12 @@ def jpegs(files: list[bytes]) -> list[device_decode.Jpeg]:
 
 
 def device_pixels(model: ClipModel, files: list[bytes]) -> torch.Tensor:
-    outcomes = device_decode.preprocess(jpegs(files), device_decode.TensorTransform.for_model(model), device_decode.DecodeStream(CPU))
-    assert all(isinstance(outcome, torch.Tensor) for outcome in outcomes), outcomes
-    return torch.stack(outcomes)
+    outcomes = device_decode.preprocess(
+        jpegs(files), device_decode.TensorTransform.for_model(model), device_decode.DecodeStream(CPU)
+    )
+    tensors = [outcome for outcome in outcomes if isinstance(outcome, torch.Tensor)]
+    assert len(tensors) == len(outcomes), outcomes
+    return torch.stack(tensors)
 
 
 def embed_on_device(model: ClipModel, files: dict[str, bytes]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -73,7 +75,10 @@ def embed_on_device(model: ClipModel, files: dict[str, bytes]) -> tuple[dict[str
     embedder = Embedder(model, LIMIT, device_transform(model, True))
     batch = [
         Prepared(entry, "etag", model_input(data, entry.url, model, config, True, PixelBudget(LIMIT), None))
-        for entry, data in ((ManifestEntry(bucket=INPUT_BUCKET, key=name, size=len(data), etag="etag", mime_type="image/jpeg"), data) for name, data in files.items())
+        for entry, data in (
+            (ManifestEntry(bucket=INPUT_BUCKET, key=name, size=len(data), etag="etag", mime_type="image/jpeg"), data)
+            for name, data in files.items()
+        )
     ]
     failed, done = embedder.submit(batch)
     done += embedder.finish()
@@ -113,10 +118,10 @@ def test_every_exif_orientation_comes_out_upright_like_pillow(orientation: int) 
 
 
 @pytest.mark.filterwarnings("ignore:CLIP_PRETRAINED=none")
-@pytest.mark.parametrize(
-    ("name", "precision"), [("tiny", "fp32"), ("tiny", "fp16"), ("tiny", "bf16"), ("ViT-B-32", "fp32")]
-)
-def test_device_path_embeds_real_photos_within_cosine_0_9999_of_open_clip(name: str, precision: str, tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize(("name", "precision"), [("tiny", "fp32"), ("tiny", "fp16"), ("tiny", "bf16"), ("ViT-B-32", "fp32")])
+def test_device_path_embeds_real_photos_within_cosine_0_9999_of_open_clip(
+    name: str, precision: str, tiny_checkpoint: Path
+) -> None:
     """fp16 is what the worker runs on CUDA; the model loads and embeds in it here too, on CPU tensors."""
     model_name, pretrained = (TINY_MODEL, str(tiny_checkpoint)) if name == "tiny" else ("ViT-B-32", "none")
     model = load(model_name, pretrained, "cpu", precision=precision)
@@ -126,7 +131,7 @@ def test_device_path_embeds_real_photos_within_cosine_0_9999_of_open_clip(name: 
     vectors = model.embed(inputs)
 
     assert inputs.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    for (file, data), tensor, vector in zip(files.items(), inputs, vectors):
+    for (file, data), tensor, vector in zip(files.items(), inputs, vectors, strict=True):
         reference = reference_embedding(upright(data), model_name, None if pretrained == "none" else pretrained)
         assert cosine(vector, reference) >= 0.9999, file
         # The inputs themselves agree to a third of an 8-bit level (0.015 in these units) on average.
@@ -177,7 +182,7 @@ def test_a_jpeg_the_decoder_refuses_is_an_error_and_the_rest_of_the_batch_still_
     decoded = device_decode.decode(jpegs(files), CPU)  # the header gives nothing away: only decoding finds the damage
 
     assert isinstance(decoded[1], RuntimeError)
-    for data, image in zip(files[::2], decoded[::2]):
+    for data, image in zip(files[::2], decoded[::2], strict=True):
         assert isinstance(image, torch.Tensor)
         assert np.abs(image.permute(1, 2, 0).numpy().astype(int) - np.asarray(upright(data))).mean() < 1
 
@@ -188,7 +193,9 @@ def test_a_failure_on_the_device_costs_that_image_a_trip_to_the_cpu_path_and_not
     """Out of memory in the batched decode and in one image's decode, and the antialiased resize's
     CUDA limit on another: every image is still embedded, each as the CPU path embeds it."""
     model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
-    files = {f"{width}.jpg": encode(photo("coffee.png").resize((width, 300)), "JPEG", quality=90) for width in (400, 410, 420, 430)}
+    files = {
+        f"{width}.jpg": encode(photo("coffee.png").resize((width, 300)), "JPEG", quality=90) for width in (400, 410, 420, 430)
+    }
     decode_jpeg = device_decode.decode_jpeg
 
     def short_of_memory(data: Any, mode: Any, device: torch.device) -> Any:
@@ -235,7 +242,12 @@ def test_decoding_waits_for_its_own_stream_and_hands_the_batch_over_to_the_model
             events.append(("hand over", tensor.untyped_storage().data_ptr()))
 
     decode_jpeg = device_decode.decode_jpeg
-    monkeypatch.setattr(device_decode, "decode_jpeg", lambda *args: events.append("decode") or decode_jpeg(*args))
+
+    def recorded_decode(*args: Any) -> Any:
+        events.append("decode")
+        return decode_jpeg(*args)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", recorded_decode)
     monkeypatch.setattr(device_decode, "DEVICE_PIXEL_BUDGET", 1)  # one chunk, so one decode, per photo
     model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
     files = [encode(photo(name), "JPEG") for name in ("coffee.png", "chelsea.png", "astronaut.png")]
@@ -248,7 +260,9 @@ def test_decoding_waits_for_its_own_stream_and_hands_the_batch_over_to_the_model
 
 def test_big_batches_decode_in_chunks_and_keep_their_order(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> None:
     model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
-    files = [encode(photo(name).resize(size), "JPEG") for name in ("coffee.png", "chelsea.png") for size in ((640, 480), (300, 500))]
+    files = [
+        encode(photo(name).resize(size), "JPEG") for name in ("coffee.png", "chelsea.png") for size in ((640, 480), (300, 500))
+    ]
     whole = device_pixels(model, files)
 
     monkeypatch.setattr(device_decode, "DEVICE_PIXEL_BUDGET", 400_000)  # about two of these photos at a time
@@ -275,7 +289,9 @@ def test_gpu_decode_auto_decodes_on_the_gpu_only_where_it_has_a_hardware_jpeg_de
     assert decode_on_device(torch.device(device), gpu_decode) is on_device
 
 
-def test_runner_decoding_on_the_device_gives_the_cpu_paths_vectors_and_failures(s3: Any, tiny_checkpoint: Path, tiny_config: Path) -> None:
+def test_runner_decoding_on_the_device_gives_the_cpu_paths_vectors_and_failures(
+    s3: Any, tiny_checkpoint: Path, tiny_config: Path
+) -> None:
     """The runner's device branch, forced on with the model on the CPU; every format and failure mixed in one batch."""
     formats = all_formats(photo())
     good = formats["photo.jpg"][0]

@@ -56,7 +56,9 @@ class _Body:
 class SlowDown:
     """Answers 503 SlowDown to a random share of requests, or to every request `picks` chooses."""
 
-    def __init__(self, share: float = 0.0, picks: Callable[[str, str], bool] = lambda operation, url: False, seed: int = 7) -> None:
+    def __init__(
+        self, share: float = 0.0, picks: Callable[[str, str], bool] = lambda operation, url: False, seed: int = 7
+    ) -> None:
         self.share = share
         self.picks = picks
         self.random = random.Random(seed)
@@ -99,7 +101,11 @@ def outcomes(s3: Any, mid: str, names: list[str]) -> dict[str, str | None]:
     """name -> created, the failure's code, or None when the worker recorded nothing for it."""
     events = stored_events(s3, mid)
     return {
-        name: None if name not in events else events[name]["data"]["error"]["code"] if events[name]["type"] == "document-failed" else "created"
+        name: None
+        if name not in events
+        else events[name]["data"]["error"]["code"]
+        if events[name]["type"] == "document-failed"
+        else "created"
         for name in names
     }
 

@@ -33,10 +33,11 @@ def shard(rows: dict[str, list[float]]) -> pa.Table:
 
 
 def test_nearest_ranks_by_cosine_and_the_newest_shard_wins(s3: Any) -> None:
-    for name, rows in [
+    shards: list[tuple[str, dict[str, list[float]]]] = [
         ("a", {"s3://in/red": [1, 0, 0], "s3://in/green": [0, 1, 0], "s3://in/blue": [0, 0, 1]}),
         ("b", {"s3://in/red": [0, 0.2, 1], "s3://in/purple": [1, 0, 1]}),  # red was re-embedded later
-    ]:
+    ]
+    for name, rows in shards:
         buffer = io.BytesIO()
         pq.write_table(shard(rows), buffer)
         s3.put_object(Bucket=OUTPUT_BUCKET, Key=f"parquet/m/{name}/shard-00000.parquet", Body=buffer.getvalue())

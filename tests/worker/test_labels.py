@@ -105,7 +105,7 @@ def test_an_image_vector_equal_to_a_labels_text_vector_ranks_that_label_first(mo
     assert best[0][0].label == "red bicycle" and best[0][0].score == pytest.approx(1.0, abs=1e-5)
     assert best[1][0].label == "astronaut"
     reference = torch.softmax(label_set.logit_scale * torch.from_numpy(vectors @ label_set.vectors.T), dim=1)
-    for vector, row, probabilities in zip(vectors, everything, reference):
+    for vector, row, probabilities in zip(vectors, everything, reference, strict=True):
         assert sorted(label.label for label in row) == sorted(LABELS)
         assert [label.score for label in row] == sorted((label.score for label in row), reverse=True)
         assert row[0].probability == max(label.probability for label in row)

@@ -33,7 +33,9 @@ def test_sigterm_flushes_finished_work_exits_143_and_a_retry_resumes(
         data = encode(photo().rotate(i), "PNG")
         s3.put_object(Bucket=INPUT_BUCKET, Key=f"img-{i:02d}.png", Body=data)
         etag = s3.head_object(Bucket=INPUT_BUCKET, Key=f"img-{i:02d}.png")["ETag"].strip('"')
-        entries.append(ManifestEntry(bucket=INPUT_BUCKET, key=f"img-{i:02d}.png", size=len(data), etag=etag, mime_type="image/png"))
+        entries.append(
+            ManifestEntry(bucket=INPUT_BUCKET, key=f"img-{i:02d}.png", size=len(data), etag=etag, mime_type="image/png")
+        )
     uri = put_manifest(s3, entries, shard_size=IMAGES, manifest_id="m")
 
     env = {
@@ -49,7 +51,9 @@ def test_sigterm_flushes_finished_work_exits_143_and_a_retry_resumes(
         "IO_THREADS": "1",
         "PROGRESS_INTERVAL_SECONDS": "1",
     }
-    worker = subprocess.Popen([sys.executable, "-m", "clip_worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "clip_worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert worker.stdout is not None
     lines = []
     # Terminated once it has embedded something: its outputs exist only in memory until then.

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cloudevents.core.formats.json import JSONFormat
+
 from clip_shared import keys
 from clip_shared.manifest import ManifestEntry, ManifestError
+from clip_worker.__main__ import main
 from clip_worker.config import WorkerConfig
 from clip_worker.labels import PROMPT, LabelSet, read_labels
 from clip_worker.model import load
-from clip_worker.__main__ import main
 from clip_worker.runner import EXIT_FAILED, EXIT_OK, run
-from cloudevents.core.formats.json import JSONFormat
-
 from tests.support import (
     INPUT_BUCKET,
     OUTPUT_BUCKET,
@@ -52,7 +52,8 @@ def read_json(s3: Any, key: str) -> Any:
     return json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=key)["Body"].read())
 
 
-def read_shard(s3: Any, url: str) -> Any:
+def read_shard(s3: Any, url: str | None) -> Any:
+    assert url is not None, "the run wrote no shard"
     bucket, key = keys.parse_s3_url(url)
     return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
 
@@ -91,14 +92,20 @@ def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3:
         embeddings = data["metadata"]["properties"]["attrs"]["embeddings"]
         assert data["metadata"]["properties"]["kind"] == "image"
         # The vector is a row of the child's shard.
-        assert embeddings == {"vectors": summary.shard_url, "model": TINY_MODEL, "pretrained": config.pretrained, "dimensions": 32}
+        assert embeddings == {
+            "vectors": summary.shard_url,
+            "model": TINY_MODEL,
+            "pretrained": config.pretrained,
+            "dimensions": 32,
+        }
         # Without CLIP_LABELS the document has no keywords at all.
         assert set(data["metadata"]) == {"properties"} and set(data["metadata"]["properties"]["attrs"]) == {"embeddings"}
 
     # One shard and one events batch for the child, and nothing per object.
     listed = [item["Key"] for item in s3.list_objects_v2(Bucket=OUTPUT_BUCKET)["Contents"]]
     assert sorted(key for key in listed if key.startswith(("parquet/", "events/"))) == [
-        keys.events_key("", mid, "m-1", 0), keys.parquet_key("", mid, "m-1", 0)
+        keys.events_key("", mid, "m-1", 0),
+        keys.parquet_key("", mid, "m-1", 0),
     ]
     assert not [key for key in listed if key.startswith(("vectors/", "documents/"))]
     # Rows in manifest order.
@@ -174,7 +181,7 @@ def test_array_children_cover_every_entry_exactly_once(s3: Any, config: WorkerCo
     seen: list[str] = []
     for index in range(3):
         summary = run(replace(config, manifest_uri=uri, array_index=index), s3=s3)
-        assert summary.shard_url.endswith(f"shard-{index:05d}.parquet")
+        assert (summary.shard_url or "").endswith(f"shard-{index:05d}.parquet")
         seen += read_shard(s3, summary.shard_url).column("key").to_pylist()
     assert sorted(seen) == sorted(files)
 
@@ -221,7 +228,7 @@ def test_with_a_label_set_each_created_event_lists_the_top_k_labels_of_its_store
         attrs = metadata["properties"]["attrs"]
         assert attrs["zeroShot"] == {"prompt": PROMPT, "labelCount": 6}
         assert [item["label"] for item in attrs["keywords"]] == metadata["keywords"]
-        for item, label in zip(attrs["keywords"], expected):
+        for item, label in zip(attrs["keywords"], expected, strict=True):
             assert item["score"] == pytest.approx(label.score, abs=2e-6)
             assert item["probability"] == pytest.approx(label.probability, abs=2e-6)
 

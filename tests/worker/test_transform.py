@@ -42,6 +42,7 @@ def test_bounded_preprocess_gives_exactly_open_clips_pixels(resize_mode: str, si
         # the last bits, which moves a pixel by at most a level or two.
         assert (actual - expected).abs().max() <= 3 / 255 / 0.26 and (actual - expected).abs().mean() < 0.002
 
+
 def test_an_unfamiliar_transform_sees_at_most_a_four_to_one_centre() -> None:
     compose = open_clip.image_transform(224, is_train=False)
     seen: list[tuple[int, int]] = []
@@ -83,6 +84,7 @@ def test_extreme_aspect_ratios_cost_what_the_model_input_costs() -> None:
     # Peak resident memory (KiB) grew by less than 100 MB over what torch and the model took.
     assert int(lines[5][0]) - int(lines[0][0]) < 100_000, (lines[0], lines[5])
 
+
 @pytest.mark.parametrize("max_pixels", [1_000, 100_000_000, 500_000_000])
 def test_too_many_pixels_is_reported_with_the_limit_above_and_below_pillows_own(max_pixels: int) -> None:
     # 30000x30000 is over Pillow's own bomb guard (~179 MP), which reported it as corrupt.
@@ -119,4 +121,3 @@ def test_the_pixel_budget_bounds_what_threads_decode_at_once() -> None:
     assert not any(thread.is_alive() for thread in threads), "an image over the budget must still get its turn"
     # One image larger than the budget decodes alone; otherwise the total stays within it.
     assert peak[0] == 250 or peak[0] <= 100
-

@@ -16,7 +16,6 @@ from clip_shared import aws, keys, mime
 from clip_shared.events import ErrorCode, EventType, document_event, document_ref, to_json
 from clip_shared.manifest import ManifestEntry
 
-
 #: Admissions are waits on S3 (a ranged GET each): this many at once keeps a batch's wall time, which
 #: Lambda bills, near one GET's latency per 32 objects on a function with a fraction of a vCPU.
 ADMISSION_THREADS = 32
@@ -86,12 +85,20 @@ def admit(s3: Any, ref: ObjectRef, max_object_bytes: int) -> Admission:
     etag = keys.bare_etag(response["ETag"])
     if size > max_object_bytes:
         response["Body"].close()
-        return _rejected(ref, ErrorCode.TOO_LARGE, f"{size} bytes exceeds the {max_object_bytes}-byte limit", size=size, etag=etag)
+        return _rejected(
+            ref, ErrorCode.TOO_LARGE, f"{size} bytes exceeds the {max_object_bytes}-byte limit", size=size, etag=etag
+        )
     detected = mime.sniff_mime(response["Body"].read())
     if not mime.is_accepted(detected):
         declared = response.get("ContentType", "unset")
-        return _rejected(ref, ErrorCode.UNSUPPORTED_TYPE, f"content is {detected or 'not a recognised format'} "
-                         f"(declared Content-Type: {declared})", mime_type=detected, size=size, etag=etag)
+        return _rejected(
+            ref,
+            ErrorCode.UNSUPPORTED_TYPE,
+            f"content is {detected or 'not a recognised format'} (declared Content-Type: {declared})",
+            mime_type=detected,
+            size=size,
+            etag=etag,
+        )
     entry = ManifestEntry(bucket=ref.bucket, key=ref.key, size=size, etag=etag, mime_type=str(detected), version_id=version_id)
     return Admission(ref, Verdict.ACCEPTED, entry=entry)
 
@@ -104,8 +111,9 @@ def record_rejection(s3: Any, output_bucket: str, output_prefix: str, rejection:
     """Write the `document-rejected` CloudEvent for one object; returns its key."""
     ref = rejection.ref
     document = document_ref(ref.url, rejection.mime_type, rejection.size, rejection.etag)
-    event = document_event(EventType.REJECTED, document, chain_id, component="dispatcher",
-                           error=(rejection.code, rejection.message))
+    event = document_event(
+        EventType.REJECTED, document, chain_id, component="dispatcher", error=(rejection.code, rejection.message)
+    )
     key = keys.rejection_key(output_prefix, ref.bucket, ref.key)
     s3.put_object(Bucket=output_bucket, Key=key, Body=to_json(event), ContentType="application/cloudevents+json")
     return key

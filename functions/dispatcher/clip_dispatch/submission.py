@@ -53,9 +53,17 @@ def submit(
     manifests = split(manifest_id, entries, shard_size)
     prefix = keys.manifest_prefix(output_prefix, manifest_id)
     with ThreadPoolExecutor(min(_PARALLEL_WRITES, len(manifests))) as pool:
-        list(pool.map(lambda manifest: s3.put_object(
-            Bucket=output_bucket, Key=prefix + keys.manifest_shard_name(manifest.shard_index),
-            Body=manifest.to_json(), ContentType="application/json"), manifests))
+        list(
+            pool.map(
+                lambda manifest: s3.put_object(
+                    Bucket=output_bucket,
+                    Key=prefix + keys.manifest_shard_name(manifest.shard_index),
+                    Body=manifest.to_json(),
+                    ContentType="application/json",
+                ),
+                manifests,
+            )
+        )
     manifest_uri = keys.s3_url(output_bucket, prefix)
     array_size = len(manifests) if len(manifests) > 1 else None
     request: dict[str, Any] = {

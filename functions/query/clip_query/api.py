@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -71,8 +71,10 @@ async def off_loop(request: Request, work: Callable[..., T], *args: Any) -> T:
 # ---------------------------------------------------------------------------------------------
 # what /openapi.json says of requests and refusals
 
-REFUSED = {"model": ErrorAnswer}
-BAD_REQUEST = {400: {**REFUSED, "description": "a malformed request or one over a limit; `error.code` says which"}}
+REFUSED: dict[str, Any] = {"model": ErrorAnswer}
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {
+    400: {**REFUSED, "description": "a malformed request or one over a limit; `error.code` says which"}
+}
 POST_REFUSALS: dict[int | str, dict[str, Any]] = {
     **BAD_REQUEST,
     413: {**REFUSED, "description": "body-too-large: over MAX_BODY_BYTES"},
@@ -127,7 +129,9 @@ def similarity_json(cosine: float) -> Similarity:
     return Similarity(cosine=round(cosine, 6), score=round(100 * max(cosine, 0.0), 2))
 
 
-def search_answer(service: QueryService, query: dict[str, str], matches: list[Nearest], indexed: int) -> SearchAnswer:
+def search_answer(
+    service: QueryService, query: dict[Literal["text", "image"], str], matches: list[Nearest], indexed: int
+) -> SearchAnswer:
     results = [
         SearchResult(rank=rank, url=match.url, score=round(match.score, 6), preview=service.preview(match.url))
         for rank, match in enumerate(matches, 1)
@@ -193,7 +197,10 @@ async def classify(request: Request, service: Service) -> ClassifyAnswer:
         label_set=done.label_set,
         labels_compared=done.labels_compared,
         images={
-            name: [LabelScore(label=label.label, score=round(label.score, 6), probability=round(label.probability, 6)) for label in labels]
+            name: [
+                LabelScore(label=label.label, score=round(label.score, 6), probability=round(label.probability, 6))
+                for label in labels
+            ]
             for name, labels in done.images.items()
         },
     )
@@ -218,7 +225,8 @@ async def search_image(request: Request, service: Service) -> SearchAnswer:
     done = await off_loop(request, service.vectors, found.texts, found.images, found.options.truncate)
     ((name, vector),) = [*done.texts.items(), *done.images.items()]
     matches, indexed = await off_loop(request, service.search, vector, k)
-    return search_answer(service, {"text" if done.texts else "image": name}, matches, indexed)
+    kind: Literal["text", "image"] = "text" if done.texts else "image"
+    return search_answer(service, {kind: name}, matches, indexed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class QueryConfig(BaseModel):
     preview_url_s: int = Field(alias="PREVIEW_URL_SECONDS", default=900, ge=1)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "QueryConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> QueryConfig:
         env = os.environ if env is None else env
         # Empty values mean "not set", as in the template, where an unused parameter is "".
         values = {name: value for name, value in env.items() if value != ""}

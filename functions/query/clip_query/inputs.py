@@ -92,7 +92,9 @@ def check_counts(items: int, labels: int, config: QueryConfig) -> None:
 
 def check_k(k: int, config: QueryConfig) -> int:
     if k > config.max_results:
-        raise QueryError(Code.OVER_LIMIT, f"k={shown(k)} is over the limit of {config.max_results}", "k", limit=config.max_results)
+        raise QueryError(
+            Code.OVER_LIMIT, f"k={shown(k)} is over the limit of {config.max_results}", "k", limit=config.max_results
+        )
     return k
 
 
@@ -179,8 +181,8 @@ async def from_form(request: Request, model: type[M], config: QueryConfig) -> In
     finally:
         await form.close()
     inputs = Inputs(options=validated(model, values))
-    for key, value in parts:
-        _add(inputs, key, value)
+    for key, part in parts:
+        _add(inputs, key, part)
     return inputs
 
 

@@ -33,7 +33,7 @@ asgi = Mangum(create_app(config, service), lifespan="off")
 @tracer.capture_lambda_handler
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    response = asgi(event, context)
+    response = asgi(event, context)  # type: ignore[arg-type]  # Mangum declares its own LambdaContext protocol, which Powertools' class satisfies at run time
     # API Gateway's own metrics count 4xx and 5xx; these say which of them the application chose.
     metrics.add_metric(name=f"Responses{int(response['statusCode']) // 100}xx", unit=MetricUnit.Count, value=1)
     return response

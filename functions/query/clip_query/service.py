@@ -190,7 +190,7 @@ class QueryService:
         vectors = self._image_vectors(images)
         label_set = self.label_set(labels)
         k = min(top_k or self.config.top_k, len(label_set.labels))
-        ranked = dict(zip(vectors, label_set.top(np.stack(list(vectors.values())), k)))
+        ranked = dict(zip(vectors, label_set.top(np.stack(list(vectors.values())), k), strict=True))
         return Classified(ranked, "request" if labels else self.config.labels, len(label_set.labels))
 
     def label_set(self, labels: list[str] | None) -> LabelSet:
@@ -199,7 +199,9 @@ class QueryService:
             return LabelSet.embed(self.model, labels)
         with self._labels_lock:
             if self._default_labels is None:
-                self._default_labels = LabelSet.cached(self.model, read_labels(self.config.labels, self.s3), self.config.cache_dir)
+                self._default_labels = LabelSet.cached(
+                    self.model, read_labels(self.config.labels, self.s3), self.config.cache_dir
+                )
             return self._default_labels
 
     def search(self, vector: np.ndarray, k: int) -> tuple[list[Match], int]:
@@ -217,7 +219,7 @@ class QueryService:
         )
 
     def _text_vectors(self, texts: dict[str, str]) -> dict[str, np.ndarray]:
-        return dict(zip(texts, self.model.embed_texts(list(texts.values())))) if texts else {}
+        return dict(zip(texts, self.model.embed_texts(list(texts.values())), strict=True)) if texts else {}
 
     def _image_vectors(self, images: dict[str, bytes]) -> dict[str, np.ndarray]:
         """The worker's own path, ClipModel.prepare and embed, on images check_images has passed."""
@@ -232,4 +234,4 @@ class QueryService:
             except Exception as exc:  # noqa: BLE001 - a decoder's surprise on hostile bytes is still a bad image
                 logger.warning("image could not be decoded", extra={"field": shown(field)}, exc_info=True)
                 raise QueryError(Code.CORRUPT_IMAGE, f"{shown(field)} could not be decoded: {type(exc).__name__}", field) from exc
-        return dict(zip(images, self.model.embed(torch.stack(pixels)))) if pixels else {}
+        return dict(zip(images, self.model.embed(torch.stack(pixels)), strict=True)) if pixels else {}

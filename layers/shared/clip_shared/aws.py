@@ -16,8 +16,19 @@ CLIENT_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 8})
 _MISSING = frozenset({"404", "NoSuchKey", "NoSuchVersion", "NotFound"})
 _LOST_RACE = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
 _TRANSIENT = frozenset(
-    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
-     "RequestLimitExceeded", "500", "502", "503", "504"}
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
 )
 
 

@@ -54,7 +54,7 @@ class DocumentError(Exception):
         self.code = code
         self.message = message
 
-    def __reduce__(self) -> tuple[type["DocumentError"], tuple[ErrorCode, str]]:
+    def __reduce__(self) -> tuple[type[DocumentError], tuple[ErrorCode, str]]:
         # Raised in the isolation helper process too (clip_worker.isolation), and pickled back from it.
         return DocumentError, (self.code, self.message)
 
@@ -134,7 +134,7 @@ def embedding_metadata(
     return metadata
 
 
-def to_json(event: CloudEvent) -> bytes:
+def to_json(event: BaseCloudEvent) -> bytes:
     return _FORMAT.write(event)
 
 

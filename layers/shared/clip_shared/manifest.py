@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -47,14 +47,14 @@ class Manifest(_Model):
     manifest_id: str = Field(min_length=1)
     shard_index: int = Field(default=0, ge=0)
     shard_count: int = Field(default=1, ge=1)
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     entries: tuple[ManifestEntry, ...]
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, exclude_none=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str, source: str = "manifest") -> "Manifest":
+    def from_json(cls, data: bytes | str, source: str = "manifest") -> Manifest:
         try:
             manifest = cls.model_validate_json(data)
         except ValidationError as exc:
@@ -74,7 +74,7 @@ def split(manifest_id: str, entries: Sequence[ManifestEntry], shard_size: int) -
             f"{len(entries)} entries in shards of {shard_size} need {count} array children; "
             f"Batch allows {MAX_ARRAY_SIZE}: split the entries or raise the shard size"
         )
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     return [
         Manifest(
             manifest_id=manifest_id,
