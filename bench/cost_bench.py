@@ -160,33 +160,17 @@ def measure(count: int, model: str, pretrained: str, model_config: str | None, s
     import requests
     from rich.console import Console
 
-    from clip_pipeline import emulator, local
-    from clip_pipeline.app import LOCAL_STACK
+    from clip_pipeline import local
     from clip_pipeline.progress import Reporter
-    from clip_pipeline.stack import read_stack
 
-    recording = Path(os.environ["MOTO_RECORDER_FILEPATH"])
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "local"),
-        ("AWS_SECRET_ACCESS_KEY", "local"),
-        ("AWS_DEFAULT_REGION", emulator.REGION),
-    ):
-        os.environ.setdefault(name, value)
-    with tempfile.TemporaryDirectory() as scratch, emulator.running() as clients:
+    parameters = {
+        "ClipModel": model,
+        "ClipPretrained": pretrained,
+        "ShardSize": str(shard_size),
+        "MaximumBatchingWindowInSeconds": "2",
+    }
+    with tempfile.TemporaryDirectory() as scratch, local.emulated_stack(parameters) as (clients, stack):
         files = photos(count, Path(scratch))
-        os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
-        emulator.deploy(
-            clients,
-            LOCAL_STACK,
-            {
-                "ImageUri": "local/clip-worker:dev",
-                "ClipModel": model,
-                "ClipPretrained": pretrained,
-                "ShardSize": str(shard_size),
-                "MaximumBatchingWindowInSeconds": "2",
-            },
-        )
-        stack = read_stack(clients, LOCAL_STACK)
         requests.post(f"{clients.endpoint_url}/moto-api/recorder/reset-recording", timeout=10)
         requests.post(f"{clients.endpoint_url}/moto-api/recorder/start-recording", timeout=10)
         extra = {"CLIP_MODEL_CONFIG": model_config} if model_config else {}
@@ -195,7 +179,8 @@ def measure(count: int, model: str, pretrained: str, model_config: str | None, s
             run = local.run_pipeline(clients, stack, Path(scratch), files, reporter, extra, lambda line: None)
         requests.post(f"{clients.endpoint_url}/moto-api/recorder/stop-recording", timeout=10)
         elapsed = time.monotonic() - started
-        entries = [json.loads(line) for line in recording.read_text().splitlines() if line.strip()]
+        recording = requests.get(f"{clients.endpoint_url}/moto-api/recorder/download-recording", timeout=60).text
+        entries = [json.loads(line) for line in recording.splitlines() if line.strip()]
         input_bucket, output_bucket = stack.output("InputBucketName"), stack.output("OutputBucketName")
     counts: Counter[tuple[str, str, str]] = Counter()
     for entry in entries:
@@ -469,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The emulator's process records every request it serves into this file.
-    os.environ.setdefault("MOTO_ENABLE_RECORDING", "True")
+    # Where moto keeps the recording while it runs (it reads this when first imported); the bench reads
+    # it back through moto's own recorder API.
     os.environ.setdefault("MOTO_RECORDER_FILEPATH", str(Path(tempfile.gettempdir()) / f"cost-bench-{os.getpid()}.jsonl"))
     sys.exit(main())

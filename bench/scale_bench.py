@@ -27,63 +27,44 @@ from typing import Any
 
 from bench.cost_bench import sqs_event
 
-INPUT_BUCKET = "scale-input"
-OUTPUT_BUCKET = "scale-output"
+STACK = "clip-scale"
 #: A JPEG's first bytes are all the dispatcher reads; the rest of each object is never fetched.
 JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 300
 
 
 def simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, Any]:
-    import boto3
     from moto import mock_aws
 
-    from clip_pipeline import local
+    from clip_pipeline import emulator, local
+    from clip_pipeline.stack import Clients, function_environment, read_stack
 
-    environment = {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "OUTPUT_BUCKET": OUTPUT_BUCKET,
-        "OUTPUT_PREFIX": "",
-        "JOB_QUEUE": "queue",
-        "JOB_DEFINITION": "definition",
-        "SHARD_SIZE": str(shard_size),
-        "POWERTOOLS_TRACE_DISABLED": "true",
-        "POWERTOOLS_METRICS_NAMESPACE": "Bench",
-        "POWERTOOLS_LOG_LEVEL": "WARNING",
-    }
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", emulator.REGION),
+    ):
+        os.environ[name] = value
     os.environ.pop("AWS_ENDPOINT_URL", None)
-    os.environ.update(environment)
-    with mock_aws(config={"batch": {"use_docker": False}}):
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=INPUT_BUCKET)
-        s3.put_bucket_versioning(Bucket=INPUT_BUCKET, VersioningConfiguration={"Status": "Enabled"})
-        s3.create_bucket(Bucket=OUTPUT_BUCKET)
-        role = boto3.client("iam").create_role(RoleName="batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-        batch = boto3.client("batch")
-        environment_arn = batch.create_compute_environment(
-            computeEnvironmentName="gpu", type="UNMANAGED", state="ENABLED", serviceRole=role
-        )["computeEnvironmentArn"]
-        batch.create_job_queue(
-            jobQueueName="queue",
-            state="ENABLED",
-            priority=1,
-            computeEnvironmentOrder=[{"order": 1, "computeEnvironment": environment_arn}],
+    # moto in this process, the stack from template.yaml in it: the dispatcher's own settings and resources.
+    with mock_aws(config={"batch": {"use_docker": False}, "lambda": {"use_docker": False}}):
+        clients = Clients(None, emulator.REGION)
+        emulator.deploy(
+            clients, STACK, {"ImageUri": "local/clip-worker:dev", "ShardSize": str(shard_size), "BatchSize": str(batch_size)}
         )
-        batch.register_job_definition(
-            jobDefinitionName="definition",
-            type="container",
-            containerProperties={
-                "image": "worker",
-                "command": ["python", "-m", "clip_worker"],
-                "resourceRequirements": [{"type": "VCPU", "value": "4"}, {"type": "MEMORY", "value": "15000"}],
-            },
-        )
+        stack = read_stack(clients, STACK)
+        functions = clients.client("lambda")
+        dispatcher = stack.output("DispatcherFunctionName")
+        for mapping in functions.list_event_source_mappings(FunctionName=dispatcher)["EventSourceMappings"]:
+            functions.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)  # the bench invokes it
+        environment = function_environment(clients, stack, "DispatcherFunctionName")
+        environment |= {"POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_LOG_LEVEL": "WARNING"}
+        s3, batch = clients.client("s3"), clients.client("batch")
+        input_bucket = stack.output("InputBucketName")
         started = time.monotonic()
         objects = []
         for index in range(notifications):
             key = f"uploads/{index // 1000:04d}/photo-{index:07d}.jpg"
-            response = s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=JPEG_HEAD)
+            response = s3.put_object(Bucket=input_bucket, Key=key, Body=JPEG_HEAD)
             objects.append((key, response["ETag"].strip('"'), response.get("VersionId")))
         upload_s = time.monotonic() - started
 
@@ -96,17 +77,17 @@ def simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, 
 
         invocations = []
         for start in range(0, notifications, batch_size):
-            event = sqs_event(INPUT_BUCKET, objects[start : start + batch_size])
+            event = sqs_event(input_bucket, objects[start : start + batch_size])
             began = time.monotonic()
             with contextlib.redirect_stdout(io.StringIO()):
-                response = handler(event, local.LambdaContext("dispatcher", 300))
+                response = handler(event, local.LambdaContext(dispatcher, 300))
             invocations.append((len(event["Records"]), time.monotonic() - began))
             if response["batchItemFailures"]:
                 raise RuntimeError(f"the dispatcher failed {len(response['batchItemFailures'])} messages")
         jobs = [
             job
             for state in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
-            for job in batch.list_jobs(jobQueue="queue", jobStatus=state)["jobSummaryList"]
+            for job in batch.list_jobs(jobQueue=stack.output("JobQueueArn"), jobStatus=state)["jobSummaryList"]
             if ":" not in job["jobId"]
         ]
         children = sum(

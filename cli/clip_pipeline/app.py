@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -23,7 +22,6 @@ from clip_pipeline.submitter import Target
 from clip_shared import defaults, keys
 
 SAMPLES = emulator.REPOSITORY / "samples"
-LOCAL_STACK = "clip-local"
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -99,31 +97,18 @@ def local_command(
     warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
     # Loaded once up front, so missing weights end the run in one line instead of failing every job.
     clip = _load_model(model, pretrained, model_config, device="cpu")
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "local"),
-        ("AWS_SECRET_ACCESS_KEY", "local"),
-        ("AWS_DEFAULT_REGION", emulator.REGION),
-    ):
-        os.environ.setdefault(name, value)
     files = sorted(path for path in folder.rglob("*") if path.is_file())
-    with emulator.running() as clients:
-        # Everything in this process, the dispatcher's clients included, talks to the emulator.
-        os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
-        with console.status("Creating the stack from template.yaml in the emulator..."):
-            emulator.deploy(
-                clients,
-                LOCAL_STACK,
-                {
-                    "ImageUri": "local/clip-worker:dev",
-                    "ClipModel": model,
-                    "ClipPretrained": pretrained,
-                    "MaximumBatchingWindowInSeconds": str(batching_window),
-                    "ShardSize": str(shard_size),
-                    "ClipLabels": labels,
-                    "KeywordsTopK": str(keywords_top_k),
-                },
-            )
-            stack = read_stack(clients, LOCAL_STACK)
+    parameters = {
+        "ClipModel": model,
+        "ClipPretrained": pretrained,
+        "MaximumBatchingWindowInSeconds": str(batching_window),
+        "ShardSize": str(shard_size),
+        "ClipLabels": labels,
+        "KeywordsTopK": str(keywords_top_k),
+    }
+    if not json_output:
+        console.print("Creating the stack from template.yaml in the emulator...")
+    with local.emulated_stack(parameters) as (clients, stack):
         extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
         reporter = Reporter(console, json_output)
         with reporter.shown():

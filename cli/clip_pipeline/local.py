@@ -26,14 +26,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clip_pipeline import jobs
+from clip_pipeline import emulator, jobs
 from clip_pipeline.emulator import REPOSITORY
 from clip_pipeline.progress import Reporter
-from clip_pipeline.stack import Clients, Stack, plain_environment
+from clip_pipeline.stack import Clients, Stack, plain_environment, read_stack
 
 DISPATCHER = REPOSITORY / "functions" / "dispatcher" / "app.py"
+LOCAL_STACK = "clip-local"
 # Lambda runs one invocation per poll of up to 10 messages when no batching window is set.
 _RECEIVE_MAX = 10
+
+
+@contextlib.contextmanager
+def emulated_stack(parameters: dict[str, str]) -> Iterator[tuple[Clients, Stack]]:
+    """The emulator with template.yaml deployed in it; everything in this process talks to it meanwhile."""
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"),
+        ("AWS_DEFAULT_REGION", emulator.REGION),
+    ):
+        os.environ.setdefault(name, value)
+    with emulator.running() as clients:
+        # The dispatcher's clients included: they are made when its module is loaded, in this process.
+        os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
+        emulator.deploy(clients, LOCAL_STACK, {"ImageUri": "local/clip-worker:dev", **parameters})
+        yield clients, read_stack(clients, LOCAL_STACK)
 
 
 @dataclass
