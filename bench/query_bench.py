@@ -358,7 +358,7 @@ def bench_warm(
         "rows": rows,
         "shard_mb": len(data) / MB,
         "latency_s": latency,
-        "reference_s": reference,
+        "reference_s": reference_s,
         "ratios": {
             "embed_text": latency["embed_text"] / reference_s["text"],
             "embed_image": latency["embed_image"] / reference_s["image"],

@@ -33,6 +33,16 @@ JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x
 
 
 def simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, Any]:
+    """Loading the handler sets its environment in this process (as Lambda would), so it is put back after."""
+    saved = dict(os.environ)
+    try:
+        return _simulate(notifications, batch_size, shard_size)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _simulate(notifications: int, batch_size: int, shard_size: int) -> dict[str, Any]:
     from moto import mock_aws
 
     from clip_pipeline import emulator, local

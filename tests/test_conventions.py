@@ -8,7 +8,7 @@ import subprocess
 from clip_pipeline.emulator import REPOSITORY
 
 _SUPPRESSION = re.compile(r"#\s*(noqa|type:\s*ignore)\b")
-# `# noqa: CODE - reason` or `# type: ignore[code]  # reason`: the reason is what the convention asks.
+# A lint suppression names its codes then, after ` - ` (or a type one after `  # `), why: the convention asks the reason.
 _WITH_REASON = re.compile(r"#\s*(noqa(:\s*[A-Z]+\d+(,\s*[A-Z]+\d+)*)?|type:\s*ignore(\[[^\]]*\])?)\s*(-|#)\s*\S.{3,}")
 
 

@@ -18,7 +18,7 @@ from clip_worker.runner import EXIT_INTERRUPTED, run
 from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
 from tests.support import TINY_MODEL, encode, photo, put_manifest, stored_events, stored_vectors
 
-IMAGES = 40
+IMAGES = 150
 
 
 def test_sigterm_flushes_finished_work_exits_143_and_a_retry_resumes(

@@ -1,0 +1,70 @@
+"""The vector store: every embedded image's vector in LanceDB, searched through an ANN index.
+
+One store per model, a LanceDB database at a local folder or at `store_uri(bucket, prefix,
+model_id)` = `s3://{output bucket}/{prefix}store/{model_id}` (docs/search.md has the layout, the
+ingestion design, the index policy, deletions, consistency and costs). The worker image, the query
+image and the CLI ship this package; the dispatcher's zip layer does not (lancedb is 180 MB).
+
+What each caller does:
+
+    from clip_store import VectorStore, store_uri, ingest_shards, maintain
+
+    # The indexer (one writer; S3 notifications of finished shards and of removed inputs):
+    store = VectorStore(store_uri(bucket, prefix, model_id))           # refresh_s=0: sees every commit
+    ingest_shards(store, s3, ["s3://out/parquet/m/job/shard-00000.parquet", ...])  # one commit, idempotent
+    store.delete(["s3://input/cat.jpg"])                                # removed from search, tombstoned
+    maintain(store)                                                     # builds/updates/retrains the index when due
+
+    # The query API (one store object per container, opened on the first /search):
+    store = VectorStore(uri, refresh_s=config.index_refresh_s)          # sees new commits within refresh_s
+    store.prewarm()                                                     # optional, at init: the index into cache
+    store.nearest(text_vector, k)         -> list[Match(url, score)]    # score = cosine, best first
+    store.count()                         -> int                        # `indexed` in the answers
+
+    # clip-pipeline search / similar (one-shot):
+    store = VectorStore(uri, refresh_s=None)
+    vector = store.vector_of("s3://input/cat.jpg")                      # None if not stored
+    store.nearest(vector, top, exclude=["s3://input/cat.jpg"])
+
+API, in one line each:
+
+- `store_uri(bucket, prefix, model_id) -> str`: where a model's store lives in the output bucket.
+- `VectorStore(uri, *, settings=StorageSettings.from_env(), refresh_s=0, search=SearchSettings())`:
+  opens nothing until used; `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options.
+- `VectorStore.ingest(rows, *, shard, still_current) -> Ingested(inserted, updated, unchanged,
+  skipped_deleted)`: upserts a worker shard's rows on `url` in one commit.
+- `ingest_shards(store, s3, shard_urls, still_current=s3_still_current(s3)) -> Ingested`: reads
+  finished Parquet shards (s3:// or local paths) and ingests them together, oldest first.
+- `VectorStore.delete(urls) -> int`: rows removed; tombstones keep late shards from bringing them back.
+- `VectorStore.nearest(vector, top, *, exclude=()) -> list[Match]`, `vector_of(url)`, `count()`,
+  `dimensions()`, `index_state() -> IndexState`, `prewarm()` (reads the whole index into cache).
+- `maintain(store, policy=IndexPolicy()) -> Maintenance(action, state, seconds)`; `plan(state,
+  policy) -> Action` says what is due without doing it (to hand a long build to a Batch job).
+- `StoreError(code, message)` with `Code.DIMENSION_MISMATCH`, `Code.BAD_SHARD`.
+"""
+
+from clip_store.errors import Code, StoreError
+from clip_store.location import StorageSettings, store_uri
+from clip_store.maintain import Action, IndexPolicy, Maintenance, maintain, plan
+from clip_store.shards import ingest_shards, read_shard, s3_still_current
+from clip_store.store import IndexState, Ingested, Match, SearchSettings, VectorStore
+
+__all__ = [
+    "Action",
+    "Code",
+    "IndexPolicy",
+    "IndexState",
+    "Ingested",
+    "Maintenance",
+    "Match",
+    "SearchSettings",
+    "StorageSettings",
+    "StoreError",
+    "VectorStore",
+    "ingest_shards",
+    "maintain",
+    "plan",
+    "read_shard",
+    "s3_still_current",
+    "store_uri",
+]

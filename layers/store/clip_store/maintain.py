@@ -1,0 +1,95 @@
+"""Keeping a store fast as it grows: when to build, update and retrain its ANN index.
+
+`maintain(store)` is what the ingesting side calls after each ingest (or every few minutes); it
+reads only table metadata when there is nothing to do, and does at most one of:
+
+- **build** the vector index (and a B-tree on `url`, for `vector_of` and the ingest's upsert)
+  once the table has `exact_below` rows; below that every search is exact, a scan of every row;
+- **retrain** it (new IVF partitions and quantiser) once the table has grown `retrain_growth`
+  times past the rows it was trained on, since partitions trained on a tenth of the data fit the
+  rest badly and grow unevenly;
+- **update** it (LanceDB `optimize`: compact small fragments, add unindexed rows to the existing
+  partitions without retraining, drop versions older than `keep_versions`) once `max_unindexed`
+  rows have arrived since the last build or update, and forget tombstones older than
+  `keep_tombstones`: by then no shard embedded before the delete can still be on its way.
+
+Rows not yet in the index are searchable all along: LanceDB scans them exactly next to the
+index search and merges the results, so `max_unindexed` bounds that scan's cost, not freshness.
+A build or retrain of millions of rows is long (docs/search.md); `plan` says which is due, so a
+caller with a time limit (a Lambda) can hand a build to somewhere without one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from lancedb.index import BTree, IvfRq
+
+from clip_store.store import TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore
+
+
+class Action(StrEnum):
+    NONE = "none"
+    BUILD = "build"
+    RETRAIN = "retrain"
+    UPDATE = "update"
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    #: Below this many rows a search scans every vector: 20 MB of 512-d vectors, which a query
+    #: on S3 reads whole each time, so it is kept small although a local scan of more is fast.
+    exact_below: int = 10_000
+    #: Rows added since the last build or update before they are folded into the index; every
+    #: query scans them exactly, so this bounds what a query reads beyond the index.
+    max_unindexed: int = 10_000
+    #: Retrain once the table holds this many times the rows the index was trained on.
+    retrain_growth: float = 4.0
+    #: IVF partition size: a query scans SearchSettings.nprobes partitions of about this many rows.
+    #: Constant, so a query's cost stays flat as partitions multiply (docs/search.md).
+    rows_per_partition: int = 4096
+    #: How long replaced data files are kept for readers still on an older version.
+    keep_versions: timedelta = timedelta(hours=1)
+    #: Longer than a shard can take to arrive: SQS keeps a message at most 14 days.
+    keep_tombstones: timedelta = timedelta(days=15)
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    action: Action
+    state: IndexState
+    seconds: float
+
+
+def plan(state: IndexState, policy: IndexPolicy) -> Action:
+    if state.index_type is None:
+        return Action.BUILD if state.rows >= policy.exact_below else Action.NONE
+    if state.rows >= policy.retrain_growth * max(state.trained_rows, 1):
+        return Action.RETRAIN
+    if state.unindexed_rows >= policy.max_unindexed:
+        return Action.UPDATE
+    return Action.NONE
+
+
+def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Maintenance:
+    """Does what `plan` says is due, and returns the state afterwards."""
+    started = time.monotonic()
+    action = plan(store.index_state(), policy)
+    table = store.table()
+    if table is not None and action in (Action.BUILD, Action.RETRAIN):
+        rows = table.count_rows()
+        # RaBitQ codes (1 bit a dimension, 64 bytes a 512-d vector) ranked within the probed
+        # partitions, then the best candidates re-ranked exactly (SearchSettings.refine_factor).
+        table.create_index(
+            VECTOR_COLUMN, config=IvfRq(distance_type="dot", target_partition_size=policy.rows_per_partition), replace=True
+        )
+        table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
+        if action is Action.BUILD:
+            table.create_index("url", config=BTree(), replace=True)
+    elif table is not None and action is Action.UPDATE:
+        table.optimize(cleanup_older_than=policy.keep_versions)
+        store.forget_deletions(before=datetime.now(UTC) - policy.keep_tombstones)
+    return Maintenance(action, store.index_state(), time.monotonic() - started)

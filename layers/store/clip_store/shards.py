@@ -1,0 +1,59 @@
+"""From the worker's Parquet shards in S3 (or on disk) into a store."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from botocore.exceptions import ClientError
+
+from clip_shared.keys import bare_etag, parse_s3_url
+from clip_store.errors import Code, StoreError
+from clip_store.store import SHARD_COLUMNS, Ingested, StillCurrent, VectorStore
+
+_MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchVersion"})
+
+
+def read_shard(s3: Any, url: str) -> pa.Table:
+    """One shard's rows (the columns the store keeps), from `s3://bucket/key` or a local path."""
+    try:
+        if url.startswith("s3://"):
+            bucket, key = parse_s3_url(url)
+            source: Any = io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        else:
+            source = url
+        return pq.read_table(source, columns=list(SHARD_COLUMNS))
+    except (pa.ArrowInvalid, KeyError, OSError) as exc:
+        raise StoreError(Code.BAD_SHARD, f"shard {url} cannot be read as a worker shard: {exc}") from exc
+
+
+def s3_still_current(s3: Any) -> StillCurrent:
+    """Asks S3 (one HEAD) whether the object a tombstoned row was embedded from is back, unchanged."""
+
+    def still_current(url: str, etag: str) -> bool:
+        bucket, key = parse_s3_url(url)
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in _MISSING:
+                return False
+            raise
+        return bare_etag(head["ETag"]) == etag
+
+    return still_current
+
+
+def ingest_shards(store: VectorStore, s3: Any, shard_urls: Sequence[str], still_current: StillCurrent | None = None) -> Ingested:
+    """Several finished shards, oldest first, in one commit (fewer, larger fragments than one each)."""
+    tables = [_with_source(read_shard(s3, url), url) for url in shard_urls]
+    if not tables:
+        return Ingested(0, 0, 0, 0)
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    return store.ingest(rows, shard="", still_current=still_current or s3_still_current(s3))
+
+
+def _with_source(rows: pa.Table, url: str) -> pa.Table:
+    return rows.append_column("shard", pa.array([url] * rows.num_rows, pa.string()))
