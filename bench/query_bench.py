@@ -31,24 +31,21 @@ import base64
 import functools
 import io
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import open_clip
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from bench._harness import JPEG_QUALITY, REPOSITORY, environment, jpeg_photo, save_random_checkpoint, write_json
@@ -63,11 +60,13 @@ from bench.query_function import (
     event,
     function_environment,
     invoke,
+    moto_server,
 )
 from bench.query_sizes import MB, bench_sizes, image_mb
 from bench.search_bench import shard
 from bench.worker_bench import positive
 from clip_shared import keys
+from clip_store import ingest_shards
 from clip_worker import bake
 from clip_worker.labels import DEFAULT_LABELS, LabelSet
 
@@ -183,14 +182,6 @@ def cold_start_once(env: dict[str, str], settings: dict[str, Any], folder: Path)
     }
 
 
-@contextmanager
-def server_stopped(server: ThreadedMotoServer) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        server.stop()
-
-
 def torch_floor_once(env: dict[str, str], folder: Path) -> dict[str, float]:
     spawned, measured = child("torch", env, {}, folder)
     return {
@@ -217,19 +208,8 @@ def bench_cold_start(args: argparse.Namespace, checkpoint: Path, cache_dir: Path
         },
     }
     runs, floors = [], []
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=OUTPUT_BUCKET)
-    with server_stopped(server), tempfile.TemporaryDirectory(prefix="query-bench-cold-") as folder:
+    with moto_server() as endpoint, tempfile.TemporaryDirectory(prefix="query-bench-cold-") as folder:
+        env["AWS_ENDPOINT_URL"] = endpoint
         for round_ in range(repeats):
             # Alternate who goes first, so neither always finds the page cache the other warmed.
             if round_ % 2 == 0:
@@ -270,6 +250,8 @@ def bench_warm(
         data = shard(rows, model.dimensions, model.name, model.pretrained, STORED_BUCKET)
         key = keys.parquet_key(service.config.output_prefix, model.id, "bench", 0)
         service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=key, Body=data)
+        # What the indexer does once S3 tells it the shard is there.
+        ingest_shards(service.store, service.s3, [keys.s3_url(OUTPUT_BUCKET, key)])
 
         events = {
             "embed_text": event("query-embed-text.json", body=json.dumps({"text": SEARCH_TEXT})),
@@ -307,8 +289,9 @@ def bench_warm(
         started = time.perf_counter()
         label_vectors = LabelSet.embed(model, DEFAULT_LABELS).vectors
         labels_embed_s = time.perf_counter() - started
-        matrix = service.index.current().vectors
-        urls = service.index.current().urls
+        stored = pq.read_table(io.BytesIO(data), columns=["url", "vector"])
+        matrix = stored.column("vector").combine_chunks().flatten().to_numpy().reshape(stored.num_rows, -1)
+        urls = stored.column("url").to_pylist()
 
         def reference_classify() -> list[str]:
             scores = reference_image() @ label_vectors.T

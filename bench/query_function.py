@@ -1,5 +1,5 @@
 """The query API's Lambda function inside a benchmark's process: `clip_query.lambda_function` imported
-as Lambda's runtime imports it (configured by its environment, S3 on an in-process moto), and
+as Lambda's runtime imports it (configured by its environment, S3 on moto's server in this process), and
 invoked with the sample events of events/, their bodies replaced."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from unittest import mock
 
 import boto3
 from aws_lambda_powertools.logging.filters import SuppressFilter
-from moto import mock_aws
+from moto.server import ThreadedMotoServer
 
 from bench._harness import REPOSITORY
 from bench.cold_child import LambdaContext
@@ -76,16 +76,44 @@ def function_environment(model: str, model_config: str | None, checkpoint: Path,
 
 
 @contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's server on a free loopback port, with the output bucket; yields its endpoint URL.
+
+    A server rather than moto's in-process mock: the vector store's S3 client (LanceDB's, in Rust)
+    reaches S3 over the network, as it does on AWS.
+    """
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=OUTPUT_BUCKET)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@contextmanager
 def entry_point(env: dict[str, str]) -> Iterator[ModuleType]:
-    """clip_query.lambda_function imported as Lambda's runtime imports it, on an in-process moto S3."""
+    """clip_query.lambda_function imported as Lambda's runtime imports it, on moto's server."""
     # Powertools loggers propagate to the root logger. In Lambda, Powertools filters its records out
     # of the runtime's root handler, which exists before the function is imported; a root handler
     # added later here (open_clip's logging.warning adds one) would print every log line twice.
     suppress = SuppressFilter(FUNCTION_NAME)
     for handler in logging.root.handlers:
         handler.addFilter(suppress)
-    with mock.patch.dict(os.environ, clean_environment(env), clear=True), mock_aws(), open(os.devnull, "w") as devnull:
-        boto3.client("s3").create_bucket(Bucket=OUTPUT_BUCKET)
+    with (
+        moto_server() as endpoint,
+        mock.patch.dict(os.environ, clean_environment({**env, "AWS_ENDPOINT_URL": endpoint}), clear=True),
+        open(os.devnull, "w") as devnull,
+    ):
         sys.modules.pop("clip_query.lambda_function", None)
         try:
             module = importlib.import_module("clip_query.lambda_function")

@@ -64,6 +64,7 @@ from bench.query_function import (
 from bench.search_bench import shard
 from bench.worker_bench import positive
 from clip_shared import keys
+from clip_store import ingest_shards
 from clip_worker.labels import PROMPT
 from clip_worker.model import ClipModel
 
@@ -217,8 +218,10 @@ def bench(args: argparse.Namespace, checkpoint: Path, folder: Path) -> dict[str,
             config.max_body_bytes,
         )
         data = shard(args.rows, service.model.dimensions, service.model.name, service.model.pretrained, STORED_BUCKET)
-        service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=keys.parquet_key("", service.model.id, "bench", 0), Body=data)
-        service.index.current()
+        shard_key = keys.parquet_key("", service.model.id, "bench", 0)
+        service.s3.put_object(Bucket=OUTPUT_BUCKET, Key=shard_key, Body=data)
+        # What the indexer does once S3 tells it the shard is there.
+        ingest_shards(service.store, service.s3, [keys.s3_url(OUTPUT_BUCKET, shard_key)])
         words = Words(service.model, limits.text_chars)
         photo = b64(jpeg_photo(REFERENCE_PHOTO[args.quick]))
         references = {

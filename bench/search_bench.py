@@ -2,7 +2,7 @@
 
     python -m bench.search_bench --rows 1000000 --dimensions 512 --json bench/out/search.json
 
-The reference, in the same run: `clip_worker.index.VectorIndex`, which loads every vector of the
+The reference, in the same run: `bench.in_memory_index.VectorIndex` (what `clip_worker.index` was), which loads every vector of the
 worker's Parquet shards into memory and ranks them exactly, and whose answers are the ground truth
 for recall. Measured on both, with ratios:
 
@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_worker.index import VectorIndex
+from bench.in_memory_index import VectorIndex
 from clip_worker.writer import shard_schema
 
 if TYPE_CHECKING:  # the store is imported where it is used: the query benchmarks import this module for `shard`
@@ -213,6 +213,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="skip today's index (it cannot hold 10M vectors): vectors are made, ingested and ranked exactly a batch at a time",
     )
+    parser.add_argument(
+        "--nprobes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="with --no-reference, also measure recall and latency at these nprobes (recall falls as the table grows)",
+    )
     parser.add_argument("--workdir", type=Path, help="where the shard and the store go (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -322,7 +329,7 @@ def streamed(args: argparse.Namespace, store_dir: Path, queries_file: Path, resu
     """The store alone, for more vectors than memory holds: each batch is made, ingested and
     ranked against the queries exactly, and only every query's best `top` are kept."""
     from clip_store.maintain import IndexPolicy, maintain
-    from clip_store.store import VectorStore
+    from clip_store.store import SearchSettings, VectorStore
 
     queries = clip_like(args.queries + 1, args.dimensions, seed=1)
     np.save(queries_file, queries)
@@ -358,6 +365,11 @@ def streamed(args: argparse.Namespace, store_dir: Path, queries_file: Path, resu
         recall=round(recall(answers, truth), 4),
         store_mb=round(sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file()) / 1e6, 1),
     )
+    for nprobes in args.nprobes:
+        probed = VectorStore(str(store_dir), search=SearchSettings(nprobes=nprobes))
+        found, timing = latencies_ms(queries, lambda q, probed=probed: [m.url for m in probed.nearest(q, args.top)])
+        results.setdefault("nprobes", {})[str(nprobes)] = {"recall": round(recall(found, truth), 4), **timing}
+        progress(f"nprobes {nprobes}: {results['nprobes'][str(nprobes)]}")
     if args.fresh_rows:
         fresh_rows(args, store, queries, results)
 
@@ -382,6 +394,10 @@ def report(r: dict[str, Any]) -> None:
         f"store: ingest {r['ingest_vectors_per_s']:,} vectors/s ({r['ingest_s']} s), {r['index']} built in {r['build_s']} s, "
         f"{r['store_mb']} MB on disk{scan}"
     )
+    for nprobes, measured in r.get("nprobes", {}).items():
+        print(
+            f"store at nprobes {nprobes}: recall {measured['recall']}, p50 {measured['p50_ms']} ms, p95 {measured['p95_ms']} ms"
+        )
     if "fresh_rows_warm" in r:
         print(f"store: with fresh unindexed rows p95 {r['fresh_rows_warm']['p95_ms']} ms; folding them in took {r['update_s']} s")
     if "s3" in r:

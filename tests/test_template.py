@@ -119,12 +119,18 @@ def test_query_auth_none_opens_every_route() -> None:
     assert created["Outputs"]["QueryExampleCommand"]["Value"]["Fn::Sub"].startswith("curl ")
 
 
-def test_query_service_false_leaves_out_the_query_api_and_its_image() -> None:
+def test_query_service_false_leaves_out_the_query_api_but_not_the_image_the_indexer_runs() -> None:
     created = stack(QueryService="false")
-    assert not [name for name in [*created["Resources"], *created["Outputs"]] if name.startswith("Query")]
-    # Nothing left refers to them (the image build role, the deploy helper), and the worker's image is still built.
-    assert '"Query' not in json.dumps(created)
+    image = {"QueryRepository", "QueryImage", "QueryRepositoryUri", "QueryImageUri"}
+    assert not [name for name in [*created["Resources"], *created["Outputs"]] if name.startswith("Query") and name not in image]
+    assert image <= {*created["Resources"], *created["Outputs"]}
+    # Nothing left refers to the API's parts (the image build role, the deploy helper); both images are still built.
+    full = stack()
+    api = {name for name in [*full["Resources"], *full["Outputs"]] if name.startswith("Query")} - image
+    assert api and not [name for name in api if name in json.dumps(created)]
     assert {"ImageBuild", "WorkerImage"} <= set(created["Resources"])
+    indexer = created["Resources"]["IndexerFunction"]["Properties"]
+    assert indexer["Code"]["ImageUri"] == {"Fn::GetAtt": ["QueryImage", "ImageUri"]}
 
 
 def test_images_given_by_uri_are_not_built() -> None:

@@ -197,14 +197,15 @@ def _model(stack: Stack | None, model: str | None, pretrained: str | None, model
     return _load_model(name, weights, model_config)
 
 
-def _index(clients: Clients, stack: Stack, model_id: str) -> Any:
-    from clip_worker.index import VectorIndex
+def _store(clients: Clients, stack: Stack, model_id: str) -> Any:
+    """The stack's vector store for one model, read as it is now (a one-shot command)."""
+    from clip_store import VectorStore, store_uri
 
-    with console.status("Loading vectors from the Parquet shards..."):
-        index = VectorIndex.load(clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, model_id)
-    if not len(index):
+    uri = store_uri(stack.output("OutputBucketName"), stack.output_prefix, model_id)
+    store = VectorStore(uri, settings=clients.storage(), refresh_s=None)
+    if not store.count():
         raise Failure(f"stack {stack.name} has no vectors for {model_id} yet (see `clip-pipeline status`)")
-    return index
+    return store
 
 
 def _print_matches(matches: list[Any], json_output: bool) -> None:
@@ -232,7 +233,7 @@ def search(
     """Rank the stack's images by cosine similarity to a text, with the model's text tower."""
     clients, stack = _stack(stack_name, endpoint_url, region)
     clip = _model(stack, model, pretrained, model_config)
-    _print_matches(_index(clients, stack, clip.id).nearest(clip.embed_texts([text])[0], top), json_output)
+    _print_matches(_store(clients, stack, clip.id).nearest(clip.embed_texts([text])[0], top), json_output)
 
 
 @app.command()
@@ -248,11 +249,11 @@ def similar(
 ) -> None:
     """Rank the stack's images by cosine similarity to one already embedded image."""
     clients, stack = _stack(stack_name, endpoint_url, region)
-    index = _index(clients, stack, keys.model_id(model or stack.model, pretrained or stack.pretrained))
-    vector = index.vector_of(url)
+    store = _store(clients, stack, keys.model_id(model or stack.model, pretrained or stack.pretrained))
+    vector = store.vector_of(url)
     if vector is None:
         raise Failure(f"{url} has no vector in stack {stack.name}: upload it, or `clip-pipeline backfill` its prefix")
-    matches = [match for match in index.nearest(vector, top + 1) if match.url != url][:top]
+    matches = store.nearest(vector, top, exclude=[url])
     _print_matches(matches, json_output)
 
 
@@ -389,25 +390,31 @@ def retry_command(
 
 @app.command("redrive")
 def redrive_command(
+    indexer: Annotated[
+        bool,
+        typer.Option(
+            "--indexer", help="The indexer's dead-letter queue (shards and deletions search missed) instead of the uploads'."
+        ),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say how many messages wait; move none.")] = False,
     stack_name: StackName = "",
     endpoint_url: EndpointUrl = None,
     region: Region = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Move the dead-letter queue's messages back to the upload queue, for the dispatcher to try again."""
+    """Move a dead-letter queue's messages back to its queue, for the dispatcher (or the indexer) to try again."""
     from clip_pipeline.redrive import RedriveError, redrive
 
     clients, stack = _stack(stack_name, endpoint_url, region)
+    dead_letters, queue = (
+        ("IndexerDeadLetterQueueUrl", "IndexerQueueUrl") if indexer else ("DeadLetterQueueUrl", "UploadQueueUrl")
+    )
     try:
-        result = redrive(clients.client("sqs"), stack.output("DeadLetterQueueUrl"), stack.output("UploadQueueUrl"), dry_run)
+        result = redrive(clients.client("sqs"), stack.output(dead_letters), stack.output(queue), dry_run)
     except RedriveError as exc:
         raise Failure(str(exc)) from exc
-    _print_counts(
-        "redrive (dry run)" if dry_run else "redrive",
-        {"dry_run": dry_run, "waiting": result.waiting, "moved": result.moved},
-        json_output,
-    )
+    counts = {"dry_run": dry_run, "queue": "indexer" if indexer else "uploads", "waiting": result.waiting, "moved": result.moved}
+    _print_counts("redrive (dry run)" if dry_run else "redrive", counts, json_output)
 
 
 @app.command()
@@ -452,7 +459,7 @@ def _serve(
         console.print(
             f"Query API and demo page for stack {stack.name} ({config.model}) at {serve.url_of(host, listener)} (Ctrl-C stops it)"
         )
-    serve.serve(config, clients.client("s3"), model, listener)
+    serve.serve(config, clients.client("s3"), model, listener, clients.storage())
 
 
 @app.command()

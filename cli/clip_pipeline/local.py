@@ -32,6 +32,9 @@ from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import Clients, Stack, plain_environment, read_stack
 
 DISPATCHER = REPOSITORY / "functions" / "dispatcher" / "app.py"
+INDEXER = REPOSITORY / "functions" / "indexer" / "clip_indexer" / "app.py"
+#: Locally nobody waits for a batch to fill: the longest window the pollers honour.
+LOCAL_WINDOW_S = 2
 LOCAL_STACK = "clip-local"
 # Lambda runs one invocation per poll of up to 10 messages when no batching window is set.
 _RECEIVE_MAX = 10
@@ -122,7 +125,9 @@ def load_handler(path: Path, environment: dict[str, str]) -> Callable[[dict[str,
 class LambdaPoller:
     """Lambda's SQS event source, for one function."""
 
-    def __init__(self, clients: Clients, function_name: str, handler_path: Path = DISPATCHER) -> None:
+    def __init__(
+        self, clients: Clients, function_name: str, handler_path: Path = DISPATCHER, max_window_s: int | None = None
+    ) -> None:
         self._lambda = clients.client("lambda")
         self._sqs = clients.client("sqs")
         configuration = self._lambda.get_function_configuration(FunctionName=function_name)
@@ -130,7 +135,10 @@ class LambdaPoller:
         mappings = self._lambda.list_event_source_mappings(FunctionName=function_name)["EventSourceMappings"]
         self.mappings = [
             EventSourceMapping(
-                m["UUID"], m["EventSourceArn"], int(m["BatchSize"]), int(m.get("MaximumBatchingWindowInSeconds", 0))
+                m["UUID"],
+                m["EventSourceArn"],
+                int(m["BatchSize"]),
+                min(int(m.get("MaximumBatchingWindowInSeconds", 0)), max_window_s if max_window_s is not None else 900),
             )
             for m in mappings
         ]
@@ -303,12 +311,19 @@ class BatchRunner:
         return process.wait()
 
 
+def _in_flight(sqs: Any, queue_url: str) -> int:
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+
 @dataclass(frozen=True)
 class PipelineRun:
     runs: list[JobRun]
     #: Every dispatcher invocation (one SQS batch handed to the handler).
     invocations: list[Invocation]
     seconds: float
+    #: Every indexer invocation (finished shards into the vector store).
+    indexer_invocations: list[Invocation] = field(default_factory=list)
 
 
 @dataclass
@@ -332,6 +347,8 @@ def run_pipeline(
 ) -> PipelineRun:
     """Upload `files`, then do what AWS would until every upload is dispatched and every job has run."""
     poller = LambdaPoller(clients, stack.output("DispatcherFunctionName"))
+    # The vector store's writer: finished shards go into the store that search reads.
+    indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S)
     runner = BatchRunner(clients, stack, extra_environment)
     s3, sqs = clients.client("s3"), clients.client("sqs")
     started = time.monotonic()
@@ -357,9 +374,10 @@ def run_pipeline(
         elif message == "object failed":
             say(f"worker: {record.get('url')}: {record.get('code')}")
 
-    queue_url = stack.output("UploadQueueUrl")
+    queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
     runs: list[JobRun] = []
     invoked: list[Invocation] = []
+    indexed: list[Invocation] = []
     while True:
         invocations = poller.poll()
         invoked += invocations
@@ -370,7 +388,7 @@ def run_pipeline(
             child = "" if run.array_index is None else f" child {run.array_index}"
             say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
         runs += done
-        attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
-        in_flight = int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
-        if not invocations and not done and not in_flight:
-            return PipelineRun(runs, invoked, time.monotonic() - started)
+        indexing = indexer.poll()
+        indexed += indexing
+        if not invocations and not done and not indexing and not any(_in_flight(sqs, url) for url in queues):
+            return PipelineRun(runs, invoked, time.monotonic() - started, indexed)

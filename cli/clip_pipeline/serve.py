@@ -12,6 +12,7 @@ from clip_pipeline.stack import Clients, Stack, function_environment
 from clip_query.api import create_app
 from clip_query.config import ConfigError, QueryConfig
 from clip_query.service import QueryService
+from clip_store import StorageSettings
 
 
 class ServeError(RuntimeError):
@@ -54,9 +55,8 @@ def url_of(host: str, listener: socket.socket) -> str:
     return f"http://{host}:{listener.getsockname()[1]}/"
 
 
-def serve(config: QueryConfig, s3: Any, model: Any, listener: socket.socket) -> None:
+def serve(config: QueryConfig, s3: Any, model: Any, listener: socket.socket, storage: StorageSettings) -> None:
     """Until Ctrl-C."""
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config, QueryService(config, s3, model)), log_level="warning", access_log=False)
-    )
+    service = QueryService(config, s3, model, storage)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, service), log_level="warning", access_log=False))
     server.run(sockets=[listener])

@@ -5,12 +5,15 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.exceptions import ClientError
 
 from clip_shared.aws import CLIENT_CONFIG
+
+if TYPE_CHECKING:
+    from clip_store import StorageSettings
 
 SAMCONFIG = Path(__file__).resolve().parents[2] / "samconfig.toml"
 FALLBACK_STACK_NAME = "clip-embedding-pipeline"
@@ -47,6 +50,14 @@ class Clients:
 
     def client(self, service: str) -> Any:
         return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region, config=CLIENT_CONFIG)
+
+    def storage(self) -> StorageSettings:
+        """The same endpoint and region for LanceDB's own S3 client (the vector store) as for boto3's."""
+        # Here, not at the top: clip_store loads lancedb (2 s), which most commands never need.
+        from clip_store import StorageSettings
+
+        defaults = StorageSettings.from_env()
+        return StorageSettings(endpoint=self.endpoint_url or defaults.endpoint, region=self.region or defaults.region)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from clip_pipeline import local
 from clip_pipeline.app import app
 from clip_pipeline.stack import Clients, Stack
 from clip_shared import keys
+from clip_store import StorageSettings, VectorStore, ingest_shards, store_uri
 from clip_worker.model import load
 from clip_worker.writer import shard_schema
 from tests.support import TINY_MODEL, encode, photo
@@ -91,9 +92,12 @@ def write_shard(deployed: tuple[Clients, Stack], model_id: str, vectors: dict[st
     )
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    clients.client("s3").put_object(
-        Bucket=stack.output("OutputBucketName"), Key=keys.parquet_key("", model_id, "m-search", 0), Body=buffer.getvalue()
-    )
+    bucket, key = stack.output("OutputBucketName"), keys.parquet_key("", model_id, "m-search", 0)
+    s3 = clients.client("s3")
+    s3.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+    # What the indexer does when the shard lands; search reads the store, never the shards.
+    store = VectorStore(store_uri(bucket, "", model_id), settings=StorageSettings(endpoint=clients.endpoint_url))
+    ingest_shards(store, s3, [f"s3://{bucket}/{key}"])
 
 
 def unit(vector: np.ndarray) -> np.ndarray:

@@ -133,3 +133,18 @@ def test_redrive_moves_the_dead_letter_queue_back_once(deployed: tuple[Clients, 
     assert sorted(received) == sorted(bodies)
 
     assert invoke(deployed, "redrive")["moved"] == 0
+
+
+def test_redrive_of_the_indexer_moves_its_own_dead_letter_queue(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    sqs, functions = clients.client("sqs"), clients.client("lambda")
+    for mapping in functions.list_event_source_mappings(FunctionName=stack.output("IndexerFunctionName"))["EventSourceMappings"]:
+        functions.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)
+    sqs.send_message(QueueUrl=stack.output("IndexerDeadLetterQueueUrl"), MessageBody='{"Records": []}')
+    uploads_before = queue_messages(sqs, stack.output("UploadQueueUrl"))
+
+    moved = invoke(deployed, "redrive", "--indexer")
+
+    assert (moved["queue"], moved["moved"]) == ("indexer", 1)
+    assert queue_messages(sqs, stack.output("IndexerQueueUrl")) == 1
+    assert queue_messages(sqs, stack.output("UploadQueueUrl")) == uploads_before

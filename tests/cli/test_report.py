@@ -8,7 +8,6 @@ from typing import Any
 
 from clip_pipeline import report
 from clip_shared import keys
-from clip_worker.index import VectorIndex
 from clip_worker.runner import EXIT_OK, run
 from tests.support import INPUT_BUCKET, OUTPUT_BUCKET, encode, photo, put_manifest, tiny_worker_config, upload
 from tests.worker.test_runner import model_id
@@ -28,8 +27,6 @@ def test_an_object_delivered_twice_is_counted_and_found_once(s3: Any, tiny_confi
     assert outcomes.embedded == {f"s3://{INPUT_BUCKET}/cat.png", f"s3://{INPUT_BUCKET}/rocket.png"}
     assert outcomes.as_dict()["embedded"] == 2
     assert len(report.embedded_etags(s3, OUTPUT_BUCKET, "", mid)) == 2
-    index = VectorIndex.load(s3, OUTPUT_BUCKET, "", mid)
-    assert sorted(index.urls) == sorted(outcomes.embedded)
 
 
 def test_reading_outcomes_costs_one_get_per_child_not_per_image(s3: Any, tiny_config: Path, tiny_checkpoint: Path) -> None:

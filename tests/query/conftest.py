@@ -22,6 +22,8 @@ from moto.server import ThreadedMotoServer
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
 from clip_query.service import QueryService
+from clip_shared import keys
+from clip_store import StorageSettings, VectorStore, ingest_shards, store_uri
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, load
 from clip_worker.runner import EXIT_OK, run
@@ -62,12 +64,25 @@ class Stored:
     s3: Any
     worker: WorkerConfig
 
+    @property
+    def storage(self) -> StorageSettings:
+        """The vector store's S3 settings: LanceDB's own client, pointed at the same emulator."""
+        return StorageSettings(endpoint=self.endpoint, region="us-east-1")
+
+    def service(self, config: QueryConfig, model: ClipModel) -> QueryService:
+        return QueryService(config, self.s3, model, self.storage)
+
 
 def embed_with_worker(stored: Stored, files: dict[str, bytes], manifest_id: str) -> None:
-    """Run the real worker over `files` (uploaded to the input bucket), as a Batch job would."""
+    """Run the real worker over `files` (uploaded to the input bucket), as a Batch job would, then put its
+    shard into the vector store, as the indexer does when S3 tells it the shard is there."""
     entries = upload(stored.s3, files)
     config = replace(stored.worker, manifest_uri=put_manifest(stored.s3, entries, manifest_id=manifest_id))
-    assert run(config, s3=stored.s3).exit_code == EXIT_OK
+    summary = run(config, s3=stored.s3)
+    assert summary.exit_code == EXIT_OK and summary.shard_url is not None
+    model_id = keys.model_id(config.model, config.pretrained)
+    store = VectorStore(store_uri(OUTPUT_BUCKET, "", model_id), settings=stored.storage)
+    ingest_shards(store, stored.s3, [summary.shard_url])
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +152,7 @@ def served(app: FastAPI) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def api(stored: Stored, query_config: QueryConfig, model: ClipModel) -> Iterator[str]:
     """The API's base URL, with limits small enough to reach in a test."""
-    with served(create_app(query_config, QueryService(query_config, stored.s3, model))) as url:
+    with served(create_app(query_config, stored.service(query_config, model))) as url:
         yield url
 
 
@@ -145,5 +160,5 @@ def api(stored: Stored, query_config: QueryConfig, model: ClipModel) -> Iterator
 def default_api(stored: Stored, tiny_config: Path, tiny_checkpoint: Path, model: ClipModel) -> Iterator[str]:
     """The API's base URL with the limits a deployment gets (only the model is the tiny one)."""
     config = QueryConfig.from_env(query_env(tiny_config, tiny_checkpoint))
-    with served(create_app(config, QueryService(config, stored.s3, model))) as url:
+    with served(create_app(config, stored.service(config, model))) as url:
         yield url

@@ -15,12 +15,11 @@ import torch.nn.functional as F
 
 from clip_shared import keys
 from clip_shared.mime import ACCEPTED_MIME_TYPES
-from clip_worker.index import VectorIndex
 from clip_worker.labels import DEFAULT_LABELS, PROMPT
 from clip_worker.model import ClipModel
-from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
+from tests.conftest import INPUT_BUCKET
 from tests.query.conftest import STORED, Stored, embed_with_worker
-from tests.support import TINY_MODEL, encode, photo
+from tests.support import TINY_MODEL, encode, photo, stored_vectors
 
 CAT = STORED["photos/cat.jpg"]
 ROCKET = STORED["photos/rocket.jpg"]
@@ -32,9 +31,7 @@ def b64(data: bytes) -> str:
 
 def stored_vector(stored: Stored, model: ClipModel, key: str) -> list[float]:
     """The vector the worker stored for an uploaded object, read from its Parquet shards."""
-    vector = VectorIndex.load(stored.s3, OUTPUT_BUCKET, "", model.id).vector_of(keys.s3_url(INPUT_BUCKET, key))
-    assert vector is not None, key
-    return vector.tolist()
+    return [float(value) for value in stored_vectors(stored.s3, model.id)[key]]
 
 
 def reference_text(model: ClipModel, texts: list[str]) -> np.ndarray:
@@ -166,7 +163,7 @@ def test_search_by_image_finds_that_image_with_a_working_preview(api: str) -> No
     assert requests.get(best["preview"], timeout=30).content == ROCKET
 
 
-def test_search_sees_shards_that_land_after_it_started(api: str, stored: Stored) -> None:
+def test_search_sees_images_the_indexer_adds_after_it_started(api: str, stored: Stored) -> None:
     requests.get(f"{api}/search", params={"q": "warm up"}, timeout=30)
     horse = encode(photo("horse.png"), "PNG")
     embed_with_worker(stored, {"later/horse.png": horse}, "m-later")

@@ -166,8 +166,8 @@ def test_every_log_line_of_a_request_carries_its_id(served: Served) -> None:
             break
         deadline.wait(0.1)
     assert lines and lines[-1]["message"] == "request" and lines[-1]["path"] == "/search" and lines[-1]["status"] == 200
-    # Every line the API wrote while serving, from the event loop or the model's threads (the index
-    # loading, for one), names its request.
+    # Every line the API wrote while serving, from the event loop or the model's threads (the store
+    # opening, for one), names its request.
     api_lines = [log for log in served.logs() if log.get("service") == "clip-query"]
-    assert any(log["message"] == "vector index loaded" for log in api_lines)
+    assert any(log["message"] == "vector store opened" for log in api_lines)
     assert all(log.get("request_id") for log in api_lines)

@@ -11,8 +11,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import boto3
 import pytest
-from moto import mock_aws
+import requests
 
 from clip_pipeline.local import LambdaContext
 from tests.conftest import OUTPUT_BUCKET
@@ -22,9 +23,13 @@ EVENTS = Path(__file__).resolve().parents[2] / "events"
 
 
 @pytest.fixture
-def lambda_function(s3: Any, tiny_config: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """clip_query.lambda_function imported as Lambda's runtime imports it: configured by its environment."""
+def lambda_function(
+    moto_endpoint: str, tiny_config: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ModuleType]:
+    """clip_query.lambda_function imported as Lambda's runtime imports it: configured by its environment,
+    S3 on moto's server (the vector store's own S3 client reaches it over the network, as on AWS)."""
     for name, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
         "OUTPUT_BUCKET": OUTPUT_BUCKET,
         "CLIP_MODEL": TINY_MODEL,
         "CLIP_PRETRAINED": str(tiny_checkpoint),
@@ -34,9 +39,11 @@ def lambda_function(s3: Any, tiny_config: Path, tiny_checkpoint: Path, monkeypat
         "POWERTOOLS_METRICS_NAMESPACE": "ClipPipelineTest",
     }.items():
         monkeypatch.setenv(name, value)
+    # moto keeps its accounts in the process, whichever server serves them: start empty.
+    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=30)
+    boto3.client("s3").create_bucket(Bucket=OUTPUT_BUCKET)
     sys.modules.pop("clip_query.lambda_function", None)
-    with mock_aws():
-        yield importlib.import_module("clip_query.lambda_function")
+    yield importlib.import_module("clip_query.lambda_function")
     sys.modules.pop("clip_query.lambda_function", None)
 
 

@@ -15,7 +15,6 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
-from clip_query.service import QueryService
 from clip_worker.model import ClipModel
 from tests.query.conftest import Stored
 
@@ -26,7 +25,7 @@ EXAMPLES = 100
 
 @pytest.fixture(scope="module")
 def app(stored: Stored, query_config: QueryConfig, model: ClipModel) -> Iterator[FastAPI]:
-    yield create_app(query_config, QueryService(query_config, stored.s3, model))
+    yield create_app(query_config, stored.service(query_config, model))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from fastapi import FastAPI
 
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
-from clip_query.service import QueryService
 from clip_worker.model import ClipModel
 from tests.query.conftest import STORED, Stored
 from tests.support import encode
@@ -234,7 +233,7 @@ def test_top_k_beyond_the_labels_returns_them_all(api: str) -> None:
 
 @pytest.fixture(scope="module")
 def app(stored: Stored, query_config: QueryConfig, model: ClipModel) -> FastAPI:
-    return create_app(query_config, QueryService(query_config, stored.s3, model))
+    return create_app(query_config, stored.service(query_config, model))
 
 
 def asgi(

@@ -9,6 +9,7 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from lancedb.table import LanceTable
 
 from clip_store.store import VectorStore
 from clip_worker.writer import shard_schema
@@ -68,3 +69,10 @@ def stored(store: VectorStore, url: str) -> np.ndarray:
     vector = store.vector_of(url)
     assert vector is not None, f"{url} is not in the store"
     return vector
+
+
+def table_of(store: VectorStore, name: str = "vectors") -> LanceTable:
+    """The store's table, which the test has written to (so it exists)."""
+    table = store.table(name)
+    assert table is not None, f"{store.uri} has no table {name}"
+    return table

@@ -14,7 +14,7 @@ from clip_store.location import StorageSettings, store_uri
 from clip_store.shards import ingest_shards, read_shard, s3_still_current
 from clip_store.store import Ingested, VectorStore
 from tests.store.appender import append_one_shard
-from tests.store.support import put_shard, shard, stored, trusting, unit_vectors, urls
+from tests.store.support import put_shard, shard, stored, table_of, trusting, unit_vectors, urls
 from tests.support import INPUT_BUCKET, OUTPUT_BUCKET
 
 APPENDERS = 8
@@ -38,7 +38,7 @@ def test_eight_concurrent_appenders_on_s3_leave_every_image_exactly_once(s3_endp
         results = list(pool.map(append_one_shard, [uri] * APPENDERS, shard_urls))
 
     store = VectorStore(uri)
-    stored = store.table().to_arrow().column("url").to_pylist()  # type: ignore[union-attr]
+    stored = table_of(store).to_arrow().column("url").to_pylist()
     assert len(stored) == len(set(stored)) == APPENDERS * OWN_ROWS + len(SHARED)
     assert set(stored) == {
         url for shard_url in shard_urls for url in read_shard(boto3.client("s3"), shard_url).column("url").to_pylist()
@@ -52,14 +52,14 @@ def test_ingesting_the_same_shard_again_adds_and_rewrites_nothing(local_uri: str
     store = VectorStore(local_uri)
     rows = shard([f"{i}.jpg" for i in range(30)], unit_vectors(30, 8, seed=1))
     assert store.ingest(rows, shard="s3://out/shard-0.parquet", still_current=trusting) == Ingested(30, 0, 0, 0)
-    version = store.table().version  # type: ignore[union-attr]
+    version = table_of(store).version
 
     assert store.ingest(rows, shard="s3://out/shard-0.parquet", still_current=trusting) == Ingested(0, 0, 30, 0)
     assert store.count() == 30
-    assert store.table().to_arrow().num_rows == 30  # type: ignore[union-attr]
-    stored = store.table().search().where(f"url = '{urls(['0.jpg'])[0]}'").to_arrow()  # type: ignore[union-attr]
+    assert table_of(store).to_arrow().num_rows == 30
+    stored = table_of(store).search().where(f"url = '{urls(['0.jpg'])[0]}'").to_arrow()
     assert stored.column("shard").to_pylist() == ["s3://out/shard-0.parquet"]
-    assert store.table().version <= version + 1  # type: ignore[union-attr]
+    assert table_of(store).version <= version + 1
 
 
 def test_a_changed_object_replaces_its_vector_and_a_batch_keeps_each_urls_last_row(local_uri: str) -> None:
@@ -104,7 +104,7 @@ def test_a_deleted_object_leaves_search_and_comes_back_when_uploaded_again(s3_en
     )
     assert store.nearest(vectors[0], 1)[0].url == dog
     # The tombstone went with it: deleting and re-adding are both repeatable.
-    assert store.table("deletions").count_rows() == 0  # type: ignore[union-attr]
+    assert table_of(store, "deletions").count_rows() == 0
     assert store.delete([dog]) == 1 and store.delete([dog]) == 0
 
 
@@ -169,6 +169,6 @@ def test_shards_ingested_together_keep_the_newest_row_and_each_rows_shard(local_
 
     assert result == Ingested(2, 0, 0, 0)
     np.testing.assert_allclose(stored(store, urls(["cat.jpg"])[0]), vectors[2])
-    rows = store.table().to_arrow().sort_by("url")  # type: ignore[union-attr]
+    rows = table_of(store).to_arrow().sort_by("url")
     assert rows.column("shard").to_pylist() == [str(newer), str(older)]
     assert rows.column("etag").to_pylist() == ["etag-2", "etag-1"]

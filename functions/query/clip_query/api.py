@@ -46,7 +46,7 @@ from clip_query.models import (
     request_schema,
 )
 from clip_query.service import QueryService
-from clip_worker.index import Match as Nearest
+from clip_store import Match as Nearest
 from clip_worker.labels import PROMPT
 
 T = TypeVar("T")
@@ -150,7 +150,7 @@ async def demo_page() -> HTMLResponse:
 
 @router.get("/health")
 async def health(service: Service) -> Health:
-    return Health(**described(service), status="ok", indexed=service.index.loaded())
+    return Health(**described(service), status="ok", indexed=service.store.count())
 
 
 @router.post("/embed", responses=POST_REFUSALS, openapi_extra=request_body(EmbedRequest))

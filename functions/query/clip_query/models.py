@@ -177,7 +177,7 @@ class Described(BaseModel):
 
 class Health(Described):
     status: Literal["ok"]
-    indexed: int = Field(description="stored vectors loaded so far")
+    indexed: int = Field(description="vectors in the store")
 
 
 class EmbedAnswer(Described):

@@ -1,5 +1,5 @@
 """The query API's work, on the worker's own code: texts and images to vectors (ClipModel), zero-shot
-labels (clip_worker.labels) and the nearest stored images (clip_worker.index).
+labels (clip_worker.labels) and the nearest stored images (clip_store, the vector store).
 
 It knows nothing of HTTP: a refusal is a QueryError with a stable code, which api.py turns into a status.
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from aws_lambda_powertools import Logger
 from PIL import Image
@@ -24,54 +23,11 @@ from clip_query.errors import Code, QueryError, image_error, invalid, shown, uns
 from clip_shared import keys
 from clip_shared.events import DocumentError
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
-from clip_worker.index import Match, VectorIndex, list_shards, read_shard
+from clip_store import Match, SearchSettings, StorageSettings, VectorStore, store_uri
 from clip_worker.labels import PROMPT, Label, LabelSet, read_labels
 from clip_worker.model import ClipModel, load
 
 logger = Logger(service="clip-query")
-
-
-class LiveIndex:
-    """One model's stored vectors, read once per warm container and reloaded when the shards change.
-
-    The shard listing is checked at most every `refresh_s` seconds, and only new or rewritten
-    shards are downloaded: a container that has served a while holds every shard it has seen.
-    """
-
-    def __init__(self, s3: Any, bucket: str, prefix: str, model_id: str, refresh_s: float) -> None:
-        self._s3 = s3
-        self._bucket = bucket
-        self._prefix = prefix
-        self._model_id = model_id
-        self._refresh_s = refresh_s
-        self._lock = threading.Lock()
-        self._tables: dict[tuple[str, str], pa.Table] = {}
-        self._index = VectorIndex.from_tables([])
-        self._checked_at: float | None = None
-
-    def loaded(self) -> int:
-        """How many vectors are loaded now, without looking for new shards."""
-        return len(self._index)
-
-    def current(self) -> VectorIndex:
-        with self._lock:
-            now = time.monotonic()
-            if self._checked_at is not None and now - self._checked_at < self._refresh_s:
-                return self._index
-            self._checked_at = now
-            shards = [(item["Key"], item["ETag"]) for item in list_shards(self._s3, self._bucket, self._prefix, self._model_id)]
-            if shards != list(self._tables):
-                started = time.monotonic()
-                self._tables = {
-                    shard: self._tables[shard] if shard in self._tables else read_shard(self._s3, self._bucket, shard[0])
-                    for shard in shards
-                }
-                self._index = VectorIndex.from_tables(self._tables.values())
-                logger.info(
-                    "vector index loaded",
-                    extra={"shards": len(shards), "vectors": len(self._index), "seconds": round(time.monotonic() - started, 3)},
-                )
-            return self._index
 
 
 @dataclass(frozen=True)
@@ -105,13 +61,22 @@ class QueryService:
     """Every check before any work: a request over a limit costs its parsing, a look at its image
     headers and the tokenizing of its texts, never a decode or a forward pass."""
 
-    def __init__(self, config: QueryConfig, s3: Any, model: ClipModel | None = None) -> None:
+    def __init__(
+        self, config: QueryConfig, s3: Any, model: ClipModel | None = None, storage: StorageSettings | None = None
+    ) -> None:
         self.config = config
         self.s3 = s3
         self.model = model or load(
             config.model, config.pretrained, cache_dir=config.cache_dir, model_config_path=config.model_config_path
         )
-        self.index = LiveIndex(s3, config.output_bucket, config.output_prefix, self.model.id, config.index_refresh_s)
+        # Opened on the first search; it reads the index's parts a query needs, never the whole table.
+        self.store = VectorStore(
+            store_uri(config.output_bucket, config.output_prefix, self.model.id),
+            settings=storage,
+            refresh_s=config.index_refresh_s,
+            search=SearchSettings(nprobes=config.search_nprobes),
+        )
+        self._searched = False
         self._default_labels: LabelSet | None = None
         self._labels_lock = threading.Lock()
 
@@ -205,8 +170,17 @@ class QueryService:
             return self._default_labels
 
     def search(self, vector: np.ndarray, k: int) -> tuple[list[Match], int]:
-        index = self.index.current()
-        return index.nearest(vector, k), len(index)
+        first = not self._searched
+        started = time.monotonic()
+        matches, indexed = self.store.nearest(vector, k), self.store.count()
+        if first:
+            self._searched = True
+            # What a cold container's first search paid to open the store: the figure to watch as it grows.
+            logger.info(
+                "vector store opened",
+                extra={"store": self.store.uri, "indexed": indexed, "seconds": round(time.monotonic() - started, 3)},
+            )
+        return matches, indexed
 
     def preview(self, url: str) -> str | None:
         """A short-lived https URL of a stored image, for pages that show results."""

@@ -16,6 +16,7 @@ And what the pipeline keeps for itself:
     {prefix}manifests/{manifest_id}/shard-00000.json     what each job child embeds
     {prefix}journal/{manifest_id}/shard-00000.json       what a job child had in flight (crash recovery)
     {prefix}retries/{sha256}.json                         one per failure `clip-pipeline retry` resubmitted
+    {prefix}store/{model_id}/                             the vector store (LanceDB) search reads, one per model
 
 Per-object keys keep the source bucket and key verbatim, which makes the mapping injective: two
 different inputs never share an output. S3 keys are limited to 1024 bytes; a source key too long
@@ -110,6 +111,23 @@ def vector_key(prefix: str, model: str, bucket: str, key: str) -> str:
 def document_key(prefix: str, model: str, bucket: str, key: str) -> str:
     """One object's own CloudEvent, written besides the batch when per-object outputs are on."""
     return _per_object(prefix, "documents", model, bucket, key)
+
+
+def stores_prefix(prefix: str) -> str:
+    return f"{normalise_prefix(prefix)}store/"
+
+
+def store_prefix(prefix: str, model: str) -> str:
+    return f"{stores_prefix(prefix)}{model}/"
+
+
+def model_of_shard(prefix: str, key: str) -> str | None:
+    """The model a worker's Parquet shard key belongs to, or None for any other key."""
+    head = f"{normalise_prefix(prefix)}parquet/"
+    if not key.startswith(head) or not key.endswith(".parquet"):
+        return None
+    model, _, rest = key.removeprefix(head).partition("/")
+    return model if model and rest else None
 
 
 def manifest_prefix(prefix: str, manifest_id: str) -> str:

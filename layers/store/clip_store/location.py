@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 from clip_shared import keys
 
-#: The folder under the output prefix that holds one store per model: `{prefix}store/{model_id}/`.
-STORE_FOLDER = "store"
-
 
 def store_uri(bucket: str, prefix: str, model_id: str) -> str:
     """The store of one model's vectors in the output bucket; vectors of two models never mix."""
-    return f"s3://{bucket}/{keys.normalise_prefix(prefix)}{STORE_FOLDER}/{model_id}"
+    return keys.s3_url(bucket, keys.store_prefix(prefix, model_id)).rstrip("/")
 
 
 @dataclass(frozen=True)

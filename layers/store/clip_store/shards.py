@@ -8,13 +8,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from botocore.exceptions import ClientError
 
+from clip_shared import aws
 from clip_shared.keys import bare_etag, parse_s3_url
 from clip_store.errors import Code, StoreError
 from clip_store.store import SHARD_COLUMNS, Ingested, StillCurrent, VectorStore
-
-_MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchVersion"})
 
 
 def read_shard(s3: Any, url: str) -> pa.Table:
@@ -37,8 +35,8 @@ def s3_still_current(s3: Any) -> StillCurrent:
         bucket, key = parse_s3_url(url)
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code", "")) in _MISSING:
+        except Exception as exc:
+            if aws.is_missing(exc):
                 return False
             raise
         return bare_etag(head["ETag"]) == etag
@@ -46,9 +44,26 @@ def s3_still_current(s3: Any) -> StillCurrent:
     return still_current
 
 
-def ingest_shards(store: VectorStore, s3: Any, shard_urls: Sequence[str], still_current: StillCurrent | None = None) -> Ingested:
-    """Several finished shards, oldest first, in one commit (fewer, larger fragments than one each)."""
-    tables = [_with_source(read_shard(s3, url), url) for url in shard_urls]
+def ingest_shards(
+    store: VectorStore,
+    s3: Any,
+    shard_urls: Sequence[str],
+    still_current: StillCurrent | None = None,
+    unreadable: dict[str, StoreError] | None = None,
+) -> Ingested:
+    """Several finished shards, oldest first, in one commit (fewer, larger fragments than one each).
+
+    A shard that cannot be read raises StoreError(bad-shard), unless `unreadable` is given: then it
+    is left out and its error kept there under its url, so one bad shard does not hold up the others.
+    """
+    tables = []
+    for url in shard_urls:
+        try:
+            tables.append(_with_source(read_shard(s3, url), url))
+        except StoreError as error:
+            if unreadable is None:
+                raise
+            unreadable[url] = error
     if not tables:
         return Ingested(0, 0, 0, 0)
     rows = pa.concat_tables(tables, promote_options="permissive")

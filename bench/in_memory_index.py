@@ -1,21 +1,17 @@
-"""Nearest-neighbour search over the Parquet shards the worker writes.
+"""The search the vector store replaced, kept as the benchmarks' baseline: every vector in memory.
 
-The shards are the index: one matrix of unit vectors, so cosine similarity is a dot product.
+The shards were the index: one matrix of unit vectors, so cosine similarity is a dot product.
 Ranking runs in fixed-size chunks, which keeps memory flat however many vectors there are.
+(bench/search_bench.py measures clip_store against it; nothing in the pipeline uses it.)
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-
-from clip_shared import keys
 
 _CHUNK_ROWS = 65_536
 
@@ -50,11 +46,6 @@ class VectorIndex:
         matrix = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, dimensions)
         return cls(list(last_row), matrix[rows] if len(rows) < len(urls) else matrix)
 
-    @classmethod
-    def load(cls, s3: Any, bucket: str, prefix: str, model_id: str) -> VectorIndex:
-        """Every shard of one model in the output bucket, oldest first."""
-        return cls.from_tables(read_shard(s3, bucket, item["Key"]) for item in list_shards(s3, bucket, prefix, model_id))
-
     def vector_of(self, url: str) -> np.ndarray | None:
         try:
             return self.vectors[self.urls.index(url)]
@@ -78,20 +69,3 @@ class VectorIndex:
                 best_scores, best_rows = best_scores[survivors], best_rows[survivors]
         order = np.argsort(-best_scores, kind="stable")
         return [Match(self.urls[best_rows[i]], float(best_scores[i])) for i in order]
-
-
-def list_shards(s3: Any, bucket: str, prefix: str, model_id: str) -> list[dict[str, Any]]:
-    """The listing entries (Key, ETag, LastModified...) of one model's shards, oldest first."""
-    shard_prefix = keys.parquet_prefix(prefix, model_id)
-    found = [
-        item
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=shard_prefix)
-        for item in page.get("Contents", [])
-        if item["Key"].endswith(".parquet")
-    ]
-    found.sort(key=lambda item: (item["LastModified"], item["Key"]))
-    return found
-
-
-def read_shard(s3: Any, bucket: str, key: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), columns=["url", "vector"])

@@ -1,16 +1,15 @@
+"""The benchmarks' baseline, the in-memory search the vector store replaced, ranks as a full sort would."""
+
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from clip_worker import index as index_module
-from clip_worker.index import VectorIndex
+from bench import in_memory_index as index_module
+from bench.in_memory_index import VectorIndex
 from clip_worker.writer import shard_schema
-from tests.conftest import OUTPUT_BUCKET
 
 
 def shard(rows: dict[str, list[float]]) -> pa.Table:
@@ -32,17 +31,13 @@ def shard(rows: dict[str, list[float]]) -> pa.Table:
     )
 
 
-def test_nearest_ranks_by_cosine_and_the_newest_shard_wins(s3: Any) -> None:
-    shards: list[tuple[str, dict[str, list[float]]]] = [
-        ("a", {"s3://in/red": [1, 0, 0], "s3://in/green": [0, 1, 0], "s3://in/blue": [0, 0, 1]}),
-        ("b", {"s3://in/red": [0, 0.2, 1], "s3://in/purple": [1, 0, 1]}),  # red was re-embedded later
+def test_nearest_ranks_by_cosine_and_the_newest_shard_wins() -> None:
+    shards: list[dict[str, list[float]]] = [
+        {"s3://in/red": [1, 0, 0], "s3://in/green": [0, 1, 0], "s3://in/blue": [0, 0, 1]},
+        {"s3://in/red": [0, 0.2, 1], "s3://in/purple": [1, 0, 1]},  # red was re-embedded later
     ]
-    for name, rows in shards:
-        buffer = io.BytesIO()
-        pq.write_table(shard(rows), buffer)
-        s3.put_object(Bucket=OUTPUT_BUCKET, Key=f"parquet/m/{name}/shard-00000.parquet", Body=buffer.getvalue())
 
-    found = VectorIndex.load(s3, OUTPUT_BUCKET, "", "m")
+    found = VectorIndex.from_tables(shard(rows) for rows in shards)
     assert len(found) == 4
     matches = found.nearest(np.array([1, 0, 0.1], np.float32), top=2)
     # If the old red [1, 0, 0] had survived, it would rank first.

@@ -1,0 +1,1 @@
+"""The indexer function: the vector store's one writer (see app.py)."""
