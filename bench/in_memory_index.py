@@ -13,13 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from clip_store import Match
+
 _CHUNK_ROWS = 65_536
-
-
-@dataclass(frozen=True)
-class Match:
-    url: str
-    score: float
 
 
 @dataclass(frozen=True)
