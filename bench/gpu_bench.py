@@ -50,6 +50,7 @@ from clip_worker import prepare as prepare_stage
 from clip_worker.config import WorkerConfig
 from clip_worker.decoder import PixelBudget
 from clip_worker.model import ClipModel, default_batch_size, load
+from clip_worker.reader import ObjectVersion
 
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 MEGAPIXELS = (0.3, 2.0, 12.0)
@@ -167,7 +168,7 @@ def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: st
         entry = entries[index]
         return prepare_stage.Prepared(
             entry,
-            entry.etag,
+            ObjectVersion(entry.etag),
             prepare_stage.model_input(files[index], entry.url, model, config, transform is not None, budget, None),
         )
 

@@ -71,6 +71,7 @@ def shard_table(
             "key": names,
             "version_id": pa.nulls(rows, pa.string()),
             "etag": ["etag"] * rows,
+            "last_modified": [None] * rows,
             "model": [model] * rows,
             "pretrained": [pretrained] * rows,
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimensions),

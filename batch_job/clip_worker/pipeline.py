@@ -120,7 +120,7 @@ class Pipeline:
             self.fail(failure)
         vectors = [vector for _, vector in done]
         for (item, vector), words in zip(done, keywords(self.label_set, vectors, self.stage.config.keywords_top_k), strict=True):
-            self.writer.created(item.entry, item.etag, vector, words)
+            self.writer.created(item.entry, item.version, vector, words)
             self._landed(item.entry)
         self.progress.embedded += len(done)
 

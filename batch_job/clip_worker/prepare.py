@@ -28,7 +28,7 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class Prepared:
     entry: ManifestEntry
-    etag: str
+    version: reader.ObjectVersion
     #: The model's input made on the CPU, or a JPEG left for the main thread to decode on the device.
     image: torch.Tensor | device_decode.Jpeg
 
@@ -103,11 +103,11 @@ class Stage:
 def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
     try:
         with stage.progress.timed("download"):
-            data, etag = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
+            data, version = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
         with stage.progress.timed("decode"):
             on_device = stage.on_device and stage.isolated is None
             return Prepared(
-                entry, etag, model_input(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated)
+                entry, version, model_input(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated)
             )
     except DocumentError as error:
         return Failed(entry, error)

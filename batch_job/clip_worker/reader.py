@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,16 @@ from clip_shared.manifest import Manifest, ManifestEntry, ManifestError
 
 class TransientError(Exception):
     """Reading an object failed in a way a later attempt may not: the client's own retries ran out."""
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """Which version of an object was read: its ETag, and when S3 says that version was written."""
+
+    etag: str
+    #: Orders two versions of one key for the vector store (a late shard of an older upload must not
+    #: replace a newer one); S3 keeps it to the second. None where the source does not say.
+    last_modified: datetime | None = None
 
 
 def load_manifest(uri: str, shard_index: int, s3: Any) -> Manifest:
@@ -34,8 +46,8 @@ def load_manifest(uri: str, shard_index: int, s3: Any) -> Manifest:
     return manifest
 
 
-def fetch(entry: ManifestEntry, s3: Any, max_bytes: int) -> tuple[bytes, str]:
-    """The object's bytes and the ETag of the version actually read.
+def fetch(entry: ManifestEntry, s3: Any, max_bytes: int) -> tuple[bytes, ObjectVersion]:
+    """The object's bytes and the version actually read.
 
     Without a version id the current object is read, even if it changed since dispatch: its
     newer ETag goes into the outputs, so the job dispatched for the newer upload skips it.
@@ -55,7 +67,7 @@ def fetch(entry: ManifestEntry, s3: Any, max_bytes: int) -> tuple[bytes, str]:
             raise DocumentError(
                 ErrorCode.TOO_LARGE, f"{entry.url} is {length} bytes, over the {max_bytes}-byte limit (MAX_OBJECT_BYTES)"
             )
-        return response["Body"].read(), keys.bare_etag(response["ETag"])
+        return response["Body"].read(), ObjectVersion(keys.bare_etag(response["ETag"]), response.get("LastModified"))
     except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
         if aws.is_missing(exc):
             version = f" version {entry.version_id}" if entry.version_id else ""

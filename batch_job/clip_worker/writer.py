@@ -39,6 +39,7 @@ from clip_shared.events import (
     to_json_batch,
 )
 from clip_shared.manifest import ManifestEntry
+from clip_worker.reader import ObjectVersion
 
 if TYPE_CHECKING:  # the model module imports torch, which readers of outputs do not need
     from clip_worker.model import ClipModel
@@ -51,7 +52,7 @@ class Row:
     """One embedded image, as it goes into the Parquet shard."""
 
     entry: ManifestEntry
-    etag: str
+    version: ObjectVersion
     vector: np.ndarray
 
 
@@ -63,6 +64,8 @@ def shard_schema(dimensions: int) -> pa.Schema:
             ("key", pa.string()),
             ("version_id", pa.string()),
             ("etag", pa.string()),
+            #: When the version embedded was written (S3's LastModified): the store keeps the newest.
+            ("last_modified", pa.timestamp("ms", tz="UTC")),
             ("model", pa.string()),
             ("pretrained", pa.string()),
             ("vector", pa.list_(pa.float32(), dimensions)),
@@ -85,7 +88,7 @@ class Resumed:
     def __contains__(self, entry: ManifestEntry) -> bool:
         key = identity(entry)
         row = self.rows.get(key)
-        return (row is not None and row.etag == entry.etag) or key in self.failed
+        return (row is not None and row.version.etag == entry.etag) or key in self.failed
 
 
 def document_url(event: BaseCloudEvent) -> str:
@@ -161,25 +164,29 @@ class OutputWriter:
                 raise
             table = pq.read_table(io.BytesIO(shard))
             vectors = table.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, self._dimensions)
-            for url, etag, vector in zip(table.column("url").to_pylist(), table.column("etag").to_pylist(), vectors, strict=True):
+            versions = [
+                ObjectVersion(etag, when)
+                for etag, when in zip(table.column("etag").to_pylist(), table.column("last_modified").to_pylist(), strict=True)
+            ]
+            for url, version, vector in zip(table.column("url").to_pylist(), versions, vectors, strict=True):
                 entry = by_url.get(url)
                 if entry is not None and identity(entry) in created:
-                    resumed.rows[identity(entry)] = self._rows[identity(entry)] = Row(entry, etag, vector)
+                    resumed.rows[identity(entry)] = self._rows[identity(entry)] = Row(entry, version, vector)
                     self._events[identity(entry)] = created[identity(entry)]
         return resumed
 
-    def created(self, entry: ManifestEntry, etag: str, vector: np.ndarray, keywords: Keywords | None = None) -> None:
+    def created(self, entry: ManifestEntry, version: ObjectVersion, vector: np.ndarray, keywords: Keywords | None = None) -> None:
         # Where the vector is: its own document, or this child's shard (the row whose url is the document's).
         vectors_url = keys.s3_url(self._bucket, self._vector_key(entry)) if self._per_object else self.shard_url
         metadata = embedding_metadata(vectors_url, self._model_name, self._pretrained, self._dimensions, keywords)
-        event = to_json(self._event(EventType.CREATED, entry, etag, metadata=metadata))
+        event = to_json(self._event(EventType.CREATED, entry, version.etag, metadata=metadata))
         if self._per_object:
             self._submit(entry, self._put_vector_then_document, entry, vector, event)
-        self._rows[identity(entry)] = Row(entry, etag, vector)
+        self._rows[identity(entry)] = Row(entry, version, vector)
         self._events[identity(entry)] = event
 
-    def failed(self, entry: ManifestEntry, error: DocumentError, etag: str | None = None) -> None:
-        event = to_json(self._event(EventType.FAILED, entry, etag or entry.etag, error=error))
+    def failed(self, entry: ManifestEntry, error: DocumentError) -> None:
+        event = to_json(self._event(EventType.FAILED, entry, entry.etag, error=error))
         if self._per_object:
             self._submit(entry, self._put_document, entry, event)
         self._events[identity(entry)] = event
@@ -255,7 +262,8 @@ class OutputWriter:
                 "bucket": [row.entry.bucket for row in rows],
                 "key": [row.entry.key for row in rows],
                 "version_id": [row.entry.version_id for row in rows],
-                "etag": [row.etag for row in rows],
+                "etag": [row.version.etag for row in rows],
+                "last_modified": [row.version.last_modified for row in rows],
                 "model": [self._model_name] * len(rows),
                 "pretrained": [self._pretrained] * len(rows),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self._dimensions),

@@ -23,6 +23,7 @@ def shard(rows: dict[str, list[float]]) -> pa.Table:
             "key": [url.rsplit("/", 1)[-1] for url in rows],
             "version_id": [None] * len(rows),
             "etag": ["e"] * len(rows),
+            "last_modified": [None] * len(rows),
             "model": ["m"] * len(rows),
             "pretrained": ["p"] * len(rows),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimensions),

@@ -82,6 +82,7 @@ def write_shard(deployed: tuple[Clients, Stack], model_id: str, vectors: dict[st
             "key": list(vectors),
             "version_id": [None] * len(vectors),
             "etag": ["e"] * len(vectors),
+            "last_modified": [None] * len(vectors),
             "model": [TINY_MODEL] * len(vectors),
             "pretrained": ["p"] * len(vectors),
             "vector": pa.FixedSizeListArray.from_arrays(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from datetime import datetime
 
 import boto3
 import numpy as np
@@ -35,8 +36,13 @@ def urls(names: Sequence[str]) -> list[str]:
     return [f"s3://{INPUT_BUCKET}/{name}" for name in names]
 
 
-def shard(names: Sequence[str], vectors: np.ndarray, etags: Sequence[str] | str = "etag-1") -> pa.Table:
-    """Rows exactly as clip_worker.writer writes them into a Parquet shard."""
+def shard(
+    names: Sequence[str],
+    vectors: np.ndarray,
+    etags: Sequence[str] | str = "etag-1",
+    modified: Sequence[datetime | None] | None = None,
+) -> pa.Table:
+    """Rows exactly as clip_worker.writer writes them into a Parquet shard (`modified`: S3's LastModified)."""
     etags = [etags] * len(names) if isinstance(etags, str) else list(etags)
     return pa.table(
         {
@@ -45,6 +51,7 @@ def shard(names: Sequence[str], vectors: np.ndarray, etags: Sequence[str] | str 
             "key": list(names),
             "version_id": pa.nulls(len(names), pa.string()),
             "etag": etags,
+            "last_modified": list(modified) if modified is not None else [None] * len(names),
             "model": ["test-tiny-clip"] * len(names),
             "pretrained": ["none"] * len(names),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -74,6 +75,25 @@ def test_a_changed_object_replaces_its_vector_and_a_batch_keeps_each_urls_last_r
     assert result == Ingested(0, 1, 0, 0)
     assert store.count() == 1
     np.testing.assert_allclose(stored(store, urls(["cat.jpg"])[0]), newest)
+
+
+def test_a_late_shard_of_an_older_upload_never_replaces_the_newer_vector(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    first, second, third = (datetime(2026, 11, 30, 12, 0, second, tzinfo=UTC) for second in (0, 1, 2))
+    old, new, newest = unit_vectors(3, 8, seed=12)
+    cat = urls(["cat.jpg"])[0]
+    store.ingest(shard(["cat.jpg"], new[None], etags="etag-2", modified=[second]), shard="b", still_current=trusting)
+
+    # The first upload's job was retried and finished after the second upload's.
+    late = store.ingest(shard(["cat.jpg"], old[None], etags="etag-1", modified=[first]), shard="a", still_current=trusting)
+    assert late == Ingested(0, 0, 1, 0)
+    np.testing.assert_allclose(stored(store, cat), new)
+
+    # Within one batch too, the newest version wins whatever the shards' order.
+    together = shard(["cat.jpg", "cat.jpg"], np.vstack([newest, old]), etags=["etag-3", "etag-1"], modified=[third, first])
+    assert store.ingest(together, shard="c", still_current=trusting) == Ingested(0, 1, 0, 0)
+    np.testing.assert_allclose(stored(store, cat), newest)
+    assert table_of(store).to_arrow().column("last_modified").to_pylist() == [third]
 
 
 def test_a_deleted_object_leaves_search_and_comes_back_when_uploaded_again(s3_endpoint: str) -> None:

@@ -23,6 +23,7 @@ from clip_worker.decoder import PixelBudget
 from clip_worker.embed import Embedder, decode_on_device, device_transform
 from clip_worker.model import ClipModel, load
 from clip_worker.prepare import Prepared, model_input
+from clip_worker.reader import ObjectVersion
 from clip_worker.runner import EXIT_OK, run
 from tests.support import (
     INPUT_BUCKET,
@@ -74,7 +75,7 @@ def embed_on_device(model: ClipModel, files: dict[str, bytes]) -> tuple[dict[str
     config = WorkerConfig(manifest_uri="", output_bucket="", max_image_pixels=LIMIT)
     embedder = Embedder(model, LIMIT, device_transform(model, True))
     batch = [
-        Prepared(entry, "etag", model_input(data, entry.url, model, config, True, PixelBudget(LIMIT), None))
+        Prepared(entry, ObjectVersion("etag"), model_input(data, entry.url, model, config, True, PixelBudget(LIMIT), None))
         for entry, data in (
             (ManifestEntry(bucket=INPUT_BUCKET, key=name, size=len(data), etag="etag", mime_type="image/jpeg"), data)
             for name, data in files.items()

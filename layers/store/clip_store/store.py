@@ -2,7 +2,8 @@
 
 A store is a LanceDB database (a folder, or a prefix of the output bucket) with two tables:
 
-    vectors     url, bucket, key, version_id, etag, vector, shard, ingested_at   one row per searchable image
+    vectors     url, bucket, key, version_id, etag, last_modified, vector, shard, ingested_at
+                                                                      one row per searchable image
     deletions   url, deleted_at                                                   tombstones of removed objects
 
 Invariants:
@@ -11,7 +12,10 @@ Invariants:
   is declared to Lance as the table's primary key, which makes Lance's commit check conflicts
   between concurrent inserts of the same key: two writers adding the same url at once end with
   one row, the loser re-running its merge against the winner's commit (tests/store).
-- A row is rewritten only when its ETag changed, so ingesting a shard twice changes nothing.
+- A row is rewritten only when its ETag changed and the version it holds is not newer (S3's
+  LastModified, which the worker records): ingesting a shard twice changes nothing, and the late
+  shard of an older upload never replaces a newer upload's vector. Versions written within the
+  same second tie, and then the one ingested last wins.
 - A deleted url leaves a tombstone. A row for a tombstoned url (embedded before the delete, its
   shard ingested after it) is kept only if `still_current(url, etag)` says the object exists now
   with that ETag, i.e. it was uploaded again; keeping it clears the tombstone.
@@ -45,9 +49,14 @@ VECTORS = "vectors"
 DELETIONS = "deletions"
 VECTOR_COLUMN = "vector"
 #: The columns a worker shard must have (clip_worker.writer.shard_schema; model columns are the store's path).
-SHARD_COLUMNS = ("url", "bucket", "key", "version_id", "etag", VECTOR_COLUMN)
+SHARD_COLUMNS = ("url", "bucket", "key", "version_id", "etag", "last_modified", VECTOR_COLUMN)
 # Lance's schema marker for an (unenforced) primary key; merge_insert's conflict check uses it.
 _PRIMARY_KEY = {"lance-schema:unenforced-primary-key": "true"}
+# The merge's update condition: another version, and not an older one (the same rule as _older).
+_NEWER_VERSION = (
+    "target.etag <> source.etag AND (source.last_modified IS NULL OR target.last_modified IS NULL"
+    " OR source.last_modified >= target.last_modified)"
+)
 # Urls per SQL `IN (...)` filter: keeps each statement small whatever the batch.
 _FILTER_URLS = 1000
 
@@ -63,6 +72,7 @@ def vectors_schema(dimensions: int) -> pa.Schema:
             pa.field("key", pa.string()),
             pa.field("version_id", pa.string()),
             pa.field("etag", pa.string()),
+            pa.field("last_modified", pa.timestamp("ms", tz="UTC")),
             pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dimensions)),
             #: The Parquet shard the row came from: where to look when a vector is questioned.
             pa.field("shard", pa.string()),
@@ -90,7 +100,7 @@ class Ingested:
     inserted: int
     #: Rows whose object had changed (a new ETag): their vector was replaced.
     updated: int
-    #: Rows already stored with the same ETag: nothing was written for them.
+    #: Rows already stored with the same ETag, or older than the version stored: nothing was written for them.
     unchanged: int
     #: Rows of objects deleted since they were embedded, left out.
     skipped_deleted: int
@@ -201,7 +211,7 @@ class VectorStore:
         """Adds or updates a worker shard's rows (or several shards') in one commit; idempotent.
 
         `shard` names where the rows came from, unless they carry a `shard` column of their own
-        (shards.ingest_shards). Within the batch a url's last row wins: pass shards oldest first.
+        (shards.ingest_shards). Within the batch a url's newest version wins, its last row on a tie.
         """
         rows = _latest_per_url(_shard_rows(rows, shard))
         dimensions = rows.schema.field(VECTOR_COLUMN).type.list_size
@@ -217,7 +227,7 @@ class VectorStore:
         if rows.num_rows:
             result = (
                 table.merge_insert("url")
-                .when_matched_update_all(where="target.etag <> source.etag")
+                .when_matched_update_all(where=_NEWER_VERSION)
                 .when_not_matched_insert_all()
                 .execute(rows)
             )
@@ -347,8 +357,18 @@ def _shard_rows(rows: pa.Table, shard: str) -> pa.Table:
 
 
 def _latest_per_url(rows: pa.Table) -> pa.Table:
-    # A merge whose source holds a key twice would insert it twice; a dict keeps each url's last row.
-    last_row = {url: row for row, url in enumerate(rows.column("url").to_pylist())}
-    if len(last_row) == rows.num_rows:
+    # A merge whose source holds a key twice would insert it twice: keep one row a url, the newest.
+    urls, modified = rows.column("url").to_pylist(), rows.column("last_modified").to_pylist()
+    newest: dict[str, int] = {}
+    for row, url in enumerate(urls):
+        kept = newest.get(url)
+        if kept is None or not _older(modified[row], modified[kept]):
+            newest[url] = row
+    if len(newest) == rows.num_rows:
         return rows
-    return rows.take(pa.array(sorted(last_row.values()), pa.int64()))
+    return rows.take(pa.array(sorted(newest.values()), pa.int64()))
+
+
+def _older(candidate: datetime | None, kept: datetime | None) -> bool:
+    """Whether a row's version is older than the one kept; a version of unknown age is not."""
+    return candidate is not None and kept is not None and candidate < kept
