@@ -196,6 +196,20 @@ def test_query_alarms_notify_the_alarm_topic() -> None:
         assert {item["Name"] for item in alarm["Dimensions"]} == {"ApiId", "Stage"}
 
 
+def test_the_indexer_trains_up_to_its_limit_and_alarms_on_training_it_leaves() -> None:
+    resources = stack(IndexMaxTrainRows="500000")["Resources"]
+    environment = resources["IndexerFunction"]["Properties"]["Environment"]["Variables"]
+    assert environment["INDEX_MAX_TRAIN_ROWS"] == "500000"
+    alarm = resources["IndexTrainingDeferredAlarm"]["Properties"]
+    # The metric the indexer emits (tests/indexer), in its Powertools namespace and service dimension.
+    assert (alarm["Namespace"], alarm["MetricName"]) == (environment["POWERTOOLS_METRICS_NAMESPACE"], "IndexTrainingDeferred")
+    assert alarm["Dimensions"] == [{"Name": "service", "Value": environment["POWERTOOLS_SERVICE_NAME"]}]
+    assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    # What `sam local invoke --env-vars events/env.json` gives the handler is what a default deploy does.
+    sample = json.loads((REPOSITORY / "events" / "env.json").read_text())["IndexerFunction"]
+    assert sample["INDEX_MAX_TRAIN_ROWS"] == str(_sam_template()["Parameters"]["IndexMaxTrainRows"]["Default"])
+
+
 def rule_failures(**overrides: str) -> list[str]:
     """The AssertDescriptions of the template's Rules that CloudFormation would refuse the parameters with."""
     template = _sam_template()

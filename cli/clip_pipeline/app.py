@@ -417,6 +417,35 @@ def redrive_command(
     _print_counts("redrive (dry run)" if dry_run else "redrive", counts, json_output)
 
 
+@app.command("index")
+def index_command(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what is due for each model's index; change nothing.")] = False,
+    stack_name: StackName = "",
+    endpoint_url: EndpointUrl = None,
+    region: Region = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Build, retrain or update each model's vector index now, with no time limit (past the indexer's IndexMaxTrainRows)."""
+    from clip_pipeline.index import maintain_stores
+
+    clients, stack = _stack(stack_name, endpoint_url, region)
+
+    def on_start(model_id: str, due: str) -> None:
+        if not dry_run and due != "none":
+            console.print(f"{model_id}: {due} (a retrain of millions of rows takes minutes) ...")
+
+    results = maintain_stores(clients, stack, dry_run, on_start)
+    if not results:
+        raise Failure(f"stack {stack.name} has no vector store yet (see `clip-pipeline status`)")
+    if json_output:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    table = Table(*(name.replace("_", " ") for name in results[0]), title="index (dry run)" if dry_run else "index")
+    for result in results:
+        table.add_row(*(f"{value:,}" if isinstance(value, int) else str(value) for value in result.values()))
+    Console().print(table)
+
+
 @app.command()
 def serve(
     stack_name: StackName = "",

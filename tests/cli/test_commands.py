@@ -105,6 +105,35 @@ def unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def test_index_does_the_training_the_indexer_left_and_nothing_when_nothing_is_due(deployed: tuple[Clients, Stack]) -> None:
+    model_id = "index-test__random"
+    rng = np.random.default_rng(8)
+    # Past IndexPolicy.exact_below: a build is due, which the indexer leaves past IndexMaxTrainRows.
+    write_shard(deployed, model_id, {f"s3://in/{i:05d}.jpg": unit(rng.normal(size=16)) for i in range(10_000)})
+
+    def mine(results: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(result for result in results if result["model_id"] == model_id)
+
+    planned = mine(invoke(deployed, "index", "--dry-run"))
+    assert (planned["due"], planned["done"], planned["rows"], planned["index"]) == (
+        "build",
+        "none",
+        10_000,
+        "none (exact search)",
+    )
+
+    built = mine(invoke(deployed, "index"))
+    assert (built["due"], built["done"], built["index"], built["trained_rows"], built["unindexed_rows"]) == (
+        "build",
+        "build",
+        "IVF_RQ",
+        10_000,
+        0,
+    )
+    again = mine(invoke(deployed, "index"))
+    assert (again["due"], again["done"], again["trained_rows"]) == ("none", "none", 10_000)
+
+
 def test_search_similar_and_embed_text_rank_by_the_vectors(
     deployed: tuple[Clients, Stack], tiny_config: Path, tiny_checkpoint: Path
 ) -> None:

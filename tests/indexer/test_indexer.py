@@ -22,6 +22,7 @@ from clip_pipeline import local
 from clip_shared import keys
 from clip_store import StorageSettings, VectorStore, store_uri
 from clip_worker.runner import EXIT_OK, run
+from tests.store.support import put_shard, shard, unit_vectors
 from tests.support import (
     INPUT_BUCKET,
     OUTPUT_BUCKET,
@@ -53,7 +54,10 @@ def batch(*events: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def world(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tiny_config: Path, tiny_checkpoint: Path) -> Iterator[Any]:
+def world(
+    request: pytest.FixtureRequest, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tiny_config: Path, tiny_checkpoint: Path
+) -> Iterator[Any]:
+    """(s3, embed, invoke, store, model_id) over the function as deployed; parametrize it with settings to override."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     # moto keeps its accounts in the process, whichever server serves them: each test starts empty.
     requests.post(f"{moto_endpoint}/moto-api/reset", timeout=30)
@@ -65,7 +69,11 @@ def world(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tiny_config: Path
     model_id = keys.model_id(config.model, config.pretrained)
     # The function's environment as template.yaml gives it (events/env.json), set through monkeypatch
     # so that it leaves with the test; loading the handler reads it, as Lambda's init would.
-    environment = {**json.loads((EVENTS / "env.json").read_text())["IndexerFunction"], "OUTPUT_BUCKET": OUTPUT_BUCKET}
+    environment = {
+        **json.loads((EVENTS / "env.json").read_text())["IndexerFunction"],
+        "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        **getattr(request, "param", {}),
+    }
     with monkeypatch.context() as patch:
         for name, value in {**environment, "POWERTOOLS_TRACE_DISABLED": "true"}.items():
             patch.setenv(name, value)
@@ -80,8 +88,8 @@ def world(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tiny_config: Path
             return keys.parse_s3_url(summary.shard_url)[1]
 
         def invoke(event: dict[str, Any]) -> dict[str, Any]:
-            with contextlib.redirect_stdout(io.StringIO()):
-                return handler(event, local.LambdaContext("indexer", 900))
+            # Its log lines and metrics go to stdout, as on Lambda (capsys reads them).
+            return handler(event, local.LambdaContext("indexer", 900))
 
         settings = StorageSettings(endpoint=moto_endpoint, region="us-east-1")
         yield s3, embed, invoke, VectorStore(store_uri(OUTPUT_BUCKET, "", model_id), settings=settings), model_id
@@ -159,3 +167,25 @@ def test_notifications_of_other_objects_and_s3s_test_event_are_ignored(world: An
 
     assert invoke(batch(test_event, other)) == {"batchItemFailures": []}
     assert store.count() == 0
+
+
+@pytest.mark.parametrize("world", [{"INDEX_MAX_TRAIN_ROWS": "10000"}], indirect=True)
+def test_an_index_too_big_to_train_within_the_function_is_left_to_the_cli_and_says_so(
+    world: Any, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    s3, embed, invoke, store, model_id = world
+    names = [f"photos/{i:05d}.jpg" for i in range(10_001)]  # past IndexPolicy.exact_below: a build is due
+    big = put_shard(shard(names, unit_vectors(len(names), 32, seed=1)), keys.parquet_key("", model_id, "m-big", 0))
+    capsys.readouterr()
+
+    assert invoke(sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.parse_s3_url(big)[1])) == {"batchItemFailures": []}
+
+    # Ingested and searchable (exactly), but not trained on here: the batch is not held up by it.
+    assert store.count() == len(names) and store.index_state().index_type is None
+    assert store.nearest(unit_vectors(1, 32, seed=1)[0], 1)[0].url == keys.s3_url(INPUT_BUCKET, names[0])
+    warning = next(record for record in caplog.records if record.levelname == "WARNING")
+    assert "clip-pipeline index" in warning.getMessage()
+    extra = vars(warning)  # Powertools' keyword arguments, each a key of the JSON line
+    assert (extra["due"], extra["rows"], extra["max_train_rows"]) == ("build", 10_001, 10_000)
+    metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    assert [metric["IndexTrainingDeferred"] for metric in metrics if "IndexTrainingDeferred" in metric] == [[1.0]]

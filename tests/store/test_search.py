@@ -91,6 +91,25 @@ def test_the_index_is_retrained_once_the_table_outgrows_it(local_uri: str) -> No
     assert (retrained.state.trained_rows, retrained.state.indexed_rows, retrained.state.unindexed_rows) == (4_400, 4_400, 0)
 
 
+def test_a_retrain_past_max_train_rows_is_deferred_while_new_rows_still_go_into_the_index(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    vectors = clustered(4_400, DIMENSIONS, seed=6)
+    store.ingest(shard(names(0, 2_100), vectors[:2_100]), shard="a", still_current=trusting)
+    maintain(store, POLICY)
+    store.ingest(shard(names(2_100, 2_300), vectors[2_100:]), shard="b", still_current=trusting)
+    limited = replace(POLICY, max_train_rows=3_000)
+
+    deferred = maintain(store, limited)
+    assert (deferred.action, deferred.deferred) == (Action.UPDATE, Action.RETRAIN)
+    assert (deferred.state.trained_rows, deferred.state.indexed_rows, deferred.state.unindexed_rows) == (2_100, 4_400, 0)
+    assert urls(names(4_399, 1))[0] in [match.url for match in store.nearest(vectors[4_399], 10)]
+    # Nothing more to fold in: the retrain stays due, and nothing is done until a process without the limit runs.
+    assert (maintain(store, limited).action, maintain(store, limited).deferred) == (Action.NONE, Action.RETRAIN)
+
+    retrained = maintain(store, POLICY)
+    assert (retrained.action, retrained.deferred, retrained.state.trained_rows) == (Action.RETRAIN, None, 4_400)
+
+
 def test_similar_leaves_out_the_image_asked_about(local_uri: str) -> None:
     store = VectorStore(local_uri)
     vectors = unit_vectors(50, DIMENSIONS, seed=7)

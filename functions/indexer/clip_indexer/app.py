@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 
 from clip_shared import aws, keys
 from clip_shared.aws import CLIENT_CONFIG
-from clip_store import StoreError, VectorStore, ingest_shards, maintain, store_uri
+from clip_store import IndexPolicy, StoreError, VectorStore, ingest_shards, maintain, store_uri, stored_models
 
 
 class Settings(BaseModel):
@@ -40,6 +40,9 @@ class Settings(BaseModel):
 
     output_bucket: str = Field(alias="OUTPUT_BUCKET", min_length=3)
     output_prefix: str = Field(alias="OUTPUT_PREFIX", default="")
+    #: The largest table whose index this function trains within its 15 minutes (docs/search.md);
+    #: past it the (re)training is left to `clip-pipeline index`, and the index keeps serving.
+    index_max_train_rows: int = Field(alias="INDEX_MAX_TRAIN_ROWS", ge=IndexPolicy().exact_below)
 
 
 class S3TestEvent(BaseModel):
@@ -66,6 +69,7 @@ class Work:
 
 
 SETTINGS = Settings.model_validate(os.environ)
+POLICY = IndexPolicy(max_train_rows=SETTINGS.index_max_train_rows)
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
@@ -110,14 +114,6 @@ def gone(url: str) -> bool:
     return False
 
 
-def stored_models() -> list[str]:
-    """Every model with a store under the output prefix."""
-    pages = s3.get_paginator("list_objects_v2").paginate(
-        Bucket=SETTINGS.output_bucket, Prefix=keys.stores_prefix(SETTINGS.output_prefix), Delimiter="/"
-    )
-    return [common["Prefix"].rstrip("/").rsplit("/", 1)[-1] for page in pages for common in page.get("CommonPrefixes", [])]
-
-
 @tracer.capture_method
 def apply(work: Work) -> dict[str, StoreError]:
     """Does the batch's work; returns the shards that could not be read (their messages fail alone)."""
@@ -127,14 +123,25 @@ def apply(work: Work) -> dict[str, StoreError]:
         logger.info("Ingested shards", model_id=model_id, shards=len(shard_urls), **asdict(ingested))
         metrics.add_metric(name="RowsIngested", unit=MetricUnit.Count, value=ingested.inserted + ingested.updated)
     removed = sorted(url for url in work.removed if gone(url))
-    if removed:
-        for model_id in stored_models():
-            deleted = store(model_id).delete(removed)
-            logger.info("Removed deleted uploads", model_id=model_id, urls=len(removed), rows=deleted)
-            metrics.add_metric(name="RowsDeleted", unit=MetricUnit.Count, value=deleted)
-    for model_id in {*work.shards, *(stored_models() if removed else [])}:
-        done = maintain(store(model_id))
+    removed_from = stored_models(s3, SETTINGS.output_bucket, SETTINGS.output_prefix) if removed else []
+    for model_id in removed_from:
+        deleted = store(model_id).delete(removed)
+        logger.info("Removed deleted uploads", model_id=model_id, urls=len(removed), rows=deleted)
+        metrics.add_metric(name="RowsDeleted", unit=MetricUnit.Count, value=deleted)
+    for model_id in {*work.shards, *removed_from}:
+        done = maintain(store(model_id), POLICY)
         logger.info("Maintained the index", model_id=model_id, action=str(done.action), seconds=round(done.seconds, 2))
+        if done.deferred is not None:
+            logger.warning(
+                "The index is due to be trained on more rows than this function trains within its time: run "
+                "`clip-pipeline index` (docs/search.md); meanwhile new rows still go into the existing index",
+                model_id=model_id,
+                due=str(done.deferred),
+                rows=done.state.rows,
+                trained_rows=done.state.trained_rows,
+                max_train_rows=POLICY.max_train_rows,
+            )
+            metrics.add_metric(name="IndexTrainingDeferred", unit=MetricUnit.Count, value=1)
     return unreadable
 
 

@@ -28,7 +28,8 @@ What each caller does:
 
 API, in one line each:
 
-- `store_uri(bucket, prefix, model_id) -> str`: where a model's store lives in the output bucket.
+- `store_uri(bucket, prefix, model_id) -> str`: where a model's store lives in the output bucket;
+  `stored_models(s3, bucket, prefix) -> list[str]`: the models that have one.
 - `VectorStore(uri, *, settings=StorageSettings.from_env(), refresh_s=0, search=SearchSettings())`:
   opens nothing until used; `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options.
 - `VectorStore.ingest(rows, *, shard, still_current) -> Ingested(inserted, updated, unchanged,
@@ -38,13 +39,14 @@ API, in one line each:
 - `VectorStore.delete(urls) -> int`: rows removed; tombstones keep late shards from bringing them back.
 - `VectorStore.nearest(vector, top, *, exclude=()) -> list[Match]`, `vector_of(url)`, `count()`,
   `dimensions()`, `index_state() -> IndexState`, `prewarm()` (reads the whole index into cache).
-- `maintain(store, policy=IndexPolicy()) -> Maintenance(action, state, seconds)`; `plan(state,
-  policy) -> Action` says what is due without doing it (to hand a long build to a Batch job).
+- `maintain(store, policy=IndexPolicy()) -> Maintenance(action, state, seconds, deferred)`: what
+  was done, and a build or retrain left undone because the table is past `policy.max_train_rows`;
+  `plan(state, policy) -> Action` says what is due without doing it.
 - `StoreError(code, message)` with `Code.DIMENSION_MISMATCH`, `Code.BAD_SHARD`.
 """
 
 from clip_store.errors import Code, StoreError
-from clip_store.location import StorageSettings, store_uri
+from clip_store.location import StorageSettings, store_uri, stored_models
 from clip_store.maintain import Action, IndexPolicy, Maintenance, maintain, plan
 from clip_store.shards import ingest_shards, read_shard, s3_still_current
 from clip_store.store import IndexState, Ingested, Match, SearchSettings, VectorStore
@@ -67,4 +69,5 @@ __all__ = [
     "read_shard",
     "s3_still_current",
     "store_uri",
+    "stored_models",
 ]

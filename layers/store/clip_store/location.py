@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from clip_shared import keys
 
@@ -17,6 +18,12 @@ from clip_shared import keys
 def store_uri(bucket: str, prefix: str, model_id: str) -> str:
     """The store of one model's vectors in the output bucket; vectors of two models never mix."""
     return keys.s3_url(bucket, keys.store_prefix(prefix, model_id)).rstrip("/")
+
+
+def stored_models(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """The model ids that have a store in the output bucket (one LIST, by common prefix)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=keys.stores_prefix(prefix), Delimiter="/")
+    return [common["Prefix"].rstrip("/").rsplit("/", 1)[-1] for page in pages for common in page.get("CommonPrefixes", [])]
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ reads only table metadata when there is nothing to do, and does at most one of:
 
 Rows not yet in the index are searchable all along: LanceDB scans them exactly next to the
 index search and merges the results, so `max_unindexed` bounds that scan's cost, not freshness.
-A build or retrain of millions of rows is long (docs/search.md); `plan` says which is due, so a
-caller with a time limit (a Lambda) can hand a build to somewhere without one.
+A build or retrain of millions of rows is long (docs/search.md), and a Lambda has 15 minutes: a
+policy's `max_train_rows` leaves one past that size for a process without a time limit
+(`clip-pipeline index`), and meanwhile the index keeps serving and still takes in new rows
+(updates add them to its existing partitions; only their balance suffers).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class IndexPolicy:
     keep_versions: timedelta = timedelta(hours=1)
     #: Longer than a shard can take to arrive: SQS keeps a message at most 14 days.
     keep_tombstones: timedelta = timedelta(days=15)
+    #: The most rows this process may train an index on (None: no limit). A build or retrain of a
+    #: bigger table is deferred (Maintenance.deferred), and updates go on in the meantime.
+    max_train_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Maintenance:
     action: Action
     state: IndexState
     seconds: float
+    #: A build or retrain that was due but not done: the table is past the policy's max_train_rows.
+    deferred: Action | None = None
 
 
 def plan(state: IndexState, policy: IndexPolicy) -> Action:
@@ -75,9 +82,14 @@ def plan(state: IndexState, policy: IndexPolicy) -> Action:
 
 
 def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Maintenance:
-    """Does what `plan` says is due, and returns the state afterwards."""
+    """Does what `plan` says is due, within the policy's max_train_rows, and returns the state afterwards."""
     started = time.monotonic()
-    action = plan(store.index_state(), policy)
+    state = store.index_state()
+    action, deferred = plan(state, policy), None
+    if action in (Action.BUILD, Action.RETRAIN) and policy.max_train_rows is not None and state.rows > policy.max_train_rows:
+        deferred = action
+        has_index = action is Action.RETRAIN
+        action = Action.UPDATE if has_index and state.unindexed_rows >= policy.max_unindexed else Action.NONE
     table = store.table()
     if table is not None and action in (Action.BUILD, Action.RETRAIN):
         rows = table.count_rows()
@@ -92,4 +104,4 @@ def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Mainten
     elif table is not None and action is Action.UPDATE:
         table.optimize(cleanup_older_than=policy.keep_versions)
         store.forget_deletions(before=datetime.now(UTC) - policy.keep_tombstones)
-    return Maintenance(action, store.index_state(), time.monotonic() - started)
+    return Maintenance(action, store.index_state(), time.monotonic() - started, deferred)
