@@ -221,14 +221,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=[],
         help="with --no-reference, also measure recall and latency at these nprobes (recall falls as the table grows)",
     )
+    parser.add_argument(
+        "--refine-factors",
+        type=int,
+        nargs="*",
+        default=[],
+        help="with --nprobes, at each of these refine factors too (default: the store's own)",
+    )
     parser.add_argument("--workdir", type=Path, help="where the shard and the store go (default: a temporary folder)")
+    parser.add_argument(
+        "--reuse-store",
+        action="store_true",
+        help="with --no-reference and --workdir: keep the store an earlier run left there if it has --rows rows, and only "
+        "rank exactly again (the mixture is seeded), to sweep settings on a big table without ingesting and building again",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="search-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     shard_path, store_dir, queries_file = workdir / "shard.parquet", workdir / "store", workdir / "queries.npy"
-    shutil.rmtree(store_dir, ignore_errors=True)
+    if not args.reuse_store:
+        shutil.rmtree(store_dir, ignore_errors=True)
     results: dict[str, Any] = {"rows": args.rows, "dimensions": args.dimensions, "top": args.top, "cpu_count": os.cpu_count()}
     try:
         if args.no_reference:
@@ -335,12 +349,14 @@ def streamed(args: argparse.Namespace, store_dir: Path, queries_file: Path, resu
     queries = clip_like(args.queries + 1, args.dimensions, seed=1)
     np.save(queries_file, queries)
     store = VectorStore(str(store_dir))
+    reused = args.reuse_store and store.count() == args.rows
     best_scores = np.full((len(queries), args.top), -np.inf, np.float32)
     best_rows = np.zeros((len(queries), args.top), np.int64)
     ingest_s, first = 0.0, 0
     for chunk in clip_like_chunks(args.rows, args.dimensions, seed=0, chunk=args.batch_rows):
         started = time.perf_counter()
-        store.ingest(shard_table(chunk, first=first), shard=f"batch-{first}", still_current=lambda url, etag: True)
+        if not reused:
+            store.ingest(shard_table(chunk, first=first), shard=f"batch-{first}", still_current=lambda url, etag: True)
         ingest_s += time.perf_counter() - started
         scores = np.concatenate([best_scores, queries @ chunk.T], axis=1)
         rows = np.concatenate(
@@ -349,17 +365,20 @@ def streamed(args: argparse.Namespace, store_dir: Path, queries_file: Path, resu
         keep = np.argsort(-scores, axis=1)[:, : args.top]
         best_scores, best_rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
         first += len(chunk)
-        progress(f"{first:,} rows ingested ({first / ingest_s:,.0f}/s)")
+        progress(f"{first:,} rows ranked" if reused else f"{first:,} rows ingested ({first / ingest_s:,.0f}/s)")
     truth = [[f"s3://bucket/images/{row:08d}.jpg" for row in rows] for rows in best_rows]
-    built = maintain(store, IndexPolicy(exact_below=min(args.rows, IndexPolicy().exact_below)))
-    progress(f"{built.action} in {built.seconds:.1f} s; warm and cold queries")
+    if reused:
+        results["reused_store"] = True
+    else:
+        built = maintain(store, IndexPolicy(exact_below=min(args.rows, IndexPolicy().exact_below)))
+        progress(f"{built.action} in {built.seconds:.1f} s; warm and cold queries")
+        results.update(
+            ingest_s=round(ingest_s, 1), ingest_vectors_per_s=round(args.rows / ingest_s), build_s=round(built.seconds, 1)
+        )
     answers, store_warm = latencies_ms(queries, lambda q: [m.url for m in store.nearest(q, args.top)])
     store_cold = cold("store", {"uri": str(store_dir), "queries": str(queries_file), "top": args.top, "warm": 0})
     results.update(
-        ingest_s=round(ingest_s, 1),
-        ingest_vectors_per_s=round(args.rows / ingest_s),
-        index=built.state.index_type,
-        build_s=round(built.seconds, 1),
+        index=store.index_state().index_type,
         store_cold_s=round(store_cold["first_query_s"], 3),
         store_rss_mb=round(store_cold["peak_rss_mb"]),
         store_warm=store_warm,
@@ -367,10 +386,12 @@ def streamed(args: argparse.Namespace, store_dir: Path, queries_file: Path, resu
         store_mb=round(sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file()) / 1e6, 1),
     )
     for nprobes in args.nprobes:
-        probed = VectorStore(str(store_dir), search=SearchSettings(nprobes=nprobes))
-        found, timing = latencies_ms(queries, lambda q, probed=probed: [m.url for m in probed.nearest(q, args.top)])
-        results.setdefault("nprobes", {})[str(nprobes)] = {"recall": round(recall(found, truth), 4), **timing}
-        progress(f"nprobes {nprobes}: {results['nprobes'][str(nprobes)]}")
+        for refine_factor in args.refine_factors or [SearchSettings().refine_factor]:
+            probed = VectorStore(str(store_dir), search=SearchSettings(nprobes=nprobes, refine_factor=refine_factor))
+            found, timing = latencies_ms(queries, lambda q, probed=probed: [m.url for m in probed.nearest(q, args.top)])
+            setting = f"nprobes {nprobes}, refine {refine_factor}"
+            results.setdefault("sweep", {})[setting] = {"recall": round(recall(found, truth), 4), **timing}
+            progress(f"{setting}: {results['sweep'][setting]}")
     if args.fresh_rows:
         fresh_rows(args, store, queries, results)
 
@@ -391,14 +412,15 @@ def report(r: dict[str, Any]) -> None:
         ratio = f"x{today / ours:.1f}" if today is not None and ours and not label.startswith("recall") else ""
         print(f"{label:28}{'-' if today is None else today:>20}{ours:>20}{ratio:>14}")
     scan = f"; exact scan before the index p95 {r['exact_scan']['p95_ms']} ms" if "exact_scan" in r else ""
-    print(
-        f"store: ingest {r['ingest_vectors_per_s']:,} vectors/s ({r['ingest_s']} s), {r['index']} built in {r['build_s']} s, "
-        f"{r['store_mb']} MB on disk{scan}"
-    )
-    for nprobes, measured in r.get("nprobes", {}).items():
+    if "build_s" in r:
         print(
-            f"store at nprobes {nprobes}: recall {measured['recall']}, p50 {measured['p50_ms']} ms, p95 {measured['p95_ms']} ms"
+            f"store: ingest {r['ingest_vectors_per_s']:,} vectors/s ({r['ingest_s']} s), {r['index']} built in {r['build_s']} s, "
+            f"{r['store_mb']} MB on disk{scan}"
         )
+    else:
+        print(f"store: {r['index']} of an earlier run (--reuse-store), {r['store_mb']} MB on disk")
+    for setting, measured in r.get("sweep", {}).items():
+        print(f"store at {setting}: recall {measured['recall']}, p50 {measured['p50_ms']} ms, p95 {measured['p95_ms']} ms")
     if "fresh_rows_warm" in r:
         print(f"store: with fresh unindexed rows p95 {r['fresh_rows_warm']['p95_ms']} ms; folding them in took {r['update_s']} s")
     if "s3" in r:

@@ -47,24 +47,36 @@ def test_clip_like_vectors_cluster_as_clip_embeddings_do() -> None:
     assert float(np.median(nearest)) > 0.6  # but every image has close neighbours
 
 
-def test_search_bench_without_the_reference_ranks_batch_by_batch(capsys: pytest.CaptureFixture[str]) -> None:
-    results = search_bench.main(
-        [
-            "--rows",
-            "5000",
-            "--dimensions",
-            "128",
-            "--queries",
-            "10",
-            "--batch-rows",
-            "1000",
-            "--fresh-rows",
-            "0",
-            "--s3-warm",
-            "0",
-            "--no-reference",
-        ]
-    )
+def test_search_bench_without_the_reference_ranks_batch_by_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = [
+        "--rows",
+        "5000",
+        "--dimensions",
+        "128",
+        "--queries",
+        "10",
+        "--batch-rows",
+        "1000",
+        "--fresh-rows",
+        "0",
+        "--s3-warm",
+        "0",
+        "--no-reference",
+        "--nprobes",
+        "4",
+        "--refine-factors",
+        "5",
+        "40",
+        "--workdir",
+        str(tmp_path),
+    ]
+    results = search_bench.main(arguments)
 
     assert results["index"] == "IVF_RQ" and results["recall"] >= 0.9 and "reference_warm" not in results
+    assert set(results["sweep"]) == {"nprobes 4, refine 5", "nprobes 4, refine 40"}
+    assert results["sweep"]["nprobes 4, refine 40"]["recall"] >= results["sweep"]["nprobes 4, refine 5"]["recall"]
     assert "store (LanceDB)" in capsys.readouterr().out
+    # Sweeping again over the same table: nothing ingested or built, the same exact ground truth.
+    again = search_bench.main([*arguments, "--reuse-store"])
+    assert again["reused_store"] and "build_s" not in again and again["sweep"].keys() == results["sweep"].keys()
+    assert again["recall"] == results["recall"]
