@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clip_store.maintain import Action, IndexPolicy, maintain, plan
-from clip_store.store import Ingested, VectorStore
+from clip_store.store import Ingested, SearchSettings, VectorStore
 from tests.store.support import clustered, shard, stored, table_of, trusting, unit_vectors, urls
 
 DIMENSIONS = 32
@@ -38,7 +38,8 @@ def test_an_unindexed_search_is_exactly_brute_force(local_uri: str) -> None:
 
 
 def test_the_index_is_built_past_the_threshold_and_later_rows_are_found_before_and_after_its_update(local_uri: str) -> None:
-    store = VectorStore(local_uri)
+    # 32-d RaBitQ codes are 32 bits: re-rank more candidates than 512-d needs, or a row's own vector may miss it.
+    store = VectorStore(local_uri, search=SearchSettings(refine_factor=100))
     vectors = clustered(2_400, DIMENSIONS, seed=3)
     store.ingest(shard(names(0, 1_900), vectors[:1_900]), shard="a", still_current=trusting)
     assert maintain(store, POLICY).action is Action.NONE and store.index_state().index_type is None
@@ -108,6 +109,26 @@ def test_a_retrain_past_max_train_rows_is_deferred_while_new_rows_still_go_into_
 
     retrained = maintain(store, POLICY)
     assert (retrained.action, retrained.deferred, retrained.state.trained_rows) == (Action.RETRAIN, None, 4_400)
+
+
+def test_search_settings_follow_the_tables_size_unless_they_are_given() -> None:
+    chosen = SearchSettings()
+    # The sizes measured (docs/benchmarks.md), and between and past them.
+    assert [chosen.for_rows(rows) for rows in (5_000, 1_000_000, 2_000_000, 10_000_000)] == [
+        (20, 20),
+        (20, 20),
+        (80, 20),
+        (320, 50),
+    ]
+    assert (chosen.for_rows(1_500_000), chosen.for_rows(6_000_000), chosen.for_rows(20_000_000)) == (
+        (50, 20),
+        (200, 50),
+        (640, 50),
+    )
+    probes = [chosen.for_rows(rows) for rows in range(0, 30_000_001, 250_000)]
+    assert probes == sorted(probes)  # never less work, so never less recall, for a bigger table
+    assert SearchSettings(nprobes=7).for_rows(10_000_000) == (7, 50)
+    assert SearchSettings(nprobes=7, refine_factor=3).for_rows(10) == (7, 3)
 
 
 def test_similar_leaves_out_the_image_asked_about(local_uri: str) -> None:

@@ -48,9 +48,10 @@ class QueryConfig(BaseModel):
     max_results: int = Field(alias="MAX_RESULTS", default=100, ge=1)
     #: How stale a warm container's view of the vector store may get: it checks for new commits this often.
     index_refresh_s: int = Field(alias="INDEX_REFRESH_SECONDS", default=60, ge=0)
-    #: The index's partitions searched per query: more finds more of the true neighbours, slower
-    #: (docs/benchmarks.md, "Vector store": 20 gives recall 0.996 at 1M vectors, 80 is needed at 2M).
-    search_nprobes: int = Field(alias="SEARCH_NPROBES", default=20, ge=1)
+    #: The index's partitions searched per query: more finds more of the true neighbours, slower.
+    #: 0 lets the store choose by the table's size (clip_store.SearchSettings.for_rows: 20 at 1M
+    #: vectors, 80 at 2M, 320 at 10M; docs/search.md).
+    search_nprobes: int = Field(alias="SEARCH_NPROBES", default=0, ge=0)
     #: Lifetime of the presigned preview URLs that search results carry.
     preview_url_s: int = Field(alias="PREVIEW_URL_SECONDS", default=900, ge=1)
 

@@ -74,7 +74,7 @@ class QueryService:
             store_uri(config.output_bucket, config.output_prefix, self.model.id),
             settings=storage,
             refresh_s=config.index_refresh_s,
-            search=SearchSettings(nprobes=config.search_nprobes),
+            search=SearchSettings(nprobes=config.search_nprobes or None),
         )
         self._searched = False
         self._default_labels: LabelSet | None = None

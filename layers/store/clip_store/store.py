@@ -29,6 +29,7 @@ the index and manifests it has read for the life of the store object.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -112,10 +113,32 @@ class SearchSettings:
 
     `nprobes` IVF partitions are scanned with their quantised codes, and `refine_factor` x top
     candidates are re-ranked with their full vectors, so the scores returned are exact cosines.
+    Either left None is chosen by the table's size (`for_rows`), since recall at a fixed setting
+    falls as the table grows.
     """
 
-    nprobes: int = 20
-    refine_factor: int = 20
+    nprobes: int | None = None
+    refine_factor: int | None = None
+
+    def for_rows(self, rows: int) -> tuple[int, int]:
+        """(nprobes, refine_factor) for a table of `rows`: the settings given, else those measured to
+        keep recall@10 at 0.98 or more at that size (interpolated between the sizes measured, and
+        probing a constant share of the partitions past the largest)."""
+        nprobes, refine_factor = _MEASURED[0][1:]
+        for (low, low_nprobes, _), (high, high_nprobes, high_refine) in zip(_MEASURED, _MEASURED[1:], strict=False):
+            if rows > low:
+                share = min(1.0, (rows - low) / (high - low))
+                nprobes, refine_factor = math.ceil(low_nprobes + share * (high_nprobes - low_nprobes)), high_refine
+        largest, largest_nprobes, _ = _MEASURED[-1]
+        if rows > largest:
+            nprobes = math.ceil(largest_nprobes * rows / largest)
+        return self.nprobes or nprobes, self.refine_factor or refine_factor
+
+
+#: (rows, nprobes, refine_factor) that gave recall@10 >= 0.98 on bench/search_bench.py's CLIP-like
+#: 512-d mixture with IndexPolicy's 4,096-row partitions (docs/benchmarks.md, "Larger tables"):
+#: 0.996 at 1M, 0.984 at 2M, 0.9945 at 10M.
+_MEASURED = ((1_000_000, 20, 20), (2_000_000, 80, 20), (10_000_000, 320, 50))
 
 
 @dataclass(frozen=True)
@@ -286,11 +309,12 @@ class VectorStore:
         vector = np.asarray(query, np.float32)
         self._check_dimensions(table, vector.shape[-1], "the query")
         vector = vector / np.linalg.norm(vector)
+        nprobes, refine_factor = self.search_settings.for_rows(table.count_rows())
         found = (
             table.search(vector, vector_column_name=VECTOR_COLUMN)
             .distance_type("dot")
-            .nprobes(self.search_settings.nprobes)
-            .refine_factor(self.search_settings.refine_factor)
+            .nprobes(nprobes)
+            .refine_factor(refine_factor)
             .limit(top + len(exclude))
             .select(["url", "_distance"])
             .to_arrow()
