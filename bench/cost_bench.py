@@ -45,11 +45,17 @@ LAMBDA_MB_PER_VCPU = 1769
 S3_GET_LATENCY_S = 0.025
 S3_PUT_LATENCY_S = 0.05
 SUBMIT_LATENCY_S = 0.1
-#: The indexer function's MemorySize in template.yaml.
-INDEXER_MEMORY_MB = 1024
 #: The issue's target for everything but the GPU, at default settings.
 TARGET_PER_MILLION = 1.50
 JPEG_BYTES = 30_000
+
+
+def function_memory_mb(logical_id: str) -> int:
+    """A function's MemorySize, as template.yaml sets it."""
+    from samtranslator.yaml_helper import yaml_parse
+
+    template = yaml_parse((Path(__file__).resolve().parents[1] / "template.yaml").read_text())
+    return int(template["Resources"][logical_id]["Properties"]["MemorySize"])
 
 
 @dataclass(frozen=True)
@@ -356,15 +362,15 @@ def cost_table(measured: dict[str, Any], gpu_images_per_s: float, gpu_dollars_pe
             shards * SQS_REQUEST / images * 1e6,
         )
     )
-    indexer_invocations = measured["indexer_invocations"]
-    # Measured here against the emulator: a stand-in for Lambda's duration at IndexerMemorySize.
+    indexer_invocations, indexer_memory_mb = measured["indexer_invocations"], function_memory_mb("IndexerFunction")
+    # Measured here against the emulator: a stand-in for Lambda's duration at the function's memory.
     indexer_dollars = (
-        indexer_invocations * LAMBDA_REQUEST + measured["indexer_seconds"] * INDEXER_MEMORY_MB / 1024 * LAMBDA_GB_SECOND
+        indexer_invocations * LAMBDA_REQUEST + measured["indexer_seconds"] * indexer_memory_mb / 1024 * LAMBDA_GB_SECOND
     )
     lines.append(
         Line(
             "indexer",
-            f"Lambda: {indexer_invocations} invocations, {measured['indexer_seconds']:.2f} s at {INDEXER_MEMORY_MB} MB",
+            f"Lambda: {indexer_invocations} invocations, {measured['indexer_seconds']:.2f} s at {indexer_memory_mb} MB",
             "Lambda",
             indexer_invocations,
             indexer_invocations / images,

@@ -200,6 +200,7 @@ def test_the_indexer_trains_up_to_its_limit_and_alarms_on_training_it_leaves() -
     resources = stack(IndexMaxTrainRows="500000")["Resources"]
     environment = resources["IndexerFunction"]["Properties"]["Environment"]["Variables"]
     assert environment["INDEX_MAX_TRAIN_ROWS"] == "500000"
+    assert resources["IndexerFunction"]["Properties"]["MemorySize"] <= 3008  # what a new account may use
     alarm = resources["IndexTrainingDeferredAlarm"]["Properties"]
     # The metric the indexer emits (tests/indexer), in its Powertools namespace and service dimension.
     assert (alarm["Namespace"], alarm["MetricName"]) == (environment["POWERTOOLS_METRICS_NAMESPACE"], "IndexTrainingDeferred")
