@@ -79,12 +79,18 @@ def test_indexed_search_finds_what_brute_force_finds_on_clustered_vectors(local_
     np.testing.assert_allclose([m.score for m in top], [float(stored(store, m.url) @ queries[0]) for m in top], atol=1e-5)
 
 
-def test_the_index_is_retrained_once_the_table_outgrows_it(local_uri: str) -> None:
+def outgrown(local_uri: str) -> tuple[VectorStore, np.ndarray]:
+    """A store whose index was trained on 2,100 rows and which now holds 4,400: a retrain is due."""
     store = VectorStore(local_uri)
     vectors = clustered(4_400, DIMENSIONS, seed=6)
     store.ingest(shard(names(0, 2_100), vectors[:2_100]), shard="a", still_current=trusting)
     maintain(store, POLICY)
     store.ingest(shard(names(2_100, 2_300), vectors[2_100:]), shard="b", still_current=trusting)
+    return store, vectors
+
+
+def test_the_index_is_retrained_once_the_table_outgrows_it(local_uri: str) -> None:
+    store, _ = outgrown(local_uri)
     assert plan(store.index_state(), POLICY) is Action.RETRAIN
 
     retrained = maintain(store, POLICY)
@@ -93,11 +99,7 @@ def test_the_index_is_retrained_once_the_table_outgrows_it(local_uri: str) -> No
 
 
 def test_a_retrain_past_max_train_rows_is_deferred_while_new_rows_still_go_into_the_index(local_uri: str) -> None:
-    store = VectorStore(local_uri)
-    vectors = clustered(4_400, DIMENSIONS, seed=6)
-    store.ingest(shard(names(0, 2_100), vectors[:2_100]), shard="a", still_current=trusting)
-    maintain(store, POLICY)
-    store.ingest(shard(names(2_100, 2_300), vectors[2_100:]), shard="b", still_current=trusting)
+    store, vectors = outgrown(local_uri)
     limited = replace(POLICY, max_train_rows=3_000)
 
     deferred = maintain(store, limited)
