@@ -93,6 +93,8 @@ def world(
 
         settings = StorageSettings(endpoint=moto_endpoint, region="us-east-1")
         yield s3, embed, invoke, VectorStore(store_uri(OUTPUT_BUCKET, "", model_id), settings=settings), model_id
+    # The server outlives the test: leave nothing in it for the next module's tests to find.
+    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=30)
 
 
 def urls(*names: str) -> list[str]:
