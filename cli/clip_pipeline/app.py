@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -178,6 +179,9 @@ def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
         f"s3 ls s3://{stack.output('OutputBucketName')}/ --recursive\n"
         f"  clip-pipeline status --stack-name {stack.name} --endpoint-url {endpoint} --region {emulator.REGION}"
     )
+    # Python leaves SIGINT ignored when it started ignored (a job started in the background by a
+    # script); "Ctrl-C stops it" must hold however it was started, as it does for `serve`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
