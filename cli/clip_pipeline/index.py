@@ -24,10 +24,11 @@ def maintain_stores(clients: Clients, stack: Stack, dry_run: bool, on_start: Cal
     results = []
     for model_id in stored_models(clients.client("s3"), bucket, prefix):
         store = VectorStore(store_uri(bucket, prefix, model_id), settings=clients.storage())
-        due = plan(store.index_state(), IndexPolicy())
+        state = store.index_state()
+        due = plan(state, IndexPolicy())
         on_start(model_id, str(due))
         done = None if dry_run else maintain(store)
-        state = done.state if done else store.index_state()
+        state = done.state if done else state
         results.append(
             {
                 "model_id": model_id,

@@ -309,7 +309,12 @@ class VectorStore:
         vector = np.asarray(query, np.float32)
         self._check_dimensions(table, vector.shape[-1], "the query")
         vector = vector / np.linalg.norm(vector)
-        nprobes, refine_factor = self.search_settings.for_rows(table.count_rows())
+        settings = self.search_settings
+        # The table's size is read only when a setting is left to it.
+        if settings.nprobes and settings.refine_factor:
+            nprobes, refine_factor = settings.nprobes, settings.refine_factor
+        else:
+            nprobes, refine_factor = settings.for_rows(table.count_rows())
         found = (
             table.search(vector, vector_column_name=VECTOR_COLUMN)
             .distance_type("dot")
