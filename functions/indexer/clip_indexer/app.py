@@ -28,9 +28,9 @@ from aws_lambda_powertools.utilities.parser.models import S3Model, SqsRecordMode
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-from clip_shared import aws, keys
+from clip_shared import keys
 from clip_shared.aws import CLIENT_CONFIG
-from clip_store import IndexPolicy, StoreError, VectorStore, ingest_shards, maintain, store_uri, stored_models
+from clip_store import IndexPolicy, StoreError, VectorStore, current_etag, ingest_shards, maintain, store_uri, stored_models
 
 
 class Settings(BaseModel):
@@ -102,18 +102,6 @@ def collect(record: S3NotificationRecord, work: Work) -> None:
             work.announced_by[keys.s3_url(bucket, key)] = record
 
 
-def gone(url: str) -> bool:
-    """Whether the object is really gone: removing an old version of a versioned object leaves it."""
-    bucket, key = keys.parse_s3_url(url)
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except Exception as exc:
-        if aws.is_missing(exc):
-            return True
-        raise
-    return False
-
-
 @tracer.capture_method
 def apply(work: Work) -> dict[str, StoreError]:
     """Does the batch's work; returns the shards that could not be read (their messages fail alone)."""
@@ -122,7 +110,7 @@ def apply(work: Work) -> dict[str, StoreError]:
         ingested = ingest_shards(store(model_id), s3, sorted(set(shard_urls)), unreadable=unreadable)
         logger.info("Ingested shards", model_id=model_id, shards=len(shard_urls), **asdict(ingested))
         metrics.add_metric(name="RowsIngested", unit=MetricUnit.Count, value=ingested.inserted + ingested.updated)
-    removed = sorted(url for url in work.removed if gone(url))
+    removed = sorted(url for url in work.removed if current_etag(s3, url) is None)
     removed_from = stored_models(s3, SETTINGS.output_bucket, SETTINGS.output_prefix) if removed else []
     for model_id in removed_from:
         deleted = store(model_id).delete(removed)

@@ -36,6 +36,7 @@ API, in one line each:
   skipped_deleted)`: upserts a worker shard's rows on `url` in one commit.
 - `ingest_shards(store, s3, shard_urls, still_current=s3_still_current(s3)) -> Ingested`: reads
   finished Parquet shards (s3:// or local paths) and ingests them together, oldest first.
+- `current_etag(s3, url) -> str | None`: the object's ETag now, None once it is gone (one HEAD).
 - `VectorStore.delete(urls) -> int`: rows removed; tombstones keep late shards from bringing them back.
 - `VectorStore.nearest(vector, top, *, exclude=()) -> list[Match]`, `vector_of(url)`, `count()`,
   `dimensions()`, `index_state() -> IndexState`, `prewarm()` (reads the whole index into cache).
@@ -48,7 +49,7 @@ API, in one line each:
 from clip_store.errors import Code, StoreError
 from clip_store.location import StorageSettings, store_uri, stored_models
 from clip_store.maintain import Action, IndexPolicy, Maintenance, maintain, plan
-from clip_store.shards import ingest_shards, read_shard, s3_still_current
+from clip_store.shards import current_etag, ingest_shards, read_shard, s3_still_current
 from clip_store.store import IndexState, Ingested, Match, SearchSettings, VectorStore
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "StorageSettings",
     "StoreError",
     "VectorStore",
+    "current_etag",
     "ingest_shards",
     "maintain",
     "plan",

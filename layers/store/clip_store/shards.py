@@ -28,20 +28,22 @@ def read_shard(s3: Any, url: str) -> pa.Table:
         raise StoreError(Code.BAD_SHARD, f"shard {url} cannot be read as a worker shard: {exc}") from exc
 
 
+def current_etag(s3: Any, url: str) -> str | None:
+    """The ETag of the object at `url` now (one HEAD), or None if it is gone: in a versioned bucket,
+    removing an old version leaves the object, and a delete marker makes it gone."""
+    bucket, key = parse_s3_url(url)
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if aws.is_missing(exc):
+            return None
+        raise
+    return bare_etag(head["ETag"])
+
+
 def s3_still_current(s3: Any) -> StillCurrent:
     """Asks S3 (one HEAD) whether the object a tombstoned row was embedded from is back, unchanged."""
-
-    def still_current(url: str, etag: str) -> bool:
-        bucket, key = parse_s3_url(url)
-        try:
-            head = s3.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            if aws.is_missing(exc):
-                return False
-            raise
-        return bare_etag(head["ETag"]) == etag
-
-    return still_current
+    return lambda url, etag: current_etag(s3, url) == etag
 
 
 def ingest_shards(
