@@ -25,6 +25,22 @@ from clip_worker.config import WorkerConfig
 PHOTOS = Path(skimage.__file__).parent / "data"
 INPUT_BUCKET = "input-bucket"
 OUTPUT_BUCKET = "output-bucket"
+#: Keys real buckets hold that URL and SQL handling get wrong: a fragment or query marker, leading and
+#: doubled slashes, whitespace, `+` and `%` (S3 URL-encodes notification keys, spaces as `+`), quotes,
+#: unicode, and the longest key S3 allows. Every layer's tests run some of them end to end.
+AWKWARD_KEYS = (
+    "IMG #12.jpg",
+    "photo#1.jpg",
+    "what?size=1.jpg",
+    "/leading-slash.jpg",
+    "dir//double slash.jpg",
+    "tab\there.jpg",
+    "a+b c%2B.jpg",
+    "caf\u00e9/\u2603 na\u00efve.jpg",
+    'it\'s "quoted" ; semi.jpg',
+    "back\\slash.jpg",
+    "k/" + "x" * 1018 + ".jpg",
+)
 #: A CLIP small enough to run in milliseconds on a CPU; same code paths as ViT-B-32.
 TINY_MODEL = "test-tiny-clip"
 TINY_CONFIG = {

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from cloudevents.core.base import BaseCloudEvent
 
 from clip_shared import aws, keys
 from clip_shared.events import (
@@ -33,6 +32,7 @@ from clip_shared.events import (
     Keywords,
     document_event,
     document_ref,
+    document_url,
     embedding_metadata,
     from_json_batch,
     to_json,
@@ -91,13 +91,6 @@ class Resumed:
         return (row is not None and row.version.etag == entry.etag) or key in self.failed
 
 
-def document_url(event: BaseCloudEvent) -> str:
-    """The url of the object an event of ours is about (its data is always a JSON object)."""
-    data = event.get_data()
-    assert isinstance(data, dict)
-    return str(data["document"]["url"])
-
-
 class OutputWriter:
     """Collects a child's outcomes in memory and writes them at checkpoints (and, per object, as they come).
 
@@ -130,6 +123,7 @@ class OutputWriter:
         self.events_key = keys.events_key(prefix, model.id, manifest_id, shard_index)
         self._rows: dict[tuple[str, str], Row] = {}
         self._events: dict[tuple[str, str], bytes] = {}
+        self._failed: dict[tuple[str, str], str] = {}
 
     @property
     def shard_url(self) -> str:
@@ -153,6 +147,7 @@ class OutputWriter:
             if event.get_type() == EventType.FAILED:
                 resumed.failed.add(identity(entry))
                 self._events[identity(entry)] = to_json(event)
+                self._failed[identity(entry)] = entry.url
             else:
                 created[identity(entry)] = to_json(event)
         if created:
@@ -190,6 +185,7 @@ class OutputWriter:
         if self._per_object:
             self._submit(entry, self._put_document, entry, event)
         self._events[identity(entry)] = event
+        self._failed[identity(entry)] = entry.url
 
     def flush(self) -> list[tuple[ManifestEntry, BaseException]]:
         """Waits for the per-object writes; returns those that failed."""
@@ -204,8 +200,12 @@ class OutputWriter:
         """
         order = [identity(entry) for entry in entries]
         rows = [self._rows[key] for key in dict.fromkeys(order) if key in self._rows]
+        failed = [self._failed[key] for key in dict.fromkeys(order) if key in self._failed]
         self._s3.put_object(
-            Bucket=self._bucket, Key=self.shard_key, Body=self._parquet(rows), ContentType="application/vnd.apache.parquet"
+            Bucket=self._bucket,
+            Key=self.shard_key,
+            Body=self._parquet(rows, failed),
+            ContentType="application/vnd.apache.parquet",
         )
         events = [self._events[key] for key in dict.fromkeys(order) if key in self._events]
         self._s3.put_object(Bucket=self._bucket, Key=self.events_key, Body=to_json_batch(events), ContentType=BATCH_CONTENT_TYPE)
@@ -252,7 +252,9 @@ class OutputWriter:
             error=(error.code, error.message) if error else None,
         )
 
-    def _parquet(self, rows: list[Row]) -> bytes:
+    def _parquet(self, rows: list[Row], failed: list[str]) -> bytes:
+        """The shard: one row per embedded image, and in its metadata the urls of those that failed,
+        whose older vectors the vector store's indexer removes (keys.SHARD_FAILED_METADATA)."""
         vectors = (
             np.stack([row.vector for row in rows]).astype(np.float32) if rows else np.zeros((0, self._dimensions), np.float32)
         )
@@ -268,7 +270,7 @@ class OutputWriter:
                 "pretrained": [self._pretrained] * len(rows),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self._dimensions),
             },
-            schema=shard_schema(self._dimensions),
+            schema=shard_schema(self._dimensions).with_metadata({keys.SHARD_FAILED_METADATA: json.dumps(sorted(set(failed)))}),
         )
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")

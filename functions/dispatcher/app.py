@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
-from urllib.parse import unquote_plus
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 
 from clip_dispatch.admission import ADMISSION_THREADS, ObjectRef, Verdict, admit, record_rejection
 from clip_dispatch.submission import dedupe, new_manifest_id, submit
-from clip_shared import defaults
+from clip_shared import defaults, keys
 from clip_shared.aws import CLIENT_CONFIG
 from clip_shared.manifest import ManifestEntry
 
@@ -73,8 +72,7 @@ def _object_ref(notified: S3RecordModel) -> ObjectRef | None:
     announced = notified.s3.object
     if announced is None:
         return None
-    # Notification keys are URL-encoded with spaces as '+'.
-    return ObjectRef(notified.s3.bucket.name, unquote_plus(announced.key), announced.versionId)
+    return ObjectRef(notified.s3.bucket.name, keys.notified_key(announced.key), announced.versionId)
 
 
 def _admit(ref: ObjectRef, manifest_id: str) -> ManifestEntry | None:

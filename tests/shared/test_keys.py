@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from clip_shared import keys
+from tests.support import AWKWARD_KEYS
 
 
 def test_keys_keep_the_source_key_verbatim_and_are_deterministic() -> None:
@@ -31,3 +32,8 @@ def test_model_id_is_one_path_segment() -> None:
 def test_parse_s3_url_names_what_is_wrong(url: str) -> None:
     with pytest.raises(ValueError, match="is not an s3://bucket/key URL"):
         keys.parse_s3_url(url)
+
+
+@pytest.mark.parametrize("key", [*AWKWARD_KEYS, "report#draft.jpg", "a?b#c;d", "//", " ", "x/"])
+def test_a_url_maps_back_to_its_key_byte_for_byte(key: str) -> None:
+    assert keys.parse_s3_url(keys.s3_url("bucket", key)) == ("bucket", key)

@@ -9,4 +9,4 @@ from clip_store.store import Ingested, VectorStore
 
 
 def append_one_shard(uri: str, shard_url: str) -> Ingested:
-    return ingest_shards(VectorStore(uri), boto3.client("s3"), [shard_url])
+    return ingest_shards(VectorStore(uri), boto3.client("s3"), [shard_url]).ingested

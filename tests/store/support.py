@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from lancedb.table import LanceTable
 
 from clip_store.store import VectorStore
+from clip_store.tombstones import TABLE as TOMBSTONES
 from clip_worker.writer import shard_schema
 from tests.support import INPUT_BUCKET, OUTPUT_BUCKET
 
@@ -78,8 +79,13 @@ def stored(store: VectorStore, url: str) -> np.ndarray:
     return vector
 
 
-def table_of(store: VectorStore, name: str = "vectors") -> LanceTable:
-    """The store's table, which the test has written to (so it exists)."""
-    table = store.table(name)
-    assert table is not None, f"{store.uri} has no table {name}"
+def table_of(store: VectorStore) -> LanceTable:
+    """The store's vectors table, which the test has written to (so it exists)."""
+    table = store.table()
+    assert table is not None, f"{store.uri} has no vectors table"
     return table
+
+
+def tombstone_count(store: VectorStore) -> int:
+    table = store.tombstones.database.table(TOMBSTONES)
+    return 0 if table is None else table.count_rows()

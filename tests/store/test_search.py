@@ -8,7 +8,7 @@ import pytest
 
 from clip_store.maintain import Action, IndexPolicy, maintain, plan
 from clip_store.store import Ingested, SearchSettings, VectorStore
-from tests.store.support import clustered, shard, stored, table_of, trusting, unit_vectors, urls
+from tests.store.support import clustered, shard, stored, tombstone_count, trusting, unit_vectors, urls
 
 DIMENSIONS = 32
 #: Small enough for a test: an index over 2,000 rows, updated every 300 new ones.
@@ -178,9 +178,9 @@ def test_an_index_update_forgets_tombstones_older_than_the_policy_keeps_them(loc
     store.ingest(shard(names(2_000, 300), clustered(300, DIMENSIONS, seed=10)), shard="b", still_current=trusting)
 
     kept = maintain(store, POLICY)  # tombstones younger than 15 days stay
-    assert kept.action is Action.UPDATE and table_of(store, "deletions").count_rows() == 1
+    assert kept.action is Action.UPDATE and tombstone_count(store) == 1
     store.ingest(shard(names(2_300, 300), clustered(300, DIMENSIONS, seed=11)), shard="c", still_current=trusting)
     assert maintain(store, replace(POLICY, keep_tombstones=timedelta(0))).action is Action.UPDATE
 
-    assert table_of(store, "deletions").count_rows() == 0
+    assert tombstone_count(store) == 0
     assert store.vector_of(urls(names(0, 1))[0]) is None and store.count() == 2_599

@@ -1,23 +1,36 @@
-"""Indexer: finished shards and removed uploads -> the vector store, as its one writer.
+"""Indexer: finished shards and changes S3 made to uploads -> the vector store, as its writer.
 
-Each SQS batch holds S3 notifications of two kinds: a worker's Parquet shard created in the output
-bucket, and an upload removed from the input bucket. The batch's shards go into their model's
-store (clip_store) in one commit, oldest first; removals leave every model's store; then each
-store touched has its index maintained (built, updated or retrained when due). Every step is
-idempotent: a shard ingested twice adds nothing, a removal twice removes nothing, so a batch that
-fails is simply redelivered by SQS and, after maxReceiveCount, parked in the dead-letter queue.
+Each SQS batch holds S3 notifications of three kinds:
+
+- a worker's Parquet shard created in the output bucket: its rows go into its model's store, and
+  the objects its child could not embed (named in its metadata) are reconciled;
+- an upload removed from the input bucket (a delete, a delete marker, the removal of a version,
+  a lifecycle expiration): reconciled;
+- a dispatcher rejection written to the output bucket (the upload's newest version will never be
+  embedded): reconciled.
+
+Reconciling asks S3 what is current (one HEAD an object) and leaves each store holding at most
+that version's row, with a tombstone (clip_store.reconcile) that a late shard cannot get past;
+an object whose removal uncovered a version no store holds is sent to the dispatcher's queue to be
+embedded again. Then each store touched has its index kept up.
+
+Every step is idempotent, and a failure fails only the messages it concerns: a shard that cannot
+be read, or a model's commit, fails the messages of that shard or that model; an object S3 would
+not answer for fails the messages about it. SQS redelivers them and, after maxReceiveCount, parks
+them in the dead-letter queue. Upkeep of the index never fails a batch whose work is committed.
 
 It runs in the query API's image (lancedb and pyarrow are too big for a zip), with its own handler.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -30,7 +43,19 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 
 from clip_shared import keys
 from clip_shared.aws import CLIENT_CONFIG
-from clip_store import IndexPolicy, StoreError, VectorStore, current_etag, ingest_shards, maintain, store_uri, stored_models
+from clip_shared.events import document_url, from_json
+from clip_store import (
+    Database,
+    IndexPolicy,
+    Tombstones,
+    VectorStore,
+    ingest_shards,
+    maintain,
+    reconcile,
+    store_uri,
+    stored_models,
+    tombstones_uri,
+)
 
 
 class Settings(BaseModel):
@@ -43,6 +68,8 @@ class Settings(BaseModel):
     #: The largest table whose index this function trains within its 15 minutes (docs/search.md);
     #: past it the (re)training is left to `clip-pipeline index`, and the index keeps serving.
     index_max_train_rows: int = Field(alias="INDEX_MAX_TRAIN_ROWS", ge=IndexPolicy().exact_below)
+    #: The dispatcher's queue: an object whose removal uncovered a version no store holds goes there.
+    upload_queue_url: str = Field(alias="UPLOAD_QUEUE_URL", min_length=1)
 
 
 class S3TestEvent(BaseModel):
@@ -58,14 +85,21 @@ class S3NotificationRecord(SqsRecordModel):
 
 @dataclass
 class Work:
-    """What one batch asks for: shards by model, and the urls of removed uploads."""
+    """What one batch asks for, and which messages asked for each part, to fail those alone."""
 
-    shards: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    #: model id -> shard url -> the messages that announced it
+    shards: dict[str, dict[str, list[S3NotificationRecord]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
+    #: object url -> the messages that asked for it to be reconciled
+    checks: dict[str, list[S3NotificationRecord]] = field(default_factory=lambda: defaultdict(list))
+    #: The urls of removals: only a removal can uncover a version to embed again.
     removed: set[str] = field(default_factory=set)
-    #: The batch's messages, to report every one failed when the batch's commit fails.
-    messages: list[S3NotificationRecord] = field(default_factory=list)
-    #: The message that announced each shard, to fail that message alone when its shard is unreadable.
-    announced_by: dict[str, S3NotificationRecord] = field(default_factory=dict)
+    failures: dict[str, tuple[S3NotificationRecord, BaseException]] = field(default_factory=dict)
+
+    def fail(self, messages: list[S3NotificationRecord], error: BaseException) -> None:
+        for message in messages:
+            self.failures.setdefault(message.messageId, (message, error))
 
 
 SETTINGS = Settings.model_validate(os.environ)
@@ -74,51 +108,138 @@ logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
 s3 = boto3.client("s3", config=CLIENT_CONFIG)
+sqs = boto3.client("sqs", config=CLIENT_CONFIG)
 processor = BatchProcessor(event_type=EventType.SQS, model=S3NotificationRecord)
+# One for every model's store: a removal holds for a model whose store does not exist yet.
+TOMBSTONES = Tombstones(Database(tombstones_uri(SETTINGS.output_bucket, SETTINGS.output_prefix)))
 # One store object per model for the life of the container: it keeps its open table and caches.
 _stores: dict[str, VectorStore] = {}
+REMOVALS = ("ObjectRemoved", "LifecycleExpiration")
 
 
 def store(model_id: str) -> VectorStore:
     if model_id not in _stores:
-        _stores[model_id] = VectorStore(store_uri(SETTINGS.output_bucket, SETTINGS.output_prefix, model_id))
+        uri = store_uri(SETTINGS.output_bucket, SETTINGS.output_prefix, model_id)
+        _stores[model_id] = VectorStore(uri, tombstones=TOMBSTONES)
     return _stores[model_id]
 
 
 def collect(record: S3NotificationRecord, work: Work) -> None:
-    """Sorts a message's records into the batch's work; nothing is written yet."""
-    work.messages.append(record)
+    """Sorts a message's records into the batch's work; only a rejection's record is read here."""
     if isinstance(record.body, S3TestEvent):
         return
     for notified in record.body.Records:
         announced = notified.s3.object
         if announced is None:
             continue
-        bucket, key = notified.s3.bucket.name, unquote_plus(announced.key)
-        if notified.eventName.startswith("ObjectRemoved"):
+        bucket, key = notified.s3.bucket.name, keys.notified_key(announced.key)
+        if notified.eventName.startswith(REMOVALS):
+            work.checks[keys.s3_url(bucket, key)].append(record)
             work.removed.add(keys.s3_url(bucket, key))
-        elif bucket == SETTINGS.output_bucket and (model_id := keys.model_of_shard(SETTINGS.output_prefix, key)):
-            work.shards[model_id].append(keys.s3_url(bucket, key))
-            work.announced_by[keys.s3_url(bucket, key)] = record
+        elif bucket != SETTINGS.output_bucket:
+            continue
+        elif model_id := keys.model_of_shard(SETTINGS.output_prefix, key):
+            work.shards[model_id][keys.s3_url(bucket, key)].append(record)
+        elif key.startswith(keys.rejected_prefix(SETTINGS.output_prefix)):
+            rejection = from_json(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+            work.checks[document_url(rejection)].append(record)
 
 
 @tracer.capture_method
-def apply(work: Work) -> dict[str, StoreError]:
-    """Does the batch's work; returns the shards that could not be read (their messages fail alone)."""
-    unreadable: dict[str, StoreError] = {}
-    for model_id, shard_urls in work.shards.items():
-        ingested = ingest_shards(store(model_id), s3, sorted(set(shard_urls)), unreadable=unreadable)
-        logger.info("Ingested shards", model_id=model_id, shards=len(shard_urls), **asdict(ingested))
-        metrics.add_metric(name="RowsIngested", unit=MetricUnit.Count, value=ingested.inserted + ingested.updated)
-    removed = sorted(url for url in work.removed if current_etag(s3, url) is None)
-    removed_from = stored_models(s3, SETTINGS.output_bucket, SETTINGS.output_prefix) if removed else []
-    for model_id in removed_from:
-        deleted = store(model_id).delete(removed)
-        logger.info("Removed deleted uploads", model_id=model_id, urls=len(removed), rows=deleted)
-        metrics.add_metric(name="RowsDeleted", unit=MetricUnit.Count, value=deleted)
-    for model_id in {*work.shards, *removed_from}:
-        done = maintain(store(model_id), POLICY)
-        logger.info("Maintained the index", model_id=model_id, action=str(done.action), seconds=round(done.seconds, 2))
+def ingest(work: Work) -> None:
+    """Each model's shards in one commit; the objects their children could not embed join the checks."""
+    for model_id, announced in work.shards.items():
+        try:
+            done = ingest_shards(store(model_id), s3, sorted(announced))
+        except Exception as exc:  # noqa: BLE001 - one model's failure fails that model's messages alone
+            logger.exception("Ingesting a model's shards failed; their messages will be redelivered", model_id=model_id)
+            work.fail([message for messages in announced.values() for message in messages], exc)
+            continue
+        for url, error in done.refused.items():
+            logger.error(
+                "A shard was left out; its message will be redelivered", shard=url, code=str(error.code), reason=error.message
+            )
+            work.fail(announced[url], error)
+        for shard_url, failed in done.failed.items():
+            for url in failed:
+                work.checks[url].extend(announced[shard_url])
+        logger.info("Ingested shards", model_id=model_id, shards=len(announced) - len(done.refused), **asdict(done.ingested))
+        metrics.add_metric(name="RowsIngested", unit=MetricUnit.Count, value=done.ingested.inserted + done.ingested.updated)
+
+
+@tracer.capture_method
+def check(work: Work) -> list[str]:
+    """Reconciles every store with S3 about the objects the batch says changed; returns the models touched."""
+    if not work.checks:
+        return []
+    models = stored_models(s3, SETTINGS.output_bucket, SETTINGS.output_prefix)
+    try:
+        done = reconcile(s3, [store(model_id) for model_id in models], TOMBSTONES, list(work.checks))
+    except Exception as exc:  # noqa: BLE001 - the checks fail their own messages, not the shards'
+        logger.exception("Reconciling removed or unembeddable objects failed; their messages will be redelivered")
+        work.fail([message for messages in work.checks.values() for message in messages], exc)
+        return []
+    for url, error in done.unchecked.items():
+        logger.error("S3 would not say whether an object changed; its messages will be redelivered", url=url, reason=str(error))
+        work.fail(work.checks[url], error)
+    uncovered = {url: etag for url, etag in done.unstored.items() if url in work.removed}
+    for url, etag in uncovered.items():
+        try:
+            embed_again(url, etag)
+        except Exception as exc:  # noqa: BLE001 - its removal is redelivered, and reconciling again re-sends it
+            logger.exception("Sending an uncovered version to be embedded failed", url=url)
+            work.fail(work.checks[url], exc)
+    logger.info(
+        "Reconciled with S3",
+        urls=len(work.checks),
+        tombstoned=len(done.tombstoned),
+        rows=done.removed_rows,
+        embed_again=len(uncovered),
+    )
+    metrics.add_metric(name="RowsDeleted", unit=MetricUnit.Count, value=done.removed_rows)
+    metrics.add_metric(name="ObjectsEmbeddedAgain", unit=MetricUnit.Count, value=len(uncovered))
+    return models
+
+
+def embed_again(url: str, etag: str) -> None:
+    """Sends the dispatcher the notification S3 never sends when a removal uncovers an older version."""
+    bucket, key = keys.parse_s3_url(url)
+    record = {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": os.environ.get("AWS_REGION", "us-east-1"),
+        "eventTime": datetime.now(UTC).isoformat(),
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "clip-indexer"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": "clip-indexer", "x-amz-id-2": "clip-indexer"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            # Says who sent it, for whoever reads the dispatcher's queue.
+            "configurationId": "clip-indexer-uncovered-version",
+            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "clip-indexer"}, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {"key": quote_plus(key), "eTag": etag},
+        },
+    }
+    sqs.send_message(QueueUrl=SETTINGS.upload_queue_url, MessageBody=json.dumps({"Records": [record]}))
+
+
+def keep_up(model_ids: set[str]) -> None:
+    """Builds, updates, retrains or compacts each touched store's index when due; never fails the batch."""
+    for model_id in sorted(model_ids):
+        try:
+            done = maintain(store(model_id), POLICY)
+        except Exception:  # noqa: BLE001 - the batch's work is committed; the next batch does the upkeep
+            logger.exception("Keeping the index up failed; the next batch will do it", model_id=model_id)
+            metrics.add_metric(name="IndexUpkeepFailed", unit=MetricUnit.Count, value=1)
+            continue
+        logger.info(
+            "Maintained the index",
+            model_id=model_id,
+            action=str(done.action),
+            seconds=round(done.seconds, 2),
+            conflict=done.conflict,
+        )
         if done.deferred is not None:
             logger.warning(
                 "The index is due to be trained on more rows than this function trains within its time: run "
@@ -130,7 +251,6 @@ def apply(work: Work) -> dict[str, StoreError]:
                 max_train_rows=POLICY.max_train_rows,
             )
             metrics.add_metric(name="IndexTrainingDeferred", unit=MetricUnit.Count, value=1)
-    return unreadable
 
 
 @logger.inject_lambda_context
@@ -140,21 +260,9 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItem
     work = Work()
     with processor(records=event["Records"], handler=lambda record: collect(record, work)):
         processor.process()
-        try:
-            unreadable = apply(work)
-        except Exception:
-            # The whole batch is one commit: SQS redelivers it all, and every step is idempotent.
-            logger.exception("Indexing the batch failed; its messages will be redelivered")
-            failure = sys.exc_info()
-            for message in work.messages:
-                processor.failure_handler(record=message, exception=failure)
-        else:
-            for url, error in unreadable.items():
-                logger.error(
-                    "A shard could not be read; its message will be redelivered",
-                    shard=url,
-                    code=str(error.code),
-                    reason=error.message,
-                )
-                processor.failure_handler(record=work.announced_by[url], exception=(type(error), error, error.__traceback__))
+        ingest(work)
+        touched = check(work)
+        keep_up({*work.shards, *touched})
+        for message, error in work.failures.values():
+            processor.failure_handler(record=message, exception=(type(error), error, error.__traceback__))
     return processor.response()

@@ -142,6 +142,13 @@ def from_json(data: bytes | str) -> BaseCloudEvent:
     return _FORMAT.read(None, data)
 
 
+def document_url(event: BaseCloudEvent) -> str:
+    """The url of the object an event of ours is about (its data is always a JSON object)."""
+    data = event.get_data()
+    assert isinstance(data, dict)
+    return str(data["document"]["url"])
+
+
 def to_json_batch(events: Sequence[bytes]) -> bytes:
     """Events already serialised by `to_json`, as one CloudEvents JSON batch document."""
     return b"[" + b",".join(events) + b"]"

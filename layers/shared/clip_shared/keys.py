@@ -17,6 +17,7 @@ And what the pipeline keeps for itself:
     {prefix}journal/{manifest_id}/shard-00000.json       what a job child had in flight (crash recovery)
     {prefix}retries/{sha256}.json                         one per failure `clip-pipeline retry` resubmitted
     {prefix}store/{model_id}/                             the vector store (LanceDB) search reads, one per model
+    {prefix}tombstones/                                   removed objects, which every model's store consults
 
 Per-object keys keep the source bucket and key verbatim, which makes the mapping injective: two
 different inputs never share an output. S3 keys are limited to 1024 bytes; a source key too long
@@ -29,9 +30,12 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote_plus
 
 MAX_KEY_BYTES = 1024
+#: A shard's Parquet key-value metadata naming, as a JSON list of urls, the objects its child could
+#: not embed: the vector store removes their older versions' vectors (clip_store.reconcile).
+SHARD_FAILED_METADATA = b"clip.failed"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: CLIP_PRETRAINED value for random weights (smoke tests only).
 RANDOM_WEIGHTS = "none"
@@ -121,6 +125,10 @@ def store_prefix(prefix: str, model: str) -> str:
     return f"{stores_prefix(prefix)}{model}/"
 
 
+def tombstones_prefix(prefix: str) -> str:
+    return f"{normalise_prefix(prefix)}tombstones/"
+
+
 def model_of_shard(prefix: str, key: str) -> str | None:
     """The model a worker's Parquet shard key belongs to, or None for any other key."""
     head = f"{normalise_prefix(prefix)}parquet/"
@@ -154,13 +162,24 @@ def bare_etag(etag: str) -> str:
     return etag.strip('"')
 
 
+def notified_key(encoded: str) -> str:
+    """An object key as S3 notifications carry it (URL-encoded, spaces as `+`), decoded."""
+    return unquote_plus(encoded)
+
+
 def s3_url(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/key` -> (bucket, key); raises ValueError naming the URL otherwise."""
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.lstrip("/"):
+    """`s3://bucket/key` -> (bucket, key), the inverse of `s3_url`; raises ValueError naming the URL otherwise.
+
+    Everything after the first `/` that follows the bucket is the key, byte for byte: S3 keys may
+    hold `#`, `?`, `;`, tabs and leading or doubled slashes, which a URL parser would take for a
+    fragment, a query or a path to normalise (and `photo#1.jpg` would become `photo`).
+    """
+    scheme, separator, rest = url.partition("://")
+    bucket, slash, key = rest.partition("/")
+    if scheme != "s3" or not separator or not bucket or not slash or not key:
         raise ValueError(f"{url!r} is not an s3://bucket/key URL")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key

@@ -10,10 +10,11 @@ What each caller does:
     from clip_store import VectorStore, store_uri, ingest_shards, maintain
 
     # The indexer (one writer; S3 notifications of finished shards and of removed inputs):
-    store = VectorStore(store_uri(bucket, prefix, model_id))           # refresh_s=0: sees every commit
-    ingest_shards(store, s3, ["s3://out/parquet/m/job/shard-00000.parquet", ...])  # one commit, idempotent
-    store.delete(["s3://input/cat.jpg"])                                # removed from search, tombstoned
-    maintain(store)                                                     # builds/updates/retrains the index when due
+    tombstones = Tombstones(Database(tombstones_uri(bucket, prefix)))  # one for every model's store
+    store = VectorStore(store_uri(bucket, prefix, model_id), tombstones=tombstones)  # refresh_s=0: sees every commit
+    done = ingest_shards(store, s3, ["s3://out/parquet/m/job/shard-00000.parquet", ...])  # one commit, idempotent
+    reconcile(s3, [store], tombstones, ["s3://input/cat.jpg", *failed])  # removed or changed in S3: rows agree
+    maintain(store)                                                     # builds/updates/retrains/compacts when due
 
     # The query API (one store object per container, opened on the first /search):
     store = VectorStore(uri, refresh_s=config.index_refresh_s)          # sees new commits within refresh_s
@@ -34,42 +35,56 @@ API, in one line each:
   opens nothing until used; `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options.
 - `VectorStore.ingest(rows, *, shard, still_current) -> Ingested(inserted, updated, unchanged,
   skipped_deleted)`: upserts a worker shard's rows on `url` in one commit.
-- `ingest_shards(store, s3, shard_urls, still_current=s3_still_current(s3)) -> Ingested`: reads
-  finished Parquet shards (s3:// or local paths) and ingests them together, oldest first.
+- `ingest_shards(store, s3, shard_urls, still_current=s3_still_current(s3)) -> ShardsIngested(ingested,
+  refused, failed)`: reads finished Parquet shards (s3:// or local paths), each checked on its own,
+  and ingests the good ones together; `refused` names each shard left out and why, `failed` the
+  objects each child could not embed.
 - `current_etag(s3, url) -> str | None`: the object's ETag now, None once it is gone (one HEAD).
+- `reconcile(s3, stores, tombstones, urls) -> Reconciled`: after S3 changed these objects in a way
+  no shard announces (removed, an older version uncovered, the new version rejected or failed),
+  tombstones them and removes every row of another version than S3's current one.
 - `VectorStore.delete(urls) -> int`: rows removed; tombstones keep late shards from bringing them back.
 - `VectorStore.nearest(vector, top, *, exclude=()) -> list[Match]`, `vector_of(url)`, `count()`,
   `dimensions()`, `index_state() -> IndexState`, `prewarm()` (reads the whole index into cache).
 - `maintain(store, policy=IndexPolicy()) -> Maintenance(action, state, seconds, deferred)`: what
   was done, and a build or retrain left undone because the table is past `policy.max_train_rows`;
   `plan(state, policy) -> Action` says what is due without doing it.
-- `StoreError(code, message)` with `Code.DIMENSION_MISMATCH`, `Code.BAD_SHARD`.
+- `StoreError(code, message)` with `Code.DIMENSION_MISMATCH`, `Code.BAD_SHARD`, `Code.SHARD_UNAVAILABLE`.
 """
 
+from clip_store.database import Database
 from clip_store.errors import Code, StoreError
-from clip_store.location import StorageSettings, store_uri, stored_models
+from clip_store.location import StorageSettings, store_uri, stored_models, tombstones_uri
 from clip_store.maintain import Action, IndexPolicy, Maintenance, maintain, plan
-from clip_store.shards import current_etag, ingest_shards, read_shard, s3_still_current
+from clip_store.reconcile import Reconciled, reconcile
+from clip_store.shards import ShardsIngested, current_etag, ingest_shards, read_shard, s3_still_current
 from clip_store.store import IndexState, Ingested, Match, SearchSettings, VectorStore
+from clip_store.tombstones import Tombstones
 
 __all__ = [
     "Action",
     "Code",
+    "Database",
     "IndexPolicy",
     "IndexState",
     "Ingested",
     "Maintenance",
     "Match",
+    "Reconciled",
     "SearchSettings",
+    "ShardsIngested",
     "StorageSettings",
     "StoreError",
+    "Tombstones",
     "VectorStore",
     "current_etag",
     "ingest_shards",
     "maintain",
     "plan",
     "read_shard",
+    "reconcile",
     "s3_still_current",
     "store_uri",
     "stored_models",
+    "tombstones_uri",
 ]

@@ -10,6 +10,8 @@ class Code(StrEnum):
     DIMENSION_MISMATCH = "dimension-mismatch"
     #: A shard that cannot be read, or lacks the columns the worker writes.
     BAD_SHARD = "bad-shard"
+    #: A shard S3 would not serve (missing, forbidden, throttled): a later try may read it.
+    SHARD_UNAVAILABLE = "shard-unavailable"
 
 
 class StoreError(Exception):

@@ -20,6 +20,11 @@ def store_uri(bucket: str, prefix: str, model_id: str) -> str:
     return keys.s3_url(bucket, keys.store_prefix(prefix, model_id)).rstrip("/")
 
 
+def tombstones_uri(bucket: str, prefix: str) -> str:
+    """The tombstones every model's store in the output bucket consults (clip_store.tombstones)."""
+    return keys.s3_url(bucket, keys.tombstones_prefix(prefix)).rstrip("/")
+
+
 def stored_models(s3: Any, bucket: str, prefix: str) -> list[str]:
     """The model ids that have a store in the output bucket (one LIST, by common prefix)."""
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=keys.stores_prefix(prefix), Delimiter="/")

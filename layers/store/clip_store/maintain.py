@@ -10,8 +10,17 @@ reads only table metadata when there is nothing to do, and does at most one of:
   rest badly and grow unevenly;
 - **update** it (LanceDB `optimize`: compact small fragments, add unindexed rows to the existing
   partitions without retraining, drop versions older than `keep_versions`) once `max_unindexed`
-  rows have arrived since the last build or update, and forget tombstones older than
-  `keep_tombstones`: by then no shard embedded before the delete can still be on its way.
+  rows have arrived since the last build or update;
+- **compact** the table (the same `optimize`) once it has `max_fragments` data files, whatever its
+  size: each commit adds one, and a reader opens each, so a store kept small by churn (many small
+  batches, deletes) would otherwise cost a query one request per commit it ever saw.
+
+The tombstones are compacted by the same rule, and those older than `keep_tombstones` are
+forgotten: by then no shard embedded before the removal can still be on its way.
+
+Upkeep never fails what was committed before it: a commit conflict with another writer (two
+indexer containers: a compaction preempted by the other's delete) leaves the upkeep to the next
+batch (`Maintenance.conflict`), and callers treat any other upkeep error the same way.
 
 Rows not yet in the index are searchable all along: LanceDB scans them exactly next to the
 index search and merges the results, so `max_unindexed` bounds that scan's cost, not freshness.
@@ -29,8 +38,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from lancedb.index import BTree, IvfRq
+from lancedb.table import LanceTable
 
-from clip_store.store import TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore
+from clip_store.store import TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore, fragment_count
+from clip_store.tombstones import TABLE as TOMBSTONES
 
 
 class Action(StrEnum):
@@ -38,6 +49,7 @@ class Action(StrEnum):
     BUILD = "build"
     RETRAIN = "retrain"
     UPDATE = "update"
+    COMPACT = "compact"
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class IndexPolicy:
     #: IVF partition size: a query scans SearchSettings.nprobes partitions of about this many rows.
     #: Constant, so a query's cost stays flat as partitions multiply (docs/search.md).
     rows_per_partition: int = 4096
+    #: Data files (one per commit) before a table is compacted, whatever its size.
+    max_fragments: int = 16
     #: How long replaced data files are kept for readers still on an older version.
     keep_versions: timedelta = timedelta(hours=1)
     #: Longer than a shard can take to arrive: SQS keeps a message at most 14 days.
@@ -69,16 +83,18 @@ class Maintenance:
     seconds: float
     #: A build or retrain that was due but not done: the table is past the policy's max_train_rows.
     deferred: Action | None = None
+    #: Another writer's commit came first: the upkeep is left to the next call.
+    conflict: bool = False
 
 
 def plan(state: IndexState, policy: IndexPolicy) -> Action:
-    if state.index_type is None:
-        return Action.BUILD if state.rows >= policy.exact_below else Action.NONE
-    if state.rows >= policy.retrain_growth * max(state.trained_rows, 1):
+    if state.index_type is None and state.rows >= policy.exact_below:
+        return Action.BUILD
+    if state.index_type is not None and state.rows >= policy.retrain_growth * max(state.trained_rows, 1):
         return Action.RETRAIN
-    if state.unindexed_rows >= policy.max_unindexed:
+    if state.index_type is not None and state.unindexed_rows >= policy.max_unindexed:
         return Action.UPDATE
-    return Action.NONE
+    return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
 
 
 def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Maintenance:
@@ -91,17 +107,39 @@ def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Mainten
         has_index = action is Action.RETRAIN
         action = Action.UPDATE if has_index and state.unindexed_rows >= policy.max_unindexed else Action.NONE
     table = store.table()
-    if table is not None and action in (Action.BUILD, Action.RETRAIN):
-        rows = table.count_rows()
-        # RaBitQ codes (1 bit a dimension, 64 bytes a 512-d vector) ranked within the probed
-        # partitions, then the best candidates re-ranked exactly (SearchSettings.refine_factor).
-        table.create_index(
-            VECTOR_COLUMN, config=IvfRq(distance_type="dot", target_partition_size=policy.rows_per_partition), replace=True
-        )
-        table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
-        if action is Action.BUILD:
-            table.create_index("url", config=BTree(), replace=True)
-    elif table is not None and action is Action.UPDATE:
-        table.optimize(cleanup_older_than=policy.keep_versions)
-        store.forget_deletions(before=datetime.now(UTC) - policy.keep_tombstones)
+    try:
+        if table is not None and action in (Action.BUILD, Action.RETRAIN):
+            rows = table.count_rows()
+            # RaBitQ codes (1 bit a dimension, 64 bytes a 512-d vector) ranked within the probed
+            # partitions, then the best candidates re-ranked exactly (SearchSettings.refine_factor).
+            table.create_index(
+                VECTOR_COLUMN, config=IvfRq(distance_type="dot", target_partition_size=policy.rows_per_partition), replace=True
+            )
+            table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
+            if action is Action.BUILD:
+                table.create_index("url", config=BTree(), replace=True)
+        elif table is not None and action in (Action.UPDATE, Action.COMPACT):
+            table.optimize(cleanup_older_than=policy.keep_versions)
+        _keep_tombstones_small(store, policy, forget=action is not Action.NONE)
+    except (OSError, RuntimeError) as exc:
+        if not is_commit_conflict(exc):
+            raise
+        return Maintenance(action, state, time.monotonic() - started, deferred, conflict=True)
     return Maintenance(action, store.index_state(), time.monotonic() - started, deferred)
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """Lance's refusal of a commit that another writer's commit preempted (it says to retry)."""
+    return "conflict" in str(exc).lower()
+
+
+def _keep_tombstones_small(store: VectorStore, policy: IndexPolicy, forget: bool) -> None:
+    """Forgets old tombstones along with the vectors' upkeep, and compacts them by the same rule."""
+    table: LanceTable | None = store.tombstones.database.table(TOMBSTONES)
+    if table is None:
+        return
+    compact = fragment_count(table) >= policy.max_fragments
+    if forget or compact:
+        store.tombstones.forget(before=datetime.now(UTC) - policy.keep_tombstones)
+    if compact:
+        table.optimize(cleanup_older_than=policy.keep_versions)

@@ -1,31 +1,64 @@
-"""From the worker's Parquet shards in S3 (or on disk) into a store."""
+"""From the worker's Parquet shards in S3 (or on disk) into a store, each shard read and checked on its own."""
 
 from __future__ import annotations
 
 import io
+import json
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 
 from clip_shared import aws
-from clip_shared.keys import bare_etag, parse_s3_url
+from clip_shared.keys import SHARD_FAILED_METADATA, bare_etag, parse_s3_url
 from clip_store.errors import Code, StoreError
-from clip_store.store import SHARD_COLUMNS, Ingested, StillCurrent, VectorStore
+from clip_store.store import SHARD_COLUMNS, VECTOR_COLUMN, Ingested, StillCurrent, VectorStore, shard_rows
 
 
-def read_shard(s3: Any, url: str) -> pa.Table:
-    """One shard's rows (the columns the store keeps), from `s3://bucket/key` or a local path."""
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    rows: pa.Table
+    #: Urls of the objects the worker could not embed (rejected in the worker, or failed).
+    failed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardsIngested:
+    ingested: Ingested
+    #: Shards left out, each with why: unreadable, not a worker shard, or of another width.
+    refused: dict[str, StoreError] = field(default_factory=dict)
+    #: Per shard ingested, the urls its child could not embed.
+    failed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def read_shard(s3: Any, url: str) -> Shard:
+    """One shard's rows (the columns the store keeps, checked), from `s3://bucket/key` or a local path.
+
+    Whatever stops it being read (missing, forbidden, throttled, truncated, not Parquet, not a worker
+    shard) is a StoreError naming the shard, so that its caller can fail it alone.
+    """
     try:
         if url.startswith("s3://"):
             bucket, key = parse_s3_url(url)
             source: Any = io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         else:
             source = url
-        return pq.read_table(source, columns=list(SHARD_COLUMNS))
-    except (pa.ArrowInvalid, KeyError, OSError) as exc:
+        table = pq.read_table(source)
+    except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as exc:
+        raise StoreError(Code.SHARD_UNAVAILABLE, f"shard {url} could not be fetched ({aws.error_code(exc)}): {exc}") from exc
+    except (pa.ArrowInvalid, OSError) as exc:
         raise StoreError(Code.BAD_SHARD, f"shard {url} cannot be read as a worker shard: {exc}") from exc
+    rows = table.select([name for name in SHARD_COLUMNS if name in table.column_names])
+    try:
+        failed = json.loads((table.schema.metadata or {}).get(SHARD_FAILED_METADATA, b"[]"))
+        return Shard(url, shard_rows(rows, url), tuple(str(failed_url) for failed_url in failed))
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise StoreError(Code.BAD_SHARD, f"shard {url} is not a worker shard: {exc}") from exc
 
 
 def current_etag(s3: Any, url: str) -> str | None:
@@ -47,30 +80,38 @@ def s3_still_current(s3: Any) -> StillCurrent:
 
 
 def ingest_shards(
-    store: VectorStore,
-    s3: Any,
-    shard_urls: Sequence[str],
-    still_current: StillCurrent | None = None,
-    unreadable: dict[str, StoreError] | None = None,
-) -> Ingested:
+    store: VectorStore, s3: Any, shard_urls: Sequence[str], still_current: StillCurrent | None = None
+) -> ShardsIngested:
     """Several finished shards, oldest first, in one commit (fewer, larger fragments than one each).
 
-    A shard that cannot be read raises StoreError(bad-shard), unless `unreadable` is given: then it
-    is left out and its error kept there under its url, so one bad shard does not hold up the others.
+    Each shard is read and checked on its own: one that cannot be read, is not a worker shard, or
+    holds vectors of another width than the store's (or than most of the batch's, for a new store)
+    is left out and named in `refused`, so that it holds up no other.
     """
-    tables = []
+    shards: list[Shard] = []
+    refused: dict[str, StoreError] = {}
     for url in shard_urls:
         try:
-            tables.append(_with_source(read_shard(s3, url), url))
+            shards.append(read_shard(s3, url))
         except StoreError as error:
-            if unreadable is None:
-                raise
-            unreadable[url] = error
-    if not tables:
-        return Ingested(0, 0, 0, 0)
-    rows = pa.concat_tables(tables, promote_options="permissive")
-    return store.ingest(rows, shard="", still_current=still_current or s3_still_current(s3))
+            refused[url] = error
+    width = store.dimensions() or _most_common_width(shards)
+    fitting = []
+    for shard in shards:
+        found = shard.rows.schema.field(VECTOR_COLUMN).type.list_size
+        if found == width:
+            fitting.append(shard)
+        else:
+            refused[shard.url] = StoreError(
+                Code.DIMENSION_MISMATCH, f"shard {shard.url} has {found}-d vectors; this store holds {width}-d vectors"
+            )
+    if not fitting:
+        return ShardsIngested(Ingested(0, 0, 0, 0), refused)
+    rows = pa.concat_tables([shard.rows for shard in fitting])
+    ingested = store.ingest(rows, shard="", still_current=still_current or s3_still_current(s3))
+    return ShardsIngested(ingested, refused, {shard.url: shard.failed for shard in fitting if shard.failed})
 
 
-def _with_source(rows: pa.Table, url: str) -> pa.Table:
-    return rows.append_column("shard", pa.array([url] * rows.num_rows, pa.string()))
+def _most_common_width(shards: Sequence[Shard]) -> int | None:
+    widths = Counter(shard.rows.schema.field(VECTOR_COLUMN).type.list_size for shard in shards)
+    return widths.most_common(1)[0][0] if widths else None

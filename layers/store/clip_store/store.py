@@ -1,24 +1,27 @@
-"""One model's stored vectors in LanceDB: ingestion, deletion, search.
+"""One model's stored vectors in LanceDB: ingestion, removal, search.
 
-A store is a LanceDB database (a folder, or a prefix of the output bucket) with two tables:
+A store is a LanceDB database (a folder, or a prefix of the output bucket) with one table,
 
     vectors     url, bucket, key, version_id, etag, last_modified, vector, shard, ingested_at
                                                                       one row per searchable image
-    deletions   url, deleted_at                                                   tombstones of removed objects
 
-Invariants:
+and it consults `Tombstones` (tombstones.py): in the indexer one table shared by every model's
+store, elsewhere a `deletions` table beside `vectors`.
 
-- `url` is the primary key of both. Ingestion upserts on it (LanceDB `merge_insert`), and the key
-  is declared to Lance as the table's primary key, which makes Lance's commit check conflicts
-  between concurrent inserts of the same key: two writers adding the same url at once end with
-  one row, the loser re-running its merge against the winner's commit (tests/store).
-- A row is rewritten only when its ETag changed and the version it holds is not newer (S3's
-  LastModified, which the worker records): ingesting a shard twice changes nothing, and the late
-  shard of an older upload never replaces a newer upload's vector. Versions written within the
-  same second tie, and then the one ingested last wins.
-- A deleted url leaves a tombstone. A row for a tombstoned url (embedded before the delete, its
-  shard ingested after it) is kept only if `still_current(url, etag)` says the object exists now
-  with that ETag, i.e. it was uploaded again; keeping it clears the tombstone.
+Invariants (docs/search.md, "Consistency", states what they guarantee sequence by sequence):
+
+- `url` is the primary key. Ingestion upserts on it (LanceDB `merge_insert`), and the key is
+  declared to Lance as the table's primary key, which makes Lance's commit check conflicts between
+  concurrent inserts of the same key: two writers adding the same url at once end with one row, the
+  loser re-running its merge against the winner's commit (tests/store).
+- A row is rewritten only by another version that is not older (S3's LastModified, which the
+  worker records): ingesting a shard twice changes nothing, and the late shard of an older upload
+  never replaces a newer upload's vector. Two versions written within the same second (S3 keeps
+  LastModified to the second) are told apart by asking S3 which one is current.
+- A tombstoned url's row is ingested only if `still_current(url, etag)` says the object exists now
+  with that ETag; ingesting it clears the tombstone (unless a newer one was written meanwhile).
+  A tombstone written while an ingest is under way is checked again after its commit, so a removal
+  is never lost between two writers (docs/search.md, "Two writers").
 - Vectors are unit length, so the ranking uses LanceDB's `dot` distance (1 - cosine) and a
   match's score is the cosine, as `clip_worker.index.Match.score` is.
 
@@ -30,45 +33,41 @@ the index and manifests it has read for the life of the store object.
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import cast
+from datetime import UTC, datetime
+from typing import Any
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import IndexConfig
 from lancedb.table import LanceTable
 
+from clip_store.database import Database, chunks, sql_text, url_filter
 from clip_store.errors import Code, StoreError
 from clip_store.location import StorageSettings
+from clip_store.tombstones import PRIMARY_KEY, Tombstones
 
 VECTORS = "vectors"
-DELETIONS = "deletions"
 VECTOR_COLUMN = "vector"
 #: The columns a worker shard must have (clip_worker.writer.shard_schema; model columns are the store's path).
 SHARD_COLUMNS = ("url", "bucket", "key", "version_id", "etag", "last_modified", VECTOR_COLUMN)
-# Lance's schema marker for an (unenforced) primary key; merge_insert's conflict check uses it.
-_PRIMARY_KEY = {"lance-schema:unenforced-primary-key": "true"}
-# The merge's update condition: another version, and not an older one (the same rule as _older).
+# The merge's update condition, checked again at commit against a concurrent writer's rows: another
+# version, and not an older one (the rule `_decide` applies before the merge).
 _NEWER_VERSION = (
     "target.etag <> source.etag AND (source.last_modified IS NULL OR target.last_modified IS NULL"
     " OR source.last_modified >= target.last_modified)"
 )
-# Urls per SQL `IN (...)` filter: keeps each statement small whatever the batch.
-_FILTER_URLS = 1000
 
-#: Whether the object at `url` exists now with this ETag (asked only for tombstoned urls).
+#: Whether the object at `url` exists now with this ETag (asked for tombstoned urls and ties).
 StillCurrent = Callable[[str, str], bool]
 
 
 def vectors_schema(dimensions: int) -> pa.Schema:
     return pa.schema(
         [
-            pa.field("url", pa.string(), nullable=False, metadata=_PRIMARY_KEY),
+            pa.field("url", pa.string(), nullable=False, metadata=PRIMARY_KEY),
             pa.field("bucket", pa.string()),
             pa.field("key", pa.string()),
             pa.field("version_id", pa.string()),
@@ -80,14 +79,6 @@ def vectors_schema(dimensions: int) -> pa.Schema:
             pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
         ]
     )
-
-
-DELETIONS_SCHEMA = pa.schema(
-    [
-        pa.field("url", pa.string(), nullable=False, metadata=_PRIMARY_KEY),
-        pa.field("deleted_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -103,7 +94,8 @@ class Ingested:
     updated: int
     #: Rows already stored with the same ETag, or older than the version stored: nothing was written for them.
     unchanged: int
-    #: Rows of objects deleted since they were embedded, left out.
+    #: Rows of objects removed (or changed) since they were embedded: left out, or withdrawn right after
+    #: the commit when another writer's removal came meanwhile (those are also counted as written).
     skipped_deleted: int
 
 
@@ -151,30 +143,21 @@ class IndexState:
     unindexed_rows: int
     #: Rows the index's partitions and codebooks were trained on (0 without an index).
     trained_rows: int
+    #: Data files: each commit adds one, and a reader opens each it scans, so compaction keeps them few.
+    fragments: int = 0
 
 
 #: Field metadata on the vector column: rows the current index was trained on (maintain.py).
 TRAINED_ROWS = "clip_store.trained_rows"
 
 
-def sql_text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def url_filter(urls: Sequence[str]) -> str:
-    return f"url IN ({', '.join(sql_text(url) for url in urls)})"
-
-
-def chunks(items: Sequence[str], size: int = _FILTER_URLS) -> Iterable[Sequence[str]]:
-    return (items[start : start + size] for start in range(0, len(items), size))
-
-
 class VectorStore:
     """One store, opened lazily: nothing is read until the first call that needs the table.
 
-    `refresh_s` is how stale a reader may be: it checks for commits newer than the version it
-    holds at most that often (0: before every call, as writers must; None: never, for a one-shot
-    command). Safe to share between threads.
+    `refresh_s` is how stale a reader may be (database.Database). `tombstones` is where removals
+    are kept: by default a table beside the vectors; the indexer gives every model's store the one
+    shared table (tombstones_uri), so that a removal holds for a model whose store is yet to exist.
+    Safe to share between threads.
     """
 
     def __init__(
@@ -184,43 +167,16 @@ class VectorStore:
         settings: StorageSettings | None = None,
         refresh_s: float | None = 0,
         search: SearchSettings = SearchSettings(),
+        tombstones: Tombstones | None = None,
     ) -> None:
         self.uri = uri
         self.search_settings = search
-        self._db = lancedb.connect(
-            uri,
-            storage_options=(settings or StorageSettings.from_env()).options(uri),
-            read_consistency_interval=None if refresh_s is None else timedelta(seconds=refresh_s),
-        )
-        self._lock = threading.Lock()
-        self._tables: dict[str, LanceTable] = {}
+        self.database = Database(uri, settings=settings, refresh_s=refresh_s)
+        self.tombstones = tombstones or Tombstones(self.database)
 
-    def table(self, name: str = VECTORS) -> LanceTable | None:
-        """The open table, or None while nothing has been written to it."""
-        with self._lock:
-            if name not in self._tables:
-                try:
-                    # A folder or object-store connection opens LanceTables (typed as the abstract Table).
-                    self._tables[name] = cast(LanceTable, self._db.open_table(name))
-                except ValueError:  # LanceDB's "was not found"; other failures (network, access) propagate
-                    return None
-            return self._tables[name]
-
-    def _created(self, name: str, schema: pa.Schema) -> LanceTable:
-        table = self.table(name)
-        if table is not None:
-            return table
-        try:
-            created = cast(LanceTable, self._db.create_table(name, schema=schema))
-        except (ValueError, RuntimeError):
-            # Another writer created it first ("already exists", or Lance refusing our commit of
-            # the same first version: a second create never overwrites the first).
-            table = self.table(name)
-            if table is None:
-                raise
-            return table
-        with self._lock:
-            return self._tables.setdefault(name, created)
+    def table(self) -> LanceTable | None:
+        """The open vectors table, or None while nothing has been ingested."""
+        return self.database.table(VECTORS)
 
     def dimensions(self) -> int | None:
         table = self.table()
@@ -234,19 +190,23 @@ class VectorStore:
         """Adds or updates a worker shard's rows (or several shards') in one commit; idempotent.
 
         `shard` names where the rows came from, unless they carry a `shard` column of their own
-        (shards.ingest_shards). Within the batch a url's newest version wins, its last row on a tie.
+        (shards.ingest_shards). Within the batch, and against the rows stored, a url's newest
+        version wins; a tie of two versions within one second goes to the one S3 says is current.
         """
-        rows = _latest_per_url(_shard_rows(rows, shard))
+        rows = _latest_per_url(shard_rows(rows, shard), still_current)
         dimensions = rows.schema.field(VECTOR_COLUMN).type.list_size
-        table = self._created(VECTORS, vectors_schema(dimensions))
+        table = self.database.created(VECTORS, vectors_schema(dimensions))
         self._check_dimensions(table, dimensions, f"shard {shard or '(unnamed)'}")
-        tombstoned = self._tombstoned(rows.column("url").to_pylist())
-        back: set[str] = set()
-        if tombstoned:
-            etags = dict(zip(rows.column("url").to_pylist(), rows.column("etag").to_pylist(), strict=True))
-            back = {url for url in tombstoned if still_current(url, etags[url])}
-            rows = rows.filter(pc.invert(pc.is_in(rows.column("url"), pa.array(sorted(tombstoned - back), pa.string()))))
-        inserted = updated = 0
+        total = rows.num_rows
+        rows = rows.filter(pa.array(_decide(rows, self.versions(rows.column("url").to_pylist()), still_current), pa.bool_()))
+        unchanged = total - rows.num_rows
+        etags = dict(zip(rows.column("url").to_pylist(), rows.column("etag").to_pylist(), strict=True))
+        seen = self.tombstones.of(list(etags))
+        back = {url: when for url, when in seen.items() if still_current(url, etags[url])}
+        gone = sorted(set(seen) - set(back))
+        if gone:
+            rows = rows.filter(pc.invert(pc.is_in(rows.column("url"), pa.array(gone, pa.string()))))
+        inserted = updated = withdrawn = 0
         if rows.num_rows:
             result = (
                 table.merge_insert("url")
@@ -255,11 +215,48 @@ class VectorStore:
                 .execute(rows)
             )
             inserted, updated = result.num_inserted_rows, result.num_updated_rows
-        if back:
-            deletions = self._created(DELETIONS, DELETIONS_SCHEMA)
-            for part in chunks(sorted(back)):
-                deletions.delete(url_filter(part))
-        return Ingested(inserted, updated, rows.num_rows - inserted - updated, len(tombstoned) - len(back))
+            withdrawn = self._withdraw_removed_meanwhile(rows, seen, still_current)
+        self.tombstones.clear(back)
+        # What the merge left alone had been changed by a concurrent writer to a version at least as new.
+        unchanged += rows.num_rows - inserted - updated
+        return Ingested(inserted, updated, unchanged, len(gone) + withdrawn)
+
+    def _withdraw_removed_meanwhile(self, rows: pa.Table, seen: Mapping[str, datetime], still_current: StillCurrent) -> int:
+        """Removes the rows just committed whose url another writer tombstoned since `seen` was read.
+
+        That writer's removal may have read the table before this commit and found nothing to
+        remove; reading the tombstones again after the commit closes the gap whatever the
+        interleaving (docs/search.md, "Two writers").
+        """
+        etags = dict(zip(rows.column("url").to_pylist(), rows.column("etag").to_pylist(), strict=True))
+        now = self.tombstones.of(list(etags))
+        fresh = {url: etags[url] for url, when in now.items() if seen.get(url) != when}
+        stale = {url: etag for url, etag in fresh.items() if not still_current(url, etag)}
+        return self._remove_versions(stale)
+
+    def versions(self, urls: Sequence[str]) -> dict[str, tuple[str, datetime | None]]:
+        """The stored (etag, last_modified) of those of `urls` this store holds."""
+        table = self.table()
+        if table is None or not urls:
+            return {}
+        found: dict[str, tuple[str, datetime | None]] = {}
+        for part in chunks(sorted(set(urls))):
+            rows = table.search().where(url_filter(part)).select(["url", "etag", "last_modified"]).to_arrow()
+            found.update(
+                (url, (etag, modified))
+                for url, etag, modified in zip(
+                    rows.column("url").to_pylist(),
+                    rows.column("etag").to_pylist(),
+                    rows.column("last_modified").to_pylist(),
+                    strict=True,
+                )
+            )
+        return found
+
+    def reconcile(self, current: Mapping[str, str | None]) -> int:
+        """Makes the rows of these urls agree with S3: `current` maps each to its ETag now (None: gone).
+        Rows of another version are removed; returns how many. The caller tombstones the urls first."""
+        return self._remove_versions(current, keep=True)
 
     def delete(self, urls: Iterable[str]) -> int:
         """Removes these objects from search and remembers that they are gone; returns rows removed.
@@ -267,31 +264,28 @@ class VectorStore:
         The tombstone is written first: if this stops halfway, running it again completes it.
         """
         unique = sorted(set(urls))
-        if not unique:
-            return 0
-        now = datetime.now(UTC)
-        tombstones = pa.table(
-            {"url": unique, "deleted_at": pa.array([now] * len(unique), pa.timestamp("us", tz="UTC"))}, schema=DELETIONS_SCHEMA
-        )
-        deletions = self._created(DELETIONS, DELETIONS_SCHEMA)
-        deletions.merge_insert("url").when_matched_update_all().when_not_matched_insert_all().execute(tombstones)
+        self.tombstones.add(unique)
+        return self.reconcile(dict.fromkeys(unique))
+
+    def _remove_versions(self, versions: Mapping[str, str | None], keep: bool = False) -> int:
+        """Deletes each url's row of the version given (None: any version), or, with `keep`, its rows of
+        any other version than the one given."""
         table = self.table()
-        if table is None:
+        if table is None or not versions:
             return 0
+        operator = "<>" if keep else "="
+        clauses = [
+            f"url = {sql_text(url)}" if etag is None else f"(url = {sql_text(url)} AND etag {operator} {sql_text(etag)})"
+            for url, etag in sorted(versions.items())
+        ]
         removed = 0
-        for part in chunks(unique):
-            present = table.count_rows(url_filter(part))
+        for start in range(0, len(clauses), 1000):
+            condition = " OR ".join(clauses[start : start + 1000])
+            present = table.count_rows(condition)
             if present:
-                table.delete(url_filter(part))
+                table.delete(condition)
                 removed += present
         return removed
-
-    def forget_deletions(self, before: datetime) -> None:
-        """Drops the tombstones of deletions older than `before` (maintain.py decides when)."""
-        deletions = self.table(DELETIONS)
-        stale = f"deleted_at < TIMESTAMP '{before.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S.%f')}'"
-        if deletions is not None and deletions.count_rows(stale):
-            deletions.delete(stale)
 
     def prewarm(self) -> None:
         """Reads the whole vector index into LanceDB's cache now (its partitions' codes: ~80 bytes a
@@ -342,23 +336,14 @@ class VectorStore:
         table = self.table()
         if table is None:
             return IndexState(0, None, 0, 0, 0)
-        rows = table.count_rows()
+        rows, fragments = table.count_rows(), fragment_count(table)
         vector_index = _vector_index(table)
         stats = None if vector_index is None else table.index_stats(vector_index.name)
         if stats is None:
-            return IndexState(rows, None, 0, rows, 0)
+            return IndexState(rows, None, 0, rows, 0, fragments)
         metadata = table.schema.field(VECTOR_COLUMN).metadata or {}
         trained = int(metadata.get(TRAINED_ROWS.encode(), b"0"))
-        return IndexState(rows, stats.index_type, stats.num_indexed_rows, stats.num_unindexed_rows, trained)
-
-    def _tombstoned(self, urls: list[str]) -> set[str]:
-        deletions = self.table(DELETIONS)
-        if deletions is None or not deletions.count_rows():
-            return set()
-        found: set[str] = set()
-        for part in chunks(urls):
-            found.update(deletions.search().where(url_filter(part)).select(["url"]).to_arrow().column("url").to_pylist())
-        return found
+        return IndexState(rows, stats.index_type, stats.num_indexed_rows, stats.num_unindexed_rows, trained, fragments)
 
     @staticmethod
     def _check_dimensions(table: LanceTable, dimensions: int, what: str) -> None:
@@ -367,11 +352,18 @@ class VectorStore:
             raise StoreError(Code.DIMENSION_MISMATCH, f"{what} has {dimensions}-d vectors; this store holds {stored}-d vectors")
 
 
+def fragment_count(table: LanceTable) -> int:
+    # Read from the manifest the table already holds; typed as a class, it is a dict at run time.
+    stats: Any = table.stats()
+    return int(stats["fragment_stats"]["num_fragments"])
+
+
 def _vector_index(table: LanceTable) -> IndexConfig | None:
     return next((index for index in table.list_indices() if VECTOR_COLUMN in index.columns), None)
 
 
-def _shard_rows(rows: pa.Table, shard: str) -> pa.Table:
+def shard_rows(rows: pa.Table, shard: str) -> pa.Table:
+    """A worker shard's rows as the store keeps them; StoreError(bad-shard) naming what a worker shard would have."""
     missing = [name for name in SHARD_COLUMNS if name not in rows.column_names]
     if missing:
         raise StoreError(Code.BAD_SHARD, f"shard {shard or '(unnamed)'} is not a worker shard: it lacks {', '.join(missing)}")
@@ -385,19 +377,36 @@ def _shard_rows(rows: pa.Table, shard: str) -> pa.Table:
     return pa.Table.from_arrays([*columns, source, now], schema=schema)
 
 
-def _latest_per_url(rows: pa.Table) -> pa.Table:
+def _latest_per_url(rows: pa.Table, still_current: StillCurrent) -> pa.Table:
     # A merge whose source holds a key twice would insert it twice: keep one row a url, the newest.
-    urls, modified = rows.column("url").to_pylist(), rows.column("last_modified").to_pylist()
+    urls, etags, modified = (rows.column(name).to_pylist() for name in ("url", "etag", "last_modified"))
     newest: dict[str, int] = {}
     for row, url in enumerate(urls):
         kept = newest.get(url)
-        if kept is None or not _older(modified[row], modified[kept]):
+        if kept is None or _replaces((etags[row], modified[row]), (etags[kept], modified[kept]), url, still_current):
             newest[url] = row
     if len(newest) == rows.num_rows:
         return rows
     return rows.take(pa.array(sorted(newest.values()), pa.int64()))
 
 
-def _older(candidate: datetime | None, kept: datetime | None) -> bool:
-    """Whether a row's version is older than the one kept; a version of unknown age is not."""
-    return candidate is not None and kept is not None and candidate < kept
+def _decide(rows: pa.Table, stored: Mapping[str, tuple[str, datetime | None]], still_current: StillCurrent) -> list[bool]:
+    """Which rows to write: those of urls not stored, and those whose version replaces the stored one."""
+    urls, etags, modified = (rows.column(name).to_pylist() for name in ("url", "etag", "last_modified"))
+    return [
+        url not in stored or _replaces((etag, when), stored[url], url, still_current)
+        for url, etag, when in zip(urls, etags, modified, strict=True)
+    ]
+
+
+def _replaces(
+    candidate: tuple[str, datetime | None], kept: tuple[str, datetime | None], url: str, still_current: StillCurrent
+) -> bool:
+    """Whether version `candidate` of `url` replaces `kept`: another ETag, and newer; on a tie (S3 keeps
+    LastModified to the second) the one S3 says is current. A version of unknown age replaces."""
+    (etag, when), (kept_etag, kept_when) = candidate, kept
+    if etag == kept_etag:
+        return False
+    if when is None or kept_when is None or when > kept_when:
+        return True
+    return when == kept_when and still_current(url, etag)

@@ -1,0 +1,75 @@
+"""One LanceDB database (a folder, or a prefix of the output bucket) and its tables, opened lazily.
+
+Shared by a model's store (its `vectors` table) and the tombstones every model's store consults.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import cast
+
+import lancedb
+import pyarrow as pa
+from lancedb.table import LanceTable
+
+from clip_store.location import StorageSettings
+
+# Urls per SQL `IN (...)` filter: keeps each statement small whatever the batch.
+_FILTER_URLS = 1000
+
+
+def sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def url_filter(urls: Sequence[str]) -> str:
+    return f"url IN ({', '.join(sql_text(url) for url in urls)})"
+
+
+def chunks(items: Sequence[str], size: int = _FILTER_URLS) -> Iterable[Sequence[str]]:
+    return (items[start : start + size] for start in range(0, len(items), size))
+
+
+class Database:
+    """`refresh_s` is how stale a reader may be: it checks for commits newer than the version it
+    holds at most that often (0: before every call, as writers must; None: never, for a one-shot
+    command). Safe to share between threads."""
+
+    def __init__(self, uri: str, *, settings: StorageSettings | None = None, refresh_s: float | None = 0) -> None:
+        self.uri = uri
+        self._db = lancedb.connect(
+            uri,
+            storage_options=(settings or StorageSettings.from_env()).options(uri),
+            read_consistency_interval=None if refresh_s is None else timedelta(seconds=refresh_s),
+        )
+        self._lock = threading.Lock()
+        self._tables: dict[str, LanceTable] = {}
+
+    def table(self, name: str) -> LanceTable | None:
+        """The open table, or None while nothing has been written to it."""
+        with self._lock:
+            if name not in self._tables:
+                try:
+                    # A folder or object-store connection opens LanceTables (typed as the abstract Table).
+                    self._tables[name] = cast(LanceTable, self._db.open_table(name))
+                except ValueError:  # LanceDB's "was not found"; other failures (network, access) propagate
+                    return None
+            return self._tables[name]
+
+    def created(self, name: str, schema: pa.Schema) -> LanceTable:
+        table = self.table(name)
+        if table is not None:
+            return table
+        try:
+            created = cast(LanceTable, self._db.create_table(name, schema=schema))
+        except (ValueError, RuntimeError):
+            # Another writer created it first ("already exists", or Lance refusing our commit of
+            # the same first version: a second create never overwrites the first).
+            table = self.table(name)
+            if table is None:
+                raise
+            return table
+        with self._lock:
+            return self._tables.setdefault(name, created)
