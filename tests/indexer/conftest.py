@@ -25,6 +25,8 @@ from clip_worker.runner import EXIT_OK, run
 from tests.support import INPUT_BUCKET, OUTPUT_BUCKET, put_manifest, tiny_worker_config, upload
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
+#: The dispatcher's size limit in these tests: an object past it is rejected (too-large).
+MAX_OBJECT_BYTES = 200_000
 
 
 def sample(name: str, bucket: str, key: str, event_name: str | None = None) -> dict[str, Any]:
@@ -58,6 +60,15 @@ class World:
     model_id: str
     #: The dispatcher's queue, where the indexer sends a version a removal uncovered.
     upload_queue: str
+    #: The real dispatcher handler (nothing it accepts can be submitted here: no Batch queue exists).
+    dispatch: Callable[[dict[str, Any]], dict[str, Any]]
+
+    def uploaded(self, key: str) -> dict[str, Any]:
+        return sample("sqs-s3-put-not-an-image.json", INPUT_BUCKET, key)
+
+    def rejection_written(self, key: str) -> dict[str, Any]:
+        """The notification S3 sends the indexer for the dispatcher's rejection record of `key`."""
+        return sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.rejection_key("", INPUT_BUCKET, key))
 
     def shard_created(self, key: str) -> dict[str, Any]:
         return sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, key)
@@ -103,8 +114,16 @@ def world(
     with monkeypatch.context() as patch:
         for name, value in {**environment, "POWERTOOLS_TRACE_DISABLED": "true"}.items():
             patch.setenv(name, value)
+        dispatcher_environment = {
+            **json.loads((EVENTS / "env.json").read_text())["Dispatcher"],
+            "OUTPUT_BUCKET": OUTPUT_BUCKET,
+            "MAX_OBJECT_BYTES": str(MAX_OBJECT_BYTES),
+        }
         with contextlib.redirect_stdout(io.StringIO()):
             handler = local.load_handler(local.INDEXER, dict(environment))
+            for name, value in dispatcher_environment.items():
+                patch.setenv(name, value)
+            dispatcher = local.load_handler(local.DISPATCHER, dispatcher_environment)
 
         def embed(files: dict[str, bytes], manifest_id: str) -> str:
             uri = put_manifest(s3, upload(s3, files), manifest_id=manifest_id)
@@ -116,8 +135,11 @@ def world(
             # Its log lines and metrics go to stdout, as on Lambda (capsys reads them).
             return handler(event, local.LambdaContext("indexer", 900))
 
+        def dispatch(event: dict[str, Any]) -> dict[str, Any]:
+            return dispatcher(event, local.LambdaContext("dispatcher", 900))
+
         settings = StorageSettings(endpoint=moto_endpoint, region="us-east-1")
         store = VectorStore(store_uri(OUTPUT_BUCKET, "", model_id), settings=settings)
-        yield World(s3, embed, invoke, store, model_id, upload_queue)
+        yield World(s3, embed, invoke, store, model_id, upload_queue, dispatch)
     # The server outlives the test: leave nothing in it for the next module's tests to find.
     requests.post(f"{moto_endpoint}/moto-api/reset", timeout=30)

@@ -41,7 +41,7 @@ from aws_lambda_powertools.utilities.parser.models import S3Model, SqsRecordMode
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-from clip_shared import keys
+from clip_shared import aws, keys
 from clip_shared.aws import CLIENT_CONFIG
 from clip_shared.events import document_url, from_json
 from clip_store import (
@@ -182,10 +182,10 @@ def check(work: Work) -> list[str]:
     for url, error in done.unchecked.items():
         logger.error("S3 would not say whether an object changed; its messages will be redelivered", url=url, reason=str(error))
         work.fail(work.checks[url], error)
-    uncovered = {url: etag for url, etag in done.unstored.items() if url in work.removed}
-    for url, etag in uncovered.items():
+    uncovered = [url for url in done.unstored if url in work.removed]
+    for url in uncovered:
         try:
-            embed_again(url, etag)
+            embed_again(url)
         except Exception as exc:  # noqa: BLE001 - its removal is redelivered, and reconciling again re-sends it
             logger.exception("Sending an uncovered version to be embedded failed", url=url)
             work.fail(work.checks[url], exc)
@@ -201,9 +201,18 @@ def check(work: Work) -> list[str]:
     return models
 
 
-def embed_again(url: str, etag: str) -> None:
+def embed_again(url: str) -> None:
     """Sends the dispatcher the notification S3 never sends when a removal uncovers an older version."""
     bucket, key = keys.parse_s3_url(url)
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if aws.is_missing(exc):  # removed again meanwhile: that removal's own notification follows
+            return
+        raise
+    announced = {"key": quote_plus(key), "size": head["ContentLength"], "eTag": keys.bare_etag(head["ETag"])}
+    if head.get("VersionId"):
+        announced["versionId"] = head["VersionId"]
     record = {
         "eventVersion": "2.1",
         "eventSource": "aws:s3",
@@ -218,7 +227,7 @@ def embed_again(url: str, etag: str) -> None:
             # Says who sent it, for whoever reads the dispatcher's queue.
             "configurationId": "clip-indexer-uncovered-version",
             "bucket": {"name": bucket, "ownerIdentity": {"principalId": "clip-indexer"}, "arn": f"arn:aws:s3:::{bucket}"},
-            "object": {"key": quote_plus(key), "eTag": etag},
+            "object": announced,
         },
     }
     sqs.send_message(QueueUrl=SETTINGS.upload_queue_url, MessageBody=json.dumps({"Records": [record]}))
