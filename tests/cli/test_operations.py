@@ -148,3 +148,22 @@ def test_redrive_of_the_indexer_moves_its_own_dead_letter_queue(deployed: tuple[
     assert (moved["queue"], moved["moved"]) == ("indexer", 1)
     assert queue_messages(sqs, stack.output("IndexerQueueUrl")) == 1
     assert queue_messages(sqs, stack.output("UploadQueueUrl")) == uploads_before
+
+
+def test_retry_resubmits_the_failed_object_not_the_key_a_url_parser_would_make_of_it(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    s3, bucket = clients.client("s3"), stack.output("InputBucketName")
+    entries = []
+    for n, key in enumerate(("odd/IMG #12.png", "odd/IMG ", "odd/what?size=1.png", "odd/what")):
+        data = encode(photo().rotate(n * 13), "PNG")
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+        etag = keys.bare_etag(s3.head_object(Bucket=bucket, Key=key)["ETag"])
+        entries.append(ManifestEntry(bucket=bucket, key=key, size=len(data), etag=etag, mime_type="image/png"))
+    record_failure(deployed, entries[0], ErrorCode.DOWNLOAD_FAILED)
+    record_failure(deployed, entries[2], ErrorCode.DOWNLOAD_FAILED)
+
+    done = invoke(deployed, "retry", "--code", "download-failed")
+
+    assert done["submitted"] >= 2
+    assert {"odd/IMG #12.png", "odd/what?size=1.png"} <= set(submitted_keys(deployed)[-1])
+    assert not {"odd/IMG ", "odd/what"} & set(submitted_keys(deployed)[-1])

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+from urllib.parse import quote_plus
 
 import boto3
 import pytest
@@ -32,6 +33,7 @@ from dispatcher_support import (
 from clip_shared import keys
 from clip_shared.events import from_json
 from clip_shared.manifest import Manifest, ManifestEntry
+from tests.support import AWKWARD_KEYS
 
 Invoke = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -124,6 +126,22 @@ def test_a_key_with_spaces_and_non_ascii_characters_is_decoded(invoke: Invoke) -
     job = only_job()
     assert "arrayProperties" not in job or not job["arrayProperties"].get("size")
     assert [entry.key for entry in entries_of(job)] == [UNICODE_KEY]
+
+
+def test_keys_with_url_characters_reach_the_manifest_byte_for_byte(invoke: Invoke) -> None:
+    """Each awkward key as S3 URL-encodes it in the notification; a rejected one is recorded under its own key."""
+    event = load_event("sqs-s3-put-unicode-key.json")
+    records = []
+    for n, key in enumerate(AWKWARD_KEYS):
+        put_input(key, encode("chelsea", "JPEG") if n else b"%PDF-1.4 not an image", "image/jpeg")
+        body = json.loads(event["Records"][0]["body"])
+        body["Records"][0]["s3"]["object"].update(key=quote_plus(key), size=0, eTag="0")
+        records.append({**event["Records"][0], "messageId": f"m-{n}", "body": json.dumps(body)})
+
+    assert invoke({"Records": records}) == {"batchItemFailures": []}
+
+    assert sorted(entry.key for entry in entries_of(only_job())) == sorted(AWKWARD_KEYS[1:])
+    assert output_keys(f"{OUTPUT_PREFIX}/rejected/") == [keys.rejection_key(OUTPUT_PREFIX, INPUT_BUCKET, AWKWARD_KEYS[0])]
 
 
 def test_a_non_image_is_rejected_whatever_its_name_and_content_type(invoke: Invoke, capsys: pytest.CaptureFixture[str]) -> None:

@@ -163,6 +163,20 @@ def test_search_by_image_finds_that_image_with_a_working_preview(api: str) -> No
     assert requests.get(best["preview"], timeout=30).content == ROCKET
 
 
+def test_search_names_and_previews_keys_with_url_characters_byte_for_byte(api: str, stored: Stored) -> None:
+    # Each awkward key beside the key a URL parser would cut it to, holding another picture.
+    pictures = ("horse.png", "camera.png", "moon.png", "hubble_deep_field.jpg", "coins.png")
+    names = ("IMG #12.jpg", "IMG ", "what?size=1.png", "what", "/leading slash+plus.png")
+    files = {name: encode(photo(picture).resize((128, 128)), "PNG") for name, picture in zip(names, pictures, strict=True)}
+    embed_with_worker(stored, files, "m-awkward")
+    for key, data in files.items():
+        answer = requests.post(f"{api}/search", json={"image": b64(data), "k": 1}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        found = answer.json()["results"][0]
+        assert found["url"] == keys.s3_url(INPUT_BUCKET, key)
+        assert requests.get(found["preview"], timeout=30).content == data, key
+
+
 def test_search_sees_images_the_indexer_adds_after_it_started(api: str, stored: Stored) -> None:
     requests.get(f"{api}/search", params={"q": "warm up"}, timeout=30)
     horse = encode(photo("horse.png"), "PNG")

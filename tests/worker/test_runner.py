@@ -23,6 +23,7 @@ from clip_worker.labels import PROMPT, LabelSet, read_labels
 from clip_worker.model import load
 from clip_worker.runner import EXIT_FAILED, EXIT_OK, run
 from tests.support import (
+    AWKWARD_KEYS,
     INPUT_BUCKET,
     OUTPUT_BUCKET,
     TINY_MODEL,
@@ -56,6 +57,23 @@ def read_shard(s3: Any, url: str | None) -> Any:
     assert url is not None, "the run wrote no shard"
     bucket, key = keys.parse_s3_url(url)
     return pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+
+def test_keys_with_url_characters_keep_their_own_outputs_and_failures(s3: Any, config: WorkerConfig) -> None:
+    files = {key: encode(photo().rotate(n * 20), "PNG") for n, key in enumerate(AWKWARD_KEYS)}
+    files["IMG #12.jpg"] = b"\xff\xd8\xff\xe0 not a whole JPEG"  # fails: named in the shard's metadata
+    uri = put_manifest(s3, upload(s3, files))
+
+    summary = run(replace(config, manifest_uri=uri), s3=s3)
+
+    mid = model_id(config)
+    assert set(stored_vectors(s3, mid)) == set(files) - {"IMG #12.jpg"}
+    assert set(stored_events(s3, mid)) == set(files)
+    shard = read_shard(s3, summary.shard_url)
+    assert [keys.parse_s3_url(url) for url in shard.column("url").to_pylist()] == [
+        (INPUT_BUCKET, key) for key in files if key != "IMG #12.jpg"
+    ]
+    assert json.loads(shard.schema.metadata[keys.SHARD_FAILED_METADATA]) == [keys.s3_url(INPUT_BUCKET, "IMG #12.jpg")]
 
 
 def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3: Any, config: WorkerConfig) -> None:
