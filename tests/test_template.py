@@ -211,6 +211,40 @@ def test_the_indexer_trains_up_to_its_limit_and_alarms_on_training_it_leaves() -
     assert sample["INDEX_MAX_TRAIN_ROWS"] == str(_sam_template()["Parameters"]["IndexMaxTrainRows"]["Default"])
 
 
+def test_every_change_the_store_must_follow_reaches_the_indexer_and_it_may_act_on_it() -> None:
+    resources = stack()["Resources"]
+
+    def notified(bucket: str) -> list[tuple[str, list[Any]]]:
+        configurations = resources[bucket]["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+        return [
+            (configuration["Event"], configuration.get("Filter", {}).get("S3Key", {}).get("Rules", []))
+            for configuration in configurations
+            if configuration["Queue"] == {"Fn::GetAtt": ["IndexerQueue", "Arn"]}
+        ]
+
+    # Removals, lifecycle expirations (S3 sends no ObjectRemoved for them), shards and rejections.
+    assert [event for event, _ in notified("InputBucket")] == ["s3:ObjectRemoved:*", "s3:LifecycleExpiration:*"]
+    prefixes = [json.dumps(rules[0]["Value"]) for _, rules in notified("OutputBucket")]
+    assert len(prefixes) == 2 and "parquet/" in prefixes[0] and "rejected/" in prefixes[1]
+    indexer = resources["IndexerFunction"]["Properties"]
+    assert indexer["Environment"]["Variables"]["UPLOAD_QUEUE_URL"] == {"Ref": "UploadQueue"}
+    statements = [
+        statement
+        for policy in resources["IndexerFunctionRole"]["Properties"]["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+    ]
+    granted = {
+        (action, json.dumps(resource))
+        for statement in statements
+        for action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
+        for resource in (statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]])
+    }
+    assert ("sqs:SendMessage", json.dumps({"Fn::GetAtt": ["UploadQueue", "Arn"]})) in granted
+    readable = {resource for action, resource in granted if action == "s3:GetObject"}
+    assert any("rejected/*" in resource for resource in readable) and any("tombstones/*" in resource for resource in readable)
+    assert any("tombstones/*" in resource for action, resource in granted if action == "s3:PutObject")
+
+
 def rule_failures(**overrides: str) -> list[str]:
     """The AssertDescriptions of the template's Rules that CloudFormation would refuse the parameters with."""
     template = _sam_template()
