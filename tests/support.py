@@ -193,3 +193,23 @@ def poisoned_png(name: str = "coffee.png") -> bytes:
     text = PngImagePlugin.PngInfo()
     text.add_text("poison", "yes")
     return encode(photo(name), "PNG", pnginfo=text)
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks in file order: (type, the whole chunk with its length and CRC)."""
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append((data[position + 4 : position + 8], data[position : position + 12 + length]))
+        position += 12 + length
+    return chunks
+
+
+def png_moved(data: bytes, chunk_type: bytes, after: bytes) -> bytes:
+    """The PNG with its (first) `chunk_type` chunk moved to just after the first `after` chunk."""
+    chunks = png_chunks(data)
+    moved = next(chunk for chunk in chunks if chunk[0] == chunk_type)
+    chunks.remove(moved)
+    place = next(index for index, chunk in enumerate(chunks) if chunk[0] == after) + 1
+    chunks.insert(place, moved)
+    return data[:8] + b"".join(whole for _, whole in chunks)

@@ -46,6 +46,22 @@ _BMP_HEADERS = frozenset({12, 40, 52, 56, 64, 108, 124})
 _BMP_BITS = frozenset({1, 4, 8, 16, 24, 32})
 #: Compression -> the depths Pillow decodes it at: none, RLE8, RLE4, bit fields (JPEG and PNG in BMP are not read).
 _BMP_COMPRESSION = {0: _BMP_BITS, 1: frozenset({8}), 2: frozenset({4}), 3: frozenset({16, 24, 32})}
+#: The bit-field layouts (depth, red, green, blue, alpha masks) Pillow has a raw mode for.
+_BMP_BIT_FIELDS = frozenset(
+    {
+        (32, 0xFF0000, 0xFF00, 0xFF, 0x0),
+        (32, 0xFF000000, 0xFF0000, 0xFF00, 0x0),
+        (32, 0xFF000000, 0xFF00, 0xFF, 0x0),
+        (32, 0xFF000000, 0xFF0000, 0xFF00, 0xFF),
+        (32, 0xFF, 0xFF00, 0xFF0000, 0xFF000000),
+        (32, 0xFF0000, 0xFF00, 0xFF, 0xFF000000),
+        (32, 0xFF000000, 0xFF00, 0xFF, 0xFF0000),
+        (32, 0x0, 0x0, 0x0, 0x0),
+        (24, 0xFF0000, 0xFF00, 0xFF, 0x0),
+        (16, 0xF800, 0x7E0, 0x1F, 0x0),
+        (16, 0x7C00, 0x3E0, 0x1F, 0x0),
+    }
+)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,11 +79,18 @@ def _readable_bmp(head: bytes) -> bool:
     header = _u32(head, 14)
     if header == 12:
         return _u16(head, 18) > 0 and _u16(head, 20) > 0 and _u16(head, 24) in _BMP_BITS
-    if header not in _BMP_HEADERS or len(head) < 34:
+    if header not in _BMP_HEADERS or len(head) < 14 + header:
         return False
     width, height = _u32(head, 18), _u32(head, 22)
-    bits, compression = _u16(head, 28), _u32(head, 30)
-    return 0 < width < 2**31 and height != 0 and bits in _BMP_COMPRESSION.get(compression, ())
+    bits, compression, colours = _u16(head, 28), _u32(head, 30), _u32(head, 46)
+    if not (0 < width < 2**31 and height != 0 and bits in _BMP_COMPRESSION.get(compression, ())):
+        return False
+    if bits <= 8:
+        return colours <= 65536
+    if compression == 3:  # the masks follow a 40-byte header, or are part of a longer one
+        alpha = _u32(head, 66) if header >= 56 else 0
+        return (bits, _u32(head, 54), _u32(head, 58), _u32(head, 62), alpha) in _BMP_BIT_FIELDS
+    return True
 
 
 def sniff_mime(head: bytes) -> str | None:
