@@ -51,7 +51,9 @@ def _put_difference(bits: _Bits, difference: int) -> None:
 
 def _frame(marker: int, precision: int, width: int, height: int, components: int) -> bytes:
     spec = b"".join(bytes([index + 1, 0x11, 0]) for index in range(components))
-    return _segment(marker, bytes([precision]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([components]) + spec)
+    return _segment(
+        marker, bytes([precision]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([components]) + spec
+    )
 
 
 def _scan(components: int, start: int, end: int) -> bytes:

@@ -122,7 +122,9 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: Pixe
     except UnidentifiedImageError as exc:
         sniffed = sniff_mime(data[:SNIFF_BYTES])
         if sniffed == "image/jpeg" and (depth := _jpeg_depth(data)):
-            raise DocumentError(ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {depth}-bit JPEG; the pipeline embeds 8-bit JPEGs") from exc
+            raise DocumentError(
+                ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {depth}-bit JPEG; the pipeline embeds 8-bit JPEGs"
+            ) from exc
         if is_accepted(sniffed):
             raise DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} starts like {sniffed} but is not a readable image") from exc
         kind = f"a {sniffed} file" if sniffed else "not a recognisable file type"

@@ -162,7 +162,9 @@ def test_backfill_and_retry_go_past_an_object_s3_will_not_serve(deployed: tuple[
         counts = invoke(deployed, "backfill", f"s3://{bucket}/cold/")
         assert (counts["listed"], counts["rejected"]) == (3, 1)
     assert submitted_keys(deployed)[-1] == ["cold/img-0.png", "cold/img-1.png"]
-    record = s3.get_object(Bucket=stack.output("OutputBucketName"), Key=keys.rejection_key(stack.output_prefix, bucket, "cold/archived.png"))
+    record = s3.get_object(
+        Bucket=stack.output("OutputBucketName"), Key=keys.rejection_key(stack.output_prefix, bucket, "cold/archived.png")
+    )
     event = json.loads(record["Body"].read())
     assert (event["type"], event["data"]["error"]["code"]) == ("document-rejected", "object-archived")
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 from fastapi import FastAPI
+from PIL import Image
 
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
@@ -267,3 +268,35 @@ def test_a_path_or_request_id_that_cannot_be_repeated_as_is_is_not(app: FastAPI)
     assert status == 404 and body["error"]["code"] == "not-found"
     assert len(body["error"]["message"]) < 600 and "\\ud800" in body["error"]["message"]
     assert headers["x-request-id"] == body["request_id"] != "bad\x01id"
+
+
+@pytest.mark.parametrize(
+    ("part", "status", "code"),
+    [
+        (b'Content-Disposition: form-data; name="q"\r\n\r\n\xff\xfe a cat', 400, "invalid-text"),
+        (
+            b'Content-Disposition: form-data; name="q"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xe9',
+            400,
+            "invalid-text",
+        ),
+        (
+            b'Content-Disposition: form-data; name="q"\r\nContent-Type: text/plain; charset=klingon\r\n\r\na cat',
+            400,
+            "invalid-text",
+        ),
+        (
+            b'Content-Disposition: form-data; name="q"\r\n\r\n' + encode(Image.new("RGB", (32, 32)), "ICO"),
+            415,
+            "unsupported-type",
+        ),
+        (b'Content-Disposition: form-data; name="q"\r\nContent-Type: image/png\r\n\r\nnot a picture', 415, "unsupported-type"),
+    ],
+    ids=["not-utf8", "not-its-charset", "unknown-charset", "icon", "typed-image"],
+)
+def test_a_plain_field_that_is_neither_text_nor_an_accepted_image_is_refused(
+    api: str, part: bytes, status: int, code: str
+) -> None:
+    body = b"--x\r\n" + part + b"\r\n--x--\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    error = refusal(requests.post(f"{api}/embed", data=body, headers=headers, timeout=30), status, code)
+    assert error["field"] == "q"

@@ -11,7 +11,7 @@ from clip_shared.events import ErrorCode
 
 def answered(code: str, message: str, status: int = 403) -> ClientError:
     response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
-    return ClientError(response, "GetObject")  # type: ignore[arg-type]  # botocore's TypedDict wants every optional key
+    return ClientError(response, "GetObject")
 
 
 @pytest.mark.parametrize(
@@ -19,13 +19,20 @@ def answered(code: str, message: str, status: int = 403) -> ClientError:
     [
         (answered("InvalidObjectState", "The operation is not valid for the object's storage class"), ErrorCode.OBJECT_ARCHIVED),
         (
-            answered("InvalidRequest", "The object was stored using a form of Server Side Encryption. The correct parameters must be provided to retrieve the object.", 400),
+            answered(
+                "InvalidRequest",
+                "The object was stored using a form of Server Side Encryption. The correct parameters must be provided to retrieve the object.",
+                400,
+            ),
             ErrorCode.CUSTOMER_KEY_REQUIRED,
         ),
         (answered("KMS.DisabledException", "arn:aws:kms:us-east-1:1:key/k is disabled.", 400), ErrorCode.KMS_KEY_UNUSABLE),
         (answered("KMS.KMSInvalidStateException", "key/k is pending deletion.", 400), ErrorCode.KMS_KEY_UNUSABLE),
         (answered("KMS.NotFoundException", "Invalid keyId", 400), ErrorCode.KMS_KEY_UNUSABLE),
-        (answered("AccessDenied", "User: r is not authorized to perform: kms:Decrypt on resource: key/k"), ErrorCode.KMS_KEY_UNUSABLE),
+        (
+            answered("AccessDenied", "User: r is not authorized to perform: kms:Decrypt on resource: key/k"),
+            ErrorCode.KMS_KEY_UNUSABLE,
+        ),
         (answered("AccessDenied", "Access Denied"), ErrorCode.ACCESS_DENIED),
     ],
 )

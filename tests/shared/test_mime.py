@@ -36,7 +36,9 @@ def _mutations(data: bytes, span: int) -> list[bytes]:
     return [data[:offset] + bytes([value]) + data[offset + 1 :] for offset in range(span) for value in values]
 
 
-@pytest.mark.parametrize(("mode", "fmt"), [("RGB", "BMP"), ("P", "BMP"), ("1", "BMP"), ("RGB", "PCX"), ("L", "PCX"), ("1", "PCX")])
+@pytest.mark.parametrize(
+    ("mode", "fmt"), [("RGB", "BMP"), ("P", "BMP"), ("1", "BMP"), ("RGB", "PCX"), ("L", "PCX"), ("1", "PCX")]
+)
 def test_every_header_the_sniffer_accepts_is_one_pillow_reads(mode: str, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The worker's own limit decides sizes, not Pillow's bomb guard (clip_worker.decoder turns it off too).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)

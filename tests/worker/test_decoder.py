@@ -85,7 +85,10 @@ def test_a_jpeg_of_many_scans_is_refused_before_decoding_and_real_photos_pass() 
 
 
 def close_to(decoded: Image.Image, expected: Image.Image, tolerance: float = 3) -> bool:
-    return decoded.size == expected.size and np.abs(np.asarray(decoded, int) - np.asarray(expected.convert("RGB"), int)).mean() < tolerance
+    return (
+        decoded.size == expected.size
+        and np.abs(np.asarray(decoded, int) - np.asarray(expected.convert("RGB"), int)).mean() < tolerance
+    )
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -104,7 +107,7 @@ def test_a_12_bit_jpeg_is_an_unsupported_type_not_a_corrupt_file() -> None:
 
 def ramp(dtype: type, low: float, high: float) -> Image.Image:
     """A left-to-right ramp from `low` to `high` in a 32-bit TIFF."""
-    values = np.tile(np.linspace(low, high, 64), (16, 1)).astype(dtype)
+    values: np.ndarray = np.tile(np.linspace(low, high, 64), (16, 1)).astype(dtype)
     return Image.open(io.BytesIO(encode(Image.fromarray(values), "TIFF")))
 
 

@@ -175,7 +175,11 @@ def test_an_object_archived_after_dispatch_fails_at_once_with_the_dispatchers_co
 
     # Not left to a next attempt (S3 would answer the same): recorded on the first.
     assert summary.exit_code == EXIT_OK
-    assert outcomes(s3, model_id(config), list(files)) == {"img-00.png": "created", "img-01.png": "object-archived", "img-02.png": "created"}
+    assert outcomes(s3, model_id(config), list(files)) == {
+        "img-00.png": "created",
+        "img-01.png": "object-archived",
+        "img-02.png": "created",
+    }
 
 
 def test_outputs_s3_would_not_store_make_the_attempt_end_for_a_retry(s3: Any, config: WorkerConfig) -> None:
