@@ -32,6 +32,7 @@ class Code(StrEnum):
     NOT_FOUND = "not-found"
     METHOD_NOT_ALLOWED = "method-not-allowed"
     BODY_TOO_LARGE = "body-too-large"
+    REQUEST_TIMEOUT = "request-timeout"
     UNSUPPORTED_TYPE = "unsupported-type"
     UNSUPPORTED_MEDIA_TYPE = "unsupported-media-type"
     INTERNAL_ERROR = "internal-error"
