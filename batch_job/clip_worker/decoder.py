@@ -16,11 +16,11 @@ import io
 import re
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
@@ -48,12 +48,56 @@ _WIDE = frozenset({"I", "F"})
 _WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _BIT_DEPTH = re.compile(r"(\d+)-bit")
 
+#: PNG text chunks (by keyword) that can say how to turn the picture: XMP, and the EXIF that
+#: ImageMagick stores as text. Pillow reads the orientation from both.
+_PNG_ORIENTATION_TEXT = frozenset({b"XML:com.adobe.xmp", b"Raw profile type exif"})
+#: A PNG keyword is 1-79 bytes, then a NUL.
+_PNG_KEYWORD_BYTES = 80
+
 Image.MAX_IMAGE_PIXELS = None
-# Pillow calls a PNG whose ICC profile or one text chunk inflates past 1 MB broken; real files carry
-# more (Photoshop's XMP history, print ICC profiles of several MB). Still bounded: a chunk at most
-# 16 MB inflated, all of an image's text at most 64 MB.
+# The text Pillow still reads (above) may inflate to 16 MB a chunk, 64 MB an image (its limits are
+# 1 MB and 64 MB): Photoshop's XMP history runs to megabytes.
 PngImagePlugin.MAX_TEXT_CHUNK = 16 * 1024 * 1024
 PngImagePlugin.MAX_TEXT_MEMORY = 64 * 1024 * 1024
+
+
+class _PngStream(PngImagePlugin.PngStream):
+    """Pillow's PNG chunk reader, without the metadata the pipeline has no use for: ICC profiles and
+    text chunks are skipped, not inflated. A PNG may carry megabytes of them, and Pillow calls an image
+    whose metadata inflates past its limits broken. Orientation text is still read, and skipped in
+    turn when it is past the limits: the picture is then embedded as stored rather than not at all."""
+
+    def _skip(self, pos: int, length: int) -> bytes:
+        assert self.fp is not None
+        return ImageFile._safe_read(self.fp, length)
+
+    def _text(self, read: Callable[[int, int], bytes], pos: int, length: int) -> bytes:
+        assert self.fp is not None
+        start = self.fp.tell()
+        keyword = self.fp.read(min(length, _PNG_KEYWORD_BYTES)).split(b"\0", 1)[0]
+        self.fp.seek(start)
+        if keyword in _PNG_ORIENTATION_TEXT:
+            try:
+                return read(pos, length)
+            except ValueError:  # past MAX_TEXT_CHUNK or MAX_TEXT_MEMORY
+                self.fp.seek(start)
+        return self._skip(pos, length)
+
+    def chunk_iCCP(self, pos: int, length: int) -> bytes:
+        return self._skip(pos, length)
+
+    def chunk_tEXt(self, pos: int, length: int) -> bytes:
+        return self._text(super().chunk_tEXt, pos, length)
+
+    def chunk_zTXt(self, pos: int, length: int) -> bytes:
+        return self._text(super().chunk_zTXt, pos, length)
+
+    def chunk_iTXt(self, pos: int, length: int) -> bytes:
+        return self._text(super().chunk_iTXt, pos, length)
+
+
+# PngImageFile makes its chunk reader from this module attribute, for every PNG and APNG opened.
+PngImagePlugin.PngStream = _PngStream  # type: ignore[misc]  # a subclass in Pillow's own slot, on purpose
 
 
 class PixelBudget:

@@ -172,14 +172,19 @@ def test_only_the_first_pages_of_a_tiff_are_looked_at() -> None:
     assert decode(many, "s3://in/many.tif", 10_000, LIMIT).size == (20, 20)
 
 
-@pytest.mark.parametrize("chunk", ["icc", "zTXt", "iTXt"])
+@pytest.mark.parametrize("chunk", ["icc", "zTXt", "iTXt", "many-zTXt", "huge-xmp"])
 def test_a_png_with_megabytes_of_metadata_is_not_called_corrupt(chunk: str) -> None:
     picture = photo().resize((60, 40))
     info = PngImagePlugin.PngInfo()
     if chunk == "zTXt":
-        info.add_text("Comment", "a long history " * 200_000, zip=True)  # 3 MB inflated
+        info.add_text("Comment", "a long history " * 1_500_000, zip=True)  # 22 MB inflated
+    elif chunk == "many-zTXt":
+        for index in range(8):  # 88 MB of text in all
+            info.add_text(f"Comment {index}", "a long history " * 750_000, zip=True)
     elif chunk == "iTXt":
         info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>" + "<rdf:li>ancestor</rdf:li>" * 120_000 + "</x:xmpmeta>", zip=True)
+    elif chunk == "huge-xmp":  # Photoshop's document history past every limit: skipped, not fatal
+        info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>" + "<rdf:li>ancestor</rdf:li>" * 1_000_000 + "</x:xmpmeta>", zip=True)
     profile = bytes(3_000_000) if chunk == "icc" else None
     data = encode(picture, "PNG", pnginfo=info, icc_profile=profile)
     assert close_to(decode(data, "s3://in/meta.png", 10_000, LIMIT), picture, tolerance=0.01)
@@ -208,6 +213,11 @@ def sideways_files() -> dict[str, bytes]:
     xmp_png.add_itxt("XML:com.adobe.xmp", XMP_ROTATE_90)
     png_exif = encode(sideways, "PNG", exif=exif)
     png_xmp = encode(sideways, "PNG", pnginfo=xmp_png)
+    # ImageMagick's way: the EXIF block in hex, as a compressed text chunk.
+    raw = exif.tobytes().hex()
+    imagemagick = PngImagePlugin.PngInfo()
+    lines = "\n".join(raw[start : start + 72] for start in range(0, len(raw), 72))
+    imagemagick.add_text("Raw profile type exif", f"\nexif\n{len(raw) // 2:8d}\n{lines}\n", zip=True)
     return {
         "jpeg-exif": encode(sideways, "JPEG", quality=95, exif=exif),
         "jpeg-xmp": encode(sideways, "JPEG", quality=95, xmp=XMP_ROTATE_90.encode()),
@@ -215,6 +225,7 @@ def sideways_files() -> dict[str, bytes]:
         "png-exif-after-pixels": png_moved(png_exif, b"eXIf", after=b"IDAT"),
         "png-xmp": png_xmp,
         "png-xmp-after-pixels": png_moved(png_xmp, b"iTXt", after=b"IDAT"),
+        "png-imagemagick-exif": encode(sideways, "PNG", pnginfo=imagemagick),
         "webp-exif": encode(sideways, "WEBP", lossless=True, exif=exif),
         "webp-xmp": encode(sideways, "WEBP", lossless=True, xmp=XMP_ROTATE_90.encode()),
         "tiff-orientation": encode(sideways, "TIFF", exif=exif),
