@@ -170,7 +170,7 @@ def tiny_worker_config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig
 
 
 # A stand-in for a codec that crashes on one crafted file: Pillow kills its own process when it
-# decodes a PNG carrying a `poison` text chunk. Saved as sitecustomize.py in a folder on PYTHONPATH,
+# decodes a PNG marked by `poisoned_png`. Saved as sitecustomize.py in a folder on PYTHONPATH,
 # it loads into every Python process started with that environment (the worker, and its helpers).
 SITECUSTOMIZE = """
 import os, signal
@@ -180,7 +180,7 @@ _load = ImageFile.ImageFile.load
 
 
 def load(self):
-    if self.info.get("poison"):
+    if self.info.get("gamma") == 0.31337:
         os.kill(os.getpid(), signal.SIGKILL)
     return _load(self)
 
@@ -190,9 +190,11 @@ ImageFile.ImageFile.load = load
 
 
 def poisoned_png(name: str = "coffee.png") -> bytes:
-    text = PngImagePlugin.PngInfo()
-    text.add_text("poison", "yes")
-    return encode(photo(name), "PNG", pnginfo=text)
+    """A real photo that kills the process loading it where SITECUSTOMIZE is installed: its mark is a
+    gamma no real PNG has (a chunk the decoder still reads; it skips text chunks)."""
+    marked = PngImagePlugin.PngInfo()
+    marked.add(b"gAMA", (31337).to_bytes(4, "big"))
+    return encode(photo(name), "PNG", pnginfo=marked)
 
 
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
