@@ -202,6 +202,20 @@ def jpeg_scans(data: bytes) -> int:
     return scans
 
 
+def declared_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """The width and height decoding `data` would give, read from its headers without decoding a
+    pixel (a multi-page TIFF: the page decoding picks); None when they cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format == "TIFF":
+                    _seek_largest_page(image, max_pixels)
+                return image.size
+    except Exception:  # noqa: BLE001 - whatever a malformed header raises, decoding reports it
+        return None
+
+
 def _jpeg_depth(data: bytes) -> int | None:
     """The sample precision of a JPEG Pillow refused for it (12-bit, or 16-bit lossless), else None."""
     try:

@@ -335,3 +335,11 @@ def test_a_client_that_stalls_mid_body_gets_a_408_and_the_api_goes_on(
         assert (error["code"], error["limit"]) == ("request-timeout", 1.0)
         # Whoever sends a whole body is answered as ever.
         assert requests.post(f"{url}/embed", json={"text": "a cat"}, timeout=30).status_code == 200
+
+
+def test_a_multi_page_tiff_counts_the_page_that_would_be_decoded(api: str) -> None:
+    # A thumbnail first, then a 3.6 MP page: the request's pixels are the big pages', not the thumbnails'.
+    pages = [Image.new("1", (10, 10)), Image.new("1", (1900, 1900))]
+    tiff = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:], compression="group4")
+    error = refusal(requests.post(f"{api}/embed", json={"images": [b64(tiff)] * 2}, timeout=30), 400, "too-many-pixels")
+    assert error["field"] == "images[1]" and error["limit"] == 6_000_000
