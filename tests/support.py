@@ -186,7 +186,7 @@ def tiny_worker_config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig
 
 
 # A stand-in for a codec that crashes on one crafted file: Pillow kills its own process when it
-# decodes a PNG carrying a `poison` text chunk. Saved as sitecustomize.py in a folder on PYTHONPATH,
+# decodes a PNG marked by `poisoned_png`. Saved as sitecustomize.py in a folder on PYTHONPATH,
 # it loads into every Python process started with that environment (the worker, and its helpers).
 SITECUSTOMIZE = """
 import os, signal
@@ -196,7 +196,7 @@ _load = ImageFile.ImageFile.load
 
 
 def load(self):
-    if self.info.get("poison"):
+    if self.info.get("gamma") == 0.31337:
         os.kill(os.getpid(), signal.SIGKILL)
     return _load(self)
 
@@ -206,6 +206,28 @@ ImageFile.ImageFile.load = load
 
 
 def poisoned_png(name: str = "coffee.png") -> bytes:
-    text = PngImagePlugin.PngInfo()
-    text.add_text("poison", "yes")
-    return encode(photo(name), "PNG", pnginfo=text)
+    """A real photo that kills the process loading it where SITECUSTOMIZE is installed: its mark is a
+    gamma no real PNG has (a chunk the decoder still reads; it skips text chunks)."""
+    marked = PngImagePlugin.PngInfo()
+    marked.add(b"gAMA", (31337).to_bytes(4, "big"))
+    return encode(photo(name), "PNG", pnginfo=marked)
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks in file order: (type, the whole chunk with its length and CRC)."""
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append((data[position + 4 : position + 8], data[position : position + 12 + length]))
+        position += 12 + length
+    return chunks
+
+
+def png_moved(data: bytes, chunk_type: bytes, after: bytes) -> bytes:
+    """The PNG with its (first) `chunk_type` chunk moved to just after the first `after` chunk."""
+    chunks = png_chunks(data)
+    moved = next(chunk for chunk in chunks if chunk[0] == chunk_type)
+    chunks.remove(moved)
+    place = next(index for index, chunk in enumerate(chunks) if chunk[0] == after) + 1
+    chunks.insert(place, moved)
+    return data[:8] + b"".join(whole for _, whole in chunks)

@@ -1,7 +1,9 @@
 """Image bytes -> an upright RGB picture, as small as the model's preprocessing allows.
 
-Every supported format ends up as 8-bit RGB the way a person would see it: EXIF orientation
-applied, transparency flattened onto white, CMYK, palette, 16-bit and grayscale converted.
+Every supported format ends up as 8-bit RGB the way a person would see it: upright (the orientation
+EXIF, XMP, a PNG's eXIf or a WebP's EXIF gives, applied), transparency (alpha or a colour key)
+flattened onto white, CMYK, palette, 16-bit and grayscale converted, 32-bit and float samples
+scaled by their own range; a multi-page TIFF's largest page, an animation's first frame.
 
 The pixel limit is checked from the header, before any pixel is decoded, and it is the only one:
 Pillow's own decompression-bomb guard (about 179 MP) is switched off, or images above it would be
@@ -14,10 +16,11 @@ import io
 import re
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
@@ -35,10 +38,66 @@ _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 #: Start-of-frame markers of sequential JPEGs (baseline, extended, lossless; Huffman or arithmetic).
 _SEQUENTIAL_FRAMES = frozenset({0xC0, 0xC1, 0xC3, 0xC5, 0xC7, 0xC9, 0xCB, 0xCD, 0xCF})
 
-_SIXTEEN_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+#: Pages of a TIFF looked at for its largest (a scan's thumbnail page, a pyramid's levels come first
+#: or within a few); each costs reading its directory, so a file of thousands of pages costs no more.
+MAX_TIFF_PAGES = 32
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+#: 32-bit integer and float samples: no fixed range (a depth map, a scientific capture, HDR).
+_WIDE = frozenset({"I", "F"})
 _WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+_BIT_DEPTH = re.compile(r"(\d+)-bit")
+
+#: PNG text chunks (by keyword) that can say how to turn the picture: XMP, and the EXIF that
+#: ImageMagick stores as text. Pillow reads the orientation from both.
+_PNG_ORIENTATION_TEXT = frozenset({b"XML:com.adobe.xmp", b"Raw profile type exif"})
+#: A PNG keyword is 1-79 bytes, then a NUL.
+_PNG_KEYWORD_BYTES = 80
 
 Image.MAX_IMAGE_PIXELS = None
+# The text Pillow still reads (above) may inflate to 16 MB a chunk, 64 MB an image (its limits are
+# 1 MB and 64 MB): Photoshop's XMP history runs to megabytes.
+PngImagePlugin.MAX_TEXT_CHUNK = 16 * 1024 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 64 * 1024 * 1024
+
+
+class _PngStream(PngImagePlugin.PngStream):
+    """Pillow's PNG chunk reader, without the metadata the pipeline has no use for: ICC profiles and
+    text chunks are skipped, not inflated. A PNG may carry megabytes of them, and Pillow calls an image
+    whose metadata inflates past its limits broken. Orientation text is still read, and skipped in
+    turn when it is past the limits: the picture is then embedded as stored rather than not at all."""
+
+    def _skip(self, pos: int, length: int) -> bytes:
+        assert self.fp is not None
+        return ImageFile._safe_read(self.fp, length)
+
+    def _text(self, read: Callable[[int, int], bytes], pos: int, length: int) -> bytes:
+        assert self.fp is not None
+        start = self.fp.tell()
+        keyword = self.fp.read(min(length, _PNG_KEYWORD_BYTES)).split(b"\0", 1)[0]
+        self.fp.seek(start)
+        if keyword in _PNG_ORIENTATION_TEXT:
+            try:
+                return read(pos, length)
+            except ValueError:  # past MAX_TEXT_CHUNK or MAX_TEXT_MEMORY
+                self.fp.seek(start)
+        return self._skip(pos, length)
+
+    def chunk_iCCP(self, pos: int, length: int) -> bytes:
+        return self._skip(pos, length)
+
+    def chunk_tEXt(self, pos: int, length: int) -> bytes:
+        return self._text(super().chunk_tEXt, pos, length)
+
+    def chunk_zTXt(self, pos: int, length: int) -> bytes:
+        return self._text(super().chunk_zTXt, pos, length)
+
+    def chunk_iTXt(self, pos: int, length: int) -> bytes:
+        return self._text(super().chunk_iTXt, pos, length)
+
+
+# PngImageFile makes its chunk reader from this module attribute, for every PNG and APNG opened.
+PngImagePlugin.PngStream = _PngStream  # type: ignore[misc]  # a subclass in Pillow's own slot, on purpose
 
 
 class PixelBudget:
@@ -89,6 +148,8 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: Pixe
             image = Image.open(io.BytesIO(data))
         if image.format not in SUPPORTED_FORMATS:
             raise DocumentError(ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {image.format} image, which the pipeline does not embed")
+        if image.format == "TIFF":
+            _seek_largest_page(image, max_pixels)
         width, height = image.size
         if image.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
             raise DocumentError(
@@ -104,6 +165,10 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int, budget: Pixe
         raise
     except UnidentifiedImageError as exc:
         sniffed = sniff_mime(data[:SNIFF_BYTES])
+        if sniffed == "image/jpeg" and (depth := _jpeg_depth(data)):
+            raise DocumentError(
+                ErrorCode.UNSUPPORTED_TYPE, f"{url} is a {depth}-bit JPEG; the pipeline embeds 8-bit JPEGs"
+            ) from exc
         if is_accepted(sniffed):
             raise DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} starts like {sniffed} but is not a readable image") from exc
         kind = f"a {sniffed} file" if sniffed else "not a recognisable file type"
@@ -137,9 +202,51 @@ def jpeg_scans(data: bytes) -> int:
     return scans
 
 
+def declared_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """The width and height decoding `data` would give, read from its headers without decoding a
+    pixel (a multi-page TIFF: the page decoding picks); None when they cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format == "TIFF":
+                    _seek_largest_page(image, max_pixels)
+                return image.size
+    except Exception:  # noqa: BLE001 - whatever a malformed header raises, decoding reports it
+        return None
+
+
+def _jpeg_depth(data: bytes) -> int | None:
+    """The sample precision of a JPEG Pillow refused for it (12-bit, or 16-bit lossless), else None."""
+    try:
+        JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    except SyntaxError as exc:
+        found = _BIT_DEPTH.search(str(exc))
+        return int(found[1]) if found else None
+    except Exception:  # noqa: BLE001 - any other refusal is not about the depth: the caller calls it corrupt
+        return None
+    return None
+
+
+def _seek_largest_page(image: Image.Image, max_pixels: int) -> None:
+    """Leave a multi-page TIFF on its largest page within the pixel limit (the first when none is):
+    a scanner or Photoshop may store a thumbnail first, a pyramid its levels in any order."""
+    best, best_pixels = 0, -1
+    for page in range(MAX_TIFF_PAGES):
+        try:
+            image.seek(page)
+        except Exception:  # noqa: BLE001 - past the last page, or a page Pillow cannot read: no candidate
+            break
+        pixels = image.width * image.height
+        if best_pixels < pixels <= max_pixels:
+            best, best_pixels = page, pixels
+    image.seek(best)
+
+
 def _load(image: Image.Image, url: str, min_side: int) -> Image.Image:
     try:
-        if image.format in ("JPEG", "MPO"):
+        # A lossless JPEG (no quantisation tables) cannot be decoded at reduced scale by libjpeg.
+        if image.format in ("JPEG", "MPO") and getattr(image, "quantization", None):
             # Twice the target keeps the final resize a real antialiasing downscale: at 1x, libjpeg's
             # block averaging alone sets the pixels and 2 MP photos drift to cosine ~0.9995.
             image.draft("RGB", (2 * min_side, 2 * min_side))
@@ -151,13 +258,51 @@ def _load(image: Image.Image, url: str, min_side: int) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    key = _colour_key_alpha(image)
     if image.mode in _SIXTEEN_BIT:
         # Pillow's convert("L") clips 16-bit samples at 255, which turns most photos white.
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-    if image.mode == "P" and "transparency" in image.info:
+    elif image.mode in _WIDE:
+        image = _stretched(image)
+    elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in _WITH_ALPHA:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
+        return _on_white(image.convert("RGBA"))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if key is None:
+        return rgb
+    rgb.putalpha(key)
+    return _on_white(rgb)
+
+
+def _colour_key_alpha(image: Image.Image) -> Image.Image | None:
+    """The mask a PNG's colour key (tRNS in a grayscale or RGB image: one value that means
+    "transparent") makes, or None; a palette's transparency is the palette's own business."""
+    key = image.info.get("transparency")
+    if image.mode in ("P", *_WITH_ALPHA) or not isinstance(key, (int, tuple)):
+        return None
+    pixels = np.asarray(image)
+    keyed = (pixels == np.asarray(key)).all(axis=-1) if pixels.ndim == 3 else pixels == key
+    return Image.fromarray(np.where(keyed, 0, 255).astype(np.uint8), "L") if keyed.any() else None
+
+
+def _stretched(image: Image.Image) -> Image.Image:
+    """32-bit or float samples to 8 bits by their own finite range (floats already within 0-1 keep
+    that range, the usual convention); Pillow would clip them to 0-255, all black or all white."""
+    pixels = np.array(image, dtype=np.float32)
+    pixels[~np.isfinite(pixels)] = np.nan
+    if np.isnan(pixels).all():
+        return Image.new("L", image.size, 0)
+    low, high = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+    if image.mode == "F" and 0 <= low and high <= 1:
+        low, high = 0.0, 1.0
+    pixels -= low
+    pixels *= 255 / (high - low) if high > low else 0
+    np.nan_to_num(pixels, copy=False, nan=0)
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "L")
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")

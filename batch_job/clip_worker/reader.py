@@ -72,6 +72,10 @@ def fetch(entry: ManifestEntry, s3: Any, max_bytes: int) -> tuple[bytes, ObjectV
         if aws.is_missing(exc):
             version = f" version {entry.version_id}" if entry.version_id else ""
             raise DocumentError(ErrorCode.NOT_FOUND, f"{entry.url}{version} no longer exists ({aws.error_code(exc)})") from exc
+        if refused := aws.refusal(exc):
+            # Archived, or its key taken away, after the dispatcher read its first bytes.
+            code, reason = refused
+            raise DocumentError(code, f"could not download {entry.url}: {reason}") from exc
         if aws.is_transient(exc):
             raise TransientError(f"could not download {entry.url}: {type(exc).__name__}: {exc}") from exc
         raise DocumentError(ErrorCode.DOWNLOAD_FAILED, f"could not download {entry.url}: {exc}") from exc

@@ -118,7 +118,7 @@ def local_command(
             )
         s3 = clients.client("s3")
         outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
-        _print_summary(clients, stack, files, outcomes, pipeline.runs, pipeline.seconds, json_output)
+        _print_summary(clients, stack, pipeline, outcomes, json_output)
         if serve_api:
             _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
         elif keep:
@@ -126,18 +126,14 @@ def local_command(
 
 
 def _print_summary(
-    clients: Clients,
-    stack: Stack,
-    files: list[Path],
-    outcomes: report.Outcomes,
-    runs: list[local.JobRun],
-    elapsed: float,
-    json_output: bool,
+    clients: Clients, stack: Stack, pipeline: local.PipelineRun, outcomes: report.Outcomes, json_output: bool
 ) -> None:
     output = stack.output("OutputBucketName")
     model_id = keys.model_id(stack.model, stack.pretrained)
+    runs, elapsed = pipeline.runs, pipeline.seconds
     summary = {
-        "uploaded": len(files),
+        "uploaded": pipeline.uploaded,
+        "not_uploaded": pipeline.not_uploaded,
         **outcomes.as_dict(),
         "batch_jobs": len({run.job_id for run in runs}),
         "job_runs": len(runs),
@@ -156,6 +152,10 @@ def _print_summary(
         return
     table = Table(title="clip-pipeline local", show_header=False)
     table.add_row("uploaded", str(summary["uploaded"]))
+    if pipeline.not_uploaded:
+        table.add_row("not uploaded", str(len(pipeline.not_uploaded)))
+        for name, reason in sorted(pipeline.not_uploaded.items()):
+            table.add_row("", f"{name!r}: {reason}")
     table.add_row("embedded", str(summary["embedded"]))
     table.add_row("rejected", str(len(outcomes.rejected)))
     for url, rejection in sorted(outcomes.rejected.items()):

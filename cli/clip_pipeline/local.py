@@ -26,10 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import BotoCoreError, ClientError
+
 from clip_pipeline import emulator, jobs
 from clip_pipeline.emulator import REPOSITORY
 from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import Clients, Stack, plain_environment, read_stack
+from clip_shared import keys
 
 DISPATCHER = REPOSITORY / "functions" / "dispatcher" / "app.py"
 INDEXER = REPOSITORY / "functions" / "indexer" / "clip_indexer" / "app.py"
@@ -324,6 +328,36 @@ class PipelineRun:
     seconds: float
     #: Every indexer invocation (finished shards into the vector store).
     indexer_invocations: list[Invocation] = field(default_factory=list)
+    #: How many files were uploaded, and why each of the others was not (by its path in the folder,
+    #: a name that is not UTF-8 with Python's stand-ins for its bytes).
+    uploaded: int = 0
+    not_uploaded: dict[str, str] = field(default_factory=dict)
+
+
+def unstorable(key: str) -> str | None:
+    """Why S3, or the emulator standing in for it, would not store an object under `key`; None if it would."""
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "its name is not UTF-8, which an S3 key must be"
+    if size > keys.MAX_KEY_BYTES:
+        return f"its name is {size} bytes in UTF-8; an S3 key is at most {keys.MAX_KEY_BYTES}"
+    if "\n" in key:
+        # Gap: S3 takes a line break in a key; moto's server routes no request for one (404).
+        return "the emulator cannot store a key with a line break (S3 can)"
+    return None
+
+
+def upload(s3: Any, bucket: str, folder: Path, path: Path) -> str | None:
+    """Upload one file under its path in `folder`; why it was not, or None when it was."""
+    key = path.relative_to(folder).as_posix()
+    if reason := unstorable(key):
+        return reason
+    try:
+        s3.upload_file(str(path), bucket, key)
+    except (OSError, S3UploadFailedError, ClientError, BotoCoreError) as exc:  # unreadable, gone since listed, refused
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @dataclass
@@ -354,11 +388,14 @@ def run_pipeline(
     started = time.monotonic()
     input_bucket = stack.output("InputBucketName")
     reporter.start("uploaded", len(files))
+    not_uploaded: dict[str, str] = {}
     for count, path in enumerate(files, 1):
-        s3.upload_file(str(path), input_bucket, path.relative_to(folder).as_posix())
+        if reason := upload(s3, input_bucket, folder, path):
+            not_uploaded[path.relative_to(folder).as_posix()] = reason
         reporter.update("uploaded", count)
-    reporter.start("dispatched", len(files))
-    reporter.start("processed", len(files))
+    uploaded = len(files) - len(not_uploaded)
+    reporter.start("dispatched", uploaded)
+    reporter.start("processed", uploaded)
     dispatched = 0
     children = _ChildProgress()
 
@@ -391,4 +428,4 @@ def run_pipeline(
         indexing = indexer.poll()
         indexed += indexing
         if not invocations and not done and not indexing and not any(_in_flight(sqs, url) for url in queues):
-            return PipelineRun(runs, invoked, time.monotonic() - started, indexed)
+            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded)

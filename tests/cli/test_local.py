@@ -46,6 +46,9 @@ def inputs(tmp_path: Path) -> tuple[Path, dict[str, Image.Image]]:
     (folder / "bomb.png").write_bytes(encode(Image.new("1", (10_000, 10_000)), "PNG", optimize=True))
     # Kills the worker that decodes it (see tests.support.SITECUSTOMIZE).
     (folder / "poison.png").write_bytes(poisoned_png())
+    # Names a file system allows and the emulator or S3 does not: reported, and the rest goes on.
+    (folder / "two\nlines.png").write_bytes(encode(photo(), "PNG"))
+    (folder / os.fsdecode(b"latin-1 caf\xe9.png")).write_bytes(encode(photo(), "PNG"))
     return folder, expected
 
 
@@ -70,6 +73,10 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         summary = json.loads(line)
 
         assert summary["uploaded"] == len(expected) + 5
+        assert summary["not_uploaded"] == {
+            "two\nlines.png": "the emulator cannot store a key with a line break (S3 can)",
+            os.fsdecode(b"latin-1 caf\xe9.png"): "its name is not UTF-8, which an S3 key must be",
+        }
         assert summary["embedded"] == len(expected)
         # The 17 objects that pass the dispatcher make one array job of ceil(17 / 6) = 3 children; the
         # child holding poison.png dies (exit 137) and, as the retry strategy says, runs again.
@@ -121,7 +128,7 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
     assert process.stderr is not None
     progress = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith('{"progress"')]
     last = {line["progress"]: line for line in progress}
-    assert last["uploaded"]["completed"] == last["uploaded"]["total"] == len(expected) + 5
+    assert last["uploaded"]["completed"] == last["uploaded"]["total"] == len(expected) + 7
     assert last["dispatched"]["completed"] == len(expected) + 5
     assert last["processed"]["completed"] == len(expected) + 3  # all but the two rejected
 

@@ -167,3 +167,29 @@ def test_retry_resubmits_the_failed_object_not_the_key_a_url_parser_would_make_o
     assert done["submitted"] >= 2
     assert {"odd/IMG #12.png", "odd/what?size=1.png"} <= set(submitted_keys(deployed)[-1])
     assert not {"odd/IMG ", "odd/what"} & set(submitted_keys(deployed)[-1])
+
+
+def test_backfill_and_retry_go_past_an_object_s3_will_not_serve(deployed: tuple[Clients, Stack]) -> None:
+    # Last in the module: the failure it records is one every later `retry` would count.
+    clients, stack = deployed
+    s3, bucket = clients.client("s3"), stack.output("InputBucketName")
+    upload(deployed, "cold", 2)
+    data = encode(photo(), "PNG")
+    s3.put_object(Bucket=bucket, Key="cold/archived.png", Body=data, StorageClass="DEEP_ARCHIVE")
+
+    for _ in range(2):  # it was a traceback and exit 1 on every run
+        counts = invoke(deployed, "backfill", f"s3://{bucket}/cold/")
+        assert (counts["listed"], counts["rejected"]) == (3, 1)
+    assert submitted_keys(deployed)[-1] == ["cold/img-0.png", "cold/img-1.png"]
+    record = s3.get_object(
+        Bucket=stack.output("OutputBucketName"), Key=keys.rejection_key(stack.output_prefix, bucket, "cold/archived.png")
+    )
+    event = json.loads(record["Body"].read())
+    assert (event["type"], event["data"]["error"]["code"]) == ("document-rejected", "object-archived")
+
+    # Archived after a job was submitted, it failed in the worker: retry turns that into its rejection.
+    etag = keys.bare_etag(s3.head_object(Bucket=bucket, Key="cold/archived.png")["ETag"])
+    entry = ManifestEntry(bucket=bucket, key="cold/archived.png", size=len(data), etag=etag, mime_type="image/png")
+    record_failure(deployed, entry, ErrorCode.OBJECT_ARCHIVED)
+    retried = invoke(deployed, "retry", "--code", "object-archived")
+    assert (retried["candidates"], retried["rejected"], retried["submitted"], retried["jobs"]) == (1, 1, 0, 0)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import numpy as np
@@ -119,6 +120,30 @@ def failing_submit_job(batch_client: Any, status: int, code: str, times: int | N
     events.register("before-send", respond)
     try:
         yield attempts
+    finally:
+        events.unregister("before-send", respond)
+        events.register("before-send", botocore_stubber)
+
+
+@contextmanager
+def refusing_get_object(s3_client: Any, answers: dict[str, tuple[int, str, str]]) -> Iterator[None]:
+    """Make GetObject of each key in `answers` get S3's (status, code, message) error, as S3 answers an
+    object encrypted with a key the caller lacks (moto serves such objects), the rest reaching moto."""
+
+    def respond(event_name: str, request: Any, **kwargs: Any) -> AWSResponse | None:
+        path = unquote(urlsplit(request.url).path).lstrip("/")
+        key = path.removeprefix(f"{INPUT_BUCKET}/")  # path-style or virtual-hosted addressing
+        if not event_name.endswith(".GetObject") or key not in answers:
+            return botocore_stubber(event_name, request, **kwargs)
+        status, code, message = answers[key]
+        body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+        return AWSResponse(request.url, status, {"Content-Type": "application/xml"}, MockRawResponse(body))
+
+    events = s3_client.meta.events
+    events.unregister("before-send", botocore_stubber)
+    events.register("before-send", respond)
+    try:
+        yield
     finally:
         events.unregister("before-send", respond)
         events.register("before-send", botocore_stubber)

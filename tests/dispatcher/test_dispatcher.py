@@ -27,6 +27,7 @@ from dispatcher_support import (
     output_keys,
     put_input,
     read_output,
+    refusing_get_object,
     submitted_jobs,
 )
 
@@ -281,3 +282,46 @@ def test_when_every_message_fails_the_whole_batch_fails(app: ModuleType, invoke:
         invoke(load_event("sqs-s3-put-batch.json"))
 
     assert submitted_jobs() == []
+
+
+#: events/sqs-s3-put-unservable.json: objects S3 holds but will not serve the dispatcher's role.
+REFUSED = {
+    "encrypted/customer-key.jpg": (
+        400,
+        "InvalidRequest",
+        "The object was stored using a form of Server Side Encryption. "
+        "The correct parameters must be provided to retrieve the object.",
+    ),
+    "encrypted/kms-key.jpg": (
+        403,
+        "AccessDenied",
+        "User: arn:aws:sts::123456789012:assumed-role/dispatcher/fn is not authorized to perform: kms:Decrypt "
+        "on resource: arn:aws:kms:us-east-1:123456789012:key/1234abcd because no identity-based policy allows it",
+    ),
+    "encrypted/no-access.jpg": (403, "AccessDenied", "Access Denied"),
+}
+
+
+def test_objects_s3_will_not_serve_are_rejected_each_with_its_own_code(app: ModuleType, invoke: Invoke) -> None:
+    s3 = boto3.client("s3")
+    for key in ("archive/glacier.jpg", "archive/deep-archive.jpg", "archive/restored.jpg", *REFUSED):
+        storage = "DEEP_ARCHIVE" if "deep" in key else "GLACIER" if key.startswith("archive/") else "STANDARD"
+        s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=encode("chelsea", "JPEG"), StorageClass=storage)
+    s3.restore_object(Bucket=INPUT_BUCKET, Key="archive/restored.jpg", RestoreRequest={"Days": 1})
+    event = load_event("sqs-s3-put-unservable.json")
+
+    with refusing_get_object(app.s3, REFUSED):
+        # Every message is done: none goes back to the queue, so none reaches the dead-letter queue.
+        assert invoke(event) == {"batchItemFailures": []}
+
+    codes = {key: rejection(key)["error"]["code"] for key in ("archive/glacier.jpg", "archive/deep-archive.jpg", *REFUSED)}
+    assert codes == {
+        "archive/glacier.jpg": "object-archived",
+        "archive/deep-archive.jpg": "object-archived",
+        "encrypted/customer-key.jpg": "customer-key-required",
+        "encrypted/kms-key.jpg": "kms-key-unusable",
+        "encrypted/no-access.jpg": "access-denied",
+    }
+    assert "restore" in rejection("archive/glacier.jpg")["error"]["message"]
+    # A restored copy is served: it is embedded like any other.
+    assert [entry.key for entry in entries_of(only_job())] == ["archive/restored.jpg"]

@@ -12,6 +12,7 @@ import pytest
 import requests
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from clip_shared import keys
 from clip_shared.mime import ACCEPTED_MIME_TYPES
@@ -307,3 +308,45 @@ def test_the_demo_page_and_health(api: str) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     health = requests.get(f"{api}/health", timeout=30).json()
     assert health["status"] == "ok" and health["model"] == TINY_MODEL
+
+
+def part(name: str, data: bytes, content_type: str | None = None) -> bytes:
+    """One multipart part with no filename, as `curl -F 'name=<file'` sends it (no type either)."""
+    header = f'Content-Disposition: form-data; name="{name}"\r\n'
+    if content_type:
+        header += f"Content-Type: {content_type}\r\n"
+    return b"--b\r\n" + header.encode() + b"\r\n" + data + b"\r\n"
+
+
+def form(*parts: bytes) -> dict[str, Any]:
+    return {"data": b"".join(parts) + b"--b--\r\n", "headers": {"content-type": "multipart/form-data; boundary=b"}, "timeout": 30}
+
+
+def test_an_image_sent_as_a_plain_field_is_embedded_as_the_image_it_is(api: str) -> None:
+    gif = encode(photo("coffee.png").resize((200, 150)), "GIF")
+    # The bytes say what a part is; a Content-Type of image/* says so too, whatever the bytes start with.
+    noise = np.random.default_rng(3).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    big_png = encode(Image.fromarray(noise), "PNG")  # past Starlette's 1 MB for a plain field
+    assert len(big_png) > 1024 * 1024
+    response = requests.post(
+        f"{api}/embed",
+        **form(
+            part("photo", gif), part("typed", ROCKET, "image/jpeg"), part("big", big_png), part("caption", b"a cup of coffee")
+        ),
+    )
+    assert response.status_code == 200, response.text
+    vectors = response.json()["vectors"]
+    for name, body in {
+        "photo": {"image": b64(gif)},
+        "typed": {"image": b64(ROCKET)},
+        "big": {"image": b64(big_png)},
+        "caption": {"text": "a cup of coffee"},
+    }.items():
+        assert vectors[name] == pytest.approx(requests.post(f"{api}/embed", json=body, timeout=30).json(), abs=1e-6), name
+
+
+def test_a_text_part_is_read_in_the_charset_it_names(api: str) -> None:
+    response = requests.post(f"{api}/embed", **form(part("q", "un café crème".encode("latin-1"), "text/plain; charset=latin-1")))
+    assert response.status_code == 200, response.text
+    expected = requests.post(f"{api}/embed", json={"text": "un café crème"}, timeout=30).json()
+    assert response.json()["vectors"]["q"] == pytest.approx(expected, abs=1e-6)

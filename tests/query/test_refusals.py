@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 from typing import Any
 
 import pytest
 import requests
 from fastapi import FastAPI
+from PIL import Image
 
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
 from clip_worker.model import ClipModel
-from tests.query.conftest import STORED, Stored
+from tests.query.conftest import STORED, Stored, served
 from tests.support import encode
 
 CAT = STORED["photos/cat.jpg"]
@@ -267,3 +269,77 @@ def test_a_path_or_request_id_that_cannot_be_repeated_as_is_is_not(app: FastAPI)
     assert status == 404 and body["error"]["code"] == "not-found"
     assert len(body["error"]["message"]) < 600 and "\\ud800" in body["error"]["message"]
     assert headers["x-request-id"] == body["request_id"] != "bad\x01id"
+
+
+@pytest.mark.parametrize(
+    ("part", "status", "code"),
+    [
+        (b'Content-Disposition: form-data; name="q"\r\n\r\n\xff\xfe a cat', 400, "invalid-text"),
+        (
+            b'Content-Disposition: form-data; name="q"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xe9',
+            400,
+            "invalid-text",
+        ),
+        (
+            b'Content-Disposition: form-data; name="q"\r\nContent-Type: text/plain; charset=klingon\r\n\r\na cat',
+            400,
+            "invalid-text",
+        ),
+        (
+            b'Content-Disposition: form-data; name="q"\r\n\r\n' + encode(Image.new("RGB", (32, 32)), "ICO"),
+            415,
+            "unsupported-type",
+        ),
+        (b'Content-Disposition: form-data; name="q"\r\nContent-Type: image/png\r\n\r\nnot a picture', 415, "unsupported-type"),
+    ],
+    ids=["not-utf8", "not-its-charset", "unknown-charset", "icon", "typed-image"],
+)
+def test_a_plain_field_that_is_neither_text_nor_an_accepted_image_is_refused(
+    api: str, part: bytes, status: int, code: str
+) -> None:
+    body = b"--x\r\n" + part + b"\r\n--x--\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    error = refusal(requests.post(f"{api}/embed", data=body, headers=headers, timeout=30), status, code)
+    assert error["field"] == "q"
+
+
+def stalled(url: str, head: bytes, sent: bytes) -> bytes:
+    """Send a request's headers and the start of its body, then nothing; the server's answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(head + b"\r\n\r\n" + sent)
+        answer = b""
+        while chunk := connection.recv(65536):  # until the server closes the connection
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("content_type", "sent"),
+    [
+        ("application/json", b'{"text": "a c'),
+        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="q"\r\n\r\na c'),
+    ],
+    ids=["json", "multipart"],
+)
+def test_a_client_that_stalls_mid_body_gets_a_408_and_the_api_goes_on(
+    stored: Stored, query_config: QueryConfig, model: ClipModel, content_type: str, sent: bytes
+) -> None:
+    config = query_config.model_copy(update={"body_timeout_s": 1.0})
+    with served(create_app(config, stored.service(config, model))) as url:
+        head = f"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: 5000".encode()
+        answer = stalled(url, head, sent)
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408"), answer[:500]
+        error = json.loads(body)["error"]
+        assert (error["code"], error["limit"]) == ("request-timeout", 1.0)
+        # Whoever sends a whole body is answered as ever.
+        assert requests.post(f"{url}/embed", json={"text": "a cat"}, timeout=30).status_code == 200
+
+
+def test_a_multi_page_tiff_counts_the_page_that_would_be_decoded(api: str) -> None:
+    # A thumbnail first, then a 3.6 MP page: the request's pixels are the big pages', not the thumbnails'.
+    pages = [Image.new("1", (10, 10)), Image.new("1", (1900, 1900))]
+    tiff = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:], compression="group4")
+    error = refusal(requests.post(f"{api}/embed", json={"images": [b64(tiff)] * 2}, timeout=30), 400, "too-many-pixels")
+    assert error["field"] == "images[1]" and error["limit"] == 6_000_000

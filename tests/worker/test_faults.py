@@ -165,6 +165,23 @@ def test_the_last_attempt_records_what_s3_never_served(s3: Any, config: WorkerCo
     assert f"s3://{INPUT_BUCKET}/img-01.png" in message and "SlowDown" in message and "attempt 3 of 3" in message
 
 
+def test_an_object_archived_after_dispatch_fails_at_once_with_the_dispatchers_code(s3: Any, config: WorkerConfig) -> None:
+    files = photos(3)
+    uri = put_manifest(s3, upload(s3, files))
+    # A lifecycle rule moved it to Glacier while the job waited for a GPU: the same bytes, not served.
+    s3.put_object(Bucket=INPUT_BUCKET, Key="img-01.png", Body=files["img-01.png"], StorageClass="GLACIER")
+
+    summary = run(replace(config, manifest_uri=uri), s3=quick_client())
+
+    # Not left to a next attempt (S3 would answer the same): recorded on the first.
+    assert summary.exit_code == EXIT_OK
+    assert outcomes(s3, model_id(config), list(files)) == {
+        "img-00.png": "created",
+        "img-01.png": "object-archived",
+        "img-02.png": "created",
+    }
+
+
 def test_outputs_s3_would_not_store_make_the_attempt_end_for_a_retry(s3: Any, config: WorkerConfig) -> None:
     files = photos(4)
     uri = put_manifest(s3, upload(s3, files))

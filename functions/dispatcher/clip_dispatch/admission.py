@@ -76,6 +76,9 @@ def admit(s3: Any, ref: ObjectRef, max_object_bytes: int) -> Admission:
             return _rejected(ref, ErrorCode.NOT_FOUND, "the object was deleted before it could be dispatched")
         if aws.error_code(exc) == "InvalidRange":  # S3's answer to a range of an empty object
             return _rejected(ref, ErrorCode.UNSUPPORTED_TYPE, "the object is empty", size=0)
+        if refused := aws.refusal(exc):
+            # Raised, the message would go round the dead-letter queue and every backfill forever.
+            return _rejected(ref, *refused)
         raise
     version_id = response.get("VersionId")
     if ref.version_id is not None and version_id != ref.version_id:

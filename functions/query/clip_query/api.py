@@ -77,6 +77,7 @@ BAD_REQUEST: dict[int | str, dict[str, Any]] = {
 }
 POST_REFUSALS: dict[int | str, dict[str, Any]] = {
     **BAD_REQUEST,
+    408: {**REFUSED, "description": "request-timeout: the body took longer than BODY_TIMEOUT_SECONDS to arrive"},
     413: {**REFUSED, "description": "body-too-large: over MAX_BODY_BYTES"},
     415: {**REFUSED, "description": "unsupported-type (an input that is no image it embeds) or unsupported-media-type"},
 }
@@ -278,5 +279,5 @@ def create_app(config: QueryConfig, service: QueryService) -> FastAPI:
     app.include_router(router)
     app.add_exception_handler(QueryError, query_error)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_middleware(RequestContext, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s)
     return app

@@ -29,6 +29,11 @@ class QueryConfig(BaseModel):
     top_k: int = Field(alias="KEYWORDS_TOP_K", default=5, ge=1)
     #: Lambda refuses synchronous payloads over 6 MB; the same limit applies locally.
     max_body_bytes: int = Field(alias="MAX_BODY_BYTES", default=6 * 1024 * 1024, ge=1024)
+    #: How long a request's whole body may take to arrive once its headers have. Behind API Gateway
+    #: the body is whole before the function runs; served by uvicorn (`clip-pipeline serve`), a client
+    #: that stalls mid-body would otherwise hold its connection and task forever (uvicorn's own
+    #: timeouts cover idle connections, not a body that stops). 30 s is 6 MB at 200 kB/s.
+    body_timeout_s: float = Field(alias="BODY_TIMEOUT_SECONDS", default=30, gt=0)
     #: Texts and images in one request.
     max_items: int = Field(alias="MAX_ITEMS", default=32, ge=1)
     #: Decoded pixels per image, read from its header before decoding (decompression bombs).

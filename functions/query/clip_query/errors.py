@@ -21,6 +21,8 @@ MESSAGE_CHARS = 500
 class Code(StrEnum):
     INVALID_REQUEST = "invalid-request"
     INVALID_BASE64 = "invalid-base64"
+    #: A multipart text part whose bytes do not decode in its charset (UTF-8 unless it names one).
+    INVALID_TEXT = "invalid-text"
     TOO_MANY_ITEMS = "too-many-items"
     TOO_MANY_LABELS = "too-many-labels"
     OVER_LIMIT = "over-limit"
@@ -30,6 +32,7 @@ class Code(StrEnum):
     NOT_FOUND = "not-found"
     METHOD_NOT_ALLOWED = "method-not-allowed"
     BODY_TOO_LARGE = "body-too-large"
+    REQUEST_TIMEOUT = "request-timeout"
     UNSUPPORTED_TYPE = "unsupported-type"
     UNSUPPORTED_MEDIA_TYPE = "unsupported-media-type"
     INTERNAL_ERROR = "internal-error"

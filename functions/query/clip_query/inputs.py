@@ -4,8 +4,11 @@ Three request shapes carry the same content:
 - JSON `{"text": "..."}` or `{"image": "<base64>"}`: one input (the SageMaker-backed API's shape);
 - JSON `{"texts": [...] or {...}, "images": [...] or {...}}`: many, keyed `texts[0]`... or by the
   object's own keys;
-- `multipart/form-data`: file parts are images, other parts are texts, each keyed by its field
-  name (`name[0]`, `name[1]`... when a name repeats).
+- `multipart/form-data`: each part keyed by its field name (`name[0]`, `name[1]`... when a name
+  repeats). A file part (one with a filename) is an image; a part without one is an image when its
+  Content-Type is `image/*` or its bytes are an image's (`curl -F 'photo=<x.gif'` sends neither
+  filename nor type), and otherwise a text, which must decode in its charset (UTF-8 unless the
+  part or the form names another) or is refused as `invalid-text`.
 Options are JSON members or form fields of the endpoint's own option names (models.py); another
 endpoint's option is refused, not read as a text.
 
@@ -16,19 +19,23 @@ their items, and every refusal is a QueryError naming the field.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from clip_query.config import QueryConfig
 from clip_query.errors import Code, QueryError, invalid, shown
 from clip_query.models import BASE64_ERROR, INPUT_FIELDS, ClassifyRequest, EmbedRequest, SearchParameters, SearchRequest, is_text
+from clip_shared.mime import SNIFF_BYTES, sniff_mime
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -146,18 +153,70 @@ def from_json(document: Any, model: type[M], config: QueryConfig) -> Inputs[M]:
     return inputs
 
 
-async def from_form(request: Request, model: type[M], config: QueryConfig) -> Inputs[M]:
-    options = set(model.model_fields) - INPUT_FIELDS
+class _PartParser(MultiPartParser):
+    """Starlette's multipart parser, keeping every part's bytes and headers: Starlette turns a part
+    without a filename into a string, as Latin-1 where its charset fails, which loses both what the
+    part is (an image sent as a plain field) and whether it was text at all."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            super().on_part_end()
+            return
+        self.items.append((part.field_name, UploadFile(io.BytesIO(bytes(part.data)), headers=Headers(raw=part.item_headers))))
+
+
+async def _parse_form(request: Request, max_parts: int, max_fields: int, max_part_bytes: int) -> FormData:
     try:
-        form = await request.form(max_files=config.max_items, max_fields=config.max_items + len(options))
+        async with aclosing(request.stream()) as stream:
+            parser = _PartParser(
+                request.headers, stream, max_files=max_parts, max_fields=max_fields, max_part_size=max_part_bytes
+            )
+            return await parser.parse()
     except (MultiPartException, HTTPException) as exc:
-        # Starlette reports its part limits as an HTTP 400 whose detail is the parser's message.
         message = str(getattr(exc, "detail", None) or getattr(exc, "message", exc))
         if "Too many" in message:
-            raise QueryError(
-                Code.TOO_MANY_ITEMS, f"{message} (at most {config.max_items} inputs a request)", limit=config.max_items
-            ) from None
+            raise QueryError(Code.TOO_MANY_ITEMS, f"{message} (at most {max_parts} inputs a request)", limit=max_parts) from None
         raise invalid(f"the multipart body cannot be read: {shown(message)}") from None
+
+
+def _charset(content_type: str | None) -> str | None:
+    for parameter in (content_type or "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"') or None
+    return None
+
+
+def _text(name: str, data: bytes, charset: str) -> str:
+    try:
+        text = data.decode(codecs.lookup(charset).name)
+    except LookupError:
+        raise QueryError(Code.INVALID_TEXT, f"{shown(name)} names charset {shown(charset)}, which is not one", name) from None
+    except UnicodeDecodeError as exc:
+        raise QueryError(
+            Code.INVALID_TEXT,
+            f"{shown(name)} is not {shown(charset)} text (byte {exc.start} of {len(data)}); send text in UTF-8, "
+            "an image as a file or with its image/* Content-Type",
+            name,
+        ) from None
+    if not is_text(text):  # a codec (unicode_escape) that makes lone surrogates
+        raise invalid(f"'{shown(name)}' holds a lone surrogate, which is not text", name)
+    return text
+
+
+def _is_image(part: UploadFile, data: bytes) -> bool:
+    if part.filename is not None or (part.content_type or "").lower().startswith("image/"):
+        return True
+    sniffed = sniff_mime(data[:SNIFF_BYTES])
+    return sniffed is not None and sniffed.startswith("image/")
+
+
+async def from_form(request: Request, model: type[M], config: QueryConfig) -> Inputs[M]:
+    options = set(model.model_fields) - INPUT_FIELDS
+    # An image sent as a plain field is a part as large as a file may be: the body limit bounds both.
+    form = await _parse_form(request, config.max_items, config.max_items + len(options), config.max_body_bytes)
+    form_charset = _charset(request.headers.get("content-type")) or "utf-8"
     try:
         counts: dict[str, int] = {}
         for name, _ in form.multi_items():
@@ -165,24 +224,26 @@ async def from_form(request: Request, model: type[M], config: QueryConfig) -> In
         seen: dict[str, int] = {}
         values: dict[str, str] = {}
         parts: list[tuple[str, str | bytes]] = []
-        for name, value in form.multi_items():
-            # A form's charset parameter may name a codec (unicode_escape) that makes lone surrogates.
-            if not is_text(name) or (isinstance(value, str) and not is_text(value)):
+        for name, part in form.multi_items():
+            if not is_text(name):
                 raise invalid(f"'{shown(name)}' holds a lone surrogate, which is not text", name)
+            assert isinstance(part, UploadFile)  # _PartParser makes every part one
+            data = await part.read()
+            charset = _charset(part.headers.get("content-type")) or form_charset
             if name in OPTIONS:
                 if name not in options:
                     raise invalid(f"{shown(name)} is not an option here; expected {', '.join(sorted(options))}", name)
-                values[name] = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
+                values[name] = _text(name, data, charset)
                 continue
             position = seen.get(name, 0)
             seen[name] = position + 1
             key = f"{name}[{position}]" if counts[name] > 1 else name
-            parts.append((key, await value.read() if isinstance(value, UploadFile) else value))
+            parts.append((key, data if _is_image(part, data) else _text(key, data, charset)))
     finally:
         await form.close()
     inputs = Inputs(options=validated(model, values))
-    for key, part in parts:
-        _add(inputs, key, part)
+    for key, value in parts:
+        _add(inputs, key, value)
     return inputs
 
 

@@ -9,6 +9,7 @@ line written while the request runs. Refusals are JSON `{"request_id", "error": 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -33,6 +34,7 @@ MAX_REQUEST_ID_CHARS = 128
 STATUS: dict[Code, int] = {
     Code.INVALID_REQUEST: 400,
     Code.INVALID_BASE64: 400,
+    Code.INVALID_TEXT: 400,
     Code.TOO_MANY_ITEMS: 400,
     Code.TOO_MANY_LABELS: 400,
     Code.OVER_LIMIT: 400,
@@ -41,6 +43,7 @@ STATUS: dict[Code, int] = {
     Code.CORRUPT_IMAGE: 400,
     Code.NOT_FOUND: 404,
     Code.METHOD_NOT_ALLOWED: 405,
+    Code.REQUEST_TIMEOUT: 408,
     Code.BODY_TOO_LARGE: 413,
     Code.UNSUPPORTED_TYPE: 415,
     Code.UNSUPPORTED_MEDIA_TYPE: 415,
@@ -69,12 +72,14 @@ def declared_length(headers: dict[bytes, bytes]) -> int:
 
 
 class RequestContext:
-    """The outermost layer: names the request, logs it, limits its body and turns any surprise into
-    a JSON 500 that still carries the request id (so no response ever lacks one)."""
+    """The outermost layer: names the request, logs it, limits its body (in size, and in the time it
+    may take to arrive) and turns any surprise into a JSON 500 that still carries the request id (so
+    no response ever lacks one)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,10 +92,22 @@ class RequestContext:
         started = time.monotonic()
         status = 500
         received = 0
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # what follows the body is the wait for a disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, started + self.body_timeout_s - time.monotonic()))
+            except TimeoutError:
+                raise QueryError(
+                    Code.REQUEST_TIMEOUT,
+                    f"the body did not arrive within {self.body_timeout_s:g} s ({received} bytes came)",
+                    limit=self.body_timeout_s,
+                    unit="seconds",
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if max(declared_length(headers), received) > self.max_body_bytes:
                 raise QueryError(

@@ -6,17 +6,14 @@ It knows nothing of HTTP: a refusal is a QueryError with a stable code, which ap
 
 from __future__ import annotations
 
-import io
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from aws_lambda_powertools import Logger
-from PIL import Image
 
 from clip_query.config import QueryConfig
 from clip_query.errors import Code, QueryError, image_error, invalid, shown, unsupported_type
@@ -24,6 +21,7 @@ from clip_shared import keys
 from clip_shared.events import DocumentError
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
 from clip_store import Match, SearchSettings, StorageSettings, VectorStore, store_uri
+from clip_worker.decoder import declared_size
 from clip_worker.labels import PROMPT, Label, LabelSet, read_labels
 from clip_worker.model import ClipModel, load
 
@@ -43,18 +41,6 @@ class Classified:
     #: `request`, or the configured set's name (CLIP_LABELS).
     label_set: str
     labels_compared: int
-
-
-def declared_size(data: bytes) -> tuple[int, int] | None:
-    """The width and height an image's header declares, read without decoding a pixel; None when
-    the header cannot be read (ClipModel.prepare then says why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Exception:  # noqa: BLE001 - whatever a malformed header raises, decoding reports it
-        return None
 
 
 class QueryService:
@@ -112,7 +98,7 @@ class QueryService:
             found = sniff_mime(data[:SNIFF_BYTES])
             if not is_accepted(found):
                 raise unsupported_type(field, found)
-            size = declared_size(data)
+            size = declared_size(data, self.config.max_image_pixels)
             if size is None:
                 continue
             width, height = size

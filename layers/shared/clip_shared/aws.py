@@ -1,13 +1,16 @@
 """How the pipeline talks to AWS: the client retry settings, and what S3's answers mean.
 
-One owner for the error codes every caller sorts S3's answers by: an object that is not there, a
-conditional write that lost a race, and failures that say "not now" rather than "never".
+One owner for the error codes every caller sorts S3's answers by: an object that is not there, an
+object S3 holds but will not serve, a conditional write that lost a race, and failures that say
+"not now" rather than "never".
 """
 
 from __future__ import annotations
 
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from clip_shared.events import ErrorCode
 
 #: Standard mode retries throttling (SubmitJob's TooManyRequestsException included), 5xx and
 #: connection errors with exponential backoff and jitter; 8 attempts ride out about a minute.
@@ -24,6 +27,9 @@ _TRANSIENT = frozenset(
         "Throttling",
         "ThrottlingException",
         "RequestLimitExceeded",
+        # S3 passes on what KMS answered while decrypting an SSE-KMS object.
+        "KMS.ThrottlingException",
+        "KMS.KMSInternalException",
         "500",
         "502",
         "503",
@@ -54,3 +60,24 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         return error_code(exc) in _TRANSIENT
     return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))
+
+
+def refusal(exc: BaseException) -> tuple[ErrorCode, str] | None:
+    """Why S3 will not serve an object it holds, and what its owner can do, or None when the error
+    is not about the object (an expired token, throttling, a network failure): asking again with
+    the same request can only get the same answer, so the object gets an outcome instead."""
+    code = error_code(exc)
+    if not code:
+        return None
+    said = str(exc.response.get("Error", {}).get("Message", "")) if isinstance(exc, ClientError) else ""
+    answer = f"S3 answered {code}" + (f": {said}" if said else "")
+    if code == "InvalidObjectState":
+        return ErrorCode.OBJECT_ARCHIVED, f"{answer} (an archive storage class: restore it, then run backfill)"
+    if code == "InvalidRequest" and "encryption" in said.lower():
+        # SSE-C: only the uploader holds the key, and S3 wants it on every GET.
+        return ErrorCode.CUSTOMER_KEY_REQUIRED, f"{answer} (encrypted with a customer-provided key the pipeline does not have)"
+    if (code.startswith("KMS.") and code not in _TRANSIENT) or (code == "AccessDenied" and "kms" in said.lower()):
+        return ErrorCode.KMS_KEY_UNUSABLE, f"{answer} (encrypted with a KMS key this role cannot use: grant kms:Decrypt)"
+    if code == "AccessDenied":
+        return ErrorCode.ACCESS_DENIED, f"{answer} (a bucket or object policy, or the object's owner, keeps it from this role)"
+    return None

@@ -37,6 +37,13 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "object-too-large"
     UNSUPPORTED_TYPE = "unsupported-type"
     DOWNLOAD_FAILED = "download-failed"
+    #: S3 holds the object but will not serve it, whoever asks again: its state (an archive storage
+    #: class, not restored), its encryption (a customer key, or a KMS key this role cannot use) or a
+    #: policy. Fixed by the owner (restore, re-upload, grant), then `clip-pipeline backfill`.
+    OBJECT_ARCHIVED = "object-archived"
+    CUSTOMER_KEY_REQUIRED = "customer-key-required"
+    KMS_KEY_UNUSABLE = "kms-key-unusable"
+    ACCESS_DENIED = "access-denied"
     CORRUPT_IMAGE = "corrupt-image"
     TOO_MANY_PIXELS = "too-many-pixels"
     #: Preparing the object killed the process that did it (a crash or an out-of-memory kill), in
