@@ -60,7 +60,7 @@ def trusting(url: str, etag: str) -> bool:
 
 
 def churn(uri: str, tombstones_uri: str, batches: int, max_fragments: int) -> list[str]:
-    """The batches, as the indexer runs them; returns the urls that survive."""
+    """The batches, as the indexer runs them (upkeep included); returns the urls that survive."""
     from clip_store import Database, IndexPolicy, Tombstones, VectorStore, maintain
 
     policy = replace(IndexPolicy(), max_fragments=max_fragments)
@@ -76,10 +76,10 @@ def churn(uri: str, tombstones_uri: str, batches: int, max_fragments: int) -> li
 
 
 def costs(proxy: Any, uri: str, tombstones_uri: str) -> dict[str, Any]:
-    """Requests of a fresh reader's first query, and of a one-row ingest and upkeep by a fresh writer
-    (a cold indexer container) and again by the same one (a warm container)."""
+    """Requests of a fresh reader's first query, and of a one-row ingest by a fresh writer (a cold
+    indexer container) and again by the same one (a warm container); upkeep is counted in the churn."""
     from bench.s3_proxy import summarise
-    from clip_store import Database, Tombstones, VectorStore, maintain
+    from clip_store import Database, Tombstones, VectorStore
 
     query = np.ones(DIMENSIONS, np.float32)
     started = time.monotonic()
@@ -89,11 +89,9 @@ def costs(proxy: Any, uri: str, tombstones_uri: str) -> dict[str, Any]:
     started = time.monotonic()
     writer = VectorStore(uri, tombstones=Tombstones(Database(tombstones_uri)))
     writer.ingest(rows(["one-more.jpg"], seed=10**6), shard="one", still_current=trusting)
-    maintain(writer)
     ingest = summarise(proxy.between(started, time.monotonic()))
     started = time.monotonic()
     writer.ingest(rows(["and-another.jpg"], seed=10**6 + 1), shard="two", still_current=trusting)
-    maintain(writer)
     warm = summarise(proxy.between(started, time.monotonic()))
     return {
         "query_requests": read.requests,
@@ -103,20 +101,21 @@ def costs(proxy: Any, uri: str, tombstones_uri: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument(
         "--max-fragments", type=int, nargs="+", default=[IndexPolicy().max_fragments], help="IndexPolicy.max_fragments to compare"
     )
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import boto3
     from moto.server import ThreadedMotoServer
 
     from bench.s3_proxy import CountingProxy
 
+    saved = dict(os.environ)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "bench",
         "AWS_SECRET_ACCESS_KEY": "bench",
@@ -133,29 +132,37 @@ def main() -> None:
             boto3.client("s3").create_bucket(Bucket="out")
             labels = {f"churned, compacted at {limit} fragments": (f"churned-{limit}", limit) for limit in args.max_fragments}
             labels["churned, no compaction"] = ("uncompacted", 10**9)
-            for uri, limit in labels.values():
+            per_batch = {}
+            for label, (uri, limit) in labels.items():
+                started = time.monotonic()
                 survivors = churn(f"s3://out/{uri}", f"s3://out/tombstones-{uri}", args.batches, limit)
+                per_batch[label] = len(proxy.between(started, time.monotonic())) / args.batches
             from clip_store import VectorStore
 
             names = [url.removeprefix("s3://input/") for url in survivors]
             VectorStore("s3://out/fresh").ingest(rows(names, seed=1), shard="all", still_current=trusting)
             for label, (uri, _) in {"fresh": ("fresh", 0), **labels}.items():
                 results[label] = costs(proxy, f"s3://out/{uri}", f"s3://out/tombstones-{uri}")
+                results[label]["requests_per_batch"] = round(per_batch.get(label, 0.0), 1)
     finally:
         server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
     fresh = results["fresh"]
     print(f"{args.batches} batches of 2 rows in, 1 removed (rows left: {len(survivors)}); S3 requests:")
-    print(f"{'store':<36}{'fresh query':>12}{'cold 1-row ingest':>19}{'warm 1-row ingest':>19}")
+    print(f"{'store':<36}{'per batch':>10}{'fresh query':>12}{'cold 1-row ingest':>19}{'warm 1-row ingest':>19}")
     for label in ("fresh", *labels):
         found = results[label]
         print(
-            f"{label:<36}{found['query_requests']:>12}{found['ingest_requests']:>19}{found['warm_ingest_requests']:>19}"
+            f"{label:<36}{found['requests_per_batch']:>10}{found['query_requests']:>12}{found['ingest_requests']:>19}"
+            f"{found['warm_ingest_requests']:>19}"
             f"   ({found['query_requests'] / fresh['query_requests']:.1f}x / {found['ingest_requests'] / fresh['ingest_requests']:.1f}x"
             f" / {found['warm_ingest_requests'] / fresh['warm_ingest_requests']:.1f}x fresh)"
         )
     if args.json:
         with open(args.json, "w") as stream:
             json.dump(results, stream, indent=2)
+    return results
 
 
 if __name__ == "__main__":
