@@ -6,16 +6,19 @@ import json
 import uuid
 from typing import Any
 
+import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 
 from clip_pipeline import jobs
+from clip_pipeline.app import app
 from clip_pipeline.stack import Clients, Stack
 from clip_shared import keys
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry
 from clip_worker.model import load
 from clip_worker.writer import OutputWriter
-from tests.cli.test_commands import invoke
+from tests.cli.test_commands import invoke, runner
 from tests.support import encode, photo
 
 
@@ -148,3 +151,66 @@ def test_redrive_of_the_indexer_moves_its_own_dead_letter_queue(deployed: tuple[
     assert (moved["queue"], moved["moved"]) == ("indexer", 1)
     assert queue_messages(sqs, stack.output("IndexerQueueUrl")) == 1
     assert queue_messages(sqs, stack.output("UploadQueueUrl")) == uploads_before
+
+
+def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_cancels_them(
+    deployed: tuple[Clients, Stack],
+) -> None:
+    clients, stack = deployed
+    queue = stack.output("JobQueueArn")
+    # The emulator runs every job at once, so RUNNABLE is Batch's answer, given here as Batch gives it.
+    stuck = [
+        {
+            "jobId": "0f6b-later",
+            "jobName": "clip-m-later",
+            "createdAt": 1_765_003_600_000,
+            "status": "RUNNABLE",
+            "statusReason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested for instance type [g4dn.xlarge]",
+        },
+        {
+            "jobId": "0f6b-first",
+            "jobName": "clip-m-first",
+            "createdAt": 1_765_000_000_000,
+            "status": "RUNNABLE",
+            "statusReason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - The job resource requirement (vCPU/memory/GPU) is higher than that can be met by the CE(s) attached to the job queue.",
+        },
+    ]
+
+    def batch(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        request = json.loads(params["body"] or b"{}")
+        if model.name == "ListJobs" and request.get("jobStatus") == "RUNNABLE":
+            return AWSResponse(None, 200, {}, None), {
+                "jobSummaryList": [{k: job[k] for k in ("jobId", "jobName", "createdAt", "status")} for job in stuck]
+            }
+        if model.name == "DescribeJobs" and set(request["jobs"]) <= {job["jobId"] for job in stuck}:
+            return AWSResponse(None, 200, {}, None), {
+                "jobs": [{**job, "jobQueue": queue} for job in stuck if job["jobId"] in request["jobs"]]
+            }
+        return None
+
+    boto3.setup_default_session()
+    boto3.DEFAULT_SESSION.events.register("before-call.batch", batch)
+    try:
+        report = invoke(deployed, "status")
+        table = runner.invoke(
+            app, ["status", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or ""], env={"COLUMNS": "400"}
+        )
+    finally:
+        boto3.DEFAULT_SESSION = None
+
+    assert report["jobs"]["RUNNABLE"] == 2
+    assert [(job["job_id"], job["since"], job["reason"].split(" - ")[0]) for job in report["waiting"]] == [
+        ("0f6b-first", "2025-12-06T05:46:40+00:00", "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"),
+        ("0f6b-later", "2025-12-06T06:46:40+00:00", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
+    ]
+    command = report["cancel_waiting_command"]
+    assert command.startswith(f"aws batch list-jobs --job-queue {queue} --job-status RUNNABLE")
+    assert command.endswith("xargs -n 1 aws batch cancel-job --reason 'cancelled by the operator: waiting in RUNNABLE' --job-id")
+    assert table.exit_code == 0, table.output
+    assert (
+        "waiting since 2025-12-06T05:46:40+00:00: clip-m-first (0f6b-first): MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"
+        in table.output
+    )
+    assert "one per RunnableTimeoutSeconds" in table.output and "aws batch cancel-job" in table.output
+    # Nothing waits: nothing to cancel.
+    assert invoke(deployed, "status")["cancel_waiting_command"] is None
