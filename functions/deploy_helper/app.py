@@ -78,17 +78,33 @@ def pending_parameter(event: dict[str, Any]) -> str:
     return f"{os.environ['IMAGE_REQUESTS_PATH']}{event['RequestId']}"
 
 
-def start_image_build(codebuild: Any, ssm: Any, event: dict[str, Any]) -> str:
-    """Keeps what answering `event` needs, and starts the build whose end answers it; returns the build's id."""
-    properties = event["ResourceProperties"]
-    parameter = pending_parameter(event)
+def _keep(ssm: Any, parameter: str, pending: dict[str, Any]) -> None:
     ssm.put_parameter(
         Name=parameter,
         Description="A CloudFormation request the deploy helper answers when its image build ends",
         Type="SecureString",
-        Value=json.dumps({key: event[key] for key in PENDING_KEYS if key in event}),
+        Value=json.dumps(pending),
         Overwrite=True,
     )
+
+
+def start_image_build(codebuild: Any, ssm: Any, event: dict[str, Any]) -> str:
+    """Keeps what answering `event` needs, and starts the build whose end answers it; returns the build's id.
+
+    What the answer depends on (the repository, the tag to find the image by, the build's id) is kept
+    with the request, not taken from the build's end event: only the build started for a request
+    answers it, with the image it was asked for.
+    """
+    properties = event["ResourceProperties"]
+    parameter = pending_parameter(event)
+    pending = {
+        **{key: event[key] for key in PENDING_KEYS if key in event},
+        "RepositoryUri": properties["RepositoryUri"],
+        "RequestTag": request_tag(properties),
+        "Dockerfile": properties["Dockerfile"],
+    }
+    # Kept before the build starts: its end may come before this function returns.
+    _keep(ssm, parameter, pending)
     variables = {
         # The layer, not its download URL: the build asks Lambda for a URL when it starts. A URL taken
         # here is valid for 10 minutes, and a build may wait longer than that in CodeBuild's queue.
@@ -118,6 +134,7 @@ def start_image_build(codebuild: Any, ssm: Any, event: dict[str, Any]) -> str:
                 "names (codebuild-builds), or deploy with ImageUri and QueryImageUri (scripts/build-and-push.sh)",
             ) from exc
         raise
+    _keep(ssm, parameter, {**pending, "BuildId": build["id"]})
     return str(build["id"])
 
 
@@ -154,11 +171,13 @@ def build_ended(event: dict[str, Any]) -> None:
         # EventBridge delivers at least once: an earlier delivery answered and removed it.
         logger.info("the request was answered already", extra={"build_id": detail.get("build-id")})
         return
-    image = (
-        pushed_image(boto3.client("ecr"), variables["REPOSITORY_URI"], variables["REQUEST_TAG"])
-        if status == "SUCCEEDED"
-        else None
-    )
+    build_id = pending.get("BuildId")
+    if build_id and not detail.get("build-id", "").endswith(build_id):
+        # Another build of the project naming this request (started by hand with its variables):
+        # the request waits for its own build.
+        logger.warning("a build not started for this request", extra={"build_id": detail.get("build-id"), "started": build_id})
+        return
+    image = pushed_image(boto3.client("ecr"), pending["RepositoryUri"], pending["RequestTag"]) if status == "SUCCEEDED" else None
     where = information.get("logs", {}).get("deep-link") or detail.get("build-id", "")
     if image:
         respond(pending, "SUCCESS", reason=f"{image} built: {where}", data={"ImageUri": image}, physical_id=image)
@@ -166,9 +185,9 @@ def build_ended(event: dict[str, Any]) -> None:
         why = (
             f"{status} ({failed_phase(information) or detail.get('current-phase', '')})"
             if status != "SUCCEEDED"
-            else f"SUCCEEDED without pushing an image tagged {variables['REQUEST_TAG']}"
+            else f"SUCCEEDED without pushing an image tagged {pending['RequestTag']}"
         )
-        respond(pending, "FAILED", reason=f"{variables.get('DOCKERFILE', '')} image build {why}: {where}")
+        respond(pending, "FAILED", reason=f"{pending['Dockerfile']} image build {why}: {where}")
     ssm.delete_parameter(Name=parameter)
     logger.info("answered the image request", extra={"status": status, "image": image})
 

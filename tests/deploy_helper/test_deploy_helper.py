@@ -175,12 +175,13 @@ def push(*tags: str) -> None:
 
 
 def build_ended(
-    started: dict[str, Any],
-    status: str,
-    phases: list[tuple[str, str, list[str]]],
-    build_id: str = f"arn:aws:codebuild:us-east-1:123456789012:build/{PROJECT}:8745a7a9-c340-456a-9166-edf953571bEX",
+    started: dict[str, Any], status: str, phases: list[tuple[str, str, list[str]]], build_id: str | None = None
 ) -> dict[str, Any]:
-    """The event EventBridge delivers when a build ends: CodeBuild echoes the build's environment variables."""
+    """The event EventBridge delivers when a build ends (by default, the project's latest build):
+    CodeBuild echoes the build's environment variables."""
+    if build_id is None:
+        [latest, *_] = boto3.client("codebuild").list_builds_for_project(projectName=PROJECT, sortOrder="DESCENDING")["ids"]
+        build_id = f"arn:aws:codebuild:us-east-1:123456789012:build/{latest}"
     stream = build_id.rsplit(":", 1)[1]
     return {
         "version": "0",
@@ -532,7 +533,26 @@ def test_the_end_of_a_build_the_helper_did_not_start_is_ignored(
         ]
     }
 
-    invoke(helper, build_ended(by_hand, "FAILED", [("BUILD", "FAILED", [])]))
-    invoke(helper, build_ended(elsewhere, "FAILED", [("BUILD", "FAILED", [])]))
+    invoke(helper, build_ended(by_hand, "FAILED", [("BUILD", "FAILED", [])], build_id="arn:aws:codebuild:::build/x:1"))
+    invoke(helper, build_ended(elsewhere, "FAILED", [("BUILD", "FAILED", [])], build_id="arn:aws:codebuild:::build/x:2"))
 
     assert cloudformation.responses == []
+
+
+def test_only_the_build_started_for_a_request_answers_it(
+    helper: ModuleType, cloudformation: CloudFormationEndpoint, started_builds: list[dict[str, Any]]
+) -> None:
+    create_project()
+    invoke(helper, image_request(cloudformation))
+    [started] = started_builds
+    # Someone starts another build of the project with the same variables (say, to try a fix), and it
+    # fails; it names the pending request, but is not its build.
+    variables = {item["name"]: item["value"] for item in started["environmentVariablesOverride"]}
+    elsewhere = "arn:aws:codebuild:us-east-1:123456789012:build/" + PROJECT + ":0000-by-hand"
+    invoke(helper, build_ended(started, "FAILED", [("BUILD", "FAILED", [])], build_id=elsewhere))
+    assert cloudformation.responses == []
+
+    push("0123456789abcdef", variables["REQUEST_TAG"])
+    invoke(helper, build_ended(started, "SUCCEEDED", [("BUILD", "SUCCEEDED", [])]))
+    [response] = cloudformation.responses
+    assert (response["Status"], response["PhysicalResourceId"]) == ("SUCCESS", f"{REPOSITORY}:0123456789abcdef")
