@@ -95,7 +95,7 @@ def test_a_gpu_job_without_a_usable_gpu_fails_at_once_saying_why(
     env = {
         **os.environ,
         "AWS_ENDPOINT_URL": moto_endpoint,
-        "MANIFEST_URI": put_manifest(s3, [entry], shard_size=1, manifest_id="m"),
+        "MANIFEST_URI": put_manifest(s3, [entry], shard_size=1, manifest_id="no-gpu"),
         "OUTPUT_BUCKET": OUTPUT_BUCKET,
         "CLIP_MODEL": TINY_MODEL,
         "CLIP_MODEL_CONFIG": str(tiny_config),
@@ -109,4 +109,6 @@ def test_a_gpu_job_without_a_usable_gpu_fails_at_once_saying_why(
 
     assert worker.returncode == 1, worker.stdout + worker.stderr
     assert "DEVICE=cuda but CUDA is unusable here" in worker.stdout + worker.stderr
-    assert stored_vectors(s3, keys.model_id(TINY_MODEL, str(tiny_checkpoint))) == {}
+    # Nothing embedded (moto keeps other tests' objects: this job's own shard is what must not exist).
+    shards = keys.parquet_prefix("", keys.model_id(TINY_MODEL, str(tiny_checkpoint))) + "no-gpu/"
+    assert s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=shards)["KeyCount"] == 0
