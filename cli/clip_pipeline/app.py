@@ -307,7 +307,8 @@ def status(
     table = Table(title=f"{stack.name} ({stack.model}/{stack.pretrained})", show_header=False)
     table.add_row("jobs", ", ".join(f"{state.lower()} {count}" for state, count in found.jobs.items()))
     for job in found.waiting:
-        table.add_row("", f"waiting since {job['since']}: {job['name']} ({job['job_id']}): {job['reason']}")
+        children = f", {job['waiting']} of its children" if job["waiting"] > 1 else ""
+        table.add_row("", f"waiting since {job['since']}: {job['name']} ({job['job_id']}{children}): {job['reason']}")
     if cancel:
         # Batch cancels one job at the head of the queue per RunnableTimeoutSeconds (docs/operations.md).
         table.add_row(

@@ -98,7 +98,7 @@ class Status:
     outcomes: Outcomes
     dead_letters: int
     #: The jobs waiting in RUNNABLE, oldest first, with Batch's reason (jobs.waiting).
-    waiting: list[dict[str, str]]
+    waiting: list[dict[str, Any]]
 
 
 def status(clients: Clients, stack: Stack) -> Status:

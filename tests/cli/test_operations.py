@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from typing import Any
 
@@ -159,7 +160,7 @@ def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_
     clients, stack = deployed
     queue = stack.output("JobQueueArn")
     # The emulator runs every job at once, so RUNNABLE is Batch's answer, given here as Batch gives it.
-    stuck = [
+    stuck: list[dict[str, Any]] = [
         {
             "jobId": "0f6b-later",
             "jobName": "clip-m-later",
@@ -174,6 +175,17 @@ def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_
             "status": "RUNNABLE",
             "statusReason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - The job resource requirement (vCPU/memory/GPU) is higher than that can be met by the CE(s) attached to the job queue.",
         },
+        # Two children of an array job wait on their own; their parent stays PENDING.
+        *(
+            {
+                "jobId": f"0f6b-array:{index}",
+                "jobName": "clip-m-array",
+                "createdAt": 1_765_001_800_000,
+                "status": "RUNNABLE",
+                "statusReason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested",
+            }
+            for index in (3, 7)
+        ),
     ]
 
     def batch(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
@@ -199,12 +211,18 @@ def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_
         boto3.DEFAULT_SESSION = None
 
     assert report["jobs"]["RUNNABLE"] == 2
-    assert [(job["job_id"], job["since"], job["reason"].split(" - ")[0]) for job in report["waiting"]] == [
-        ("0f6b-first", "2025-12-06T05:46:40+00:00", "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"),
-        ("0f6b-later", "2025-12-06T06:46:40+00:00", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
+    assert [(job["job_id"], job["since"], job["waiting"], job["reason"].split(" - ")[0]) for job in report["waiting"]] == [
+        ("0f6b-first", "2025-12-06T05:46:40+00:00", 1, "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"),
+        ("0f6b-array", "2025-12-06T06:16:40+00:00", 2, "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
+        ("0f6b-later", "2025-12-06T06:46:40+00:00", 1, "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
     ]
+    # What the command does to what `list-jobs` prints: each job once, an array job by its parent.
     command = report["cancel_waiting_command"]
     assert command.startswith(f"aws batch list-jobs --job-queue {queue} --job-status RUNNABLE")
+    listed = "\t".join(job["jobId"] for job in stuck) + "\n"
+    pipeline = command.split(" | ", 1)[1].split(" | xargs")[0]
+    ids = subprocess.run(["sh", "-c", pipeline], input=listed, capture_output=True, text=True, check=True).stdout.split()
+    assert ids == ["0f6b-array", "0f6b-first", "0f6b-later"]
     assert command.endswith("xargs -n 1 aws batch cancel-job --reason 'cancelled by the operator: waiting in RUNNABLE' --job-id")
     assert table.exit_code == 0, table.output
     assert (
