@@ -473,6 +473,10 @@ def test_a_rollback_to_an_image_built_before_is_answered_at_once_without_a_build
     [response] = cloudformation.responses
     assert (response["Status"], response["PhysicalResourceId"]) == ("SUCCESS", f"{REPOSITORY}:0123456789abcdef")
     assert len(started_builds) == 1
+    # The query image's update after a new worker image (its `After` property) is no new image either.
+    invoke(helper, image_request(cloudformation, request_type="Update", After=f"{REPOSITORY}:fedcba9876543210"))
+    assert len(started_builds) == 1 and cloudformation.responses[-1]["Status"] == "SUCCESS"
+    del cloudformation.responses[-1]
     # Other weights are another image: they are built.
     invoke(helper, image_request(cloudformation, request_type="Update", ClipPretrained="laion2b_s34b_b79k"))
     assert len(started_builds) == 2 and len(cloudformation.responses) == 1
