@@ -130,7 +130,7 @@ def start_image_build(codebuild: Any, ssm: Any, event: dict[str, Any]) -> str:
             raise DeployError(
                 "codebuild-quota",
                 f"CodeBuild refused the {properties['Dockerfile']} image build ({exc.response['Error'].get('Message', '')}): "
-                "the account may run fewer concurrent builds than one. Request the quota `clip-pipeline preflight` "
+                "the account may run no build at all. Request the quota `clip-pipeline preflight` "
                 "names (codebuild-builds), or deploy with ImageUri and QueryImageUri (scripts/build-and-push.sh)",
             ) from exc
         raise
@@ -172,7 +172,8 @@ def build_ended(event: dict[str, Any]) -> None:
         logger.info("the request was answered already", extra={"build_id": detail.get("build-id")})
         return
     build_id = pending.get("BuildId")
-    if build_id and not detail.get("build-id", "").endswith(build_id):
+    # The event names the build by its ARN (arn:...:build/<project>:<uuid>), StartBuild by <project>:<uuid>.
+    if build_id and detail.get("build-id", "").rsplit("build/", 1)[-1] != build_id:
         # Another build of the project naming this request (started by hand with its variables):
         # the request waits for its own build.
         logger.warning("a build not started for this request", extra={"build_id": detail.get("build-id"), "started": build_id})
