@@ -177,7 +177,8 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
     builds = found["codebuild-builds"]
     assert builds["status"] == "unknown"
     assert builds["finding"].startswith("unknown — request the quota or pass both image URIs (ImageUri and QueryImageUri)")
-    assert (builds["request"]["quota_code"], builds["request"]["desired_value"]) == (LINUX_LARGE_BUILDS, 1)
+    # Service Quotas refuses a request that does not exceed the value it reports.
+    assert (builds["request"]["quota_code"], builds["request"]["desired_value"]) == (LINUX_LARGE_BUILDS, 2)
     assert report["ok"] is False
 
 
@@ -395,7 +396,8 @@ def test_a_quota_known_only_by_its_default_never_passes(account: Account, python
     for code in ("gpu-vcpus", "codebuild-builds"):
         assert found[code]["status"] == "unknown", code
         assert found[code]["finding"].startswith("unknown — request the quota"), code
-        assert found[code]["request"] is not None, code
+    # A request must exceed what Service Quotas reports, or it is refused.
+    assert (found["gpu-vcpus"]["request"]["desired_value"], found["codebuild-builds"]["request"]["desired_value"]) == (65, 16)
 
 
 def test_a_region_without_codebuild_fails_unless_both_images_are_given(

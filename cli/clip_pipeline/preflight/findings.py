@@ -111,11 +111,15 @@ def quota(quotas: Any, service_code: str, quota_code: str) -> Quota:
 
 
 def default_only(code: str, found: Quota, request: QuotaRequest, alternative: str) -> Check:
-    """The finding for a quota whose default would do, but whose value for this account is not known."""
+    """The finding for a quota whose default would do, but whose value for this account is not known.
+
+    Service Quotas refuses an increase that does not exceed the value it reports (here, the default):
+    the request asks for at least one more.
+    """
     return Check(
         code,
         Status.UNKNOWN,
         f"unknown — request the quota or {alternative}: Service Quotas reports only AWS's default for this "
         f"account ({found.name}: {found.value}), and new accounts are often given less",
-        request,
+        QuotaRequest(request.service_code, request.quota_code, request.quota_name, max(request.desired_value, found.value + 1)),
     )
