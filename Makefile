@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pytest arguments, e.g. `make test PYTEST_ARGS="-k worker -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: install browser lint test unit local serve clean
+.PHONY: install browser lint test unit lock local serve clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	for handler in functions/*/app.py; do $(BIN)/mypy $$handler || exit 1; done
+
+## The two images' lock files (batch_job/requirements.lock, functions/query/requirements.lock), resolved for
+## Python 3.12 on x86_64 Linux, preferring the versions the tests run; commit them with the change that needs them.
+lock: install
+	$(BIN)/python -m pip freeze > .lock-prefer.txt
+	PYENV_VERSION=$(SAM_BUILD_PYTHON) python3.12 scripts/lock.py --prefer .lock-prefer.txt
+	rm .lock-prefer.txt
 
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

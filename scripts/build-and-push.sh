@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the GPU worker image or the query API image with your own Docker (no GPU needed) and push it
 # to ECR, for deploying with `sam deploy --parameter-overrides ImageUri=<URI>` (worker) or
-# `QueryImageUri=<URI>` (query) instead of the in-account CodeBuild build. The tag is computed exactly
-# as that build computes it, so the same source and weights get the same (immutable) tag, and an image
+# `QueryImageUri=<URI>` (query) instead of the in-account CodeBuild build. It runs the script that
+# build runs (scripts/push-image.sh), so the same content gets the same (immutable) tag, and an image
 # already pushed is not rebuilt.
 #
 #   scripts/build-and-push.sh worker|query [REPOSITORY_URI]
@@ -24,17 +24,4 @@ stack="${STACK_NAME:-clip-pipeline}"
 repository="${2:-$(aws cloudformation describe-stacks --stack-name "$stack" \
   --query "Stacks[0].Outputs[?OutputKey=='$output'].OutputValue" --output text)}"
 
-# scripts/image-source links exactly the files the two Dockerfiles copy.
-tag=$( (cd scripts/image-source && find -L . -type f -not -path '*/__pycache__/*' -print0 | sort -z \
-  | xargs -0 sha256sum; echo "$dockerfile $model $pretrained") | sha256sum | cut -c1-16)
-image="$repository:$tag"
-
-if aws ecr describe-images --repository-name "${repository#*/}" --image-ids imageTag="$tag" > /dev/null 2>&1; then
-  echo "$image is already in the repository" >&2
-else
-  aws ecr get-login-password | docker login --username AWS --password-stdin "${repository%%/*}"
-  docker build --platform linux/amd64 -f "$dockerfile" -t "$image" \
-    --build-arg CLIP_MODEL="$model" --build-arg CLIP_PRETRAINED="$pretrained" .
-  docker push "$image"
-fi
-echo "$image"
+CLIP_MODEL="$model" CLIP_PRETRAINED="$pretrained" bash scripts/push-image.sh "$dockerfile" "$repository"

@@ -8,6 +8,7 @@ left out, and each Fn::If takes its branch. Nothing is deployed and no model is 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import importlib.metadata
 import json
@@ -20,6 +21,8 @@ from samtranslator.translator.transform import transform
 from samtranslator.yaml_helper import yaml_parse
 
 from clip_pipeline.emulator import REPOSITORY, TEMPLATE, _NoManagedPolicies
+from clip_shared import keys
+from scripts import image_tag
 
 _NO_VALUE = object()
 REGISTRY = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -380,11 +383,15 @@ def test_every_skipped_finding_is_justified_next_to_its_resource() -> None:
     assert skipped > 0
 
 
-def test_the_images_start_from_the_ecr_public_gallery() -> None:
+def test_the_images_start_from_the_ecr_public_gallery_by_a_base_the_build_resolves_to_its_digest() -> None:
     # Docker Hub limits anonymous pulls per address, and CodeBuild's addresses are shared.
     for dockerfile in ("batch_job/Dockerfile", "functions/query/Dockerfile"):
-        bases = [line.split()[1] for line in (REPOSITORY / dockerfile).read_text().splitlines() if line.startswith("FROM ")]
-        assert bases and all(base.startswith("public.ecr.aws/") for base in bases), dockerfile
+        text = (REPOSITORY / dockerfile).read_text()
+        assert [line for line in text.splitlines() if line.startswith("FROM ")] == ["FROM ${BASE_IMAGE}"], dockerfile
+        assert image_tag.base_image(text).startswith("public.ecr.aws/"), dockerfile
+    # scripts/push-image.sh builds FROM the digest, which the tag covers.
+    script = (REPOSITORY / "scripts" / "push-image.sh").read_text()
+    assert '--build-arg BASE_IMAGE="$base_digest"' in script and 'BASE_IMAGE="$base_digest" CLIP_MODEL=' in script
 
 
 def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_last_attempt() -> None:
@@ -416,3 +423,192 @@ def test_jobs_that_cannot_start_are_cancelled_and_alarmed_on() -> None:
     alarm = resources["StuckJobsAlarm"]["Properties"]
     assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
     assert alarm["Dimensions"] == [{"Name": "RuleName", "Value": {"Ref": "StuckJobsRule"}}]
+
+
+def _statements(role: dict[str, Any]) -> list[dict[str, Any]]:
+    return [statement for policy in role["Policies"] for statement in policy["PolicyDocument"]["Statement"]]
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_the_query_image_is_built_after_the_worker_image_never_beside_it() -> None:
+    resources = stack()["Resources"]
+    # Accounts allowed one concurrent build refuse a second StartBuild at once.
+    assert resources["QueryImage"]["Properties"]["After"] == {"Ref": "WorkerImage"}
+    for name in ("WorkerImage", "QueryImage"):
+        # A build's end is delivered only once the rule and its permission exist.
+        assert set(resources[name]["DependsOn"]) == {"ImageBuildEndedRule", "ImageBuildEndedPermission"}
+    given_worker = stack(ImageUri=f"{REGISTRY}/worker:1")["Resources"]
+    assert "After" not in given_worker["QueryImage"]["Properties"] and "WorkerImage" not in given_worker
+
+
+def test_every_end_of_an_image_build_reaches_the_deploy_helper_before_cloudformation_gives_up() -> None:
+    resources = stack()["Resources"]
+    rule = resources["ImageBuildEndedRule"]["Properties"]
+    pattern = rule["EventPattern"]
+    assert (pattern["source"], pattern["detail-type"]) == (["aws.codebuild"], ["CodeBuild Build State Change"])
+    assert pattern["detail"]["project-name"] == [{"Ref": "ImageBuild"}]
+    # Every final state of CodeBuild's StatusType: the helper answers from each.
+    assert set(pattern["detail"]["build-status"]) == {"SUCCEEDED", "FAILED", "FAULT", "STOPPED", "TIMED_OUT"}
+    [target] = rule["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["DeployHelper", "Arn"]}
+    permission = resources["ImageBuildEndedPermission"]["Properties"]
+    assert (permission["Principal"], permission["SourceArn"]) == (
+        "events.amazonaws.com",
+        {"Fn::GetAtt": ["ImageBuildEndedRule", "Arn"]},
+    )
+    # Queued past its timeout or building past its own, a build ends (TIMED_OUT) within the resource's wait.
+    project = resources["ImageBuild"]["Properties"]
+    for name in ("WorkerImage", "QueryImage"):
+        service_timeout = int(resources[name]["Properties"]["ServiceTimeout"])
+        assert (project["QueuedTimeoutInMinutes"] + project["TimeoutInMinutes"]) * 60 < service_timeout
+    # The build answers nothing itself, and never holds the response URL.
+    buildspec = project["Source"]["BuildSpec"]
+    assert "post_build" not in buildspec and "CFN_RESPONSE_URL" not in buildspec and "curl -fsS -X PUT" not in buildspec
+
+
+def test_only_the_deploy_helper_reads_the_requests_waiting_for_their_builds() -> None:
+    resources = stack()["Resources"]
+    helper = resources["DeployHelper"]["Properties"]
+    path = helper["Environment"]["Variables"]["IMAGE_REQUESTS_PATH"]["Fn::Sub"]
+    [ssm] = [s for s in _statements(resources["DeployHelperRole"]["Properties"]) if "ssm:GetParameter" in s["Action"]]
+    assert ssm["Resource"]["Fn::Sub"].endswith(f":parameter{path}*")
+    build_role = json.dumps(resources["ImageBuildRole"]["Properties"])
+    assert "ssm:" not in build_role
+
+
+def test_the_api_access_log_is_a_vended_log_group_that_does_not_grow_the_account_policy() -> None:
+    group = stack()["Resources"]["QueryApiLogGroup"]["Properties"]
+    assert group["LogGroupName"]["Fn::Sub"].startswith("/aws/vendedlogs/")
+
+
+def test_gpu_instances_default_to_one_size_and_subnets_in_zones_that_offer_it() -> None:
+    resources = stack()["Resources"]
+    assert resources["GpuComputeEnvironment"]["Properties"]["ComputeResources"]["InstanceTypes"] == ["g4dn.xlarge"]
+    assert resources["DefaultNetwork"]["Properties"]["InstanceTypes"] == ["g4dn.xlarge"]
+    assert stack(InstanceTypes="g5.xlarge,g4dn.xlarge")["Resources"]["DefaultNetwork"]["Properties"]["InstanceTypes"] == [
+        "g5.xlarge",
+        "g4dn.xlarge",
+    ]
+
+
+def _grants(statements: list[dict[str, Any]], action: str, prefix: str) -> list[str]:
+    """The output-bucket resources `action` is allowed on, as key patterns with OutputPrefix = `prefix`."""
+    patterns = []
+    for statement in statements:
+        if statement["Effect"] != "Allow" or action not in _listed(statement["Action"]):
+            continue
+        for resource in _listed(statement["Resource"]):
+            text = resource.get("Fn::Sub", "") if isinstance(resource, dict) else ""
+            if text.startswith("${OutputBucket.Arn}/"):
+                patterns.append(text.removeprefix("${OutputBucket.Arn}/").replace("${OutputPrefix}", prefix))
+    return patterns
+
+
+@pytest.mark.parametrize("prefix", ["", "pipeline/"])
+def test_the_worker_writes_only_its_results_and_never_reads_or_writes_the_vector_store(prefix: str) -> None:
+    statements = _statements(stack()["Resources"]["WorkerJobRole"]["Properties"])
+    puts, gets = _grants(statements, "s3:PutObject", prefix), _grants(statements, "s3:GetObject", prefix)
+    model, manifest = keys.model_id("ViT-B-32", "openai"), "manifest-0123"
+    written = [
+        keys.parquet_key(prefix, model, manifest, 3),
+        keys.events_key(prefix, model, manifest, 3),
+        keys.vector_key(prefix, model, "uploads", "a/b.jpg"),
+        keys.document_key(prefix, model, "uploads", "a/b.jpg"),
+        keys.journal_key(prefix, manifest, 3),
+    ]
+    read = [
+        keys.manifest_prefix(prefix, manifest) + keys.manifest_shard_name(3),
+        keys.journal_key(prefix, manifest, 3),
+        keys.parquet_key(prefix, model, manifest, 3),
+        keys.events_key(prefix, model, manifest, 3),
+        f"{prefix}labels/animals.txt",
+    ]
+    for key in written:
+        assert any(fnmatch.fnmatchcase(key, pattern) for pattern in puts), key
+    for key in read:
+        assert any(fnmatch.fnmatchcase(key, pattern) for pattern in gets), key
+    untouchable = [
+        keys.store_prefix(prefix, model) + "data/0.lance",
+        keys.manifest_prefix(prefix, manifest) + keys.manifest_shard_name(3),
+        keys.rejection_key(prefix, "uploads", "a/b.jpg"),
+        keys.retry_key(prefix, "s3://uploads/a/b.jpg", "event-1"),
+    ]
+    for key in untouchable:
+        assert not any(fnmatch.fnmatchcase(key, pattern) for pattern in puts), key
+    assert not any(fnmatch.fnmatchcase(untouchable[0], pattern) for pattern in gets)
+
+
+def test_worker_instances_keep_the_instance_role_from_containers_and_encrypt_their_volume() -> None:
+    resources = stack()["Resources"]
+    data = resources["WorkerLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 1
+    [volume] = data["BlockDeviceMappings"]
+    assert volume["Ebs"]["Encrypted"] is True
+    # Batch runs these jobs on the host's network, where the hop limit does not tell a container from the host.
+    user_data = data["UserData"]["Fn::Base64"]
+    assert "iptables -I OUTPUT -d 169.254.169.254/32 -m owner ! --uid-owner 0 -j REJECT" in user_data
+    dockerfile = (REPOSITORY / "batch_job" / "Dockerfile").read_text()
+    assert "USER worker" in dockerfile and "--uid 1000" in dockerfile
+    template = resources["GpuComputeEnvironment"]["Properties"]["ComputeResources"]["LaunchTemplate"]
+    assert template["LaunchTemplateId"] == {"Ref": "WorkerLaunchTemplate"}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"QueryService": "false"}])
+def test_functions_read_only_their_own_queues(overrides: dict[str, str]) -> None:
+    resources = stack(**overrides)["Resources"]
+    mappings = {name: item["Properties"] for name, item in resources.items() if item["Type"] == "AWS::Lambda::EventSourceMapping"}
+    assert set(mappings) == {"DispatcherUploads", "IndexerFunctionShards"}
+    for name, mapping in mappings.items():
+        role = resources[mapping["FunctionName"]["Ref"]]["Properties"]["Role"]["Fn::GetAtt"][0]
+        grants = [
+            s for s in _statements(resources[role]["Properties"]) if any(a.startswith("sqs:") for a in _listed(s["Action"]))
+        ]
+        assert [s["Resource"] for s in grants] == [mapping["EventSourceArn"]], name
+        assert {"sqs:ReceiveMessage", "sqs:DeleteMessage"} <= set(grants[0]["Action"])
+    for name, item in resources.items():
+        if item["Type"] == "AWS::IAM::Role":
+            # SAM's `Events: SQS` would attach this: receive and delete on every queue of the account.
+            assert not [arn for arn in item["Properties"].get("ManagedPolicyArns", []) if "SQS" in json.dumps(arn)], name
+    indexer = resources["IndexerFunctionShards"]
+    assert indexer["Properties"]["ScalingConfig"] == {"MaximumConcurrency": 2}
+
+
+def test_only_the_two_functions_that_run_the_query_image_may_pull_it() -> None:
+    resources = stack()["Resources"]
+    [statement] = resources["QueryRepository"]["Properties"]["RepositoryPolicyText"]["Statement"]
+    allowed = [arn["Fn::Sub"].rsplit(":function:", 1)[1] for arn in statement["Condition"]["ArnEquals"]["aws:sourceArn"]]
+    named = [resources[name]["Properties"]["FunctionName"]["Fn::Sub"] for name in ("QueryFunction", "IndexerFunction")]
+    assert sorted(allowed) == sorted(named)
+    assert "*" not in json.dumps(statement["Condition"])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"QueryService": "false"}])
+def test_throttles_and_uploads_nobody_takes_are_alarmed_on(overrides: dict[str, str]) -> None:
+    resources = stack(**overrides)["Resources"]
+    age = resources["UploadQueueAgeAlarm"]["Properties"]
+    assert (age["MetricName"], age["Dimensions"]) == (
+        "ApproximateAgeOfOldestMessage",
+        [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["UploadQueue", "QueueName"]}}],
+    )
+    throttles = resources["LambdaThrottlesAlarm"]["Properties"]
+    functions = {
+        metric["MetricStat"]["Metric"]["Dimensions"][0]["Value"]["Ref"]
+        for metric in throttles["Metrics"]
+        if "MetricStat" in metric
+    }
+    expected = {"Dispatcher", "IndexerFunction"} | ({"QueryFunction"} if not overrides else set())
+    assert functions == expected
+    assert all(
+        metric["MetricStat"]["Metric"]["MetricName"] == "Throttles" for metric in throttles["Metrics"] if "MetricStat" in metric
+    )
+    for alarm in (age, throttles):
+        assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
+def test_the_worker_runs_on_the_gpu_or_fails() -> None:
+    container = stack()["Resources"]["WorkerJobDefinition"]["Properties"]["ContainerProperties"]
+    assert {"Name": "DEVICE", "Value": "cuda"} in container["Environment"]

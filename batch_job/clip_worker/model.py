@@ -91,6 +91,15 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
+def _cuda_unusable_reason() -> str:
+    """torch's own words for why CUDA is unavailable (no driver, a driver too old for its CUDA...)."""
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - any error torch raises is the reason to report
+        return f"{type(exc).__name__}: {exc}"
+    return "torch.cuda.is_available() is False"
+
+
 def load(
     name: str,
     pretrained: str,
@@ -103,6 +112,10 @@ def load(
     if model_config_path:
         open_clip.add_model_config(model_config_path)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        # Asked for the GPU (the job definition's DEVICE=cuda): a driver this torch cannot use must
+        # fail the job, not leave it embedding on the CPU for hours.
+        raise ModelLoadError(f"DEVICE={device} but CUDA is unusable here: {_cuda_unusable_reason()}")
     precision = precision or ("fp16" if torch_device.type == "cuda" else "fp32")
     random_weights = pretrained.lower() == RANDOM_WEIGHTS
     if random_weights:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from clip_dispatch.submission import SubmittedJob
 from clip_pipeline import emulator, local, report
+from clip_pipeline import jobs as batch_jobs
 from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, read_stack
 from clip_pipeline.submitter import Target
@@ -285,28 +286,42 @@ def status(
     region: Region = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Jobs by state, objects embedded, rejected and failed, and the dead-letter queue's depth."""
+    """Jobs by state (those waiting for an instance with why), objects embedded, rejected and failed, and the dead-letter queue's depth."""
     clients, stack = _stack(stack_name, endpoint_url, region)
-    jobs, outcomes, dead_letters = report.status(clients, stack)
+    found = report.status(clients, stack)
+    outcomes = found.outcomes
+    cancel = batch_jobs.cancel_waiting_command(stack.output("JobQueueArn"), clients.region) if found.waiting else None
     result = {
         "stack": stack.name,
         "model": stack.model,
         "pretrained": stack.pretrained,
-        "jobs": jobs,
+        "jobs": found.jobs,
+        "waiting": found.waiting,
+        "cancel_waiting_command": cancel,
         **outcomes.as_dict(),
-        "dead_letter_messages": dead_letters,
+        "dead_letter_messages": found.dead_letters,
     }
     if json_output:
         typer.echo(json.dumps(result, indent=2))
         return
     table = Table(title=f"{stack.name} ({stack.model}/{stack.pretrained})", show_header=False)
-    table.add_row("jobs", ", ".join(f"{state.lower()} {count}" for state, count in jobs.items()))
+    table.add_row("jobs", ", ".join(f"{state.lower()} {count}" for state, count in found.jobs.items()))
+    for job in found.waiting:
+        children = f", {job['waiting']} of its children" if job["waiting"] > 1 else ""
+        table.add_row("", f"waiting since {job['since']}: {job['name']} ({job['job_id']}{children}): {job['reason']}")
+    if cancel:
+        # Batch cancels one job at the head of the queue per RunnableTimeoutSeconds (docs/operations.md).
+        table.add_row(
+            "",
+            f"Batch cancels these one at a time, one per RunnableTimeoutSeconds; to cancel them all now (then fix the cause "
+            f"and `clip-pipeline retry --failed-jobs`):\n{cancel}",
+        )
     table.add_row("embedded", str(result["embedded"]))
     table.add_row("rejected", str(len(outcomes.rejected)))
     table.add_row("failed", str(len(outcomes.failed)))
     for url, outcome in sorted({**outcomes.rejected, **outcomes.failed}.items()):
         table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
-    table.add_row("dead-letter queue", f"{dead_letters} messages")
+    table.add_row("dead-letter queue", f"{found.dead_letters} messages")
     Console().print(table)
 
 

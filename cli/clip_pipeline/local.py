@@ -285,6 +285,9 @@ class BatchRunner:
             environment = {
                 **os.environ,
                 **plain_environment(container.get("environment", [])),
+                # The job definition insists on the GPU of the instances Batch starts (DEVICE=cuda); here
+                # the job runs on this machine, with whatever it has.
+                "DEVICE": "auto",
                 "AWS_BATCH_JOB_ID": job["jobId"],
                 "AWS_ENDPOINT_URL": self._clients.endpoint_url or "",
                 **self._extra,

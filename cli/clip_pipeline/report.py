@@ -91,14 +91,26 @@ def embedded_etags(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str
     return etags
 
 
-def status(clients: Clients, stack: Stack) -> tuple[dict[str, int], Outcomes, int]:
-    """The stack's jobs by state, every object's outcome, and how many messages wait in the dead-letter queue."""
+@dataclass(frozen=True)
+class Status:
+    #: The stack's jobs (array parents) by state.
+    jobs: dict[str, int]
+    outcomes: Outcomes
+    dead_letters: int
+    #: The jobs waiting in RUNNABLE, oldest first, with Batch's reason (jobs.waiting).
+    waiting: list[dict[str, Any]]
+
+
+def status(clients: Clients, stack: Stack) -> Status:
+    """The stack's jobs by state, those waiting for an instance and why, every object's outcome, and how
+    many messages wait in the dead-letter queue."""
     batch_client = clients.client("batch")
     counts = {}
     for state in jobs.STATES:
         pages = batch_client.get_paginator("list_jobs").paginate(jobQueue=stack.output("JobQueueArn"), jobStatus=state)
         counts[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
+    waiting = jobs.waiting(batch_client, stack.output("JobQueueArn")) if counts["RUNNABLE"] else []
     outcomes = tally(
         clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
     )
-    return counts, outcomes, redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))
+    return Status(counts, outcomes, redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl")), waiting)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from typing import Any
 
+import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 
 from clip_pipeline import jobs
+from clip_pipeline.app import app
 from clip_pipeline.stack import Clients, Stack
 from clip_shared import keys
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry
 from clip_worker.model import load
 from clip_worker.writer import OutputWriter
-from tests.cli.test_commands import invoke
+from tests.cli.test_commands import invoke, runner
 from tests.support import encode, photo
 
 
@@ -167,6 +171,86 @@ def test_retry_resubmits_the_failed_object_not_the_key_a_url_parser_would_make_o
     assert done["submitted"] >= 2
     assert {"odd/IMG #12.png", "odd/what?size=1.png"} <= set(submitted_keys(deployed)[-1])
     assert not {"odd/IMG ", "odd/what"} & set(submitted_keys(deployed)[-1])
+
+
+def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_cancels_them(
+    deployed: tuple[Clients, Stack],
+) -> None:
+    clients, stack = deployed
+    queue = stack.output("JobQueueArn")
+    # The emulator runs every job at once, so RUNNABLE is Batch's answer, given here as Batch gives it.
+    stuck: list[dict[str, Any]] = [
+        {
+            "jobId": "0f6b-later",
+            "jobName": "clip-m-later",
+            "createdAt": 1_765_003_600_000,
+            "status": "RUNNABLE",
+            "statusReason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested for instance type [g4dn.xlarge]",
+        },
+        {
+            "jobId": "0f6b-first",
+            "jobName": "clip-m-first",
+            "createdAt": 1_765_000_000_000,
+            "status": "RUNNABLE",
+            "statusReason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - The job resource requirement (vCPU/memory/GPU) is higher than that can be met by the CE(s) attached to the job queue.",
+        },
+        # Two children of an array job wait on their own; their parent stays PENDING.
+        *(
+            {
+                "jobId": f"0f6b-array:{index}",
+                "jobName": "clip-m-array",
+                "createdAt": 1_765_001_800_000,
+                "status": "RUNNABLE",
+                "statusReason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY - Service cannot fulfill the capacity requested",
+            }
+            for index in (3, 7)
+        ),
+    ]
+
+    def batch(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        request = json.loads(params["body"] or b"{}")
+        if model.name == "ListJobs" and request.get("jobStatus") == "RUNNABLE":
+            return AWSResponse(None, 200, {}, None), {
+                "jobSummaryList": [{k: job[k] for k in ("jobId", "jobName", "createdAt", "status")} for job in stuck]
+            }
+        if model.name == "DescribeJobs" and set(request["jobs"]) <= {job["jobId"] for job in stuck}:
+            return AWSResponse(None, 200, {}, None), {
+                "jobs": [{**job, "jobQueue": queue} for job in stuck if job["jobId"] in request["jobs"]]
+            }
+        return None
+
+    boto3.setup_default_session()
+    boto3.DEFAULT_SESSION.events.register("before-call.batch", batch)
+    try:
+        report = invoke(deployed, "status")
+        table = runner.invoke(
+            app, ["status", "--stack-name", stack.name, "--endpoint-url", clients.endpoint_url or ""], env={"COLUMNS": "400"}
+        )
+    finally:
+        boto3.DEFAULT_SESSION = None
+
+    assert report["jobs"]["RUNNABLE"] == 2
+    assert [(job["job_id"], job["since"], job["waiting"], job["reason"].split(" - ")[0]) for job in report["waiting"]] == [
+        ("0f6b-first", "2025-12-06T05:46:40+00:00", 1, "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"),
+        ("0f6b-array", "2025-12-06T06:16:40+00:00", 2, "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
+        ("0f6b-later", "2025-12-06T06:46:40+00:00", 1, "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"),
+    ]
+    # What the command does to what `list-jobs` prints: each job once, an array job by its parent.
+    command = report["cancel_waiting_command"]
+    assert command.startswith(f"aws batch list-jobs --job-queue {queue} --job-status RUNNABLE")
+    listed = "\t".join(job["jobId"] for job in stuck) + "\n"
+    pipeline = command.split(" | ", 1)[1].split(" | xargs")[0]
+    ids = subprocess.run(["sh", "-c", pipeline], input=listed, capture_output=True, text=True, check=True).stdout.split()
+    assert ids == ["0f6b-array", "0f6b-first", "0f6b-later"]
+    assert command.endswith("xargs -n 1 aws batch cancel-job --reason 'cancelled by the operator: waiting in RUNNABLE' --job-id")
+    assert table.exit_code == 0, table.output
+    assert (
+        "waiting since 2025-12-06T05:46:40+00:00: clip-m-first (0f6b-first): MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"
+        in table.output
+    )
+    assert "one per RunnableTimeoutSeconds" in table.output and "aws batch cancel-job" in table.output
+    # Nothing waits: nothing to cancel.
+    assert invoke(deployed, "status")["cancel_waiting_command"] is None
 
 
 def test_backfill_and_retry_go_past_an_object_s3_will_not_serve(deployed: tuple[Clients, Stack]) -> None:

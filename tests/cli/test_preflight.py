@@ -1,4 +1,5 @@
-"""`clip-pipeline preflight` against an account: moto for EC2, CloudWatch Logs and STS; Lambda's account
+"""`clip-pipeline preflight` against an account: moto for EC2 (its default VPC, and the instance type
+offerings of its zones: us-east-1e has no g4dn, as in AWS), CloudWatch Logs and STS; Lambda's account
 settings and Service Quotas, which moto does not emulate, answered by a stub from a table of the
 account's quotas. `sam build`'s Python is looked for on a PATH each test sets up with real files."""
 
@@ -39,7 +40,7 @@ class Account:
 
     concurrency: int = 1000
     unreserved: int = 1000
-    applied: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0})
+    applied: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0, LINUX_LARGE_BUILDS: 2.0})
     defaults: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 15.0})
     denied: bool = False
     asked: list[tuple[str, str]] = field(default_factory=list)
@@ -103,9 +104,11 @@ def samconfig(tmp_path: Path) -> Path:
     return path
 
 
-def preflight(samconfig: Path, *args: str, exit_code: int = 0) -> dict[str, Any]:
-    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), "--region", REGION, "--json", *args])
-    assert result.exit_code == exit_code, result.output
+def preflight(samconfig: Path, *args: str, exit_code: int | None = 0) -> dict[str, Any]:
+    """The report as JSON; `exit_code` None takes either (checks a test does not look at may fail)."""
+    region = [] if "--region" in args else ["--region", REGION]
+    result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), *region, "--json", *args])
+    assert exit_code is None or result.exit_code == exit_code, result.output
     return json.loads(result.stdout)
 
 
@@ -123,16 +126,27 @@ def test_an_account_with_room_passes_every_check(account: Account, python312: Pa
         REGION,
     )
     assert {code: check["status"] for code, check in checks(report).items()} == {
+        "stack-name": "pass",
         "lambda-concurrency": "pass",
+        "query-burst": "pass",
         "lambda-memory": "pass",
         "gpu-vcpus": "pass",
+        "codebuild-region": "pass",
         "codebuild-builds": "pass",
         "network": "pass",
+        "instance-zones": "pass",
         "logs-resource-policies": "pass",
         "sam-build-python": "pass",
     }
-    # On-demand capacity by default; the builds quota was never changed, so its default applies.
-    assert account.asked == [("ec2", ON_DEMAND_GPU), ("codebuild", LINUX_LARGE_BUILDS), ("codebuild", LINUX_LARGE_BUILDS)]
+    # On-demand capacity by default; both quotas have values applied to this account.
+    assert account.asked == [("ec2", ON_DEMAND_GPU), ("codebuild", LINUX_LARGE_BUILDS)]
+    # The dispatcher's 5, the indexer's 2 and the query function are all counted.
+    assert (
+        "need 8 (DispatcherConcurrency=5, the indexer's 2, the query function's 1)"
+        in checks(report)["lambda-concurrency"]["finding"]
+    )
+    # The default subnet of the zone without g4dn.xlarge is left out, as the deploy helper leaves it out.
+    assert checks(report)["instance-zones"]["finding"].endswith("those in us-east-1e are left out")
     assert all(check["request"] is None for check in report["checks"])
 
 
@@ -146,8 +160,10 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
     report = preflight(samconfig, "--parameter-overrides", "QueryMemorySize=4096", exit_code=1)
 
     found = checks(report)
-    # Nothing is reserved, so ten concurrent executions hold the dispatcher's 5 and the query function.
+    # Nothing is reserved, so ten concurrent executions hold the dispatcher's 5, the indexer's 2 and the query function.
     assert found["lambda-concurrency"]["status"] == "pass"
+    # ...but not an API burst of 20 on top of them: 3 executions are left for the query function.
+    assert found["query-burst"]["status"] == "warn" and "Deploy with QueryBurstLimit=3" in found["query-burst"]["finding"]
     assert found["lambda-memory"]["status"] == "warn" and "QueryMemorySize=3008" in found["lambda-memory"]["finding"]
     assert found["gpu-vcpus"]["status"] == "fail"
     assert found["gpu-vcpus"]["request"] == {
@@ -157,31 +173,30 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
         "desired_value": 16,
         "command": f"aws service-quotas request-service-quota-increase --service-code ec2 --quota-code {ON_DEMAND_GPU} --desired-value 16 --region {REGION}",
     }
-    # One build at a time still deploys (each build fetches its source when it starts), only slower.
-    assert found["codebuild-builds"]["status"] == "warn"
-    assert (found["codebuild-builds"]["request"]["quota_code"], found["codebuild-builds"]["request"]["desired_value"]) == (
-        LINUX_LARGE_BUILDS,
-        2,
-    )
+    # AWS's default (1) is all Service Quotas knows; new accounts are often given 0, which refuses the build at once.
+    builds = found["codebuild-builds"]
+    assert builds["status"] == "unknown"
+    assert builds["finding"].startswith("unknown — request the quota or pass both image URIs (ImageUri and QueryImageUri)")
+    # Service Quotas refuses a request that does not exceed the value it reports.
+    assert (builds["request"]["quota_code"], builds["request"]["desired_value"]) == (LINUX_LARGE_BUILDS, 2)
     assert report["ok"] is False
 
 
 def test_the_table_names_what_failed_and_the_commands_that_request_more(
     account: Account, python312: Path, samconfig: Path
 ) -> None:
-    account.applied = {ON_DEMAND_GPU: 0.0}
-    account.defaults[LINUX_LARGE_BUILDS] = 0.0
+    account.applied = {ON_DEMAND_GPU: 0.0, LINUX_LARGE_BUILDS: 0.0}
 
     result = runner.invoke(app, ["preflight", "--config-file", str(samconfig), "--region", REGION], terminal_width=250)
 
     assert result.exit_code == 1
     assert "2 failed (gpu-vcpus, codebuild-builds): fix them before `sam deploy`" in result.output
     assert f"--quota-code {ON_DEMAND_GPU} --desired-value 16 --region {REGION}" in result.output
-    assert f"--quota-code {LINUX_LARGE_BUILDS} --desired-value 2 --region {REGION}" in result.output
+    assert f"--quota-code {LINUX_LARGE_BUILDS} --desired-value 1 --region {REGION}" in result.output
 
 
 def test_spot_capacity_checks_the_spot_quota_against_max_vcpus(account: Account, python312: Path, samconfig: Path) -> None:
-    account.applied = {SPOT_GPU: 8.0}
+    account.applied = {SPOT_GPU: 8.0, LINUX_LARGE_BUILDS: 1.0}
 
     found = checks(preflight(samconfig, "--parameter-overrides", "UseSpot=true MaxvCpus=32"))
 
@@ -197,7 +212,7 @@ def test_samconfig_parameters_apply_and_the_command_line_overrides_them(
     samconfig.write_text(
         'version = 0.1\n[default.deploy.parameters]\nstack_name = "saved"\nparameter_overrides = "UseSpot=\\"true\\" MaxvCpus=\\"8\\""\n'
     )
-    account.applied = {SPOT_GPU: 16.0}
+    account.applied = {SPOT_GPU: 16.0, LINUX_LARGE_BUILDS: 1.0}
 
     report = preflight(samconfig, "--parameter-overrides", "MaxvCpus=32", exit_code=0)
 
@@ -218,8 +233,8 @@ def test_images_given_by_uri_need_no_build(account: Account, python312: Path, sa
 def test_too_little_unreserved_concurrency_fails_with_the_increase_or_a_smaller_dispatcher(
     account: Account, python312: Path, samconfig: Path
 ) -> None:
-    # Other functions of the account reserve all but four executions.
-    account.concurrency, account.unreserved = 50, 4
+    # Other functions of the account reserve all but six executions.
+    account.concurrency, account.unreserved = 50, 6
 
     found = checks(preflight(samconfig, exit_code=1))
 
@@ -238,7 +253,7 @@ def test_checks_aws_will_not_answer_are_unknown_not_passed(account: Account, pyt
 
     found = checks(preflight(samconfig))
 
-    for code in ("lambda-concurrency", "lambda-memory", "gpu-vcpus", "codebuild-builds"):
+    for code in ("lambda-concurrency", "query-burst", "lambda-memory", "gpu-vcpus", "codebuild-builds"):
         assert found[code]["status"] == "unknown", code
         assert "AccessDeniedException" in found[code]["finding"]
 
@@ -283,15 +298,25 @@ def test_a_region_with_ten_logs_resource_policies_has_no_room_for_the_stacks(
 ) -> None:
     logs = boto3.client("logs", region_name=REGION)
     document = json.dumps({"Version": "2012-10-17", "Statement": []})
-    for i in range(9):
+    for i in range(8):
         logs.put_resource_policy(policyName=f"other-{i}", policyDocument=document)
-    assert checks(preflight(samconfig))["logs-resource-policies"]["status"] == "pass"
+    # The stack's own, and the one AWS adds for the API's access log (a vended log).
+    check = checks(preflight(samconfig))["logs-resource-policies"]
+    assert check["status"] == "pass" and "adds 2 (first-stack-failed-jobs, AWSLogDeliveryWrite20150319)" in check["finding"]
 
-    logs.put_resource_policy(policyName="other-9", policyDocument=document)
+    logs.put_resource_policy(policyName="other-8", policyDocument=document)
     check = checks(preflight(samconfig, exit_code=1))["logs-resource-policies"]
-    assert check["status"] == "fail" and "other-9" in check["finding"]
+    assert check["status"] == "fail" and "other-8" in check["finding"]
+    # Without the query API there is no access log.
+    assert (
+        checks(preflight(samconfig, "--parameter-overrides", "QueryService=false"))["logs-resource-policies"]["status"] == "pass"
+    )
 
-    # Redeploying a stack that has its policy already needs none more.
+    # A region whose vended logs have their policy already, and a redeploy of a stack that has its own, need none more.
+    logs.delete_resource_policy(policyName="other-8")
+    logs.put_resource_policy(policyName="AWSLogDeliveryWrite20150319", policyDocument=document)
+    logs.put_resource_policy(policyName="other-9", policyDocument=document)
+    assert checks(preflight(samconfig, exit_code=1))["logs-resource-policies"]["status"] == "fail"
     logs.delete_resource_policy(policyName="other-9")
     logs.put_resource_policy(policyName="first-stack-failed-jobs", policyDocument=document)
     assert checks(preflight(samconfig))["logs-resource-policies"]["status"] == "pass"
@@ -346,3 +371,80 @@ def test_without_a_region_it_says_so(account: Account, samconfig: Path, tmp_path
 
     assert result.exit_code == 2
     assert "no-region" in result.output and "--region" in result.output
+
+
+def test_a_codebuild_quota_of_zero_fails_at_once_rather_than_after_an_hour(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
+    account.applied[LINUX_LARGE_BUILDS] = 0.0
+
+    check = checks(preflight(samconfig, exit_code=1))["codebuild-builds"]
+
+    assert check["status"] == "fail" and "refuses the worker and query image build at once" in check["finding"]
+    assert "ImageUri and QueryImageUri" in check["finding"] and check["request"]["desired_value"] == 1
+    # One build at a time is all the deploy needs now: the builds run one after the other.
+    account.applied[LINUX_LARGE_BUILDS] = 1.0
+    assert checks(preflight(samconfig))["codebuild-builds"]["status"] == "pass"
+
+
+def test_a_quota_known_only_by_its_default_never_passes(account: Account, python312: Path, samconfig: Path) -> None:
+    account.applied = {}
+    account.defaults = {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0, LINUX_LARGE_BUILDS: 15.0}
+
+    found = checks(preflight(samconfig))
+
+    for code in ("gpu-vcpus", "codebuild-builds"):
+        assert found[code]["status"] == "unknown", code
+        assert found[code]["finding"].startswith("unknown — request the quota"), code
+    # A request must exceed what Service Quotas reports, or it is refused.
+    assert (found["gpu-vcpus"]["request"]["desired_value"], found["codebuild-builds"]["request"]["desired_value"]) == (65, 16)
+
+
+def test_a_region_without_codebuild_fails_unless_both_images_are_given(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
+    check = checks(preflight(samconfig, "--region", "ca-west-1", exit_code=1))["codebuild-region"]
+    assert check["status"] == "fail" and "ca-west-1 has no CodeBuild" in check["finding"]
+    assert "scripts/build-and-push.sh" in check["finding"]
+
+    given = "ImageUri=r/w:1 QueryImageUri=r/q:1"
+    assert (
+        checks(preflight(samconfig, "--region", "ca-west-1", "--parameter-overrides", given, exit_code=None))["codebuild-region"][
+            "status"
+        ]
+        == "pass"
+    )
+
+
+def test_instance_types_no_subnet_zone_offers_fail_and_subnets_in_such_zones_warn(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
+    check = checks(preflight(samconfig, "--parameter-overrides", "InstanceTypes=g9zz.xlarge", exit_code=1))["instance-zones"]
+    assert check["status"] == "fail" and "offers g9zz.xlarge" in check["finding"]
+    # A family is matched as Batch matches it: any size of it.
+    assert checks(preflight(samconfig, "--parameter-overrides", "InstanceTypes=g4dn"))["instance-zones"]["status"] == "pass"
+
+    ec2 = boto3.client("ec2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.2.0.0/16")["Vpc"]["VpcId"]
+    zones = {"us-east-1a": "10.2.1.0/24", "us-east-1e": "10.2.2.0/24"}
+    subnets = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"] for zone, cidr in zones.items()
+    ]
+    given = f"VpcId={vpc} SubnetIds={','.join(subnets)}"
+    check = checks(preflight(samconfig, "--parameter-overrides", given))["instance-zones"]
+    assert check["status"] == "warn" and "not offered in us-east-1e" in check["finding"]
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("First-Stack", "must start with a lowercase letter"),
+        ("clip-pipeline-for-the-marketing-teams", "more than the 33 the bucket names leave in us-east-1"),
+    ],
+)
+def test_a_stack_name_the_buckets_cannot_carry_fails_before_deploying(
+    account: Account, python312: Path, samconfig: Path, name: str, problem: str
+) -> None:
+    check = checks(preflight(samconfig, "--stack-name", name, exit_code=1))["stack-name"]
+
+    assert check["status"] == "fail" and problem in check["finding"]

@@ -78,3 +78,37 @@ def test_sigterm_flushes_finished_work_exits_143_and_a_retry_resumes(
     assert retry.exit_code == 0
     assert (retry.progress.skipped, retry.progress.embedded) == (final["embedded"], IMAGES - final["embedded"])
     assert len(stored_vectors(s3, mid)) == IMAGES
+
+
+def test_a_gpu_job_without_a_usable_gpu_fails_at_once_saying_why(
+    moto_endpoint: str, tiny_config: Path, tiny_checkpoint: Path
+) -> None:
+    """The job definition sets DEVICE=cuda: a driver the image's CUDA cannot use must fail the job with
+    the reason (exit 1, which the job definition does not retry), not embed on the CPU for hours."""
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):
+        s3.create_bucket(Bucket=bucket)
+    data = encode(photo(), "PNG")
+    s3.put_object(Bucket=INPUT_BUCKET, Key="img.png", Body=data)
+    etag = s3.head_object(Bucket=INPUT_BUCKET, Key="img.png")["ETag"].strip('"')
+    entry = ManifestEntry(bucket=INPUT_BUCKET, key="img.png", size=len(data), etag=etag, mime_type="image/png")
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "MANIFEST_URI": put_manifest(s3, [entry], shard_size=1, manifest_id="no-gpu"),
+        "OUTPUT_BUCKET": OUTPUT_BUCKET,
+        "CLIP_MODEL": TINY_MODEL,
+        "CLIP_MODEL_CONFIG": str(tiny_config),
+        "CLIP_PRETRAINED": str(tiny_checkpoint),
+        "DEVICE": "cuda",
+        # No GPU is visible, whatever this machine has: as on an instance whose driver CUDA cannot use.
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+    worker = subprocess.run([sys.executable, "-m", "clip_worker"], env=env, capture_output=True, text=True, timeout=300)
+
+    assert worker.returncode == 1, worker.stdout + worker.stderr
+    assert "DEVICE=cuda but CUDA is unusable here" in worker.stdout + worker.stderr
+    # Nothing embedded (moto keeps other tests' objects: this job's own shard is what must not exist).
+    shards = keys.parquet_prefix("", keys.model_id(TINY_MODEL, str(tiny_checkpoint))) + "no-gpu/"
+    assert s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=shards)["KeyCount"] == 0
