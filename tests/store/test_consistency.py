@@ -5,7 +5,7 @@ containers would hold them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -13,7 +13,7 @@ import pytest
 import requests
 from lancedb.table import LanceTable
 
-from clip_store import IndexPolicy, VectorStore, maintain, s3_still_current, store_uri
+from clip_store import IndexPolicy, S3Lease, VectorStore, maintain, s3_still_current, store_uri
 from clip_store.maintain import Action
 from clip_store.store import fragment_count
 from clip_store.tombstones import TABLE as TOMBSTONES
@@ -123,3 +123,25 @@ def test_a_store_kept_small_by_churn_stays_as_compact_as_a_fresh_one(local_uri: 
     assert tombstones is not None
     assert fragment_count(table_of(store)) < policy.max_fragments and fragment_count(tombstones) < policy.max_fragments
     assert actions.count(Action.COMPACT) >= 2 and store.count() == batches + 1
+
+
+def test_one_caller_trains_an_index_at_a_time_and_a_dead_holders_lease_expires(versioned: Any, local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    store.ingest(shard([f"{n}.jpg" for n in range(2_000)], unit_vectors(2_000, 32, seed=1)), shard="s", still_current=trusting)
+    policy = IndexPolicy(exact_below=2_000, rows_per_partition=500)
+    url = f"s3://{OUTPUT_BUCKET}/store/m/_training.lease"
+
+    with S3Lease(versioned, url).hold() as training:  # another indexer container trains this index
+        assert training
+        meanwhile = maintain(store, policy, S3Lease(versioned, url))
+        assert (meanwhile.action, meanwhile.busy, store.index_state().index_type) == (Action.NONE, True, None)
+
+    done = maintain(store, policy, S3Lease(versioned, url))
+    assert (done.action, done.busy, done.state.index_type) == (Action.BUILD, False, "IVF_RQ")
+    assert versioned.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix="store/m/").get("KeyCount") == 0  # released
+
+    # A holder that died keeps its lease until the time-to-live; then one of the next callers takes it.
+    dead = S3Lease(versioned, url).hold()
+    assert dead.__enter__()
+    with S3Lease(versioned, url).hold() as live, S3Lease(versioned, url, ttl=timedelta(0)).hold() as after_ttl:
+        assert (live, after_ttl) == (False, True)

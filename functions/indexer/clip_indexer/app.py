@@ -47,6 +47,7 @@ from clip_shared.events import document_url, from_json
 from clip_store import (
     Database,
     IndexPolicy,
+    S3Lease,
     Tombstones,
     VectorStore,
     ingest_shards,
@@ -237,7 +238,8 @@ def keep_up(model_ids: set[str]) -> None:
     """Builds, updates, retrains or compacts each touched store's index when due; never fails the batch."""
     for model_id in sorted(model_ids):
         try:
-            done = maintain(store(model_id), POLICY)
+            lease = S3Lease(s3, keys.s3_url(SETTINGS.output_bucket, keys.training_lease_key(SETTINGS.output_prefix, model_id)))
+            done = maintain(store(model_id), POLICY, lease)
         except Exception:  # noqa: BLE001 - the batch's work is committed; the next batch does the upkeep
             logger.exception("Keeping the index up failed; the next batch will do it", model_id=model_id)
             metrics.add_metric(name="IndexUpkeepFailed", unit=MetricUnit.Count, value=1)

@@ -17,6 +17,7 @@ And what the pipeline keeps for itself:
     {prefix}journal/{manifest_id}/shard-00000.json       what a job child had in flight (crash recovery)
     {prefix}retries/{sha256}.json                         one per failure `clip-pipeline retry` resubmitted
     {prefix}store/{model_id}/                             the vector store (LanceDB) search reads, one per model
+    {prefix}store/{model_id}/_training.lease              held while one process trains that store's index
     {prefix}tombstones/                                   removed objects, which every model's store consults
 
 Per-object keys keep the source bucket and key verbatim, which makes the mapping injective: two
@@ -123,6 +124,10 @@ def stores_prefix(prefix: str) -> str:
 
 def store_prefix(prefix: str, model: str) -> str:
     return f"{stores_prefix(prefix)}{model}/"
+
+
+def training_lease_key(prefix: str, model: str) -> str:
+    return f"{store_prefix(prefix, model)}_training.lease"
 
 
 def tombstones_prefix(prefix: str) -> str:

@@ -14,7 +14,7 @@ What each caller does:
     store = VectorStore(store_uri(bucket, prefix, model_id), tombstones=tombstones)  # refresh_s=0: sees every commit
     done = ingest_shards(store, s3, ["s3://out/parquet/m/job/shard-00000.parquet", ...])  # one commit, idempotent
     reconcile(s3, [store], tombstones, ["s3://input/cat.jpg", *failed])  # removed or changed in S3: rows agree
-    maintain(store)                                                     # builds/updates/retrains/compacts when due
+    maintain(store, lease=S3Lease(s3, lease_url))                       # builds/updates/retrains/compacts when due
 
     # The query API (one store object per container, opened on the first /search):
     store = VectorStore(uri, refresh_s=config.index_refresh_s)          # sees new commits within refresh_s
@@ -46,14 +46,16 @@ API, in one line each:
 - `VectorStore.delete(urls) -> int`: rows removed; tombstones keep late shards from bringing them back.
 - `VectorStore.nearest(vector, top, *, exclude=()) -> list[Match]`, `vector_of(url)`, `count()`,
   `dimensions()`, `index_state() -> IndexState`, `prewarm()` (reads the whole index into cache).
-- `maintain(store, policy=IndexPolicy()) -> Maintenance(action, state, seconds, deferred)`: what
-  was done, and a build or retrain left undone because the table is past `policy.max_train_rows`;
+- `maintain(store, policy=IndexPolicy(), lease=None) -> Maintenance(action, state, seconds, deferred,
+  conflict, busy)`: what was done, and a build or retrain left undone because the table is past
+  `policy.max_train_rows` or another holder of the `S3Lease` is training it;
   `plan(state, policy) -> Action` says what is due without doing it.
 - `StoreError(code, message)` with `Code.DIMENSION_MISMATCH`, `Code.BAD_SHARD`, `Code.SHARD_UNAVAILABLE`.
 """
 
 from clip_store.database import Database
 from clip_store.errors import Code, StoreError
+from clip_store.lease import S3Lease
 from clip_store.location import StorageSettings, store_uri, stored_models, tombstones_uri
 from clip_store.maintain import Action, IndexPolicy, Maintenance, maintain, plan
 from clip_store.reconcile import Reconciled, reconcile
@@ -71,6 +73,7 @@ __all__ = [
     "Maintenance",
     "Match",
     "Reconciled",
+    "S3Lease",
     "SearchSettings",
     "ShardsIngested",
     "StorageSettings",

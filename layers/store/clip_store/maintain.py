@@ -18,6 +18,9 @@ reads only table metadata when there is nothing to do, and does at most one of:
 The tombstones are compacted by the same rule, and those older than `keep_tombstones` are
 forgotten: by then no shard embedded before the removal can still be on its way.
 
+A build or retrain takes a lease first (lease.S3Lease, given by the indexer and `clip-pipeline
+index`): of two indexer containers for which it falls due at once, one trains and the other goes on.
+
 Upkeep never fails what was committed before it: a commit conflict with another writer (two
 indexer containers: a compaction preempted by the other's delete) leaves the upkeep to the next
 batch (`Maintenance.conflict`), and callers treat any other upkeep error the same way.
@@ -33,9 +36,11 @@ policy's `max_train_rows` leaves one past that size for a process without a time
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Protocol
 
 from lancedb.index import BTree, IvfRq
 from lancedb.table import LanceTable
@@ -85,6 +90,8 @@ class Maintenance:
     deferred: Action | None = None
     #: Another writer's commit came first: the upkeep is left to the next call.
     conflict: bool = False
+    #: A training was due and another caller holds the lease: it trains, this one did nothing.
+    busy: bool = False
 
 
 def plan(state: IndexState, policy: IndexPolicy) -> Action:
@@ -97,8 +104,18 @@ def plan(state: IndexState, policy: IndexPolicy) -> Action:
     return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
 
 
-def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Maintenance:
-    """Does what `plan` says is due, within the policy's max_train_rows, and returns the state afterwards."""
+class Lease(Protocol):
+    """Who may train a store's index now (lease.S3Lease): `hold()` yields whether this caller may."""
+
+    def hold(self) -> AbstractContextManager[bool]: ...
+
+
+def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy(), lease: Lease | None = None) -> Maintenance:
+    """Does what `plan` says is due, within the policy's max_train_rows, and returns the state afterwards.
+
+    With a `lease`, a build or retrain is done only by its holder: another caller training the same
+    index meanwhile leaves it to them (`Maintenance.busy`).
+    """
     started = time.monotonic()
     state = store.index_state()
     action, deferred = plan(state, policy), None
@@ -109,15 +126,10 @@ def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Mainten
     table = store.table()
     try:
         if table is not None and action in (Action.BUILD, Action.RETRAIN):
-            rows = table.count_rows()
-            # RaBitQ codes (1 bit a dimension, 64 bytes a 512-d vector) ranked within the probed
-            # partitions, then the best candidates re-ranked exactly (SearchSettings.refine_factor).
-            table.create_index(
-                VECTOR_COLUMN, config=IvfRq(distance_type="dot", target_partition_size=policy.rows_per_partition), replace=True
-            )
-            table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
-            if action is Action.BUILD:
-                table.create_index("url", config=BTree(), replace=True)
+            with lease.hold() if lease is not None else nullcontext(True) as held:
+                if not held:
+                    return Maintenance(Action.NONE, state, time.monotonic() - started, deferred, busy=True)
+                _train(table, policy, build=action is Action.BUILD)
         elif table is not None and action in (Action.UPDATE, Action.COMPACT):
             table.optimize(cleanup_older_than=policy.keep_versions)
         _keep_tombstones_small(store, policy, forget=action is not Action.NONE)
@@ -126,6 +138,18 @@ def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy()) -> Mainten
             raise
         return Maintenance(action, state, time.monotonic() - started, deferred, conflict=True)
     return Maintenance(action, store.index_state(), time.monotonic() - started, deferred)
+
+
+def _train(table: LanceTable, policy: IndexPolicy, build: bool) -> None:
+    rows = table.count_rows()
+    # RaBitQ codes (1 bit a dimension, 64 bytes a 512-d vector) ranked within the probed
+    # partitions, then the best candidates re-ranked exactly (SearchSettings.refine_factor).
+    table.create_index(
+        VECTOR_COLUMN, config=IvfRq(distance_type="dot", target_partition_size=policy.rows_per_partition), replace=True
+    )
+    table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
+    if build:
+        table.create_index("url", config=BTree(), replace=True)
 
 
 def is_commit_conflict(exc: BaseException) -> bool:
