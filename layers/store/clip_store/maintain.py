@@ -71,7 +71,7 @@ class IndexPolicy:
     #: Constant, so a query's cost stays flat as partitions multiply (docs/search.md).
     rows_per_partition: int = 4096
     #: Data files (one per commit) before a table is compacted, whatever its size.
-    max_fragments: int = 16
+    max_fragments: int = 8
     #: How long replaced data files are kept for readers still on an older version.
     keep_versions: timedelta = timedelta(hours=1)
     #: Longer than a shard can take to arrive: SQS keeps a message at most 14 days.
