@@ -66,6 +66,10 @@ class World:
     def uploaded(self, key: str) -> dict[str, Any]:
         return sample("sqs-s3-put-not-an-image.json", INPUT_BUCKET, key)
 
+    def rejection_marker(self, key: str) -> dict[str, Any]:
+        """The notification S3 sends the indexer for any object created under `rejected/`."""
+        return sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, key)
+
     def rejection_written(self, key: str) -> dict[str, Any]:
         """The notification S3 sends the indexer for the dispatcher's rejection record of `key`."""
         return sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.rejection_key("", INPUT_BUCKET, key))

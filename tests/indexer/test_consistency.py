@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any
 
 import boto3
+import botocore.client
+import botocore.exceptions
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -214,3 +217,70 @@ def test_upkeep_that_fails_never_fails_a_committed_batch(
     metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
     failed_upkeep = [metric["IndexUpkeepFailed"] for metric in metrics if "IndexUpkeepFailed" in metric]
     assert failed_upkeep == ([] if "conflict" in failure else [[1.0]])
+
+
+def test_deleting_the_newest_version_keeps_its_late_and_redelivered_shards_out(world: World) -> None:
+    world.invoke(world.shard_created(world.embed({"cat.png": image(1)}, "m-1")))
+    first = etag_of(world, "cat.png")
+    time.sleep(1.1)  # LastModified is kept to the second: the second version is the newer
+    second = world.embed({"cat.png": image(2)}, "m-2")  # embedded; its shard not ingested yet
+    world.s3.delete_object(Bucket=INPUT_BUCKET, Key="cat.png", VersionId=version_ids(world, "cat.png")[0])
+
+    world.invoke(world.removed("cat.png", "ObjectRemoved:Delete"))
+    world.invoke(world.shard_created(second))  # late
+    assert stored_etags(world) == {urls("cat.png")[0]: first}
+
+    world.invoke(world.shard_created(second))  # and redelivered, after the current version was ingested again
+    world.invoke(world.shard_created(keys.parquet_key("", world.model_id, "m-1", 0)))
+    world.invoke(world.shard_created(second))
+    assert stored_etags(world) == {urls("cat.png")[0]: first}
+
+
+def test_an_object_s3_will_not_head_fails_only_the_shards_that_hold_it(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = world.embed({"cat.png": image(1), "dog.png": image(2)}, "m-1")
+    world.invoke(world.shard_created(old))
+    world.s3.delete_object(Bucket=INPUT_BUCKET, Key="cat.png")
+    world.invoke(world.removed("cat.png"))
+    world.s3.put_object(Bucket=INPUT_BUCKET, Key="cat.png", Body=b"uploaded again with SSE-C")
+    fresh = world.embed({"fox.png": image(3)}, "m-2")
+    call = botocore.client.BaseClient._make_api_call
+
+    def refusing(client: Any, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "HeadObject" and params.get("Key") == "cat.png":  # S3's 400 to a HEAD without the SSE-C key
+            raise botocore.exceptions.ClientError({"Error": {"Code": "400", "Message": "Bad Request"}}, operation)
+        return call(client, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", refusing)
+    response = world.invoke(batch(world.shard_created(old), world.shard_created(fresh)))
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
+    assert searchable(world) == set(urls("dog.png", "fox.png"))
+
+
+def test_objects_under_rejected_that_are_not_rejections_and_lifecycle_events_from_s3_itself(world: World) -> None:
+    world.s3.put_object(Bucket=OUTPUT_BUCKET, Key="rejected/", Body=b"")  # the console's "Create folder"
+    world.s3.put_object(Bucket=OUTPUT_BUCKET, Key="rejected/notes.txt", Body=b"not a CloudEvent")
+    assert world.invoke(batch(world.rejection_marker("rejected/"), world.rejection_marker("rejected/notes.txt"))) == {
+        "batchItemFailures": []
+    }
+
+    world.invoke(world.shard_created(world.embed({"old.png": image(1)}, "m-1")))
+    world.s3.delete_object(Bucket=INPUT_BUCKET, Key="old.png")
+    expired = json.loads(world.removed("old.png", "LifecycleExpiration:Delete")["Records"][0]["body"])
+    record = expired["Records"][0]
+    # Fields the indexer never reads, as S3's lifecycle may fill them: no IP address, no version.
+    record["requestParameters"]["sourceIPAddress"] = "AWS Internal"
+    record["userIdentity"]["principalId"] = "s3.amazonaws.com"
+    record["s3"]["object"].pop("versionId", None)
+    event = world.removed("old.png")
+    event["Records"][0]["body"] = json.dumps(expired)
+    assert world.invoke(event) == {"batchItemFailures": []}
+    assert searchable(world) == set()
+
+
+def stored_etags(world: World) -> dict[str, str]:
+    table = world.store.table()
+    if table is None:
+        return {}
+    rows = table.to_arrow()
+    return dict(zip(rows.column("url").to_pylist(), rows.column("etag").to_pylist(), strict=True))

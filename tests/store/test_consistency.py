@@ -34,7 +34,7 @@ def put(s3: Any, key: str, body: bytes) -> str:
     return str(s3.put_object(Bucket=INPUT_BUCKET, Key=key, Body=body)["ETag"]).strip('"')
 
 
-def between_read_and_commit(store: VectorStore, meanwhile: Callable[[], None]) -> None:
+def between_read_and_commit(store: VectorStore, meanwhile: Callable[[], object]) -> None:
     """Runs `meanwhile` (the other container's work) after `store`'s next ingest has read what it checks
     and before its merge commits: the window a second writer's removal can fall in."""
     table = table_of(store)
@@ -145,3 +145,57 @@ def test_one_caller_trains_an_index_at_a_time_and_a_dead_holders_lease_expires(v
     assert dead.__enter__()
     with S3Lease(versioned, url).hold() as live, S3Lease(versioned, url, ttl=timedelta(0)).hold() as after_ttl:
         assert (live, after_ttl) == (False, True)
+
+
+def test_churn_after_the_index_exists_keeps_its_files_and_segments_few(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    store.ingest(shard([f"{n}.jpg" for n in range(2_000)], unit_vectors(2_000, 32, seed=1)), shard="s", still_current=trusting)
+    policy = IndexPolicy(exact_below=2_000, rows_per_partition=500)
+    assert maintain(store, policy).action is Action.BUILD
+    states = []
+    for n in range(10 * policy.max_fragments):  # each update adds an index segment; files under two never merge
+        store.ingest(shard([f"x{n}a.jpg", f"x{n}b.jpg"], unit_vectors(2, 32, seed=n + 5)), shard=f"b{n}", still_current=trusting)
+        if n:
+            store.delete(urls([f"x{n - 1}a.jpg"]))
+        states.append(maintain(store, policy))
+
+    assert max(done.state.fragments for done in states) <= 2 * policy.max_fragments
+    assert max(done.state.index_segments for done in states) <= policy.max_fragments
+    assert any(done.action is Action.RETRAIN for done in states)  # the retrain that merged the segments
+
+
+def test_many_tombstones_are_looked_up_through_an_index(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    policy = IndexPolicy(exact_below=500, max_fragments=2)
+    for part in range(3):
+        store.delete(urls([f"gone/{part}-{n}.jpg" for n in range(300)]))
+    maintain(store, policy)
+
+    tombstones: LanceTable | None = store.tombstones.database.table(TOMBSTONES)
+    assert tombstones is not None and [index.columns for index in tombstones.list_indices()] == [["url"]]
+    assert set(store.tombstones.of(urls(["gone/1-7.jpg", "kept.jpg"]))) == set(urls(["gone/1-7.jpg"]))
+
+
+@pytest.mark.parametrize("current_first", [True, False])
+def test_a_tie_between_two_writers_keeps_the_version_s3_says_is_current(versioned: Any, current_first: bool) -> None:
+    uri = store_uri(OUTPUT_BUCKET, "", "m")
+    x, y = VectorStore(uri), VectorStore(uri)
+    x.ingest(shard(["dog.jpg"], unit_vectors(1, 8, seed=3)), shard="a", still_current=trusting)  # the table exists
+    older, newer = put(versioned, "cat.jpg", b"first"), put(versioned, "cat.jpg", b"second")
+    second = datetime(2026, 12, 6, 9, 0, 0, tzinfo=UTC)  # S3's LastModified, kept to the second: a tie
+    vectors = unit_vectors(2, 8, seed=5)
+    rows = {etag: shard(["cat.jpg"], vectors[n : n + 1], etags=etag, modified=[second]) for n, etag in enumerate((older, newer))}
+    still_current = s3_still_current(versioned)
+    mine, theirs = (older, newer) if current_first else (newer, older)
+
+    # The other container commits its version of the url while this one's ingest is between read and commit.
+    between_read_and_commit(x, lambda: y.ingest(rows[theirs], shard="b", still_current=still_current))
+    x.ingest(rows[mine], shard="a", still_current=still_current)
+
+    stored_rows = table_of(x).to_arrow()
+    assert (
+        dict(zip(stored_rows.column("url").to_pylist(), stored_rows.column("etag").to_pylist(), strict=True))[
+            urls(["cat.jpg"])[0]
+        ]
+        == newer
+    )

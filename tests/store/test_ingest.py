@@ -123,8 +123,10 @@ def test_a_deleted_object_leaves_search_and_comes_back_when_uploaded_again(s3_en
         1, 0, 0, 0
     )
     assert store.nearest(vectors[0], 1)[0].url == dog
-    # The tombstone went with it: deleting and re-adding are both repeatable.
-    assert tombstone_count(store) == 0
+    # The tombstone stays: the removed version's shard, redelivered, is still refused.
+    assert tombstone_count(store) == 1
+    assert store.ingest(first.slice(0, 1), shard="redelivered", still_current=still_current) == Ingested(0, 0, 0, 1)
+    assert store.nearest(vectors[0], 1)[0].url == dog
     assert store.delete([dog]) == 1 and store.delete([dog]) == 0
 
 

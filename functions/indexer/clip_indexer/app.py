@@ -37,7 +37,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
-from aws_lambda_powertools.utilities.parser.models import S3Model, SqsRecordModel
+from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
@@ -80,8 +80,35 @@ class S3TestEvent(BaseModel):
     Bucket: str
 
 
+class NotifiedObject(BaseModel):
+    key: str
+    size: float | None = None
+
+
+class NotifiedBucket(BaseModel):
+    name: str
+
+
+class NotifiedS3(BaseModel):
+    bucket: NotifiedBucket
+    announced: NotifiedObject | None = Field(default=None, alias="object")
+
+
+class Notified(BaseModel):
+    eventName: str
+    s3: NotifiedS3
+
+
+class S3Notification(BaseModel):
+    """Only what the indexer reads of an S3 notification: Powertools' S3Model also checks fields the
+    indexer never uses (an IP address in `sourceIPAddress`), which S3's own lifecycle events need not
+    satisfy, and a notification refused here would be retried into the dead-letter queue."""
+
+    Records: list[Notified]
+
+
 class S3NotificationRecord(SqsRecordModel):
-    body: Json[S3Model | S3TestEvent]
+    body: Json[S3Notification | S3TestEvent]
 
 
 @dataclass
@@ -130,7 +157,7 @@ def collect(record: S3NotificationRecord, work: Work) -> None:
     if isinstance(record.body, S3TestEvent):
         return
     for notified in record.body.Records:
-        announced = notified.s3.object
+        announced = notified.s3.announced
         if announced is None:
             continue
         bucket, key = notified.s3.bucket.name, keys.notified_key(announced.key)
@@ -142,8 +169,27 @@ def collect(record: S3NotificationRecord, work: Work) -> None:
         elif model_id := keys.model_of_shard(SETTINGS.output_prefix, key):
             work.shards[model_id][keys.s3_url(bucket, key)].append(record)
         elif key.startswith(keys.rejected_prefix(SETTINGS.output_prefix)):
-            rejection = from_json(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-            work.checks[document_url(rejection)].append(record)
+            url = rejected_url(bucket, key, announced.size)
+            if url is None:
+                # Not a rejection record (a console "folder", a file a person put there): nothing to do.
+                logger.warning("Skipping an object under rejected/ that is not a rejection record", key=key)
+                continue
+            work.checks[url].append(record)
+
+
+#: A dispatcher's rejection record is a few hundred bytes; anything much bigger is not one.
+MAX_REJECTION_BYTES = 1 << 20
+
+
+def rejected_url(bucket: str, key: str, size: float | None) -> str | None:
+    """The url a rejection record names, or None for an object that is not one (read only if small)."""
+    if size is None or size > MAX_REJECTION_BYTES:
+        return None
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        return document_url(from_json(body))
+    except Exception:  # noqa: BLE001 - whatever is not one of our CloudEvents (JSON, shape, fields) is skipped alike
+        return None
 
 
 @tracer.capture_method
@@ -173,8 +219,8 @@ def check(work: Work) -> list[str]:
     """Reconciles every store with S3 about the objects the batch says changed; returns the models touched."""
     if not work.checks:
         return []
-    models = stored_models(s3, SETTINGS.output_bucket, SETTINGS.output_prefix)
     try:
+        models = stored_models(s3, SETTINGS.output_bucket, SETTINGS.output_prefix)
         done = reconcile(s3, [store(model_id) for model_id in models], TOMBSTONES, list(work.checks))
     except Exception as exc:  # noqa: BLE001 - the checks fail their own messages, not the shards'
         logger.exception("Reconciling removed or unembeddable objects failed; their messages will be redelivered")
@@ -183,7 +229,9 @@ def check(work: Work) -> list[str]:
     for url, error in done.unchecked.items():
         logger.error("S3 would not say whether an object changed; its messages will be redelivered", url=url, reason=str(error))
         work.fail(work.checks[url], error)
-    uncovered = [url for url in done.unstored if url in work.removed]
+    # A rejection or a failure never sends its own object back (it would loop), unless the object
+    # changed while it was reconciled: that newer upload's row may have been removed with the rest.
+    uncovered = [url for url in done.unstored if url in work.removed or url in done.moved]
     for url in uncovered:
         try:
             embed_again(url)

@@ -12,6 +12,8 @@ class Code(StrEnum):
     BAD_SHARD = "bad-shard"
     #: A shard S3 would not serve (missing, forbidden, throttled): a later try may read it.
     SHARD_UNAVAILABLE = "shard-unavailable"
+    #: Rows of a shard whose objects S3 would not answer a HEAD for: left out until a later try.
+    UNCHECKED = "object-unchecked"
 
 
 class StoreError(Exception):

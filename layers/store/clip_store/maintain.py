@@ -11,9 +11,12 @@ reads only table metadata when there is nothing to do, and does at most one of:
 - **update** it (LanceDB `optimize`: compact small fragments, add unindexed rows to the existing
   partitions without retraining, drop versions older than `keep_versions`) once `max_unindexed`
   rows have arrived since the last build or update;
-- **compact** the table (the same `optimize`) once it has `max_fragments` data files, whatever its
-  size: each commit adds one, and a reader opens each, so a store kept small by churn (many small
-  batches, deletes) would otherwise cost a query one request per commit it ever saw.
+- **compact** the table (the same `optimize`) once `max_fragments` of its data files are not yet
+  under the index (all of them before there is an index), whatever its size: each commit adds one,
+  and a reader opens each, so a store kept small by churn (many small batches, deletes) would
+  otherwise cost a query one request per commit it ever saw. An update folds the new files into a
+  new index segment, and files under different segments are never compacted together, so once the
+  index has `max_fragments` segments it is retrained, which merges them, and then compacted.
 
 The tombstones are compacted by the same rule, and those older than `keep_tombstones` are
 forgotten: by then no shard embedded before the removal can still be on its way.
@@ -70,7 +73,8 @@ class IndexPolicy:
     #: IVF partition size: a query scans SearchSettings.nprobes partitions of about this many rows.
     #: Constant, so a query's cost stays flat as partitions multiply (docs/search.md).
     rows_per_partition: int = 4096
-    #: Data files (one per commit) before a table is compacted, whatever its size.
+    #: Data files (one per commit) not yet under the index before a table is compacted, whatever its
+    #: size; and index segments (one per update) before the index is retrained to merge them.
     max_fragments: int = 8
     #: How long replaced data files are kept for readers still on an older version.
     keep_versions: timedelta = timedelta(hours=1)
@@ -95,13 +99,15 @@ class Maintenance:
 
 
 def plan(state: IndexState, policy: IndexPolicy) -> Action:
-    if state.index_type is None and state.rows >= policy.exact_below:
-        return Action.BUILD
-    if state.index_type is not None and state.rows >= policy.retrain_growth * max(state.trained_rows, 1):
+    if state.index_type is None:
+        if state.rows >= policy.exact_below:
+            return Action.BUILD
+        return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
+    if state.rows >= policy.retrain_growth * max(state.trained_rows, 1) or state.index_segments >= policy.max_fragments:
         return Action.RETRAIN
-    if state.index_type is not None and state.unindexed_rows >= policy.max_unindexed:
+    if state.unindexed_rows >= policy.max_unindexed or state.fragments - state.index_segments >= policy.max_fragments:
         return Action.UPDATE
-    return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
+    return Action.NONE
 
 
 class Lease(Protocol):
@@ -130,6 +136,8 @@ def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy(), lease: Lea
                 if not held:
                     return Maintenance(Action.NONE, state, time.monotonic() - started, deferred, busy=True)
                 _train(table, policy, build=action is Action.BUILD)
+                # One index over every row now: the data files it covers can be compacted together.
+                table.optimize(cleanup_older_than=policy.keep_versions)
         elif table is not None and action in (Action.UPDATE, Action.COMPACT):
             table.optimize(cleanup_older_than=policy.keep_versions)
         _keep_tombstones_small(store, policy, forget=action is not Action.NONE)
@@ -166,4 +174,8 @@ def _keep_tombstones_small(store: VectorStore, policy: IndexPolicy, forget: bool
     if forget or compact:
         store.tombstones.forget(before=datetime.now(UTC) - policy.keep_tombstones)
     if compact:
+        # Every ingest looks its urls up here twice: past a few thousand tombstones (15 days of
+        # removals, rejections and failures) a B-tree on url keeps that a lookup, not a scan.
+        if not table.list_indices() and table.count_rows() >= policy.exact_below:
+            table.create_index("url", config=BTree(), replace=True)
         table.optimize(cleanup_older_than=policy.keep_versions)

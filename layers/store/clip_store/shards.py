@@ -109,6 +109,13 @@ def ingest_shards(
         return ShardsIngested(Ingested(0, 0, 0, 0), refused)
     rows = pa.concat_tables([shard.rows for shard in fitting])
     ingested = store.ingest(rows, shard="", still_current=still_current or s3_still_current(s3))
+    unchecked = set(ingested.unchecked)
+    for shard in fitting:
+        # Its other rows are in; it is tried again for the rows S3 would not let the store check.
+        if blocked := sorted(unchecked.intersection(shard.rows.column("url").to_pylist())):
+            refused[shard.url] = StoreError(
+                Code.UNCHECKED, f"shard {shard.url}: S3 would not say whether {', '.join(blocked[:3])} is current (a HEAD failed)"
+            )
     return ShardsIngested(ingested, refused, {shard.url: shard.failed for shard in fitting if shard.failed})
 
 

@@ -53,12 +53,6 @@ VECTORS = "vectors"
 VECTOR_COLUMN = "vector"
 #: The columns a worker shard must have (clip_worker.writer.shard_schema; model columns are the store's path).
 SHARD_COLUMNS = ("url", "bucket", "key", "version_id", "etag", "last_modified", VECTOR_COLUMN)
-# The merge's update condition, checked again at commit against a concurrent writer's rows: another
-# version, and not an older one (the rule `_decide` applies before the merge).
-_NEWER_VERSION = (
-    "target.etag <> source.etag AND (source.last_modified IS NULL OR target.last_modified IS NULL"
-    " OR source.last_modified >= target.last_modified)"
-)
 
 #: Whether the object at `url` exists now with this ETag (asked for tombstoned urls and ties).
 StillCurrent = Callable[[str, str], bool]
@@ -97,6 +91,8 @@ class Ingested:
     #: Rows of objects removed (or changed) since they were embedded: left out, or withdrawn right after
     #: the commit when another writer's removal came meanwhile (those are also counted as written).
     skipped_deleted: int
+    #: Urls S3 would not answer a HEAD for (their rows were left out: a later try ingests them).
+    unchecked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +141,9 @@ class IndexState:
     trained_rows: int
     #: Data files: each commit adds one, and a reader opens each it scans, so compaction keeps them few.
     fragments: int = 0
+    #: The vector index's segments: each update adds one over the rows it folds in, and data files
+    #: under different segments are not compacted together, so they are merged by a retrain.
+    index_segments: int = 0
 
 
 #: Field metadata on the vector column: rows the current index was trained on (maintain.py).
@@ -192,34 +191,55 @@ class VectorStore:
         `shard` names where the rows came from, unless they carry a `shard` column of their own
         (shards.ingest_shards). Within the batch, and against the rows stored, a url's newest
         version wins; a tie of two versions within one second goes to the one S3 says is current.
+        A url S3 would not answer for is left out and named in `Ingested.unchecked`.
         """
-        rows = _latest_per_url(shard_rows(rows, shard), still_current)
+        checked = _Checked(still_current)
+        rows = _latest_per_url(shard_rows(rows, shard), checked)
         dimensions = rows.schema.field(VECTOR_COLUMN).type.list_size
         table = self.database.created(VECTORS, vectors_schema(dimensions))
         self._check_dimensions(table, dimensions, f"shard {shard or '(unnamed)'}")
         total = rows.num_rows
-        rows = rows.filter(pa.array(_decide(rows, self.versions(rows.column("url").to_pylist()), still_current), pa.bool_()))
+        wanted, confirmed = _decide(rows, self.versions(rows.column("url").to_pylist()), checked)
+        rows = rows.filter(pa.array(wanted, pa.bool_()))
         unchanged = total - rows.num_rows
         etags = dict(zip(rows.column("url").to_pylist(), rows.column("etag").to_pylist(), strict=True))
+        # A tombstone stays until it is forgotten (IndexPolicy.keep_tombstones): every later row of
+        # its url is checked against S3, so no shard of a removed version gets back in, however late.
         seen = self.tombstones.of(list(etags))
-        back = {url: when for url, when in seen.items() if still_current(url, etags[url])}
-        gone = sorted(set(seen) - set(back))
+        gone = sorted(url for url in seen if not checked(url, etags[url]))
         if gone:
             rows = rows.filter(pc.invert(pc.is_in(rows.column("url"), pa.array(gone, pa.string()))))
         inserted = updated = withdrawn = 0
         if rows.num_rows:
             result = (
                 table.merge_insert("url")
-                .when_matched_update_all(where=_NEWER_VERSION)
+                .when_matched_update_all(where=_replacing(confirmed))
                 .when_not_matched_insert_all()
                 .execute(rows)
             )
             inserted, updated = result.num_inserted_rows, result.num_updated_rows
-            withdrawn = self._withdraw_removed_meanwhile(rows, seen, still_current)
-        self.tombstones.clear(back)
-        # What the merge left alone had been changed by a concurrent writer to a version at least as new.
+            if inserted + updated < rows.num_rows:  # another writer committed some of these urls meanwhile
+                updated += self._settle_ties(table, rows, checked)
+            withdrawn = self._withdraw_removed_meanwhile(rows, seen, checked)
         unchanged += rows.num_rows - inserted - updated
-        return Ingested(inserted, updated, unchanged, len(gone) + withdrawn)
+        skipped = len(set(gone) - set(checked.failed)) + withdrawn
+        return Ingested(inserted, updated, unchanged, skipped, tuple(sorted(checked.failed)))
+
+    def _settle_ties(self, table: LanceTable, rows: pa.Table, checked: StillCurrent) -> int:
+        """After a merge that another writer's commit overtook: where that writer's row and ours were
+        written within the same second, the version S3 says is current replaces the other."""
+        stored = self.versions(rows.column("url").to_pylist())
+        urls, etags, modified = (rows.column(name).to_pylist() for name in ("url", "etag", "last_modified"))
+        current = [
+            index
+            for index, (url, etag, when) in enumerate(zip(urls, etags, modified, strict=True))
+            if url in stored and stored[url][0] != etag and when is not None and stored[url][1] == when and checked(url, etag)
+        ]
+        if not current:
+            return 0
+        ours = rows.take(pa.array(current, pa.int64()))
+        confirmed = ours.column("etag").to_pylist()
+        return int(table.merge_insert("url").when_matched_update_all(where=_replacing(confirmed)).execute(ours).num_updated_rows)
 
     def _withdraw_removed_meanwhile(self, rows: pa.Table, seen: Mapping[str, datetime], still_current: StillCurrent) -> int:
         """Removes the rows just committed whose url another writer tombstoned since `seen` was read.
@@ -343,7 +363,9 @@ class VectorStore:
             return IndexState(rows, None, 0, rows, 0, fragments)
         metadata = table.schema.field(VECTOR_COLUMN).metadata or {}
         trained = int(metadata.get(TRAINED_ROWS.encode(), b"0"))
-        return IndexState(rows, stats.index_type, stats.num_indexed_rows, stats.num_unindexed_rows, trained, fragments)
+        return IndexState(
+            rows, stats.index_type, stats.num_indexed_rows, stats.num_unindexed_rows, trained, fragments, stats.num_indices or 1
+        )
 
     @staticmethod
     def _check_dimensions(table: LanceTable, dimensions: int, what: str) -> None:
@@ -390,13 +412,47 @@ def _latest_per_url(rows: pa.Table, still_current: StillCurrent) -> pa.Table:
     return rows.take(pa.array(sorted(newest.values()), pa.int64()))
 
 
-def _decide(rows: pa.Table, stored: Mapping[str, tuple[str, datetime | None]], still_current: StillCurrent) -> list[bool]:
-    """Which rows to write: those of urls not stored, and those whose version replaces the stored one."""
+def _decide(
+    rows: pa.Table, stored: Mapping[str, tuple[str, datetime | None]], still_current: StillCurrent
+) -> tuple[list[bool], list[str]]:
+    """Which rows to write (those of urls not stored, and those whose version replaces the stored one),
+    and the ETags S3 confirmed current on a tie, which the merge's condition lets through."""
     urls, etags, modified = (rows.column(name).to_pylist() for name in ("url", "etag", "last_modified"))
-    return [
+    wanted = [
         url not in stored or _replaces((etag, when), stored[url], url, still_current)
         for url, etag, when in zip(urls, etags, modified, strict=True)
     ]
+    confirmed = [
+        etag
+        for url, etag, when, write in zip(urls, etags, modified, wanted, strict=True)
+        if write and url in stored and when is not None and stored[url][1] == when
+    ]
+    return wanted, confirmed
+
+
+def _replacing(confirmed: Sequence[str]) -> str:
+    """The merge's update condition, checked again at commit against a concurrent writer's rows: another
+    version, and a newer one (the rule `_replaces` applies before the merge), or on a tie one of the
+    ETags S3 confirmed current."""
+    newer = "source.last_modified IS NULL OR target.last_modified IS NULL OR source.last_modified > target.last_modified"
+    if confirmed:
+        newer += f" OR (source.last_modified = target.last_modified AND source.etag IN ({', '.join(sql_text(etag) for etag in confirmed)}))"
+    return f"target.etag <> source.etag AND ({newer})"
+
+
+class _Checked:
+    """`still_current` that remembers the urls S3 would not answer for; each counts as not current."""
+
+    def __init__(self, still_current: StillCurrent) -> None:
+        self._ask = still_current
+        self.failed: dict[str, Exception] = {}
+
+    def __call__(self, url: str, etag: str) -> bool:
+        try:
+            return self._ask(url, etag)
+        except Exception as exc:  # noqa: BLE001 - any refusal is that url's alone: its shard is retried (Ingested.unchecked)
+            self.failed[url] = exc
+            return False
 
 
 def _replaces(

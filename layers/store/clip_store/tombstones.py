@@ -4,8 +4,9 @@ A url is tombstoned when S3 says its object changed in a way no shard will annou
 removed (deleted, a delete marker, expired), a removal uncovered an older version, or its newest
 version was rejected by the dispatcher or failed in the worker. A shard embedded before that (late,
 redelivered, or of an older version) must not bring the old picture back, so a tombstoned url's row
-is ingested only if the object exists now with that row's ETag (`StillCurrent`, one HEAD), and
-ingesting it clears the tombstone.
+is ingested only if the object exists now with that row's ETag (`StillCurrent`, one HEAD). A
+tombstone stays when its url comes back: a redelivered shard of the removed version must still be
+refused (a removal of the newest version uncovers an older one, and the newer row would win).
 
 One table serves every model's store (the indexer's `tombstones_uri`): a removal is a fact about
 the bucket, so it holds for a model whose store does not exist yet when the removal arrives.
@@ -15,12 +16,12 @@ before them can still arrive.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from clip_store.database import Database, chunks, sql_text, url_filter
+from clip_store.database import Database, chunks, url_filter
 
 TABLE = "deletions"
 # Lance's schema marker for an (unenforced) primary key; merge_insert's conflict check uses it.
@@ -61,14 +62,6 @@ class Tombstones:
             rows = table.search().where(url_filter(part)).select(["url", "deleted_at"]).to_arrow()
             found.update(zip(rows.column("url").to_pylist(), rows.column("deleted_at").to_pylist(), strict=True))
         return found
-
-    def clear(self, seen: Mapping[str, datetime]) -> None:
-        """Removes the tombstones read as `seen`, leaving any written since (a newer removal stands)."""
-        table = self.database.table(TABLE)
-        if table is None or not seen:
-            return
-        for part in chunks(sorted(seen)):
-            table.delete(" OR ".join(f"(url = {sql_text(url)} AND deleted_at = {_sql_time(seen[url])})" for url in part))
 
     def forget(self, before: datetime) -> None:
         """Drops tombstones older than `before` (maintain.py decides when)."""
