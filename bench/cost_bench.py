@@ -147,7 +147,7 @@ def attribute(operation: tuple[str, str, str, str], input_bucket: str, output_bu
     if bucket != output_bucket:
         return None
     top = key.split("/", 1)[0]
-    if top == "store":
+    if top in ("store", "tombstones"):
         return "indexer", f"vector store {name.split('?')[0]}"
     if top == "parquet" and name.startswith("GetObject"):
         return "indexer", "shard reads"
