@@ -17,6 +17,7 @@ from PIL import Image
 
 from clip_shared.keys import RANDOM_WEIGHTS, model_id
 from clip_worker import decoder
+from clip_worker.sandbox import Sandbox
 from clip_worker.transform import Preprocess
 
 
@@ -49,12 +50,13 @@ class ClipModel:
         """`preprocess` computing only what its crop keeps: the same pixels at a cost bounded by the input size."""
         return Preprocess(self.preprocess)
 
-    def prepare(self, data: bytes, url: str, max_pixels: int, budget: decoder.PixelBudget | None = None) -> torch.Tensor:
-        """Image bytes -> this model's input, on the CPU: Pillow decodes, open_clip's own transform
-        crops and normalises. The one CPU path from bytes to pixels, for the worker and the query API.
-        Raises DocumentError naming `url` when the bytes are not an image it can embed."""
-        with decoder.decoding(data, url, self.image_size, max_pixels, budget) as image:
-            return self.bounded_preprocess(image)
+    def prepare(self, data: bytes, url: str, max_pixels: int, sandbox: Sandbox | None = None) -> torch.Tensor:
+        """Image bytes -> this model's input, on the CPU (`model_input`), in one of `sandbox`'s
+        processes under its budget when given: the worker and the query API always give one.
+        Raises DocumentError naming `url` when the bytes are not an image it can embed, or cost too much."""
+        if sandbox is None:
+            return model_input(data, url, self.bounded_preprocess, self.image_size, max_pixels)
+        return sandbox.run(url, model_input, data, url, self.bounded_preprocess, self.image_size, max_pixels)
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""
@@ -85,6 +87,13 @@ class ClipModel:
         with torch.inference_mode():
             features = self.network.encode_text(self.tokenizer(texts).to(self.device))
             return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def model_input(data: bytes, url: str, preprocess: Preprocess, min_side: int, max_pixels: int) -> torch.Tensor:
+    """Image bytes -> a model's input: Pillow decodes, open_clip's own transform crops and normalises.
+    The one CPU path from bytes to pixels, for the worker and the query API."""
+    with decoder.decoding(data, url, min_side, max_pixels) as image:
+        return preprocess(image)
 
 
 def default_batch_size(device: torch.device) -> int:
