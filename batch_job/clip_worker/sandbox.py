@@ -5,8 +5,8 @@ scan counter, a 146-byte TIFF declares tiles of 2 GB, a BMP's run-length codes o
 segments keep Pillow's Python loops busy for minutes. So every decode (and every look at an upload's
 header) runs in a long-lived helper process, under limits that apply to the one object it holds:
 
-- CPU time: RLIMIT_CPU, raised before each object to what the process has used plus the budget; the
-  kernel kills the helper with SIGXCPU when the object takes more.
+- CPU time: a profiling timer (ITIMER_PROF) of the budget, started before each object, and
+  RLIMIT_CPU a second past it; the kernel kills the helper (SIGPROF, SIGXCPU) when the object takes more.
 - Memory: RLIMIT_AS, set before each object to the helper's address space plus the budget; an
   allocation past it fails (MemoryError, or the codec's "out of memory"), and the helper is replaced.
 - Wall time: a deadline the caller waits, after which it kills the helper (SIGKILL).
@@ -218,7 +218,7 @@ class Sandbox:
     def _refusal(self, what: str, death: _Died) -> DocumentError:
         if death.returncode is None:
             return too_costly(what, self.limits, death.limit)
-        if death.returncode == -signal.SIGXCPU:
+        if death.returncode in (-signal.SIGPROF, -signal.SIGXCPU):
             return too_costly(what, self.limits, "cpu")
         cause = f"signal {signal.Signals(-death.returncode).name}" if death.returncode < 0 else f"exit code {death.returncode}"
         return DocumentError(
@@ -269,8 +269,12 @@ def _serve(request_fd: int, answer_fd: int) -> None:
         function, args, limits = pickle.loads(request)
         del request
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        # Only the soft limits move: a process may raise them again, never a hard limit it lowered.
-        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(usage.ru_utime + usage.ru_stime) + limits.cpu_s, cpu_hard))
+        # The profiling timer counts this process's CPU time to the millisecond and kills it (SIGPROF)
+        # when the object has had its budget; RLIMIT_CPU (whole seconds) is there should anything in
+        # the process block that signal. Only soft limits move: a process may raise them again, never
+        # a hard limit it lowered.
+        signal.setitimer(signal.ITIMER_PROF, limits.cpu_s)
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(usage.ru_utime + usage.ru_stime + limits.cpu_s) + 1, cpu_hard))
         resource.setrlimit(resource.RLIMIT_AS, (_address_space() + limits.memory_mb * 1024 * 1024, unlimited))
         replace = False
         try:
@@ -283,6 +287,7 @@ def _serve(request_fd: int, answer_fd: int) -> None:
                 answer = (False, exc)
         finally:
             del args
+        signal.setitimer(signal.ITIMER_PROF, 0)
         resource.setrlimit(resource.RLIMIT_AS, (unlimited, unlimited))
         try:
             payload = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)

@@ -23,9 +23,9 @@ from clip_worker.embed import Embedder, decode_on_device, device_transform
 from clip_worker.model import ClipModel, load
 from clip_worker.prepare import Prepared, Stage, model_input
 from clip_worker.progress import Progress
-from clip_worker.sandbox import Sandbox
 from clip_worker.reader import ObjectVersion
 from clip_worker.runner import EXIT_OK, run
+from clip_worker.sandbox import Sandbox
 from tests import hostile
 from tests.support import (
     INPUT_BUCKET,
@@ -185,9 +185,7 @@ def test_probe_never_decodes_what_it_leaves_to_the_cpu_path(monkeypatch: pytest.
     assert loads == []
 
 
-def test_jpeg_bytes_held_for_the_device_are_bounded_and_given_back_once_decoded(
-    tiny_checkpoint: Path, sandbox: Sandbox
-) -> None:
+def test_jpeg_bytes_held_for_the_device_are_bounded_and_given_back_once_decoded(tiny_checkpoint: Path, sandbox: Sandbox) -> None:
     """Past the bound a JPEG takes the CPU path at once: the same vector, no bytes held, no waiting."""
     model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
     files = {f"{index}.jpg": encode(photo().rotate(index * 90, expand=True), "JPEG", quality=90) for index in range(4)}
@@ -201,7 +199,9 @@ def test_jpeg_bytes_held_for_the_device_are_bounded_and_given_back_once_decoded(
     assert held.held == sum(len(data) for data in list(files.values())[:2]) <= held.limit
     embedder = Embedder(model, LIMIT, device_transform(model, True), sandbox, held)
     entries = [ManifestEntry(bucket=INPUT_BUCKET, key=name, size=1, etag="etag", mime_type="image/jpeg") for name in files]
-    failed, done = embedder.submit([Prepared(entry, ObjectVersion("etag"), item) for entry, item in zip(entries, inputs, strict=True)])
+    failed, done = embedder.submit(
+        [Prepared(entry, ObjectVersion("etag"), item) for entry, item in zip(entries, inputs, strict=True)]
+    )
     done += embedder.finish()
     assert failed == [] and held.held == 0
     for item, vector in done:

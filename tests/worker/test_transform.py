@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import open_clip
@@ -97,5 +96,3 @@ def test_too_many_pixels_is_reported_with_the_limit_above_and_below_pillows_own(
 def test_a_limit_above_pillows_guard_lets_such_an_image_through() -> None:
     data = png(13_500, 13_400)  # 180.9 MP: over Pillow's 178,956,970, under ours
     assert decode(data, "s3://in/big.png", 224, 200_000_000).size == (13_500, 13_400)
-
-
