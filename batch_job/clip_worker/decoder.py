@@ -105,6 +105,20 @@ def decoding(data: bytes, url: str, min_side: int, max_pixels: int) -> Iterator[
     yield _load(image, url, min_side)
 
 
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """The width and height an image's header declares, read without decoding a pixel; None when
+    the header cannot be read or its structure is refused (decoding then says why)."""
+    if too_costly_structure(data) is not None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception:  # noqa: BLE001 - whatever a malformed header raises, decoding reports it
+        return None
+
+
 @dataclass(frozen=True)
 class JpegLayout:
     """What a JPEG's first image is made of, from its markers."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.keys import RANDOM_WEIGHTS, model_id
 from clip_worker import decoder
 from clip_worker.sandbox import Sandbox
@@ -94,6 +95,30 @@ def model_input(data: bytes, url: str, preprocess: Preprocess, min_side: int, ma
     The one CPU path from bytes to pixels, for the worker and the query API."""
     with decoder.decoding(data, url, min_side, max_pixels) as image:
         return preprocess(image)
+
+
+def declared_sizes(images: Sequence[bytes]) -> list[tuple[int, int] | None]:
+    """Each image's size from its header (decoder.declared_size): a request's look before any decoding,
+    in one call to a sandbox helper."""
+    return [decoder.declared_size(data) for data in images]
+
+
+def model_inputs(
+    images: Sequence[tuple[str, bytes]], preprocess: Preprocess, min_side: int, max_pixels: int
+) -> list[torch.Tensor | DocumentError]:
+    """`model_input` of each (url, bytes), or why it cannot be embedded: a request's images in one call
+    to a sandbox helper, under one budget."""
+    found: list[torch.Tensor | DocumentError] = []
+    for url, data in images:
+        try:
+            found.append(model_input(data, url, preprocess, min_side, max_pixels))
+        except DocumentError as error:
+            found.append(error)
+        except MemoryError:
+            raise  # the sandbox's memory budget: the whole call is too costly
+        except Exception as exc:  # noqa: BLE001 - a decoder's surprise on hostile bytes is still a bad image
+            found.append(DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} could not be decoded: {type(exc).__name__}: {exc}"))
+    return found
 
 
 def default_batch_size(device: torch.device) -> int:

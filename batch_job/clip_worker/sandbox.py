@@ -64,17 +64,19 @@ class Limits:
     cpu_setting: str = "DECODE_CPU_SECONDS"
     memory_setting: str = "DECODE_MEMORY_MB"
     wall_setting: str = "DECODE_WALL_SECONDS"
+    #: What the budget is for, in the messages: one `object` of a job, one `request` of the query API.
+    unit: str = "object"
 
 
 def too_costly(what: str, limits: Limits, limit: str) -> DocumentError:
-    """The refusal of an object that went over `limit` (`cpu`, `memory` or `wall`)."""
+    """The refusal of `what` (an object's url) that went over `limit` (`cpu`, `memory` or `wall`)."""
     if limit == "cpu":
         hit = f"over {limits.cpu_s} s of CPU time ({limits.cpu_setting})"
     elif limit == "memory":
         hit = f"over {limits.memory_mb} MB of memory ({limits.memory_setting})"
     else:
         hit = f"over {limits.wall_s} s ({limits.wall_setting})"
-    return DocumentError(ErrorCode.TOO_COSTLY, f"{what}: decoding it took {hit}, the budget of one object; it is not tried again")
+    return DocumentError(ErrorCode.TOO_COSTLY, f"{what}: decoding went past the budget of one {limits.unit}: {hit}")
 
 
 class _Died(Exception):
