@@ -67,7 +67,7 @@ class WorkerConfig:
     #: One object's budget (README, "Worker configuration", says why these figures): CPU seconds,
     #: megabytes of memory beyond what the decoding process holds, and seconds of wall time.
     decode_cpu_s: int = 20
-    decode_memory_mb: int = 2048
+    decode_memory_mb: int = 3072
     decode_wall_s: int = 60
     #: Bytes of JPEGs held for the device decoder at once (uploads waiting for their batch); past
     #: it, a JPEG is decoded on the CPU instead of waiting.

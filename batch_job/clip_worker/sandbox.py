@@ -310,8 +310,10 @@ def main(argv: Sequence[str]) -> None:
     except OSError:
         pass
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    # The caller's Ctrl-C or SIGTERM is the caller's to handle: a helper finishes its object or is killed.
+    # Ctrl-C or SIGTERM to the whole process group is the caller's to handle (it finishes what is in
+    # flight): a helper finishes its object, and exits when the caller closes its pipe or dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for module in modules:
         __import__(module)
     _serve(int(request_fd), int(answer_fd))

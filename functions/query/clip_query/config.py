@@ -42,8 +42,8 @@ class QueryConfig(BaseModel):
     #: What decoding one request's images may cost, enforced by the operating system on the process
     #: that does it (clip_worker/sandbox.py): CPU seconds and MB of memory for the look at their headers,
     #: then the same again for decoding them, and a deadline for each. Sized for API Gateway's 29 s and a
-    #: 3008 MB function: MAX_REQUEST_PIXELS of the costliest format (a transparent PNG, flattened) takes
-    #: about 1.5 s and 400 MB (docs/query-api.md).
+    #: 3008 MB function: MAX_REQUEST_PIXELS of the costliest format measured (a transparent WebP,
+    #: flattened) takes 1.3-1.7 s and adds 790 MB (docs/query-api.md).
     decode_cpu_s: int = Field(alias="DECODE_CPU_SECONDS", default=10, ge=1)
     decode_memory_mb: int = Field(alias="DECODE_MEMORY_MB", default=1024, ge=64)
     decode_wall_s: int = Field(alias="DECODE_WALL_SECONDS", default=12, ge=1)
