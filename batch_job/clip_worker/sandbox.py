@@ -79,6 +79,10 @@ def too_costly(what: str, limits: Limits, limit: str) -> DocumentError:
     return DocumentError(ErrorCode.TOO_COSTLY, f"{what}: decoding went past the budget of one {limits.unit}: {hit}")
 
 
+class SandboxError(RuntimeError):
+    """A helper could not be started: the same for every object, so not reported as any one's fault."""
+
+
 class _Died(Exception):
     """A helper that is gone: `returncode` as subprocess gives it, None when it was killed for `limit`."""
 
@@ -89,27 +93,29 @@ class _Died(Exception):
 
 
 def _write(fd: int, payload: bytes) -> None:
-    view = memoryview(_HEADER.pack(len(payload)) + payload)
+    os.write(fd, _HEADER.pack(len(payload)))
+    view = memoryview(payload)
     while view:
         view = view[os.write(fd, view) :]
 
 
-def _read(fd: int, size: int, deadline: float | None) -> bytes:
-    chunks: list[bytes] = []
-    while size:
+def _read(fd: int, size: int, deadline: float | None) -> bytearray:
+    """`size` bytes from `fd`, read straight into one buffer; TimeoutError past `deadline`."""
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
+    while done < size:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
                 raise TimeoutError
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
+        got = os.readv(fd, [view[done:]])
+        if not got:
             raise EOFError
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+        done += got
+    return buffer
 
 
-def _read_frame(fd: int, deadline: float | None = None) -> bytes:
+def _read_frame(fd: int, deadline: float | None = None) -> bytearray:
     (size,) = _HEADER.unpack(_read(fd, _HEADER.size, deadline))
     return _read(fd, size, deadline)
 
@@ -144,10 +150,15 @@ class _Helper:
         self.closed = False
 
     def call(self, payload: bytes, wall_s: int) -> tuple[bool, Any]:
-        try:
-            if not self.ready:
+        if not self.ready:
+            try:
                 _read_frame(self.answer, time.monotonic() + START_TIMEOUT_S)
-                self.ready = True
+            except (TimeoutError, EOFError):
+                # No object's fault: the environment is broken (an import fails), or the machine stalls.
+                self.close()
+                raise SandboxError(f"a decoding process did not start (exit code {self.process.returncode})") from None
+            self.ready = True
+        try:
             _write(self.request, payload)
             return pickle.loads(_read_frame(self.answer, time.monotonic() + wall_s))
         except TimeoutError:
@@ -205,6 +216,9 @@ class Sandbox:
         except _Died as death:
             helper = self._replace(helper)
             raise self._refusal(what, death) from None
+        except SandboxError:
+            helper = self._replace(helper)
+            raise
         finally:
             self._free.put(helper)
         if ok:

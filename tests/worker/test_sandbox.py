@@ -14,7 +14,7 @@ import torch
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_worker.model import model_input
-from clip_worker.sandbox import Limits, Sandbox
+from clip_worker.sandbox import Limits, Sandbox, SandboxError
 from clip_worker.transform import Preprocess
 from tests import hostile
 from tests.support import encode, photo
@@ -83,3 +83,9 @@ def test_a_decoder_that_kills_its_process_fails_that_object_as_crashes_worker(sa
 def test_what_the_decoder_raises_comes_back_as_itself(sandbox: Sandbox, preprocess: Preprocess) -> None:
     error = refusal(lambda: sandbox.run("x", model_input, b"not an image", "s3://in/text", preprocess, 64, LIMIT))
     assert error.code == ErrorCode.UNSUPPORTED_TYPE and "s3://in/text" in error.message
+
+
+def test_a_helper_that_cannot_start_is_no_objects_fault() -> None:
+    with Sandbox(BUDGET, 1, ("clip_worker.no_such_module",)) as broken:
+        with pytest.raises(SandboxError, match="did not start"):
+            broken.run("s3://in/photo.jpg", sum, [1])
