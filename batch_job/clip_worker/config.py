@@ -57,7 +57,7 @@ class WorkerConfig:
     gpu_decode: bool | None = None
     #: None picks a size that suits the device (see model.default_batch_size).
     batch_size: int | None = None
-    #: Threads that download and decode ahead of the model.
+    #: Threads that download ahead of the model, each handing its object to a decoding process.
     io_threads: int = 16
     max_object_bytes: int = defaults.MAX_OBJECT_BYTES
     max_image_pixels: int = 100_000_000
