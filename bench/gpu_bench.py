@@ -48,9 +48,10 @@ from clip_worker import device_decode
 from clip_worker import embed as embed_stage
 from clip_worker import prepare as prepare_stage
 from clip_worker.config import WorkerConfig
-from clip_worker.decoder import PixelBudget
 from clip_worker.model import ClipModel, default_batch_size, load
+from clip_worker.progress import Progress
 from clip_worker.reader import ObjectVersion
+from clip_worker.sandbox import Sandbox
 
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 MEGAPIXELS = (0.3, 2.0, 12.0)
@@ -157,8 +158,11 @@ def reference(
 
 def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: str) -> Callable[[], np.ndarray]:
     config = WorkerConfig(manifest_uri="", output_bucket="")
-    budget = PixelBudget(config.decode_pixel_budget)
     transform = embed_stage.device_transform(model, {"auto": None, "device": True, "cpu": False}[decode])
+    # As the worker decodes: in its helper processes, under its budget; they exit with this process.
+    sandbox = Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",))
+    held = device_decode.HeldBytes(config.device_jpeg_mb * 1024 * 1024)
+    stage = prepare_stage.Stage(None, model, config, transform is not None, Progress(len(files), 60), sandbox, held)
     entries = [
         ManifestEntry(bucket="bench", key=f"{index:05d}.jpg", size=len(data), etag="bench", mime_type="image/jpeg")
         for index, data in enumerate(files)
@@ -169,12 +173,12 @@ def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: st
         return prepare_stage.Prepared(
             entry,
             ObjectVersion(entry.etag),
-            prepare_stage.model_input(files[index], entry.url, model, config, transform is not None, budget, None),
+            prepare_stage.model_input(files[index], entry.url, stage),
         )
 
     def work() -> np.ndarray:
         # runner.run's loop without S3: the same window, threads, batches and embedder.
-        embedder = embed_stage.Embedder(model, config.max_image_pixels, transform)
+        embedder = embed_stage.Embedder(model, config.max_image_pixels, transform, sandbox, held)
         done: list[tuple[prepare_stage.Prepared, np.ndarray]] = []
         batch: list[prepare_stage.Prepared] = []
         window = 2 * batch_size + config.io_threads

@@ -6,7 +6,11 @@
     close the model's embeddings of the two stay.
 (b) end to end on an in-process moto S3: `clip_worker.runner.run` against a naive loop that
     downloads, opens, preprocesses, embeds and uploads one image at a time; same model, same
-    weights.
+    weights. The worker also runs once more with its decoding in this process instead of the
+    sandbox's helper processes (what it did before the budget per object): their ratio is what the
+    budget costs a job.
+(c) the sandbox per image: decode + preprocess in this process against the same call in a sandbox
+    helper (pickling the bytes there and the tensor back over pipes), one at a time.
 
 Both sides of each comparison run in this process, taking turns, and each keeps its fastest of
 several tries (per image in (a), per job in (b)), so the ratios hold even when the machine's
@@ -48,7 +52,8 @@ from clip_shared import keys
 from clip_shared.manifest import Manifest, ManifestEntry, split
 from clip_worker import decoder, log, runner
 from clip_worker.config import WorkerConfig
-from clip_worker.model import ClipModel, default_batch_size, load
+from clip_worker.model import ClipModel, default_batch_size, load, model_input
+from clip_worker.sandbox import Sandbox
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 #: scikit-image's colour photographs, less motorcycle_right (the stereo twin of motorcycle_left);
@@ -104,6 +109,22 @@ class EndToEndResult:
     speedup: float
     #: Between the vectors the worker and the naive loop wrote for the same objects.
     min_cosine: float
+    #: The worker with its decoding in this process, not in the sandbox's helpers.
+    unsandboxed_images_per_s: float
+    #: Time with the sandbox over time without it (1.05 = 5 % slower).
+    sandbox_cost: float
+    #: Seconds the sandbox's helpers take to start, which a job overlaps with loading its model.
+    sandbox_start_s: float
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    size: str
+    images: int
+    in_process_images_per_s: float
+    sandboxed_images_per_s: float
+    #: Time in a helper over time in this process, per image.
+    cost: float
 
 
 def jpeg(image: Image.Image) -> bytes:
@@ -184,6 +205,58 @@ def bench_decode(model: ClipModel, size: tuple[int, int], files: list[bytes], re
         mean_abs_diff=round(float(difference.mean()), 5),
         min_cosine=round(float(cosines.min()), 6),
     )
+
+
+def bench_sandbox(
+    model: ClipModel, config: WorkerConfig, size: tuple[int, int], files: list[bytes], repeats: int
+) -> SandboxResult:
+    url, max_pixels = "s3://bench/photo.jpg", config.max_image_pixels
+
+    def in_process(data: bytes) -> torch.Tensor:
+        return model_input(data, url, model.bounded_preprocess, model.image_size, max_pixels)
+
+    with Sandbox(config.decode_limits, 1, ("clip_worker.device_decode",)) as sandbox:
+
+        def sandboxed(data: bytes) -> torch.Tensor:
+            return sandbox.run(url, model_input, data, url, model.bounded_preprocess, model.image_size, max_pixels)
+
+        if not torch.equal(sandboxed(files[0]), in_process(files[0])):
+            raise RuntimeError("the sandbox's helper made another model input than this process")
+        with single_threaded():
+            seconds = fastest({"in process": in_process, "sandboxed": sandboxed}, files, repeats)
+    return SandboxResult(
+        size=f"{size[0]}x{size[1]}",
+        images=len(files),
+        in_process_images_per_s=round(len(files) / seconds["in process"], 2),
+        sandboxed_images_per_s=round(len(files) / seconds["sandboxed"], 2),
+        cost=round(seconds["sandboxed"] / seconds["in process"], 3),
+    )
+
+
+class InProcess:
+    """Stands in for sandbox.Sandbox: each call runs in this process, under no budget."""
+
+    def __init__(self, *_: object) -> None:
+        pass
+
+    def run(self, what: str, function: Callable[..., T], *args: Any) -> T:
+        return function(*args)
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+class Started(InProcess):
+    """Hands run() a sandbox started once: a job starts its helpers while it loads its model, which
+    the bench does not time (it hands run() the model already loaded)."""
+
+    sandbox: Sandbox
+
+    def run(self, what: str, function: Callable[..., T], *args: Any) -> T:
+        return self.sandbox.run(what, function, *args)
 
 
 @contextmanager
@@ -267,11 +340,21 @@ def bench_end_to_end(
         def naive(job: Manifest) -> None:
             naive_loop(s3, model, job.entries, f"naive-{next(naive_runs)}/")
 
-        # run() loads its model itself; handing it the one already loaded keeps loading out of
-        # the timing and guarantees both sides use the very same weights.
-        with mock.patch.object(runner, "load", return_value=model):
-            # The whole job is one unit: the worker's speed comes from overlapping the images.
-            seconds = fastest({"worker": worker, "naive": naive}, [manifest], repeats)
+        def unsandboxed(job: Manifest) -> None:
+            with mock.patch.object(runner, "Sandbox", InProcess):
+                worker(job)
+
+        started = time.perf_counter()
+        with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+            for _ in range(sandbox.workers):  # each helper in turn: every one has started
+                sandbox.run("start", len, b"")
+            start_s = time.perf_counter() - started
+            Started.sandbox = sandbox
+            # run() loads its model itself; handing it the one already loaded keeps loading out of
+            # the timing and guarantees every side uses the very same weights.
+            with mock.patch.object(runner, "load", return_value=model), mock.patch.object(runner, "Sandbox", Started):
+                # The whole job is one unit: the worker's speed comes from overlapping the images.
+                seconds = fastest({"worker": worker, "unsandboxed": unsandboxed, "naive": naive}, [manifest], repeats)
         ours = worker_vectors(s3, model, "worker-0/")
         theirs = naive_vectors(s3, model, manifest.entries, "naive-0/")
     return EndToEndResult(
@@ -284,6 +367,9 @@ def bench_end_to_end(
         naive_images_per_s=round(len(files) / seconds["naive"], 2),
         speedup=round(seconds["naive"] / seconds["worker"], 2),
         min_cosine=round(float((ours * theirs).sum(axis=1).min()), 6),
+        unsandboxed_images_per_s=round(len(files) / seconds["unsandboxed"], 2),
+        sandbox_cost=round(seconds["worker"] / seconds["unsandboxed"], 3),
+        sandbox_start_s=round(start_s, 2),
     )
 
 
@@ -319,7 +405,14 @@ def targets(decode: list[DecodeResult], end_to_end: EndToEndResult) -> list[tupl
     ]
 
 
-def report(env: dict[str, Any], repeats: int, decode: list[DecodeResult], end_to_end: EndToEndResult, quick: bool) -> str:
+def report(
+    env: dict[str, Any],
+    repeats: int,
+    decode: list[DecodeResult],
+    end_to_end: EndToEndResult,
+    sandbox: list[SandboxResult],
+    quick: bool,
+) -> str:
     lines = [
         f"{env['model']} (pretrained={env['pretrained']}) on {env['device']}, {env['cpu_count']} cores, "
         f"torch {env['torch']}, open_clip {env['open_clip']}, Pillow {env['pillow']}",
@@ -343,6 +436,17 @@ def report(env: dict[str, Any], repeats: int, decode: list[DecodeResult], end_to
         f"{'naive loop':>12} {e2e.naive_images_per_s:>9.2f}   get, open, preprocess, encode a batch of 1, put; per image",
         f"{'worker':>12} {e2e.worker_images_per_s:>9.2f}   runner.run: batch {e2e.batch_size}, {e2e.io_threads} io threads",
         f"{'speedup':>12} {e2e.speedup:>8.2f}x   min cosine worker vs naive {e2e.min_cosine:.6f}",
+        f"{'unsandboxed':>12} {e2e.unsandboxed_images_per_s:>9.2f}   the worker decoding in its own process, no budget",
+        f"{'sandbox cost':>12} {e2e.sandbox_cost:>8.3f}x   worker time with / without the sandbox; its helpers start in "
+        f"{e2e.sandbox_start_s} s, beside the model's loading",
+        "",
+        f"(c) the sandbox per image: decode + preprocess, 1 thread, one at a time, best of {repeats}",
+        f"{'size':>10} {'images':>6} {'in process/s':>12} {'sandboxed/s':>11} {'cost':>7}",
+        *(
+            f"{row.size:>10} {row.images:>6} {row.in_process_images_per_s:>12.1f} {row.sandboxed_images_per_s:>11.1f} "
+            f"{row.cost:>6.3f}x"
+            for row in sandbox
+        ),
         "",
         "targets (set for the full run: 12 MP photos, ViT-B-32; a --quick run does not test them)" if quick else "targets",
     ]
@@ -386,18 +490,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     photos = {size: camera_sized(PHOTO_NAMES, size) for size in sizes}
     decode = [bench_decode(model, size, [jpeg(image) for image in photos[size]], repeats) for size in sizes]
+    sandbox = [bench_sandbox(model, config, size, [jpeg(image) for image in photos[size]], repeats) for size in sizes]
     with quiet_worker():
         # End to end runs on the largest photos only: they are what the worker's decoding is built for.
         end_to_end = bench_end_to_end(model, config, sizes[0], variants(photos[sizes[0]], images), repeats)
 
     env = environment(model)
-    print(report(env, repeats, decode, end_to_end, args.quick))
+    print(report(env, repeats, decode, end_to_end, sandbox, args.quick))
     if args.json:
         results = {
             "environment": env,
             "repeats": repeats,
             "decode": [asdict(row) for row in decode],
             "end_to_end": asdict(end_to_end),
+            "sandbox": [asdict(row) for row in sandbox],
             "targets": [{"target": text, "met": met} for text, met in targets(decode, end_to_end)],
         }
         args.json.write_text(json.dumps(results, indent=2) + "\n")

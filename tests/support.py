@@ -182,6 +182,7 @@ def tiny_worker_config(tiny_config: Path, tiny_checkpoint: Path) -> WorkerConfig
         device="cpu",
         batch_size=4,
         io_threads=4,
+        decode_workers=2,
     )
 
 

@@ -394,8 +394,8 @@ def test_the_images_start_from_the_ecr_public_gallery_by_a_base_the_build_resolv
     assert '--build-arg BASE_IMAGE="$base_digest"' in script and 'BASE_IMAGE="$base_digest" CLIP_MODEL=' in script
 
 
-def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_last_attempt() -> None:
-    definition = stack()["Resources"]["WorkerJobDefinition"]["Properties"]
+def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_last_attempt_and_its_time() -> None:
+    definition = stack(JobTimeoutSeconds="5400")["Resources"]["WorkerJobDefinition"]["Properties"]
     strategy = definition["RetryStrategy"]
     rules = [
         (rule.get("OnExitCode") or rule.get("OnReason") or rule.get("OnStatusReason"), rule["Action"])
@@ -406,6 +406,8 @@ def test_failures_another_attempt_can_fix_are_retried_and_the_worker_knows_its_l
     assert ("75", "RETRY") in rules and ("13*", "RETRY") in rules  # S3 would not serve; killed or crashed (137: OOM)
     environment = {item["Name"]: item["Value"] for item in definition["ContainerProperties"]["Environment"]}
     assert int(environment["JOB_ATTEMPTS"]) == int(strategy["Attempts"])
+    # The child stops short of the attempt's timeout and exits 75 for a retry, which Batch does not give a timed-out job.
+    assert int(environment["JOB_TIMEOUT_SECONDS"]) == int(definition["Timeout"]["AttemptDurationSeconds"]) == 5400
 
 
 def test_jobs_that_cannot_start_are_cancelled_and_alarmed_on() -> None:

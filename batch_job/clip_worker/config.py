@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from clip_shared import defaults
+from clip_worker.sandbox import Limits
 
 
 class ConfigError(ValueError):
@@ -56,12 +57,25 @@ class WorkerConfig:
     gpu_decode: bool | None = None
     #: None picks a size that suits the device (see model.default_batch_size).
     batch_size: int | None = None
-    #: Threads that download and decode ahead of the model.
+    #: Threads that download ahead of the model, each handing its object to a decoding process.
     io_threads: int = 16
     max_object_bytes: int = defaults.MAX_OBJECT_BYTES
     max_image_pixels: int = 100_000_000
-    #: Pixels decoding at once across the prepare threads (see decoder.PixelBudget); bounds their memory.
-    decode_pixel_budget: int = 300_000_000
+    #: Processes that decode, each one object at a time under the budget below (sandbox.py); None:
+    #: one per CPU the worker may use, as many as can decode at once.
+    decode_workers: int | None = None
+    #: One object's budget (README, "Worker configuration", says why these figures): CPU seconds,
+    #: megabytes of memory beyond what the decoding process holds, and seconds of wall time.
+    decode_cpu_s: int = 20
+    decode_memory_mb: int = 3072
+    decode_wall_s: int = 60
+    #: Bytes of JPEGs held for the device decoder at once (uploads waiting for their batch); past
+    #: it, a JPEG is decoded on the CPU instead of waiting.
+    device_jpeg_mb: int = 4096
+    #: The job definition's JobTimeoutSeconds: the child stops starting work this long before it
+    #: ends, writes its outputs and leaves the rest to the next attempt (or records it as timed-out
+    #: on the last). None: no timeout.
+    job_timeout_s: int | None = None
     progress_interval_s: int = 15
     #: How often the child's shard and events batch are rewritten while it runs (and at its end):
     #: what a crash can cost is this much work, redone by the next attempt.
@@ -83,6 +97,14 @@ class WorkerConfig:
     max_attempts: int = 1
     #: How long to wait before trying the objects that failed transiently once more, in the same run.
     transient_retry_s: int = 20
+
+    @property
+    def decode_limits(self) -> Limits:
+        return Limits(self.decode_cpu_s, self.decode_memory_mb, self.decode_wall_s)
+
+    @property
+    def decode_processes(self) -> int:
+        return self.decode_workers or len(os.sched_getaffinity(0))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -110,7 +132,12 @@ class WorkerConfig:
             io_threads=_int(env, "IO_THREADS", cls.io_threads),
             max_object_bytes=_int(env, "MAX_OBJECT_BYTES", cls.max_object_bytes),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
-            decode_pixel_budget=_int(env, "DECODE_PIXEL_BUDGET", cls.decode_pixel_budget),
+            decode_workers=_optional_int(env, "DECODE_WORKERS"),
+            decode_cpu_s=_int(env, "DECODE_CPU_SECONDS", cls.decode_cpu_s),
+            decode_memory_mb=_int(env, "DECODE_MEMORY_MB", cls.decode_memory_mb),
+            decode_wall_s=_int(env, "DECODE_WALL_SECONDS", cls.decode_wall_s),
+            device_jpeg_mb=_int(env, "DEVICE_JPEG_MB", cls.device_jpeg_mb),
+            job_timeout_s=_optional_int(env, "JOB_TIMEOUT_SECONDS"),
             progress_interval_s=_int(env, "PROGRESS_INTERVAL_SECONDS", cls.progress_interval_s),
             checkpoint_s=_int(env, "CHECKPOINT_SECONDS", cls.checkpoint_s),
             per_object_outputs=_bool(env, "PER_OBJECT_OUTPUTS"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import io
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,8 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clip_worker import decoder
-from clip_worker.model import ClipModel
+from clip_worker.model import ClipModel, model_input
+from clip_worker.transform import Preprocess
 
 #: Decoded full-size pixels held on the device at once. A batch of 256 phone photos decoded in one
 #: go would be 256 x 12 MP x 3 bytes = 9 GB, more than a T4 can spare beside the model; decoding in
@@ -59,9 +61,21 @@ _UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     8: lambda image: image.rot90(1, (-2, -1)),
 }
 
+#: Frames nvJPEG decodes: Huffman-coded baseline, extended and progressive. Arithmetic-coded and
+#: lossless JPEGs go to Pillow.
+_DEVICE_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+
 # nvjpeg.h: nvjpegBackend_t and nvjpegStatus_t.
 _NVJPEG_BACKEND_HARDWARE = 3
 _NVJPEG_STATUS_SUCCESS = 0
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a JPEG's header tells the device path: its pixels, and which way up it is shown."""
+
+    pixels: int
+    orientation: int
 
 
 @dataclass(frozen=True)
@@ -74,36 +88,89 @@ class Jpeg:
     pixels: int
     orientation: int
 
+    @classmethod
+    def of(cls, data: bytes, header: Header) -> Jpeg:
+        return cls(torch.frombuffer(bytearray(data), dtype=torch.uint8), header.pixels, header.orientation)
 
-def probe(data: bytes, max_pixels: int) -> Jpeg | None:
-    """`data` ready for the device decoder, or None when the CPU path must take it.
+    @property
+    def size(self) -> int:
+        return self.data.numel()
 
-    Reads the header only (Pillow stops before the compressed data), so it costs microseconds.
+
+def header(data: bytes, max_pixels: int) -> Header | None:
+    """What the device path needs of `data`, or None when the CPU path must take it.
+
+    The bytes say it is a JPEG of a frame type nvJPEG decodes before Pillow looks at them: Pillow's
+    getexif decodes a whole PNG to find its EXIF chunk. Then Pillow reads the header only.
     """
+    if data[:3] != b"\xff\xd8\xff" or not data.endswith(b"\xff\xd9"):
+        # A file cut short decodes with grey blocks on nvJPEG but fails in Pillow; keep Pillow's verdict.
+        return None
+    layout = decoder.jpeg_layout(data)
+    if (
+        layout.frame not in _DEVICE_FRAMES
+        # A decoding bomb of many scans or segments gets the CPU path's refusal.
+        or layout.scans > decoder.MAX_JPEG_SCANS
+        or layout.segments > decoder.MAX_JPEG_SEGMENTS
+    ):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+        if image.format not in ("JPEG", "MPO"):  # MPO: a camera JPEG whose first image is the photo
+            return None
         orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - whatever it is, the CPU path decides what to report
         return None
     width, height = image.size
     if (
-        image.format not in ("JPEG", "MPO")  # MPO: a camera JPEG whose first image is the photo
         # nvJPEG's RGB output is only sure to match Pillow for YCbCr JPEGs; CMYK and gray go to Pillow.
-        or image.mode != "RGB"
+        image.mode != "RGB"
         # The pixel limit's error message is the CPU path's to give.
         or width * height > max_pixels
         or max(width, height) > MAX_ASPECT * min(width, height)
-        # A file cut short decodes with grey blocks on nvJPEG but fails in Pillow; keep Pillow's verdict.
-        or not data.endswith(b"\xff\xd9")
-        # So does a decoding bomb of many scans (see decoder.MAX_JPEG_SCANS).
-        or decoder.jpeg_scans(data) > decoder.MAX_JPEG_SCANS
     ):
         return None
-    return Jpeg(
-        torch.frombuffer(bytearray(data), dtype=torch.uint8), width * height, orientation if orientation in _UPRIGHT else 1
-    )
+    return Header(width * height, orientation if orientation in _UPRIGHT else 1)
+
+
+def device_or_cpu_input(data: bytes, url: str, preprocess: Preprocess, min_side: int, max_pixels: int) -> Header | torch.Tensor:
+    """Run in a sandbox helper (sandbox.py): the header of a JPEG the device path takes, or else the
+    CPU path's model input, in one trip to the helper."""
+    return header(data, max_pixels) or model_input(data, url, preprocess, min_side, max_pixels)
+
+
+def probe(data: bytes, max_pixels: int) -> Jpeg | None:
+    """`data` ready for the device decoder, or None when the CPU path must take it (see `header`)."""
+    found = header(data, max_pixels)
+    return None if found is None else Jpeg.of(data, found)
+
+
+class HeldBytes:
+    """Bytes of JPEGs waiting for the device decoder, across the prepare threads.
+
+    A JPEG's bytes are held until its batch is decoded on the device: the window of work in flight
+    is about 1,040 files on CUDA, which would be 50 GB of 50 MB uploads. Past the limit a JPEG is
+    not left for the device but decoded on the CPU path at once: a prepare thread must never wait
+    for room, which only the main thread, itself waiting for prepared images, would make.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
 
 
 @functools.cache

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -11,6 +14,7 @@ from clip_worker.labels import PROMPT, LabelSet
 from clip_worker.log import logger
 from clip_worker.model import ClipModel
 from clip_worker.prepare import Failed, Prepared, unexpected
+from clip_worker.sandbox import Sandbox
 
 
 class Embedder:
@@ -21,10 +25,19 @@ class Embedder:
     stream of its own (device_decode.DecodeStream says why it must be another stream).
     """
 
-    def __init__(self, model: ClipModel, max_pixels: int, transform: device_decode.TensorTransform | None) -> None:
+    def __init__(
+        self,
+        model: ClipModel,
+        max_pixels: int,
+        transform: device_decode.TensorTransform | None,
+        sandbox: Sandbox,
+        held: device_decode.HeldBytes,
+    ) -> None:
         self._model = model
         self._max_pixels = max_pixels
         self._transform = transform
+        self._sandbox = sandbox
+        self._held = held
         self._stream = device_decode.DecodeStream(model.device)
         self._queued: tuple[list[Prepared], torch.Tensor] | None = None
 
@@ -32,6 +45,15 @@ class Embedder:
         """Queue `batch`; returns its images that failed, and the vectors of the batch queued before it."""
         jpegs = [item.image for item in batch if isinstance(item.image, device_decode.Jpeg)]
         on_device = iter(device_decode.preprocess(jpegs, self._transform, self._stream) if jpegs and self._transform else ())
+        try:
+            return self._submit(batch, on_device)
+        finally:
+            # Decoded on the device, or by the CPU path when the device gave up: their bytes can go.
+            self._held.give(sum(jpeg.size for jpeg in jpegs))
+
+    def _submit(
+        self, batch: list[Prepared], on_device: Iterator[device_decode.Outcome]
+    ) -> tuple[list[Failed], list[tuple[Prepared, np.ndarray]]]:
         kept: list[Prepared] = []
         inputs: list[torch.Tensor] = []
         failed: list[Failed] = []
@@ -43,14 +65,17 @@ class Embedder:
                     "decoding on the CPU instead", extra={"url": item.entry.url, "reason": f"{type(outcome).__name__}: {outcome}"}
                 )
                 try:
-                    outcome = self._model.prepare(item.image.data.numpy().tobytes(), item.entry.url, self._max_pixels)
+                    outcome = self._model.prepare(
+                        item.image.data.numpy().tobytes(), item.entry.url, self._max_pixels, self._sandbox
+                    )
                 except DocumentError as error:
                     failed.append(Failed(item.entry, error))
                     continue
                 except Exception as exc:  # noqa: BLE001 - as in prepare: one image never fails the batch
                     failed.append(unexpected(item.entry, exc))
                     continue
-            kept.append(item)
+            # Kept until the next batch is queued: without the JPEG's bytes, which HeldBytes counts no more.
+            kept.append(replace(item, image=outcome))
             inputs.append(outcome.to(self._model.device, self._model.dtype, non_blocking=True))
         done = self.finish()
         if kept:

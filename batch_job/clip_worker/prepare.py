@@ -15,11 +15,10 @@ from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry
 from clip_worker import device_decode, reader
 from clip_worker.config import WorkerConfig
-from clip_worker.decoder import PixelBudget
-from clip_worker.isolation import Isolated
 from clip_worker.log import logger
 from clip_worker.model import ClipModel
 from clip_worker.progress import Progress
+from clip_worker.sandbox import Sandbox
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,14 +70,24 @@ def ahead(
             yield future.result()
 
 
-def model_input(
-    data: bytes, url: str, model: ClipModel, config: WorkerConfig, on_device: bool, budget: PixelBudget, isolated: Isolated | None
-) -> torch.Tensor | device_decode.Jpeg:
-    """What the prepare threads make of an object's bytes: a JPEG for the device when it can take it."""
-    if isolated is not None:
-        return isolated.prepare(data, url)
-    jpeg = device_decode.probe(data, config.max_image_pixels) if on_device else None
-    return jpeg or model.prepare(data, url, config.max_image_pixels, budget)
+def model_input(data: bytes, url: str, stage: Stage) -> torch.Tensor | device_decode.Jpeg:
+    """What the prepare threads make of an object's bytes, in the sandbox: a JPEG for the device
+    when it can take it and there is room to hold its bytes (device_decode.HeldBytes), else the
+    model's input from the CPU path."""
+    model, max_pixels = stage.model, stage.config.max_image_pixels
+    if not (stage.on_device and stage.held.take(len(data))):
+        return model.prepare(data, url, max_pixels, stage.sandbox)
+    try:
+        found = stage.sandbox.run(
+            url, device_decode.device_or_cpu_input, data, url, model.bounded_preprocess, model.image_size, max_pixels
+        )
+    except BaseException:
+        stage.held.give(len(data))
+        raise
+    if isinstance(found, device_decode.Header):
+        return device_decode.Jpeg.of(data, found)
+    stage.held.give(len(data))
+    return found
 
 
 def unexpected(entry: ManifestEntry, exc: Exception) -> Failed:
@@ -95,9 +104,10 @@ class Stage:
     config: WorkerConfig
     on_device: bool
     progress: Progress
-    budget: PixelBudget
-    #: Set after a crash: every image is prepared in a helper process (see isolation.py).
-    isolated: Isolated | None = None
+    #: Where every object is decoded, under its budget.
+    sandbox: Sandbox
+    #: Bytes of the JPEGs left for the device (on_device), until their batch is decoded.
+    held: device_decode.HeldBytes
 
 
 def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
@@ -105,10 +115,7 @@ def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
         with stage.progress.timed("download"):
             data, version = reader.fetch(entry, stage.s3, stage.config.max_object_bytes)
         with stage.progress.timed("decode"):
-            on_device = stage.on_device and stage.isolated is None
-            return Prepared(
-                entry, version, model_input(data, entry.url, stage.model, stage.config, on_device, stage.budget, stage.isolated)
-            )
+            return Prepared(entry, version, model_input(data, entry.url, stage))
     except DocumentError as error:
         return Failed(entry, error)
     except reader.TransientError as exc:

@@ -1,20 +1,23 @@
 """The job child: read its manifest, resume what earlier attempts finished, run the pipeline, write.
 
 Stages: prepare.py (download, decode), embed.py (batches through the model), writer.py (outputs),
-composed by pipeline.py; progress.py counts and times them; journal.py and isolation.py let the
-attempt after a crash find the object that caused it. On a GPU with a hardware JPEG decoder the
-prepare threads only download and check JPEGs, and the main thread decodes them a batch at a time
-on the GPU (see device_decode.py).
+composed by pipeline.py; progress.py counts and times them; sandbox.py decodes every object in
+helper processes under a budget of its own; journal.py lets the attempt after a crash find the
+object that caused it. On a GPU with a hardware JPEG decoder the prepare threads only download and
+check JPEGs, and the main thread decodes them a batch at a time on the GPU (see device_decode.py).
 
 Nothing is lost to a bad moment of AWS's: an object S3 would not serve (throttling, 5xx, the
 network) after the client's own retries is tried once more after a pause, then left, with no
 record, to the job's next attempt (exit code EXIT_RETRY, which the job definition retries); only
-the last attempt records it as `download-failed`.
+the last attempt records it as `download-failed`. Nor to the job's timeout: a child that nears it
+(JOB_TIMEOUT_SECONDS) starts nothing new, writes what it finished and leaves the rest to the next
+attempt, or, on the last, records the rest as `timed-out`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +27,9 @@ from botocore.config import Config
 
 from clip_shared import keys
 from clip_shared.events import DocumentError, ErrorCode
-from clip_worker import reader
+from clip_worker import device_decode, reader
 from clip_worker.config import WorkerConfig
-from clip_worker.decoder import PixelBudget
 from clip_worker.embed import Embedder, device_transform
-from clip_worker.isolation import Isolated
 from clip_worker.journal import Journal
 from clip_worker.labels import LabelSet, read_labels
 from clip_worker.log import logger
@@ -36,6 +37,7 @@ from clip_worker.model import default_batch_size, load
 from clip_worker.pipeline import Pipeline
 from clip_worker.prepare import Deferred, Failed, Stage
 from clip_worker.progress import Progress
+from clip_worker.sandbox import Sandbox
 from clip_worker.writer import OutputWriter, Resumed
 
 EXIT_OK = 0
@@ -45,6 +47,9 @@ EXIT_FAILED = 1
 EXIT_RETRY = 75
 #: 128 + SIGTERM, what a process stopped by SIGTERM conventionally reports.
 EXIT_INTERRUPTED = 143
+#: What a child keeps of its job's time to finish the work in flight and write its outputs: what
+#: an object may take to decode (DECODE_WALL_SECONDS) plus two minutes, at most a quarter of it.
+TIMEOUT_RESERVE_S = 120
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,41 @@ def s3_client(config: WorkerConfig) -> Any:
     )
 
 
+def time_left(config: WorkerConfig, started: float, stop: threading.Event, timed_out: threading.Event) -> threading.Timer | None:
+    """A timer that sets `timed_out` and `stop` when the child should stop to beat the job's timeout."""
+    if config.job_timeout_s is None:
+        return None
+    reserve = min(config.decode_wall_s + TIMEOUT_RESERVE_S, config.job_timeout_s / 4)
+
+    def expire() -> None:
+        logger.warning(
+            "the job's timeout is near: finishing the work in flight, then writing the outputs",
+            extra={"job_timeout_s": config.job_timeout_s, "reserve_s": round(reserve)},
+        )
+        timed_out.set()
+        stop.set()
+
+    timer = threading.Timer(max(0.0, started + config.job_timeout_s - reserve - time.monotonic()), expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = None) -> Summary:
+    started = time.monotonic()
     stop = stop or threading.Event()
-    s3 = s3 or s3_client(config)
+    timed_out = threading.Event()
+    timer = time_left(config, started, stop, timed_out)
+    # Its processes start importing now, while this one reads the manifest and loads the model.
+    with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+        try:
+            return _run(config, stop, s3 or s3_client(config), sandbox, timed_out)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _run(config: WorkerConfig, stop: threading.Event, s3: Any, sandbox: Sandbox, timed_out: threading.Event) -> Summary:
     shard_index = config.array_index or 0
     manifest = reader.load_manifest(config.manifest_uri, shard_index, s3)
     entries = manifest.entries
@@ -80,11 +117,11 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     journal_key = keys.journal_key(config.output_prefix, manifest.manifest_id, shard_index)
     journal = Journal(s3, config.output_bucket, journal_key, config.attempt, 2 * batch_size + config.io_threads)
     recovery = journal.recover()
-    # After a crash every image is prepared in a helper process, on the CPU (see isolation.py).
+    # After a crash every image is prepared on the CPU: what killed the worker may be the device's decoder.
     transform = None if recovery.crashed else device_transform(model, config.gpu_decode)
     progress = Progress(total=len(entries), interval_s=config.progress_interval_s)
-    isolated = Isolated(model.bounded_preprocess, model.image_size, config.max_image_pixels) if recovery.crashed else None
-    stage = Stage(s3, model, config, transform is not None, progress, PixelBudget(config.decode_pixel_budget), isolated)
+    held = device_decode.HeldBytes(config.device_jpeg_mb * 1024 * 1024)
+    stage = Stage(s3, model, config, transform is not None, progress, sandbox, held)
 
     with (
         ThreadPoolExecutor(config.io_threads, "prepare") as prepare_pool,
@@ -102,9 +139,8 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
         )
         # A first attempt has nothing to resume (and saves the GET of a batch that does not exist).
         resumed = writer.resume(entries) if config.attempt > 1 else Resumed()
-        pipeline = Pipeline(
-            entries, stage, Embedder(model, config.max_image_pixels, transform), writer, journal, label_set, batch_size, stop
-        )
+        embedder = Embedder(model, config.max_image_pixels, transform, sandbox, held)
+        pipeline = Pipeline(entries, stage, embedder, writer, journal, label_set, batch_size, stop)
         logger.info(
             "job started",
             extra={
@@ -124,36 +160,38 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
                 "suspects": len(recovery.suspects),
             },
         )
-        try:
-            finished = {index for index, entry in enumerate(entries) if entry in resumed}
-            progress.skipped = len(finished)
-            culprit = recovery.culprit if recovery.culprit is not None and recovery.culprit < len(entries) else None
-            if culprit is not None and culprit not in finished:
-                pipeline.fail(
-                    Failed(
-                        entries[culprit],
-                        DocumentError(
-                            ErrorCode.CRASHES_WORKER,
-                            f"{entries[culprit].url} was the only object in flight when attempt {recovery.attempt} of this job died "
-                            "(a crash or an out-of-memory kill); it is not tried again",
-                        ),
-                    )
+        finished = {index for index, entry in enumerate(entries) if entry in resumed}
+        progress.skipped = len(finished)
+        culprit = recovery.culprit if recovery.culprit is not None and recovery.culprit < len(entries) else None
+        if culprit is not None and culprit not in finished:
+            pipeline.fail(
+                Failed(
+                    entries[culprit],
+                    DocumentError(
+                        ErrorCode.CRASHES_WORKER,
+                        f"{entries[culprit].url} was the only object in flight when attempt {recovery.attempt} of this job died "
+                        "(a crash or an out-of-memory kill); it is not tried again",
+                    ),
                 )
-                finished.add(culprit)
-            suspects = sorted(index for index in recovery.suspects if index < len(entries) and index not in finished)
-            journal.start(suspects)
-            deferred = pipeline.careful(suspects) if suspects else []
-            skip = finished | set(suspects)
-            deferred += pipeline.process([index for index in range(len(entries)) if index not in skip], prepare_pool)
-            deferred = retry_transient(pipeline, deferred, prepare_pool, config, stop)
-            settle(pipeline, deferred, config)
-            shard_url = final_checkpoint(pipeline)
-        finally:
-            if isolated is not None:
-                isolated.close()
+            )
+            finished.add(culprit)
+        suspects = sorted(index for index in recovery.suspects if index < len(entries) and index not in finished)
+        journal.start(suspects)
+        deferred = pipeline.careful(suspects) if suspects else []
+        skip = finished | set(suspects)
+        deferred += pipeline.process([index for index in range(len(entries)) if index not in skip], prepare_pool)
+        deferred = retry_transient(pipeline, deferred, prepare_pool, config, stop)
+        settle(pipeline, deferred, config)
+        out_of_time = timed_out.is_set() and progress.done < progress.total
+        if out_of_time:
+            record_timed_out(pipeline, deferred, config)
+        shard_url = final_checkpoint(pipeline)
 
     interrupted = stop.is_set() and progress.done < progress.total
-    if interrupted:
+    if out_of_time:
+        # Every object has its outcome on the last attempt; before it, the next attempt does the rest.
+        exit_code = EXIT_FAILED if config.attempt >= config.max_attempts else EXIT_RETRY
+    elif interrupted:
         exit_code = EXIT_INTERRUPTED
     elif progress.write_errors or progress.deferred:
         exit_code = EXIT_RETRY
@@ -204,6 +242,26 @@ def settle(pipeline: Pipeline, deferred: list[Deferred], config: WorkerConfig) -
     for item in deferred:
         logger.warning("object left to the next attempt", extra={"url": item.entry.url, "reason": item.reason})
     pipeline.progress.deferred = len(deferred)
+
+
+def record_timed_out(pipeline: Pipeline, deferred: list[Deferred], config: WorkerConfig) -> None:
+    """On the last attempt, what the job's timeout left undone is recorded as timed-out."""
+    if config.attempt < config.max_attempts:
+        return
+    left = {item.entry for item in deferred}
+    for entry in pipeline.entries:
+        if entry not in left and not pipeline.writer.recorded(entry):
+            pipeline.fail(
+                Failed(
+                    entry,
+                    DocumentError(
+                        ErrorCode.TIMED_OUT,
+                        f"{entry.url} was not reached before the job's timeout (JobTimeoutSeconds, {config.job_timeout_s} s) "
+                        f"on its last attempt ({config.attempt} of {config.max_attempts}); "
+                        "`clip-pipeline retry --code timed-out` submits it again",
+                    ),
+                )
+            )
 
 
 def final_checkpoint(pipeline: Pipeline) -> str | None:

@@ -187,6 +187,10 @@ class OutputWriter:
         self._events[identity(entry)] = event
         self._failed[identity(entry)] = entry.url
 
+    def recorded(self, entry: ManifestEntry) -> bool:
+        """Whether `entry` has its outcome here (embedded or failed, now or by an earlier attempt)."""
+        return identity(entry) in self._events
+
     def flush(self) -> list[tuple[ManifestEntry, BaseException]]:
         """Waits for the per-object writes; returns those that failed."""
         failed = [(entry, exc) for entry, future in self._writes if (exc := future.exception()) is not None]

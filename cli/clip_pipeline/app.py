@@ -378,7 +378,12 @@ def _print_counts(title: str, counts: dict[str, Any], json_output: bool) -> None
 @app.command("retry")
 def retry_command(
     code: Annotated[
-        list[str] | None, typer.Option("--code", help="Only failures with this error code (repeatable), e.g. download-failed.")
+        list[str] | None,
+        typer.Option(
+            "--code",
+            help="Only failures with this error code (repeatable), e.g. download-failed. Without it, every failure "
+            "but too-costly (the same bytes would cost the same again).",
+        ),
     ] = None,
     failed_jobs: Annotated[
         bool,

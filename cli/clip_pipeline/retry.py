@@ -2,6 +2,9 @@
 any outcome (a job cancelled after waiting for a GPU, a child out of attempts), go through the
 dispatcher's checks again (type, size, current version) and into new jobs.
 
+Without --code, every failure but those a retry would only repeat (`too-costly`: the same bytes cost
+the same to decode) is resubmitted; naming a code with --code resubmits those too.
+
 Each failure is resubmitted once: a marker named after the failure itself (the event that recorded
 it, or the failed job) is written with a conditional PUT before the object is submitted, so running
 retry again submits nothing new, while a later failure of the same object (a new event) can be
@@ -23,10 +26,13 @@ from clip_pipeline import jobs
 from clip_pipeline.report import Outcomes
 from clip_pipeline.submitter import JobSubmitter, Target
 from clip_shared import aws, keys
+from clip_shared.events import ErrorCode
 from clip_shared.manifest import ManifestEntry
 
 #: The code given to objects whose job failed before they were recorded.
 JOB_FAILED = "job-failed"
+#: Failures retried only when asked for by code: decoding the same bytes again costs the same.
+ONLY_WHEN_NAMED = frozenset({ErrorCode.TOO_COSTLY})
 #: A candidate whose failure has a marker already: this retry leaves it alone.
 ALREADY_RETRIED = "already_retried"
 COUNTS = ("candidates", ALREADY_RETRIED, Verdict.REJECTED, Verdict.SUPERSEDED, "submitted", "jobs")
@@ -52,7 +58,7 @@ def failed_objects(outcomes: Outcomes, codes: Iterable[str]) -> list[Candidate]:
     return [
         Candidate(url, failure.event_id, failure.code)
         for url, failure in sorted(outcomes.failed.items())
-        if not wanted or failure.code in wanted
+        if (failure.code in wanted if wanted else failure.code not in ONLY_WHEN_NAMED)
     ]
 
 

@@ -27,3 +27,6 @@ def test_quick_run_reports_both_ratios_and_embeddings_that_match_open_clip(tiny_
     assert end_to_end["worker_images_per_s"] > 0 and end_to_end["naive_images_per_s"] > 0
     assert end_to_end["speedup"] > 0
     assert end_to_end["min_cosine"] >= 0.999
+    assert end_to_end["unsandboxed_images_per_s"] > 0 and end_to_end["sandbox_cost"] > 0
+    (sandbox,) = results["sandbox"]
+    assert sandbox["in_process_images_per_s"] > 0 and sandbox["sandboxed_images_per_s"] > 0 and sandbox["cost"] > 0

@@ -62,6 +62,8 @@ def test_retry_resubmits_each_failure_once_by_code_and_dry_run_changes_nothing(d
     entries = upload(deployed, "retry", 3)
     record_failure(deployed, entries[0], ErrorCode.DOWNLOAD_FAILED)
     record_failure(deployed, entries[1], ErrorCode.CORRUPT_IMAGE)
+    # Decoding the same bytes would cost the same: retried only when asked for by its code.
+    record_failure(deployed, entries[2], ErrorCode.TOO_COSTLY)
     jobs_before = len(submitted_keys(deployed))
 
     dry = invoke(deployed, "retry", "--code", "download-failed", "--dry-run")
@@ -78,6 +80,10 @@ def test_retry_resubmits_each_failure_once_by_code_and_dry_run_changes_nothing(d
 
     again = invoke(deployed, "retry")
     assert (again["already_retried"], again["submitted"], again["jobs"]) == (2, 0, 0)
+
+    costly = invoke(deployed, "retry", "--code", "too-costly")
+    assert (costly["candidates"], costly["submitted"]) == (1, 1)
+    assert submitted_keys(deployed)[-1] == ["retry/img-2.png"]
 
     # The retried job failed the object again: that new failure may be retried in its turn.
     record_failure(deployed, entries[0], ErrorCode.DOWNLOAD_FAILED)

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from clip_store import StorageSettings, VectorStore, ingest_shards, store_uri
 from clip_worker.config import WorkerConfig
 from clip_worker.model import ClipModel, load
 from clip_worker.runner import EXIT_OK, run
+from clip_worker.sandbox import Sandbox
 from tests.support import (
     INPUT_BUCKET,
     OUTPUT_BUCKET,
@@ -63,6 +64,8 @@ class Stored:
     endpoint: str
     s3: Any
     worker: WorkerConfig
+    #: The decoding processes of the services made here, closed with the module's stored outputs.
+    sandboxes: list[Sandbox] = field(default_factory=list)
 
     @property
     def storage(self) -> StorageSettings:
@@ -70,7 +73,8 @@ class Stored:
         return StorageSettings(endpoint=self.endpoint, region="us-east-1")
 
     def service(self, config: QueryConfig, model: ClipModel) -> QueryService:
-        return QueryService(config, self.s3, model, self.storage)
+        self.sandboxes.append(Sandbox(config.decode_limits, config.decode_workers, ("clip_worker.model",)))
+        return QueryService(config, self.s3, model, self.storage, self.sandboxes[-1])
 
 
 def embed_with_worker(stored: Stored, files: dict[str, bytes], manifest_id: str) -> None:
@@ -106,6 +110,8 @@ def stored(tiny_config: Path, tiny_checkpoint: Path) -> Iterator[Stored]:
         result = Stored(endpoint, s3, worker)
         embed_with_worker(result, STORED, "m-stored")
         yield result
+    for sandbox in result.sandboxes:
+        sandbox.close()
     server.stop()
 
 

@@ -12,6 +12,9 @@ import asyncio
 import base64
 import json
 import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +25,8 @@ from PIL import Image
 from clip_query.api import create_app
 from clip_query.config import QueryConfig
 from clip_worker.model import ClipModel
-from tests.query.conftest import STORED, Stored, served
+from tests import hostile
+from tests.query.conftest import STORED, Stored, query_env, served
 from tests.support import encode
 
 CAT = STORED["photos/cat.jpg"]
@@ -221,6 +225,42 @@ def test_an_image_over_pillows_own_bomb_limit_is_too_many_pixels_not_corrupt(api
     for request_args in ({"json": {"image": b64(image)}}, {"files": {"scan": ("scan.png", image)}}):
         error = refusal(requests.post(f"{api}/embed", timeout=30, **request_args), 400, "too-many-pixels")
         assert error["limit"] == 4_000_000 and error["field"] in ("image", "scan")
+
+
+@pytest.fixture(scope="module")
+def budget_api(stored: Stored, tiny_config: Path, tiny_checkpoint: Path, model: ClipModel) -> Iterator[str]:
+    """The API with pixel limits over the costly images below and a small decoding budget."""
+    limits = {
+        "MAX_IMAGE_PIXELS": "40000000",
+        "MAX_REQUEST_PIXELS": "40000000",
+        "DECODE_CPU_SECONDS": "1",
+        "DECODE_MEMORY_MB": "160",
+    }
+    config = QueryConfig.from_env({**query_env(tiny_config, tiny_checkpoint), **limits})
+    with served(create_app(config, stored.service(config, model))) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("image", "limit"),
+    [
+        (hostile.huge_tiles(), "64x64 TIFF of 46000x46000 tiles"),
+        (hostile.scan_bomb(stray=b"\xff\x00\x7f\xff"), "a JPEG of 209 scans"),
+        (hostile.app_flood(), "marker segments"),
+        (hostile.rle_end_of_lines(), "over 1 s of CPU time (DECODE_CPU_SECONDS)"),
+        (hostile.flat_rgba_png(), "over 160 MB of memory (DECODE_MEMORY_MB)"),
+    ],
+    ids=["146-byte-tiff-of-2-gb-tiles", "scan-bomb-behind-stuffed-bytes", "app1-flood", "rle8-end-of-lines", "transparent-png"],
+)
+def test_an_image_too_costly_to_decode_is_refused_within_the_requests_budget(budget_api: str, image: bytes, limit: str) -> None:
+    """Each is cheap in bytes; the API's budget (here 1 s of CPU, 160 MB) is enforced by the operating
+    system on the process that decodes, and the next request is answered as usual."""
+    started = time.monotonic()
+    error = refusal(requests.post(f"{budget_api}/embed", files={"upload": ("upload", image)}, timeout=60), 400, "too-costly")
+    assert limit in error["message"]
+    assert time.monotonic() - started < 15
+    response = requests.post(f"{budget_api}/embed", json={"image": b64(CAT)}, timeout=60)
+    assert response.status_code == 200, response.text[:300]
 
 
 def test_top_k_beyond_the_labels_returns_them_all(api: str) -> None:

@@ -14,17 +14,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from clip_shared.manifest import ManifestEntry
 from clip_worker import device_decode
 from clip_worker.config import WorkerConfig
-from clip_worker.decoder import PixelBudget
 from clip_worker.embed import Embedder, decode_on_device, device_transform
 from clip_worker.model import ClipModel, load
-from clip_worker.prepare import Prepared, model_input
+from clip_worker.prepare import Prepared, Stage, model_input
+from clip_worker.progress import Progress
 from clip_worker.reader import ObjectVersion
 from clip_worker.runner import EXIT_OK, run
+from clip_worker.sandbox import Sandbox
+from tests import hostile
 from tests.support import (
     INPUT_BUCKET,
     OUTPUT_BUCKET,
@@ -70,12 +72,14 @@ def device_pixels(model: ClipModel, files: list[bytes]) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def embed_on_device(model: ClipModel, files: dict[str, bytes]) -> tuple[dict[str, np.ndarray], list[str]]:
+def embed_on_device(model: ClipModel, files: dict[str, bytes], sandbox: Sandbox) -> tuple[dict[str, np.ndarray], list[str]]:
     """The worker's own path on the device (prepare.model_input in GPU mode, then the Embedder): vectors by file, and failures."""
     config = WorkerConfig(manifest_uri="", output_bucket="", max_image_pixels=LIMIT)
-    embedder = Embedder(model, LIMIT, device_transform(model, True))
+    held = device_decode.HeldBytes(1 << 30)
+    embedder = Embedder(model, LIMIT, device_transform(model, True), sandbox, held)
+    stage = Stage(None, model, config, True, Progress(len(files), 60), sandbox, held)
     batch = [
-        Prepared(entry, ObjectVersion("etag"), model_input(data, entry.url, model, config, True, PixelBudget(LIMIT), None))
+        Prepared(entry, ObjectVersion("etag"), model_input(data, entry.url, stage))
         for entry, data in (
             (ManifestEntry(bucket=INPUT_BUCKET, key=name, size=len(data), etag="etag", mime_type="image/jpeg"), data)
             for name, data in files.items()
@@ -156,7 +160,56 @@ def test_probe_leaves_to_the_cpu_path_what_the_device_path_cannot_decode_like_pi
     assert device_decode.probe(good, width * height - 1) is None  # the pixel limit's message is the CPU path's
 
 
-def test_a_jpeg_of_extreme_shape_is_embedded_at_a_cost_set_by_the_model_input(tiny_checkpoint: Path) -> None:
+def test_probe_never_decodes_what_it_leaves_to_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's getexif decodes a whole PNG to look for its EXIF chunk (a 400 MP PNG of 1 MB: +1.5 GB),
+    so the format is read from the bytes first; a JPEG the device does not decode (arithmetic-coded,
+    a scan bomb with a stray byte, a metadata flood) is not even opened."""
+    loads: list[str | None] = []
+    load = ImageFile.ImageFile.load
+
+    def counted(image: ImageFile.ImageFile) -> Any:
+        loads.append(image.format)
+        return load(image)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cpu_path = {
+        "png": encode(Image.new("L", (3000, 3000)), "PNG", exif=exif),
+        "arithmetic": hostile.sequential_scan_bomb(0xC9, repeats=1),
+        "scan bomb": hostile.scan_bomb(),
+        "flood": hostile.app_flood(),
+    }
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    for kind, data in cpu_path.items():
+        assert device_decode.probe(data, LIMIT) is None, kind
+    assert loads == []
+
+
+def test_jpeg_bytes_held_for_the_device_are_bounded_and_given_back_once_decoded(tiny_checkpoint: Path, sandbox: Sandbox) -> None:
+    """Past the bound a JPEG takes the CPU path at once: the same vector, no bytes held, no waiting."""
+    model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
+    files = {f"{index}.jpg": encode(photo().rotate(index * 90, expand=True), "JPEG", quality=90) for index in range(4)}
+    held = device_decode.HeldBytes(max(map(len, files.values())) * 2)
+    config = WorkerConfig(manifest_uri="", output_bucket="", max_image_pixels=LIMIT)
+    stage = Stage(None, model, config, True, Progress(len(files), 60), sandbox, held)
+
+    inputs = [model_input(data, name, stage) for name, data in files.items()]
+
+    assert [type(item) for item in inputs] == [device_decode.Jpeg] * 2 + [torch.Tensor] * 2
+    assert held.held == sum(len(data) for data in list(files.values())[:2]) <= held.limit
+    embedder = Embedder(model, LIMIT, device_transform(model, True), sandbox, held)
+    entries = [ManifestEntry(bucket=INPUT_BUCKET, key=name, size=1, etag="etag", mime_type="image/jpeg") for name in files]
+    failed, done = embedder.submit(
+        [Prepared(entry, ObjectVersion("etag"), item) for entry, item in zip(entries, inputs, strict=True)]
+    )
+    done += embedder.finish()
+    assert failed == [] and held.held == 0
+    for item, vector in done:
+        data = files[item.entry.key]
+        assert cosine(vector, model.embed(model.prepare(data, item.entry.key, LIMIT).unsqueeze(0))[0]) >= 0.9999
+
+
+def test_a_jpeg_of_extreme_shape_is_embedded_at_a_cost_set_by_the_model_input(tiny_checkpoint: Path, sandbox: Sandbox) -> None:
     """Resized on the device, a 65000x1 JPEG would first become 4,160,000x64 (3 GB in float32): the
     device path leaves it to the CPU path, which crops first. A 16:1 panorama stays on the device."""
     model = load(TINY_MODEL, str(tiny_checkpoint), "cpu")
@@ -166,7 +219,7 @@ def test_a_jpeg_of_extreme_shape_is_embedded_at_a_cost_set_by_the_model_input(ti
     assert device_decode.probe(panorama, LIMIT) is not None
 
     started = time.perf_counter()
-    vectors, failed = embed_on_device(model, extreme | {"panorama.jpg": panorama})
+    vectors, failed = embed_on_device(model, extreme | {"panorama.jpg": panorama}, sandbox)
 
     assert time.perf_counter() - started < 10  # the 4,160,000x64 resize alone takes longer
     assert failed == [] and set(vectors) == {"wide.jpg", "tall.jpg", "panorama.jpg"}
@@ -189,7 +242,7 @@ def test_a_jpeg_the_decoder_refuses_is_an_error_and_the_rest_of_the_batch_still_
 
 
 def test_a_failure_on_the_device_costs_that_image_a_trip_to_the_cpu_path_and_nothing_else(
-    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path, sandbox: Sandbox
 ) -> None:
     """Out of memory in the batched decode and in one image's decode, and the antialiased resize's
     CUDA limit on another: every image is still embedded, each as the CPU path embeds it."""
@@ -214,7 +267,7 @@ def test_a_failure_on_the_device_costs_that_image_a_trip_to_the_cpu_path_and_not
     monkeypatch.setattr(device_decode, "decode_jpeg", short_of_memory)
     monkeypatch.setattr(device_decode.TensorTransform, "crop", limited_crop)
 
-    vectors, failed = embed_on_device(model, files)
+    vectors, failed = embed_on_device(model, files, sandbox)
 
     assert failed == [] and set(vectors) == set(files)
     for name, data in files.items():

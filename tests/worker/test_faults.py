@@ -233,37 +233,40 @@ def worker_environment(endpoint: str, config: WorkerConfig, uri: str, sitecustom
     }
 
 
-def test_an_image_that_kills_the_worker_fails_alone_on_the_next_attempt(
+def test_an_image_that_kills_its_decoder_fails_alone_and_the_attempt_goes_on(
     moto_endpoint: str, config: WorkerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Decoding runs in helper processes (sandbox.py): a codec crash takes down a helper, never the
+    worker, and that image alone is failed, in the same attempt."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     s3 = boto3.client("s3")
     for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):
         s3.create_bucket(Bucket=bucket)
     files = photos(10)
     files["img-05.png"] = poisoned_png()
-    # Prepared in isolation too on the second attempt: its failure must come back as itself.
+    # Decoded by the helper that replaces the dead one, or by the other: its failure comes back as itself.
     files["img-06.png"] = encode(photo(), "JPEG")[:2000]
     uri = put_manifest(s3, upload(s3, files))
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = worker_environment(moto_endpoint, config, uri, tmp_path)
-    command = [sys.executable, "-m", "clip_worker"]
 
-    first = subprocess.run(command, env={**env, "AWS_BATCH_JOB_ATTEMPT": "1"}, capture_output=True, text=True, timeout=300)
-    assert first.returncode == -signal.SIGKILL, first.stdout[-2000:]
+    first = subprocess.run(
+        [sys.executable, "-m", "clip_worker"],
+        env={**env, "AWS_BATCH_JOB_ATTEMPT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert first.returncode == EXIT_OK, first.stdout[-4000:]
     mid = model_id(config)
-    assert outcomes(s3, mid, ["img-05.png"]) == {"img-05.png": None}
-
-    second = subprocess.run(command, env={**env, "AWS_BATCH_JOB_ATTEMPT": "2"}, capture_output=True, text=True, timeout=300)
-    assert second.returncode == EXIT_OK, second.stdout[-4000:]
     found = outcomes(s3, mid, list(files))
     failures = {"img-05.png": "crashes-worker", "img-06.png": "corrupt-image"}
     assert found == {name: failures.get(name, "created") for name in files}
     reason = stored_events(s3, mid)["img-05.png"]["data"]["error"]["message"]
-    assert f"s3://{INPUT_BUCKET}/img-05.png" in reason and "killed" in reason
+    assert f"s3://{INPUT_BUCKET}/img-05.png" in reason and "killed" in reason and "SIGKILL" in reason
     shard = read_shard(s3, keys.s3_url(OUTPUT_BUCKET, keys.parquet_key("", mid, "m-1", 0)))
     assert sorted(shard.column("key").to_pylist()) == sorted(name for name in files if name not in failures)
-    # The second attempt finished: it left the journal as it was, for no attempt follows.
 
 
 def test_the_object_alone_in_flight_when_an_attempt_died_is_failed_without_being_read_again(

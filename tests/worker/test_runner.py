@@ -21,7 +21,8 @@ from clip_worker.__main__ import main
 from clip_worker.config import WorkerConfig
 from clip_worker.labels import PROMPT, LabelSet, read_labels
 from clip_worker.model import load
-from clip_worker.runner import EXIT_FAILED, EXIT_OK, run
+from clip_worker.runner import EXIT_FAILED, EXIT_OK, EXIT_RETRY, run
+from tests import hostile
 from tests.support import (
     AWKWARD_KEYS,
     INPUT_BUCKET,
@@ -194,6 +195,67 @@ def test_each_bad_input_gets_exactly_one_failure_and_the_rest_still_succeed(s3: 
         assert f"s3://{INPUT_BUCKET}/{key}" in events[key]["data"]["error"]["message"]
     assert events["ok.jpg"]["type"] == "document-created"
     assert read_shard(s3, summary.shard_url).column("key").to_pylist() == ["ok.jpg"]
+
+
+def test_every_upload_too_costly_to_decode_fails_alone_and_the_photos_beside_it_are_embedded(
+    s3: Any, config: WorkerConfig
+) -> None:
+    """The classes of hostile uploads of accepted types, each cheap in bytes: refused by a structure
+    check, or stopped by the decoding budget (small here, to keep the test quick)."""
+    hostiles = {
+        "stray-byte-scan-bomb.jpg": hostile.scan_bomb(stray=b"\x00"),
+        "stuffed-scan-bomb.jpg": hostile.scan_bomb(stray=b"\xff\x00\x7f\xff"),
+        "arithmetic-scan-bomb.jpg": hostile.sequential_scan_bomb(0xC9),
+        "app1-flood.jpg": hostile.app_flood(),
+        "huge-tiles.tif": hostile.huge_tiles(),
+        "many-strips.tif": hostile.many_strips(300_000),
+        "end-of-lines.bmp": hostile.rle_end_of_lines(),
+        "transparent.png": hostile.flat_rgba_png(),
+        "chunk-flood.png": hostile.png_chunk_flood(),
+    }
+    photos = {f"photo-{index}.jpg": encode(photo().rotate(index * 90, expand=True), "JPEG") for index in range(3)}
+    assert len(hostiles["huge-tiles.tif"]) == 146
+    uri = put_manifest(s3, upload(s3, {**photos, **hostiles}))
+    budget = replace(config, manifest_uri=uri, decode_cpu_s=1, decode_memory_mb=160, decode_wall_s=20)
+
+    summary = run(budget, s3=s3)
+
+    assert summary.exit_code == EXIT_OK
+    events = stored_events(s3, model_id(config))
+    assert {key: events[key]["data"].get("error", {}).get("code") for key in hostiles} == dict.fromkeys(hostiles, "too-costly")
+    assert all(events[key]["type"] == "document-created" for key in photos)
+    assert sorted(read_shard(s3, summary.shard_url).column("key").to_pylist()) == sorted(photos)
+
+
+def test_a_child_near_the_job_timeout_writes_what_it_did_and_leaves_the_rest_to_the_next_attempt(
+    s3: Any, config: WorkerConfig
+) -> None:
+    """Slow objects (each stopped at the decode deadline) keep the child busy past its time: it stops
+    starting work, checkpoints, and exits for a retry; the last attempt records the rest as timed-out,
+    so every object has an outcome or is in the next attempt's work."""
+    slow = {f"slow-{index}.bmp": hostile.rle_end_of_lines(9_000) for index in range(6)}
+    photos = {"photo.jpg": encode(photo(), "JPEG")}
+    uri = put_manifest(s3, upload(s3, {**photos, **slow}))
+    timed = replace(config, manifest_uri=uri, decode_workers=1, io_threads=1, job_timeout_s=12, decode_wall_s=2, max_attempts=2)
+
+    first = run(timed, s3=s3)
+
+    assert first.exit_code == EXIT_RETRY
+    events = stored_events(s3, model_id(config))
+    assert events["photo.jpg"]["type"] == "document-created"
+    left = set(slow) - set(events)
+    assert left, "the child stopped before the end of its work"
+    assert all(events[key]["data"]["error"]["code"] == "too-costly" for key in set(slow) & set(events))
+
+    last = run(replace(timed, attempt=2, job_timeout_s=4), s3=s3)
+
+    assert last.exit_code == EXIT_FAILED
+    events = stored_events(s3, model_id(config))
+    assert set(events) == set(photos) | set(slow)
+    codes = {events[key]["data"]["error"]["code"] for key in slow}
+    assert "timed-out" in codes and codes <= {"timed-out", "too-costly"}
+    timed_out = next(events[key] for key in slow if events[key]["data"]["error"]["code"] == "timed-out")
+    assert "retry --code timed-out" in timed_out["data"]["error"]["message"]
 
 
 def test_array_children_cover_every_entry_exactly_once(s3: Any, config: WorkerConfig) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import open_clip
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 
 from clip_shared.events import DocumentError, ErrorCode
-from clip_worker.decoder import PixelBudget, decode
+from clip_worker.decoder import decode
 from clip_worker.transform import Preprocess
 from tests.support import photo
 
@@ -98,26 +96,3 @@ def test_too_many_pixels_is_reported_with_the_limit_above_and_below_pillows_own(
 def test_a_limit_above_pillows_guard_lets_such_an_image_through() -> None:
     data = png(13_500, 13_400)  # 180.9 MP: over Pillow's 178,956,970, under ours
     assert decode(data, "s3://in/big.png", 224, 200_000_000).size == (13_500, 13_400)
-
-
-def test_the_pixel_budget_bounds_what_threads_decode_at_once() -> None:
-    budget = PixelBudget(100)
-    using, peak, lock = [0], [0], threading.Lock()
-
-    def decode_one(pixels: int) -> None:
-        with budget.hold(pixels):
-            with lock:
-                using[0] += pixels
-                peak[0] = max(peak[0], using[0])
-            time.sleep(0.01)
-            with lock:
-                using[0] -= pixels
-
-    threads = [threading.Thread(target=decode_one, args=(pixels,)) for pixels in [40, 40, 40, 250, 30, 60, 10] * 3]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    assert not any(thread.is_alive() for thread in threads), "an image over the budget must still get its turn"
-    # One image larger than the budget decodes alone; otherwise the total stays within it.
-    assert peak[0] == 250 or peak[0] <= 100

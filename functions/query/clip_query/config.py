@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from clip_worker.sandbox import Limits
+
 
 class ConfigError(ValueError):
     """A setting that is missing or malformed; the message names the variable."""
@@ -42,6 +44,16 @@ class QueryConfig(BaseModel):
     #: proportion (up to 30 bytes a pixel while an RGBA image is flattened): this is what keeps the
     #: worst request inside API Gateway's 29 s and a 3008 MB function (docs/query-api.md, measured).
     max_request_pixels: int = Field(alias="MAX_REQUEST_PIXELS", default=25_000_000, ge=1)
+    #: What decoding one request's images may cost, enforced by the operating system on the process
+    #: that does it (clip_worker/sandbox.py): CPU seconds and MB of memory for the look at their headers,
+    #: then the same again for decoding them, and a deadline for each. Sized for API Gateway's 29 s and a
+    #: 3008 MB function: MAX_REQUEST_PIXELS of the costliest format measured (a transparent WebP,
+    #: flattened) takes 1.3-1.7 s and adds 790 MB (docs/query-api.md).
+    decode_cpu_s: int = Field(alias="DECODE_CPU_SECONDS", default=10, ge=1)
+    decode_memory_mb: int = Field(alias="DECODE_MEMORY_MB", default=1024, ge=64)
+    decode_wall_s: int = Field(alias="DECODE_WALL_SECONDS", default=12, ge=1)
+    #: Decoding processes: a Lambda container serves one request at a time.
+    decode_workers: int = Field(alias="DECODE_WORKERS", default=1, ge=1)
     #: Characters per text, checked before tokenising: the tokenizer's cost grows with the square of
     #: a word's length (a 10,000-letter word takes it 10 s).
     max_text_chars: int = Field(alias="MAX_TEXT_CHARS", default=1_000, ge=1)
@@ -59,6 +71,10 @@ class QueryConfig(BaseModel):
     search_nprobes: int = Field(alias="SEARCH_NPROBES", default=0, ge=0)
     #: Lifetime of the presigned preview URLs that search results carry.
     preview_url_s: int = Field(alias="PREVIEW_URL_SECONDS", default=900, ge=1)
+
+    @property
+    def decode_limits(self) -> Limits:
+        return Limits(self.decode_cpu_s, self.decode_memory_mb, self.decode_wall_s, unit="request")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> QueryConfig:

@@ -29,6 +29,8 @@ class Code(StrEnum):
     TEXT_TOO_LONG = "text-too-long"
     TOO_MANY_PIXELS = "too-many-pixels"
     CORRUPT_IMAGE = "corrupt-image"
+    #: Decoding the request's images went over the budget of one request (DECODE_CPU_SECONDS...).
+    TOO_COSTLY = "too-costly"
     NOT_FOUND = "not-found"
     METHOD_NOT_ALLOWED = "method-not-allowed"
     BODY_TOO_LARGE = "body-too-large"
@@ -86,4 +88,6 @@ def image_error(field: str, error: DocumentError, max_pixels: int) -> QueryError
         return QueryError(Code.TOO_MANY_PIXELS, error.message, field, limit=max_pixels)
     if error.code is ErrorCode.UNSUPPORTED_TYPE:
         return unsupported_type(field, None)
+    if error.code is ErrorCode.TOO_COSTLY:
+        return QueryError(Code.TOO_COSTLY, error.message, field)
     return QueryError(Code.CORRUPT_IMAGE, error.message, field)

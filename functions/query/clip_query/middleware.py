@@ -41,6 +41,7 @@ STATUS: dict[Code, int] = {
     Code.TEXT_TOO_LONG: 400,
     Code.TOO_MANY_PIXELS: 400,
     Code.CORRUPT_IMAGE: 400,
+    Code.TOO_COSTLY: 400,
     Code.NOT_FOUND: 404,
     Code.METHOD_NOT_ALLOWED: 405,
     Code.REQUEST_TIMEOUT: 408,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,14 +19,15 @@ from aws_lambda_powertools import Logger
 from clip_query.config import QueryConfig
 from clip_query.errors import Code, QueryError, image_error, invalid, shown, unsupported_type
 from clip_shared import keys
-from clip_shared.events import DocumentError
+from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
 from clip_store import Match, SearchSettings, StorageSettings, VectorStore, store_uri
-from clip_worker.decoder import declared_size
 from clip_worker.labels import PROMPT, Label, LabelSet, read_labels
-from clip_worker.model import ClipModel, load
+from clip_worker.model import ClipModel, declared_sizes, load, model_inputs
+from clip_worker.sandbox import Sandbox
 
 logger = Logger(service="clip-query")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,21 @@ class Classified:
 
 class QueryService:
     """Every check before any work: a request over a limit costs its parsing, a look at its image
-    headers and the tokenizing of its texts, never a decode or a forward pass."""
+    headers and the tokenizing of its texts, never a decode or a forward pass. The look and the
+    decoding run in `sandbox`'s processes, under the request's budget (DECODE_CPU_SECONDS...)."""
 
     def __init__(
-        self, config: QueryConfig, s3: Any, model: ClipModel | None = None, storage: StorageSettings | None = None
+        self,
+        config: QueryConfig,
+        s3: Any,
+        model: ClipModel | None = None,
+        storage: StorageSettings | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.config = config
         self.s3 = s3
+        # Started first: its processes import while this one loads the model.
+        self.sandbox = sandbox or Sandbox(config.decode_limits, config.decode_workers, ("clip_worker.model",))
         self.model = model or load(
             config.model, config.pretrained, cache_dir=config.cache_dir, model_config_path=config.model_config_path
         )
@@ -93,12 +103,13 @@ class QueryService:
     def check_images(self, images: dict[str, bytes]) -> None:
         """The real type of each image from its bytes, and its pixels from its header: each within
         MAX_IMAGE_PIXELS, all of them together within MAX_REQUEST_PIXELS."""
-        total = 0
         for field, data in images.items():
             found = sniff_mime(data[:SNIFF_BYTES])
             if not is_accepted(found):
                 raise unsupported_type(field, found)
-            size = declared_size(data, self.config.max_image_pixels)
+        sizes = self._in_sandbox(declared_sizes, list(images.values()), self.config.max_image_pixels) if images else []
+        total = 0
+        for field, size in zip(images, sizes, strict=True):
             if size is None:
                 continue
             width, height = size
@@ -182,16 +193,24 @@ class QueryService:
         return dict(zip(texts, self.model.embed_texts(list(texts.values())), strict=True)) if texts else {}
 
     def _image_vectors(self, images: dict[str, bytes]) -> dict[str, np.ndarray]:
-        """The worker's own path, ClipModel.prepare and embed, on images check_images has passed."""
-        pixels = []
-        for field, data in images.items():
-            try:
-                pixels.append(self.model.prepare(data, shown(field), self.config.max_image_pixels))
-            except DocumentError as error:
-                raise image_error(field, error, self.config.max_image_pixels) from None
-            except MemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a decoder's surprise on hostile bytes is still a bad image
-                logger.warning("image could not be decoded", extra={"field": shown(field)}, exc_info=True)
-                raise QueryError(Code.CORRUPT_IMAGE, f"{shown(field)} could not be decoded: {type(exc).__name__}", field) from exc
-        return dict(zip(images, self.model.embed(torch.stack(pixels)), strict=True)) if pixels else {}
+        """The worker's own path, model_input and embed, on images check_images has passed."""
+        if not images:
+            return {}
+        named = [(shown(field), data) for field, data in images.items()]
+        found = self._in_sandbox(
+            model_inputs, named, self.model.bounded_preprocess, self.model.image_size, self.config.max_image_pixels
+        )
+        for field, outcome in zip(images, found, strict=True):
+            if isinstance(outcome, DocumentError):
+                raise image_error(field, outcome, self.config.max_image_pixels)
+        pixels = [outcome for outcome in found if isinstance(outcome, torch.Tensor)]
+        return dict(zip(images, self.model.embed(torch.stack(pixels)), strict=True))
+
+    def _in_sandbox(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in a decoding process; over the budget, the request is refused as too-costly."""
+        try:
+            return self.sandbox.run("the request's images", function, *args)
+        except DocumentError as error:
+            # The request's images together: no one field is at fault.
+            code = Code.TOO_COSTLY if error.code is ErrorCode.TOO_COSTLY else Code.CORRUPT_IMAGE
+            raise QueryError(code, error.message) from None

@@ -49,6 +49,11 @@ class ErrorCode(StrEnum):
     #: Preparing the object killed the process that did it (a crash or an out-of-memory kill), in
     #: isolation, after a job attempt died with it in flight: it would kill every attempt.
     CRASHES_WORKER = "crashes-worker"
+    #: Decoding it went over the budget of one object (CPU time, memory or wall time; the message
+    #: names the limit and its setting): the same bytes would again, so `retry` leaves it unless asked.
+    TOO_COSTLY = "too-costly"
+    #: The job ran out of time (JobTimeoutSeconds) on its last attempt before this object was prepared.
+    TIMED_OUT = "timed-out"
     #: A bug or an unforeseen condition; the message carries the exception so it can be reported.
     INTERNAL_ERROR = "internal-error"
 
@@ -62,7 +67,7 @@ class DocumentError(Exception):
         self.message = message
 
     def __reduce__(self) -> tuple[type[DocumentError], tuple[ErrorCode, str]]:
-        # Raised in the isolation helper process too (clip_worker.isolation), and pickled back from it.
+        # Raised in the decoding helper processes too (clip_worker.sandbox), and pickled back from them.
         return DocumentError, (self.code, self.message)
 
 

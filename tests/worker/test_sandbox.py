@@ -1,0 +1,91 @@
+"""The decoding sandbox: an upload over its budget fails alone with too-costly, within the budget,
+and the next object is decoded as if nothing happened. Budgets are small here so the tests stay quick;
+each hostile file below passes every structure check, so only the operating system stops it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import open_clip
+import pytest
+import torch
+
+from clip_shared.events import DocumentError, ErrorCode
+from clip_worker.model import model_input
+from clip_worker.sandbox import Limits, Sandbox, SandboxError
+from clip_worker.transform import Preprocess
+from tests import hostile
+from tests.support import encode, photo
+
+LIMIT = 100_000_000
+BUDGET = Limits(cpu_s=1, memory_mb=160, wall_s=10)
+
+
+@pytest.fixture(scope="module")
+def preprocess() -> Preprocess:
+    return Preprocess(open_clip.image_transform(64, is_train=False))
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(BUDGET, 1, ("clip_worker.model",)) as started:
+        yield started
+
+
+def refusal(call: Callable[[], object]) -> DocumentError:
+    with pytest.raises(DocumentError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("make", "limit"),
+    [
+        (hostile.rle_end_of_lines, "over 1 s of CPU time (DECODE_CPU_SECONDS)"),
+        (lambda: hostile.many_strips(300_000), "over 1 s of CPU time (DECODE_CPU_SECONDS)"),
+        (hostile.flat_rgba_png, "over 160 MB of memory (DECODE_MEMORY_MB)"),
+    ],
+    ids=["rle8-bmp-of-end-of-line-codes", "tiff-of-300k-strips", "transparent-png-of-16-mp"],
+)
+def test_an_upload_over_its_budget_fails_alone_and_the_next_one_decodes(
+    sandbox: Sandbox, preprocess: Preprocess, make: Callable[[], bytes], limit: str
+) -> None:
+    data, good = make(), encode(photo(), "JPEG")
+    started = time.monotonic()
+
+    error = refusal(lambda: sandbox.run("s3://in/hostile", model_input, data, "s3://in/hostile", preprocess, 64, LIMIT))
+
+    assert time.monotonic() - started < BUDGET.wall_s
+    assert error.code == ErrorCode.TOO_COSTLY
+    assert error.message == f"s3://in/hostile: decoding went past the budget of one object: {limit}"
+    pixels = sandbox.run("s3://in/good.jpg", model_input, good, "s3://in/good.jpg", preprocess, 64, LIMIT)
+    assert torch.equal(pixels, model_input(good, "s3://in/good.jpg", preprocess, 64, LIMIT))
+
+
+def test_an_object_past_the_wall_deadline_is_stopped(preprocess: Preprocess) -> None:
+    with Sandbox(Limits(cpu_s=60, memory_mb=160, wall_s=1), 1, ("clip_worker.model",)) as sandbox:
+        sandbox.run("warm", sum, [1])  # the helper's start is not the object's time
+        started = time.monotonic()
+        error = refusal(lambda: sandbox.run("s3://in/slow", time.sleep, 30))
+        assert time.monotonic() - started < 5
+        assert error.code == ErrorCode.TOO_COSTLY and "over 1 s (DECODE_WALL_SECONDS)" in error.message
+        assert sandbox.run("next", sum, [1, 2]) == 3
+
+
+def test_a_decoder_that_kills_its_process_fails_that_object_as_crashes_worker(sandbox: Sandbox) -> None:
+    error = refusal(lambda: sandbox.run("s3://in/crash", os.abort))
+    assert error.code == ErrorCode.CRASHES_WORKER and "SIGABRT" in error.message
+    assert sandbox.run("next", sum, [1, 2]) == 3
+
+
+def test_what_the_decoder_raises_comes_back_as_itself(sandbox: Sandbox, preprocess: Preprocess) -> None:
+    error = refusal(lambda: sandbox.run("x", model_input, b"not an image", "s3://in/text", preprocess, 64, LIMIT))
+    assert error.code == ErrorCode.UNSUPPORTED_TYPE and "s3://in/text" in error.message
+
+
+def test_a_helper_that_cannot_start_is_no_objects_fault() -> None:
+    with Sandbox(BUDGET, 1, ("clip_worker.no_such_module",)) as broken:
+        with pytest.raises(SandboxError, match="did not start"):
+            broken.run("s3://in/photo.jpg", sum, [1])
