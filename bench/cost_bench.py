@@ -31,7 +31,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus, unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
+
+from clip_shared import notifications
 
 #: us-east-1 list prices, November 2026 (https://aws.amazon.com/s3/pricing/, /sqs/pricing/, /lambda/pricing/).
 S3_WRITE = 0.005 / 1000  # PUT, COPY, POST, LIST
@@ -226,29 +228,7 @@ def sqs_event(bucket: str, objects: list[tuple[str, str, str | None]]) -> dict[s
     """An SQS batch for Lambda: one message per (key, eTag, versionId), each holding S3's notification."""
     records = []
     for index, (key, etag, version_id) in enumerate(objects):
-        notified = {
-            "key": quote_plus(key),
-            "size": 30000,
-            "eTag": etag,
-            "sequencer": "0",
-            **({"versionId": version_id} if version_id else {}),
-        }
-        notification = {
-            "eventVersion": "2.1",
-            "eventSource": "aws:s3",
-            "awsRegion": "us-east-1",
-            "eventTime": "2026-11-30T00:00:00.000Z",
-            "eventName": "ObjectCreated:Put",
-            "userIdentity": {"principalId": "p"},
-            "requestParameters": {"sourceIPAddress": "1.2.3.4"},
-            "responseElements": {"x-amz-request-id": "r", "x-amz-id-2": "i"},
-            "s3": {
-                "s3SchemaVersion": "1.0",
-                "configurationId": "c",
-                "object": notified,
-                "bucket": {"name": bucket, "ownerIdentity": {"principalId": "p"}, "arn": f"arn:aws:s3:::{bucket}"},
-            },
-        }
+        notification = notifications.object_created(bucket, key, 30000, etag, version_id, sender="cost-bench")
         records.append(
             {
                 "messageId": str(index),

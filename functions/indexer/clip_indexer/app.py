@@ -28,9 +28,7 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import quote_plus
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -41,7 +39,7 @@ from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-from clip_shared import aws, keys
+from clip_shared import aws, keys, notifications
 from clip_shared.aws import CLIENT_CONFIG
 from clip_shared.events import document_url, from_json
 from clip_store import (
@@ -259,26 +257,16 @@ def embed_again(url: str) -> None:
         if aws.is_missing(exc):  # removed again meanwhile: that removal's own notification follows
             return
         raise
-    announced = {"key": quote_plus(key), "size": head["ContentLength"], "eTag": keys.bare_etag(head["ETag"])}
-    if head.get("VersionId"):
-        announced["versionId"] = head["VersionId"]
-    record = {
-        "eventVersion": "2.1",
-        "eventSource": "aws:s3",
-        "awsRegion": os.environ.get("AWS_REGION", "us-east-1"),
-        "eventTime": datetime.now(UTC).isoformat(),
-        "eventName": "ObjectCreated:Put",
-        "userIdentity": {"principalId": "clip-indexer"},
-        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
-        "responseElements": {"x-amz-request-id": "clip-indexer", "x-amz-id-2": "clip-indexer"},
-        "s3": {
-            "s3SchemaVersion": "1.0",
-            # Says who sent it, for whoever reads the dispatcher's queue.
-            "configurationId": "clip-indexer-uncovered-version",
-            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "clip-indexer"}, "arn": f"arn:aws:s3:::{bucket}"},
-            "object": announced,
-        },
-    }
+    record = notifications.object_created(
+        bucket,
+        key,
+        head["ContentLength"],
+        keys.bare_etag(head["ETag"]),
+        head.get("VersionId"),
+        # Says who sent it, for whoever reads the dispatcher's queue.
+        sender="clip-indexer-uncovered-version",
+        region=os.environ.get("AWS_REGION", "us-east-1"),
+    )
     sqs.send_message(QueueUrl=SETTINGS.upload_queue_url, MessageBody=json.dumps({"Records": [record]}))
 
 
