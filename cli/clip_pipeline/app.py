@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -12,20 +13,24 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.exceptions import TyperException
 
 from clip_dispatch.submission import SubmittedJob
 from clip_pipeline import emulator, local, report
 from clip_pipeline import jobs as batch_jobs
 from clip_pipeline.progress import Reporter
-from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, read_stack
+from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, explain, read_stack
 from clip_pipeline.submitter import Target
 from clip_shared import defaults, keys
 
 SAMPLES = emulator.REPOSITORY / "samples"
+#: Set to 1 for the traceback of an unexpected failure, which otherwise ends in one line.
+DEBUG_VARIABLE = "CLIP_PIPELINE_DEBUG"
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
 StackName = Annotated[str, typer.Option("--stack-name", help="Stack to operate on (default: samconfig.toml's).")]
@@ -38,8 +43,37 @@ class Failure(typer.Exit):
     """Ends the command with one clear line on stderr and exit code 2."""
 
     def __init__(self, message: str) -> None:
-        console.print(f"[red]error:[/red] {message}")
+        # Not markup (a message may hold "[Errno 111]"), and not wrapped: one line, copyable.
+        console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
         super().__init__(code=2)
+
+
+class _Commands(typer.core.TyperGroup):
+    """Every command ends a failure in one line that says what to do, and exit code 2.
+
+    Here at the edge, not in each command: missing credentials, region or network can surface
+    from any AWS call, deep in a command or in a library it calls.
+    """
+
+    # Any: typer types the context with the click it bundles privately (typer._click).
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):  # usage errors and exits say their own piece
+            raise
+        except Exception as exc:
+            if os.environ.get(DEBUG_VARIABLE) == "1":
+                raise
+            said = explain(exc)
+            if said is None:
+                said = (
+                    f"unexpected {type(exc).__name__}: {exc} (a bug: run it again with {DEBUG_VARIABLE}=1 "
+                    "for the traceback, and report it)"
+                )
+            raise Failure(said) from exc
+
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Commands)
 
 
 @app.callback()
@@ -172,14 +206,23 @@ def _print_summary(
     Console().print(table)
 
 
-def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
+def kept_commands(clients: Clients, stack: Stack) -> list[str]:
+    """Commands that query a kept emulator as printed: the emulator takes any credentials, but they must be set."""
     endpoint = clients.endpoint_url
+    return [
+        f"export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION={emulator.REGION}",
+        f"aws --endpoint-url {endpoint} s3 ls s3://{stack.output('OutputBucketName')}/ --recursive",
+        f"clip-pipeline status --stack-name {stack.name} --endpoint-url {endpoint}",
+    ]
+
+
+def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
     console.print(
-        f"\nThe emulator keeps running at {endpoint} (Ctrl-C stops it). Query it with the AWS CLI, e.g.:\n"
-        f"  AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local aws --endpoint-url {endpoint} --region {emulator.REGION} "
-        f"s3 ls s3://{stack.output('OutputBucketName')}/ --recursive\n"
-        f"  clip-pipeline status --stack-name {stack.name} --endpoint-url {endpoint} --region {emulator.REGION}"
+        f"\nThe emulator keeps running at {clients.endpoint_url} (Ctrl-C stops it). Query it from another shell:",
+        soft_wrap=True,
     )
+    for command in kept_commands(clients, stack):
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
     # Python leaves SIGINT ignored when it started ignored (a job started in the background by a
     # script); "Ctrl-C stops it" must hold however it was started, as it does for `serve`.
     signal.signal(signal.SIGINT, signal.default_int_handler)
