@@ -95,7 +95,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
             config.output_bucket,
             config.output_prefix,
             model,
-            config.job_id or manifest.manifest_id,
+            config.job_id,
             manifest.manifest_id,
             shard_index,
             write_pool if config.per_object_outputs else None,
