@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -93,6 +94,8 @@ def _load_model(model: str, pretrained: str, model_config: Path | None, device: 
     """The model, or one clear line and exit 2 when its weights cannot be had."""
     from clip_worker.model import ModelLoadError, load
 
+    # Seconds of silence otherwise (torch, then the weights); on stderr, so --json output stays clean.
+    console.print(f"Loading {model} ({pretrained}) ...", soft_wrap=True, highlight=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -124,6 +127,9 @@ def local_command(
     ] = "",
     keywords_top_k: Annotated[int, typer.Option(min=1, help="Labels per image with --labels (the KeywordsTopK parameter).")] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the functions' and workers' logs and library warnings as they come.")
+    ] = False,
     serve_api: Annotated[bool, typer.Option("--serve", help="Then serve the query API and demo page over the results.")] = False,
     port: Annotated[int, typer.Option(help="The query API's port with --serve (0 picks a free one).")] = 8080,
     json_output: JsonOutput = False,
@@ -131,37 +137,46 @@ def local_command(
     """Run the whole pipeline on an embedded AWS emulator: upload, SQS, dispatcher, Batch jobs, outputs."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
-    # Loaded once up front, so missing weights end the run in one line instead of failing every job.
-    clip = _load_model(model, pretrained, model_config, device="cpu")
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
-    parameters = {
-        "ClipModel": model,
-        "ClipPretrained": pretrained,
-        "MaximumBatchingWindowInSeconds": str(batching_window),
-        "ShardSize": str(shard_size),
-        "ClipLabels": labels,
-        "KeywordsTopK": str(keywords_top_k),
-    }
-    if not json_output:
-        console.print("Creating the stack from template.yaml in the emulator...")
-    with local.emulated_stack(parameters) as (clients, stack):
-        extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
-        reporter = Reporter(console, json_output)
-        with reporter.shown():
-            pipeline = local.run_pipeline(
-                clients, stack, folder, files, reporter, extra, console.print if not json_output else lambda line: None
-            )
-        s3 = clients.client("s3")
-        outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
-        _print_summary(clients, stack, pipeline, outcomes, json_output)
-        if serve_api:
-            _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
-        elif keep:
-            _wait_for_interrupt(clients, stack)
+    log_path = None if verbose else Path(tempfile.gettempdir()) / f"clip-pipeline-local-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with local.captured_logs(log_path) as log:
+        # Loaded once up front, so missing weights end the run in one line instead of failing every job.
+        clip = _load_model(model, pretrained, model_config, device="cpu")
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
+        parameters = {
+            "ClipModel": model,
+            "ClipPretrained": pretrained,
+            "MaximumBatchingWindowInSeconds": str(batching_window),
+            "ShardSize": str(shard_size),
+            "ClipLabels": labels,
+            "KeywordsTopK": str(keywords_top_k),
+        }
+        if not json_output:
+            console.print("Creating the stack from template.yaml in the emulator...")
+        with local.emulated_stack(parameters) as (clients, stack):
+            extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
+            reporter = Reporter(console, json_output)
+            model_id = keys.model_id(model, pretrained)
+            with reporter.shown():
+                say = console.print if not json_output else lambda line: None
+                pipeline = local.run_pipeline(clients, stack, folder, files, reporter, extra, say, log)
+                s3 = clients.client("s3")
+                outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, model_id)
+                # Every upload has an outcome now, a rejection included: the bar ends at its total.
+                reporter.update("processed", len(outcomes.embedded) + len(outcomes.failed) + len(outcomes.rejected))
+            _print_summary(clients, stack, pipeline, outcomes, json_output, log_path)
+            if serve_api:
+                _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
+            elif keep:
+                _wait_for_interrupt(clients, stack)
 
 
 def _print_summary(
-    clients: Clients, stack: Stack, pipeline: local.PipelineRun, outcomes: report.Outcomes, json_output: bool
+    clients: Clients,
+    stack: Stack,
+    pipeline: local.PipelineRun,
+    outcomes: report.Outcomes,
+    json_output: bool,
+    log_path: Path | None,
 ) -> None:
     output = stack.output("OutputBucketName")
     model_id = keys.model_id(stack.model, stack.pretrained)
@@ -179,6 +194,7 @@ def _print_summary(
         "parquet": keys.s3_url(output, keys.parquet_prefix(stack.output_prefix, model_id)),
         "endpoint_url": clients.endpoint_url,
         "stack_name": stack.name,
+        "log": str(log_path) if log_path else None,
     }
     if json_output:
         # One line, so a script can read it while --keep holds the emulator open.
@@ -201,9 +217,12 @@ def _print_summary(
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
-    for name in ("events", "parquet"):
-        table.add_row(name, summary[name])
-    Console().print(table)
+    output = Console()
+    output.print(table)
+    # Below the table, not in it: a table cuts a long URI or path to its width, and it must stay copyable.
+    for name in ("events", "parquet", "log"):
+        if summary[name]:
+            output.print(f"{name:<8} {summary[name]}", soft_wrap=True, highlight=False)
 
 
 def kept_commands(clients: Clients, stack: Stack) -> list[str]:

@@ -126,11 +126,22 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         process.wait(timeout=30)
     # --json: progress came as JSON lines on stderr, ending at the totals.
     assert process.stderr is not None
-    progress = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith('{"progress"')]
+    stderr = process.stderr.read().splitlines()
+    progress = [json.loads(line) for line in stderr if line.startswith('{"progress"')]
     last = {line["progress"]: line for line in progress}
     assert last["uploaded"]["completed"] == last["uploaded"]["total"] == len(expected) + 7
     assert last["dispatched"]["completed"] == len(expected) + 5
-    assert last["processed"]["completed"] == len(expected) + 3  # all but the two rejected
+    # Every upload got an outcome, the two rejected included: the bar ends at its total.
+    assert last["processed"]["completed"] == last["processed"]["total"] == len(expected) + 5
+    # What the functions, the workers and the libraries print went to the log, not between the bars.
+    assert not [line for line in stderr if "moto" in line.lower() or line.startswith(('{"level"', '{"_aws"'))]
+    log = Path(summary["log"]).read_text()
+    assert "No Moto CloudFormation support" in log and '"message":"Submitted job"' in log
+    # Each function's metrics carry its own service name, and its context the template's memory.
+    rejected = [json.loads(line) for line in log.splitlines() if '"ObjectsRejected"' in line]
+    assert rejected and {metric["service"] for metric in rejected} == {"dispatcher"}
+    logged = [json.loads(line) for line in log.splitlines() if '"function_memory_size"' in line]
+    assert {line["service"]: line["function_memory_size"] for line in logged} == {"dispatcher": 256, "clip-indexer": 2048}
 
 
 def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: Path) -> None:
