@@ -217,12 +217,12 @@ def _print_summary(
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
-    output = Console()
-    output.print(table)
+    out = Console()
+    out.print(table)
     # Below the table, not in it: a table cuts a long URI or path to its width, and it must stay copyable.
     for name in ("events", "parquet", "log"):
         if summary[name]:
-            output.print(f"{name:<8} {summary[name]}", soft_wrap=True, highlight=False)
+            out.print(f"{name:<8} {summary[name]}", soft_wrap=True, highlight=False)
 
 
 def kept_commands(clients: Clients, stack: Stack) -> list[str]:
