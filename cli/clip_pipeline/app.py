@@ -379,10 +379,11 @@ def status(
             f"and `clip-pipeline retry --failed-jobs`):\n{cancel}",
         )
     table.add_row("embedded", str(result["embedded"]))
-    table.add_row("rejected", str(len(outcomes.rejected)))
-    table.add_row("failed", str(len(outcomes.failed)))
-    for url, outcome in sorted({**outcomes.rejected, **outcomes.failed}.items()):
-        table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
+    # Each reason under its own row: a rejection listed under "failed 0" reads as a failure.
+    for name, found_outcomes in (("rejected", outcomes.rejected), ("failed", outcomes.failed)):
+        table.add_row(name, str(len(found_outcomes)))
+        for url, outcome in sorted(found_outcomes.items()):
+            table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
     table.add_row("dead-letter queue", f"{found.dead_letters} messages")
     Console().print(table)
 

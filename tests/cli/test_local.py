@@ -120,6 +120,13 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
             0,
         )
         assert report["jobs"]["SUCCEEDED"] == 1
+        table = CliRunner().invoke(
+            app, ["status", "--stack-name", summary["stack_name"], "--endpoint-url", summary["endpoint_url"], "--region", "us-east-1"],
+            env={"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "COLUMNS": "200"},
+        ).stdout  # fmt: skip
+        # Each reason sits under its own outcome's row.
+        rejected, failed = table.index("│ rejected"), table.index("│ failed")
+        assert rejected < table.index("notes.jpg") < failed < table.index("truncated.jpg")
     finally:
         # Ctrl-C ends it even where the test runner was started with SIGINT ignored, which its children inherit.
         process.send_signal(signal.SIGINT)
