@@ -145,8 +145,8 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
     log = Path(summary["log"]).read_text()
     assert "No Moto CloudFormation support" in log and '"message":"Submitted job"' in log
     # Each function's metrics carry its own service name, and its context the template's memory.
-    rejected = [json.loads(line) for line in log.splitlines() if '"ObjectsRejected"' in line]
-    assert rejected and {metric["service"] for metric in rejected} == {"dispatcher"}
+    metrics = [json.loads(line) for line in log.splitlines() if '"ObjectsRejected"' in line]
+    assert metrics and {metric["service"] for metric in metrics} == {"dispatcher"}
     logged = [json.loads(line) for line in log.splitlines() if '"function_memory_size"' in line]
     assert {line["service"]: line["function_memory_size"] for line in logged} == {"dispatcher": 256, "clip-indexer": 2048}
 
