@@ -167,7 +167,8 @@ def local_command(
             if serve_api:
                 _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
             elif keep:
-                _wait_for_interrupt(clients, stack)
+                assert pipeline.stand_in is not None  # run_pipeline always hands it back
+                _wait_for_interrupt(clients, stack, pipeline.stand_in, say)
 
 
 def _print_summary(
@@ -235,9 +236,10 @@ def kept_commands(clients: Clients, stack: Stack) -> list[str]:
     ]
 
 
-def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
+def _wait_for_interrupt(clients: Clients, stack: Stack, stand_in: local.StandIn, say: Any) -> None:
     console.print(
-        f"\nThe emulator keeps running at {clients.endpoint_url} (Ctrl-C stops it). Query it from another shell:",
+        f"\nThe emulator and the pipeline keep running at {clients.endpoint_url} (Ctrl-C stops them): an upload to "
+        f"s3://{stack.output('InputBucketName')}/ is embedded as on AWS. From another shell:",
         soft_wrap=True,
     )
     for command in kept_commands(clients, stack):
@@ -246,8 +248,7 @@ def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
     # script); "Ctrl-C stops it" must hold however it was started, as it does for `serve`.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(3600)
+        stand_in.keep_running(say)
     except KeyboardInterrupt:
         pass
 
@@ -361,6 +362,7 @@ def status(
         "waiting": found.waiting,
         "cancel_waiting_command": cancel,
         **outcomes.as_dict(),
+        "upload_queue": found.uploads.as_dict(),
         "dead_letter_messages": found.dead_letters,
     }
     if json_output:
@@ -384,6 +386,9 @@ def status(
         table.add_row(name, str(len(found_outcomes)))
         for url, outcome in sorted(found_outcomes.items()):
             table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
+    uploads = found.uploads
+    age = "oldest unknown" if uploads.oldest_s is None else f"oldest {uploads.oldest_s} s"
+    table.add_row("upload queue", f"{uploads.waiting} waiting, {uploads.in_flight} in flight, {age}")
     table.add_row("dead-letter queue", f"{found.dead_letters} messages")
     Console().print(table)
 

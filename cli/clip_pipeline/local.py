@@ -377,6 +377,45 @@ def _in_flight(sqs: Any, queue_url: str) -> int:
     return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
 
 
+class StandIn:
+    """What AWS does between the stack's resources, one round at a time: the dispatcher's and the
+    indexer's SQS pollers and Batch. `clip-pipeline local --keep` goes on calling `step` after the
+    first run, so that an upload to the kept emulator is processed too."""
+
+    def __init__(self, clients: Clients, stack: Stack, extra_environment: dict[str, str], log: TextIO | None) -> None:
+        self.dispatcher = LambdaPoller(clients, stack.output("DispatcherFunctionName"), log=log)
+        # The vector store's writer: finished shards go into the store that search reads.
+        self.indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S, log=log)
+        self.batch = BatchRunner(clients, stack, extra_environment)
+        self._sqs = clients.client("sqs")
+        self._queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
+        self.log = log
+
+    def step(
+        self, worker_line: Callable[[tuple[str, int | None], str], None], say: Callable[[str], None]
+    ) -> tuple[list[Invocation], list[JobRun], list[Invocation]]:
+        """One round: dispatch what the upload queue holds, run the jobs submitted, index their shards."""
+        invocations = self.dispatcher.poll()
+        done = self.batch.run_pending(worker_line)
+        for run in done:
+            child = "" if run.array_index is None else f" child {run.array_index}"
+            say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
+        return invocations, done, self.indexer.poll()
+
+    def idle(self) -> bool:
+        return not any(_in_flight(self._sqs, url) for url in self._queues)
+
+    def keep_running(self, say: Callable[[str], None], pause_s: float = 1.0) -> None:
+        """Go on doing AWS's part until interrupted (Ctrl-C)."""
+
+        def worker_line(child: tuple[str, int | None], line: str) -> None:
+            print(line, file=self.log or sys.stderr)
+
+        while True:
+            if not any(self.step(worker_line, say)):
+                time.sleep(pause_s)
+
+
 @dataclass(frozen=True)
 class PipelineRun:
     runs: list[JobRun]
@@ -389,6 +428,8 @@ class PipelineRun:
     #: a name that is not UTF-8 with Python's stand-ins for its bytes).
     uploaded: int = 0
     not_uploaded: dict[str, str] = field(default_factory=dict)
+    #: What did AWS's part, to go on with (`--keep`).
+    stand_in: StandIn | None = None
 
 
 def unstorable(key: str) -> str | None:
@@ -441,11 +482,8 @@ def run_pipeline(
 
     The functions' and the workers' own output goes to `log`, or to stderr when it is None.
     """
-    poller = LambdaPoller(clients, stack.output("DispatcherFunctionName"), log=log)
-    # The vector store's writer: finished shards go into the store that search reads.
-    indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S, log=log)
-    runner = BatchRunner(clients, stack, extra_environment)
-    s3, sqs = clients.client("s3"), clients.client("sqs")
+    aws = StandIn(clients, stack, extra_environment, log)
+    s3 = clients.client("s3")
     started = time.monotonic()
     input_bucket = stack.output("InputBucketName")
     reporter.start("uploaded", len(files))
@@ -473,21 +511,15 @@ def run_pipeline(
         elif message == "object failed":
             say(f"worker: {record.get('url')}: {record.get('code')}")
 
-    queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
     runs: list[JobRun] = []
     invoked: list[Invocation] = []
     indexed: list[Invocation] = []
     while True:
-        invocations = poller.poll()
+        invocations, done, indexing = aws.step(worker_line, say)
         invoked += invocations
         dispatched += sum(invocation.records - invocation.failures for invocation in invocations)
         reporter.update("dispatched", dispatched)
-        done = runner.run_pending(worker_line)
-        for run in done:
-            child = "" if run.array_index is None else f" child {run.array_index}"
-            say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
         runs += done
-        indexing = indexer.poll()
         indexed += indexing
-        if not invocations and not done and not indexing and not any(_in_flight(sqs, url) for url in queues):
-            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded)
+        if not invocations and not done and not indexing and aws.idle():
+            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded, aws)

@@ -12,9 +12,11 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow.parquet as pq
+from botocore.exceptions import ClientError
 
 from clip_pipeline import jobs, redrive
 from clip_pipeline.stack import Clients, Stack
@@ -92,6 +94,41 @@ def embedded_etags(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """Uploads the dispatcher has not taken yet."""
+
+    waiting: int
+    #: Received by the dispatcher and neither finished nor given back yet.
+    in_flight: int
+    #: The oldest message's age in seconds, SQS's ApproximateAgeOfOldestMessage over the last 10
+    #: minutes; None without a datapoint (an emulator, a queue idle that long, or no permission to read it).
+    oldest_s: int | None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"waiting": self.waiting, "in_flight": self.in_flight, "oldest_s": self.oldest_s}
+
+
+def backlog(clients: Clients, queue_url: str) -> Backlog:
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = clients.client("sqs").get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+    now = datetime.now(UTC)
+    try:
+        points = clients.client("cloudwatch").get_metric_statistics(
+            Namespace="AWS/SQS",
+            MetricName="ApproximateAgeOfOldestMessage",
+            Dimensions=[{"Name": "QueueName", "Value": queue_url.rsplit("/", 1)[-1]}],
+            StartTime=now - timedelta(minutes=10),
+            EndTime=now,
+            Period=60,
+            Statistics=["Maximum"],
+        )["Datapoints"]
+    except ClientError:  # no cloudwatch:GetMetricStatistics: the counts still answer
+        points = []
+    oldest = max(points, key=lambda point: point["Timestamp"])["Maximum"] if points else None
+    return Backlog(int(attributes[names[0]]), int(attributes[names[1]]), None if oldest is None else int(oldest))
+
+
+@dataclass(frozen=True)
 class Status:
     #: The stack's jobs (array parents) by state.
     jobs: dict[str, int]
@@ -99,11 +136,12 @@ class Status:
     dead_letters: int
     #: The jobs waiting in RUNNABLE, oldest first, with Batch's reason (jobs.waiting).
     waiting: list[dict[str, Any]]
+    uploads: Backlog
 
 
 def status(clients: Clients, stack: Stack) -> Status:
-    """The stack's jobs by state, those waiting for an instance and why, every object's outcome, and how
-    many messages wait in the dead-letter queue."""
+    """The stack's jobs by state, those waiting for an instance and why, every object's outcome, the
+    uploads not dispatched yet, and how many messages wait in the dead-letter queue."""
     batch_client = clients.client("batch")
     counts = {}
     for state in jobs.STATES:
@@ -113,4 +151,5 @@ def status(clients: Clients, stack: Stack) -> Status:
     outcomes = tally(
         clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
     )
-    return Status(counts, outcomes, redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl")), waiting)
+    dead_letters = redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))
+    return Status(counts, outcomes, dead_letters, waiting, backlog(clients, stack.output("UploadQueueUrl")))

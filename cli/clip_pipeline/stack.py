@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import tomllib
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,19 +60,11 @@ class Clients:
     endpoint_url: str | None = None
     region: str | None = None
 
-    @cached_property
-    def _session(self) -> tuple[boto3.Session, threading.Lock]:
-        # A session of their own, not boto3's process-wide one, so that credentials and region are
-        # read when these clients are made (a test, or a long-lived caller, may change them between).
-        return boto3.Session(), threading.Lock()
-
     def client(self, service: str, attempts: int | None = None) -> Any:
         """A client with the pipeline's retries, or `attempts` in all (a probe that should fail fast)."""
         retries = {"mode": "standard", "total_max_attempts": attempts}
         config = CLIENT_CONFIG.merge(Config(retries=retries)) if attempts else CLIENT_CONFIG
-        session, lock = self._session
-        with lock:  # a boto3 session does not make clients safely from several threads at once
-            return session.client(service, endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def storage(self) -> StorageSettings:
         """The same endpoint and region for LanceDB's own S3 client (the vector store) as for boto3's."""

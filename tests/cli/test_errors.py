@@ -6,6 +6,7 @@ import shlex
 import socket
 from pathlib import Path
 
+import boto3
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -13,6 +14,14 @@ from clip_pipeline.app import app, kept_commands
 from clip_pipeline.stack import Clients, Stack
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fresh_aws_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """boto3's process-wide session keeps the credentials it found first; each command here starts
+    without them, as a command in a shell of its own does."""
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
 
 #: Each command that reads a stack, with the arguments it needs to get that far.
 STACK_COMMANDS = [

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -127,6 +128,15 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         # Each reason sits under its own outcome's row.
         rejected, failed = table.index("│ rejected"), table.index("│ failed")
         assert rejected < table.index("notes.jpg") < failed < table.index("truncated.jpg")
+        assert report["upload_queue"] == {"waiting": 0, "in_flight": 0, "oldest_s": None}
+
+        # --keep keeps the pipeline, not only the data: a later upload is embedded too.
+        input_bucket = keys.parse_s3_url(next(iter(summary["rejected"])))[0]
+        s3.put_object(Bucket=input_bucket, Key="later/astronaut.png", Body=encode(photo("astronaut.png"), "PNG"))
+        deadline = time.monotonic() + 120
+        while "later/astronaut.png" not in stored_vectors(s3, model_id, bucket=output):
+            assert time.monotonic() < deadline, "the kept pipeline did not embed a later upload"
+            time.sleep(1)
     finally:
         # Ctrl-C ends it even where the test runner was started with SIGINT ignored, which its children inherit.
         process.send_signal(signal.SIGINT)
