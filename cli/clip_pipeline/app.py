@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -90,12 +91,34 @@ def _stack(stack_name: str | None, endpoint_url: str | None, region: str | None)
         raise Failure(str(exc)) from exc
 
 
+HUB = ("huggingface.co", 443)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection(HUB, timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_model(model: str, pretrained: str, model_config: Path | None, device: str | None = None) -> Any:
     """The model, or one clear line and exit 2 when its weights cannot be had."""
+    from_hub = model.startswith("hf-hub:") or not (pretrained.lower() == keys.RANDOM_WEIGHTS or Path(pretrained).is_file())
+    if from_hub and not _hub_reachable():
+        # Weights already in the cache still load; missing ones fail at once instead of after a
+        # minute of the hub client's retries. Set before huggingface_hub is imported: it reads it then.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clip_worker.model import ModelLoadError, load
 
     # Seconds of silence otherwise (torch, then the weights); on stderr, so --json output stays clean.
     console.print(f"Loading {model} ({pretrained}) ...", soft_wrap=True, highlight=False)
+    root = logging.getLogger()
+    # The libraries' own warnings about a failed download end in our one line below, not before it;
+    # where a log file collects them (`local`), they still go there.
+    quiet = logging.NullHandler() if not root.handlers else None
+    if quiet:
+        root.addHandler(quiet)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -105,6 +128,9 @@ def _load_model(model: str, pretrained: str, model_config: Path | None, device: 
             f"cannot load {model} weights {pretrained!r} (offline?): pass --pretrained /path/to/checkpoint.pt, "
             f"or --pretrained none for a smoke run with random weights. ({exc.__cause__ or exc})"
         ) from exc
+    finally:
+        if quiet:
+            root.removeHandler(quiet)
 
 
 @app.command("local")

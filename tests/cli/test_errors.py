@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
 import pytest
 from typer.testing import CliRunner, Result
 
-from clip_pipeline.app import app, kept_commands
+from clip_pipeline.app import _hub_reachable, app, kept_commands
 from clip_pipeline.stack import Clients, Stack
 
 runner = CliRunner()
@@ -93,3 +96,20 @@ def test_the_commands_local_keep_prints_run_as_printed(deployed: tuple[Clients, 
     assert words[0] == "clip-pipeline"
     result = runner.invoke(app, [*words[1:], "--json"], env=settings)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.skipif(_hub_reachable(), reason="the model hub answers here: this is about a machine where it does not")
+def test_weights_the_hub_cannot_give_fail_in_one_line_without_the_hub_client_s_retries(tmp_path: Path) -> None:
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "empty-cache")}
+    environment.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_pipeline", "embed-text", "--standalone", "a cat", "--pretrained", "openai"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and result.stdout == ""
+    assert lines[0] == "Loading ViT-B-32 (openai) ..." and len(lines) == 2, result.stderr
+    assert lines[1].startswith("error: cannot load ViT-B-32 weights 'openai' (offline?): pass --pretrained")
