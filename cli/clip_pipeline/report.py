@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -58,22 +59,43 @@ def _read(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def _bodies(s3: Any, bucket: str, keys_: list[str], pool: ThreadPoolExecutor) -> Iterator[bytes]:
+    """Each object's body, read in parallel a window at a time: what waits to be parsed stays bounded."""
+    window = 8 * _PARALLEL_READS
+    for start in range(0, len(keys_), window):
+        yield from pool.map(lambda key: _read(s3, bucket, key), keys_[start : start + window])
+
+
 def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
+    """Every object's latest outcome. Events are read as a stream and only each url's latest is
+    kept, as a few fields: memory grows with the objects, not with every event's whole document."""
     batches = [item["Key"] for item in _listing(s3, bucket, keys.events_prefix(prefix, model_id))]
     rejections = [item["Key"] for item in _listing(s3, bucket, keys.rejected_prefix(prefix))]
+    # url -> (time, type, why): the latest event wins, and of two at the same time the one read last.
+    latest: dict[str, tuple[str, str, Failure | None]] = {}
+
+    def take(event: dict[str, Any]) -> None:
+        url, time = event["data"]["document"]["url"], event.get("time", "")
+        seen = latest.get(url)
+        if seen is not None and time < seen[0]:
+            return
+        failure = None
+        if event["type"] != EventType.CREATED:
+            error = event["data"].get("error", {})
+            failure = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
+        latest[url] = (time, event["type"], failure)
+
     with ThreadPoolExecutor(_PARALLEL_READS) as pool:
-        events = [event for body in pool.map(lambda key: _read(s3, bucket, key), batches) for event in json.loads(body)]
-        events += [json.loads(body) for body in pool.map(lambda key: _read(s3, bucket, key), rejections)]
-    latest: dict[str, dict[str, Any]] = {}
-    for event in sorted(events, key=lambda event: event.get("time", "")):
-        latest[event["data"]["document"]["url"]] = event
+        for body in _bodies(s3, bucket, batches, pool):
+            for event in json.loads(body):
+                take(event)
+        for body in _bodies(s3, bucket, rejections, pool):
+            take(json.loads(body))
     outcomes = Outcomes()
-    for url, event in latest.items():
-        error = event["data"].get("error", {})
-        failure = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
-        if event["type"] == EventType.CREATED:
+    for url, (_, kind, failure) in latest.items():
+        if failure is None:
             outcomes.embedded.add(url)
-        elif event["type"] == EventType.FAILED:
+        elif kind == EventType.FAILED:
             outcomes.failed[url] = failure
         else:
             outcomes.rejected[url] = failure
