@@ -40,7 +40,7 @@ lint: install
 ## Python 3.12 on x86_64 Linux, preferring the versions the tests run; commit them with the change that needs them.
 lock: install
 	$(BIN)/python -m pip freeze > .lock-prefer.txt
-	PYENV_VERSION=$(SAM_BUILD_PYTHON) python3.12 scripts/lock.py --prefer .lock-prefer.txt
+	$(BUILD_PYTHON_ENV) python3.12 scripts/lock.py --prefer .lock-prefer.txt
 	rm .lock-prefer.txt
 
 unit: install

@@ -6,8 +6,10 @@ SAM := $(SAM_VENV)/bin/sam
 SAM_CLI_VERSION ?= 1.170.0
 # `sam validate --lint` needs a region, not an account.
 SAM_REGION ?= us-east-1
-# `sam build` needs the function runtime's interpreter; pyenv provides it on the project's machines.
-SAM_BUILD_PYTHON ?= 3.12.1
+# `sam build` needs the function runtime's interpreter, python3.12: any 3.12 will do. With pyenv, its
+# newest 3.12 (pyenv's shims answer only for the versions selected); without, the python3.12 on PATH.
+SAM_BUILD_PYTHON ?= $(shell command -v pyenv >/dev/null && pyenv versions --bare | grep -E '^3\.12(\.[0-9]+)?$$' | sort -V | tail -1)
+BUILD_PYTHON_ENV := $(if $(SAM_BUILD_PYTHON),PYENV_VERSION=$(SAM_BUILD_PYTHON))
 export SAM_CLI_TELEMETRY = 0
 
 .PHONY: sam-install sam-validate sam-build
@@ -24,4 +26,4 @@ sam-validate: sam-install
 	$(SAM) validate --lint --region $(SAM_REGION)
 
 sam-build: sam-install
-	PYENV_VERSION=$(SAM_BUILD_PYTHON) $(SAM) build
+	$(BUILD_PYTHON_ENV) $(SAM) build

@@ -89,7 +89,7 @@ class WorkerConfig:
     keywords_top_k: int = 5
     #: Set by AWS Batch on each child of an array job; None for a plain job.
     array_index: int | None = None
-    #: The Batch job id, recorded as each event's chainId.
+    #: The Batch job id, recorded in each event's data as jobId.
     job_id: str | None = None
     #: This run's attempt (Batch sets AWS_BATCH_JOB_ATTEMPT, from 1) and the job definition's attempts
     #: (JOB_ATTEMPTS): a transient failure is left to the next attempt, and recorded only on the last.

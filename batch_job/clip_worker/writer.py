@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from clip_shared import aws, keys
 from clip_shared.events import (
     BATCH_CONTENT_TYPE,
+    SCHEMA_VERSION,
     DocumentError,
     EventType,
     Keywords,
@@ -103,7 +104,7 @@ class OutputWriter:
         bucket: str,
         prefix: str,
         model: ClipModel,
-        chain_id: str,
+        job_id: str | None,
         manifest_id: str,
         shard_index: int,
         per_object_pool: ThreadPoolExecutor | None = None,
@@ -115,7 +116,8 @@ class OutputWriter:
         self._pretrained = model.pretrained
         self._model_id = model.id
         self._dimensions = model.dimensions
-        self._chain_id = chain_id
+        self._job_id = job_id
+        self._manifest_id = manifest_id
         self._pool = per_object_pool
         self._per_object = per_object_pool is not None
         self._writes: list[tuple[ManifestEntry, Future[None]]] = []
@@ -250,10 +252,11 @@ class OutputWriter:
         return document_event(
             event_type,
             document_ref(entry.url, entry.mime_type, entry.size, etag),
-            chain_id=self._chain_id,
+            chain_id=self._manifest_id,
             component=COMPONENT,
             metadata=metadata,
             error=(error.code, error.message) if error else None,
+            job_id=self._job_id,
         )
 
     def _parquet(self, rows: list[Row], failed: list[str]) -> bytes:
@@ -274,7 +277,9 @@ class OutputWriter:
                 "pretrained": [self._pretrained] * len(rows),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self._dimensions),
             },
-            schema=shard_schema(self._dimensions).with_metadata({keys.SHARD_FAILED_METADATA: json.dumps(sorted(set(failed)))}),
+            schema=shard_schema(self._dimensions).with_metadata(
+                {keys.SHARD_FAILED_METADATA: json.dumps(sorted(set(failed))), keys.SHARD_SCHEMA_METADATA: SCHEMA_VERSION}
+            ),
         )
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")

@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.exceptions import TyperException
 
 from clip_dispatch.submission import SubmittedJob
 from clip_pipeline import emulator, local, report
 from clip_pipeline import jobs as batch_jobs
 from clip_pipeline.progress import Reporter
-from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, read_stack
+from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, explain, read_stack
 from clip_pipeline.submitter import Target
 from clip_shared import defaults, keys
 
 SAMPLES = emulator.REPOSITORY / "samples"
+#: Set to 1 for the traceback of an unexpected failure, which otherwise ends in one line.
+DEBUG_VARIABLE = "CLIP_PIPELINE_DEBUG"
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
 StackName = Annotated[str, typer.Option("--stack-name", help="Stack to operate on (default: samconfig.toml's).")]
@@ -38,8 +45,37 @@ class Failure(typer.Exit):
     """Ends the command with one clear line on stderr and exit code 2."""
 
     def __init__(self, message: str) -> None:
-        console.print(f"[red]error:[/red] {message}")
+        # Not markup (a message may hold "[Errno 111]"), and not wrapped: one line, copyable.
+        console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
         super().__init__(code=2)
+
+
+class _Commands(typer.core.TyperGroup):
+    """Every command ends a failure in one line that says what to do, and exit code 2.
+
+    Here at the edge, not in each command: missing credentials, region or network can surface
+    from any AWS call, deep in a command or in a library it calls.
+    """
+
+    # Any: typer types the context with the click it bundles privately (typer._click).
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):  # usage errors and exits say their own piece
+            raise
+        except Exception as exc:
+            if os.environ.get(DEBUG_VARIABLE) == "1":
+                raise
+            said = explain(exc)
+            if said is None:
+                said = (
+                    f"unexpected {type(exc).__name__}: {exc} (a bug: run it again with {DEBUG_VARIABLE}=1 "
+                    "for the traceback, and report it)"
+                )
+            raise Failure(said) from exc
+
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Commands)
 
 
 @app.callback()
@@ -55,10 +91,34 @@ def _stack(stack_name: str | None, endpoint_url: str | None, region: str | None)
         raise Failure(str(exc)) from exc
 
 
+HUB = ("huggingface.co", 443)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection(HUB, timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_model(model: str, pretrained: str, model_config: Path | None, device: str | None = None) -> Any:
     """The model, or one clear line and exit 2 when its weights cannot be had."""
+    from_hub = model.startswith("hf-hub:") or not (pretrained.lower() == keys.RANDOM_WEIGHTS or Path(pretrained).is_file())
+    if from_hub and not _hub_reachable():
+        # Weights already in the cache still load; missing ones fail at once instead of after a
+        # minute of the hub client's retries. Set before huggingface_hub is imported: it reads it then.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clip_worker.model import ModelLoadError, load
 
+    # Seconds of silence otherwise (torch, then the weights); on stderr, so --json output stays clean.
+    console.print(f"Loading {model} ({pretrained}) ...", soft_wrap=True, highlight=False)
+    root = logging.getLogger()
+    # The libraries' own warnings about a failed download end in our one line below, not before it;
+    # where a log file collects them (`local`), they still go there.
+    quiet = logging.NullHandler() if not root.handlers else None
+    if quiet:
+        root.addHandler(quiet)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -68,6 +128,9 @@ def _load_model(model: str, pretrained: str, model_config: Path | None, device: 
             f"cannot load {model} weights {pretrained!r} (offline?): pass --pretrained /path/to/checkpoint.pt, "
             f"or --pretrained none for a smoke run with random weights. ({exc.__cause__ or exc})"
         ) from exc
+    finally:
+        if quiet:
+            root.removeHandler(quiet)
 
 
 @app.command("local")
@@ -90,6 +153,9 @@ def local_command(
     ] = "",
     keywords_top_k: Annotated[int, typer.Option(min=1, help="Labels per image with --labels (the KeywordsTopK parameter).")] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the functions' and workers' logs and library warnings as they come.")
+    ] = False,
     serve_api: Annotated[bool, typer.Option("--serve", help="Then serve the query API and demo page over the results.")] = False,
     port: Annotated[int, typer.Option(help="The query API's port with --serve (0 picks a free one).")] = 8080,
     json_output: JsonOutput = False,
@@ -97,37 +163,47 @@ def local_command(
     """Run the whole pipeline on an embedded AWS emulator: upload, SQS, dispatcher, Batch jobs, outputs."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*moto's CloudFormation.*")
-    # Loaded once up front, so missing weights end the run in one line instead of failing every job.
-    clip = _load_model(model, pretrained, model_config, device="cpu")
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
-    parameters = {
-        "ClipModel": model,
-        "ClipPretrained": pretrained,
-        "MaximumBatchingWindowInSeconds": str(batching_window),
-        "ShardSize": str(shard_size),
-        "ClipLabels": labels,
-        "KeywordsTopK": str(keywords_top_k),
-    }
-    if not json_output:
-        console.print("Creating the stack from template.yaml in the emulator...")
-    with local.emulated_stack(parameters) as (clients, stack):
-        extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
-        reporter = Reporter(console, json_output)
-        with reporter.shown():
-            pipeline = local.run_pipeline(
-                clients, stack, folder, files, reporter, extra, console.print if not json_output else lambda line: None
-            )
-        s3 = clients.client("s3")
-        outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(model, pretrained))
-        _print_summary(clients, stack, pipeline, outcomes, json_output)
-        if serve_api:
-            _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
-        elif keep:
-            _wait_for_interrupt(clients, stack)
+    log_path = None if verbose else Path(tempfile.gettempdir()) / f"clip-pipeline-local-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with local.captured_logs(log_path) as log:
+        # Loaded once up front, so missing weights end the run in one line instead of failing every job.
+        clip = _load_model(model, pretrained, model_config, device="cpu")
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
+        parameters = {
+            "ClipModel": model,
+            "ClipPretrained": pretrained,
+            "MaximumBatchingWindowInSeconds": str(batching_window),
+            "ShardSize": str(shard_size),
+            "ClipLabels": labels,
+            "KeywordsTopK": str(keywords_top_k),
+        }
+        if not json_output:
+            console.print("Creating the stack from template.yaml in the emulator...")
+        with local.emulated_stack(parameters) as (clients, stack):
+            extra = {"CLIP_MODEL_CONFIG": str(model_config.resolve())} if model_config else {}
+            reporter = Reporter(console, json_output)
+            model_id = keys.model_id(model, pretrained)
+            with reporter.shown():
+                say = console.print if not json_output else lambda line: None
+                pipeline = local.run_pipeline(clients, stack, folder, files, reporter, extra, say, log)
+                s3 = clients.client("s3")
+                outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, model_id)
+                # Every upload has an outcome now, a rejection included: the bar ends at its total.
+                reporter.update("processed", len(outcomes.embedded) + len(outcomes.failed) + len(outcomes.rejected))
+            _print_summary(clients, stack, pipeline, outcomes, json_output, log_path)
+            if serve_api:
+                _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
+            elif keep:
+                assert pipeline.stand_in is not None  # run_pipeline always hands it back
+                _wait_for_interrupt(clients, stack, pipeline.stand_in, say)
 
 
 def _print_summary(
-    clients: Clients, stack: Stack, pipeline: local.PipelineRun, outcomes: report.Outcomes, json_output: bool
+    clients: Clients,
+    stack: Stack,
+    pipeline: local.PipelineRun,
+    outcomes: report.Outcomes,
+    json_output: bool,
+    log_path: Path | None,
 ) -> None:
     output = stack.output("OutputBucketName")
     model_id = keys.model_id(stack.model, stack.pretrained)
@@ -145,6 +221,7 @@ def _print_summary(
         "parquet": keys.s3_url(output, keys.parquet_prefix(stack.output_prefix, model_id)),
         "endpoint_url": clients.endpoint_url,
         "stack_name": stack.name,
+        "log": str(log_path) if log_path else None,
     }
     if json_output:
         # One line, so a script can read it while --keep holds the emulator open.
@@ -167,25 +244,37 @@ def _print_summary(
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
-    for name in ("events", "parquet"):
-        table.add_row(name, summary[name])
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    # Below the table, not in it: a table cuts a long URI or path to its width, and it must stay copyable.
+    for name in ("events", "parquet", "log"):
+        if summary[name]:
+            out.print(f"{name:<8} {summary[name]}", soft_wrap=True, highlight=False)
 
 
-def _wait_for_interrupt(clients: Clients, stack: Stack) -> None:
+def kept_commands(clients: Clients, stack: Stack) -> list[str]:
+    """Commands that query a kept emulator as printed: the emulator takes any credentials, but they must be set."""
     endpoint = clients.endpoint_url
+    return [
+        f"export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION={emulator.REGION}",
+        f"aws --endpoint-url {endpoint} s3 ls s3://{stack.output('OutputBucketName')}/ --recursive",
+        f"clip-pipeline status --stack-name {stack.name} --endpoint-url {endpoint}",
+    ]
+
+
+def _wait_for_interrupt(clients: Clients, stack: Stack, stand_in: local.StandIn, say: Any) -> None:
     console.print(
-        f"\nThe emulator keeps running at {endpoint} (Ctrl-C stops it). Query it with the AWS CLI, e.g.:\n"
-        f"  AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local aws --endpoint-url {endpoint} --region {emulator.REGION} "
-        f"s3 ls s3://{stack.output('OutputBucketName')}/ --recursive\n"
-        f"  clip-pipeline status --stack-name {stack.name} --endpoint-url {endpoint} --region {emulator.REGION}"
+        f"\nThe emulator and the pipeline keep running at {clients.endpoint_url} (Ctrl-C stops them): an upload to "
+        f"s3://{stack.output('InputBucketName')}/ is embedded as on AWS. From another shell:",
+        soft_wrap=True,
     )
+    for command in kept_commands(clients, stack):
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
     # Python leaves SIGINT ignored when it started ignored (a job started in the background by a
     # script); "Ctrl-C stops it" must hold however it was started, as it does for `serve`.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(3600)
+        stand_in.keep_running(say)
     except KeyboardInterrupt:
         pass
 
@@ -299,6 +388,7 @@ def status(
         "waiting": found.waiting,
         "cancel_waiting_command": cancel,
         **outcomes.as_dict(),
+        "upload_queue": found.uploads.as_dict(),
         "dead_letter_messages": found.dead_letters,
     }
     if json_output:
@@ -317,10 +407,14 @@ def status(
             f"and `clip-pipeline retry --failed-jobs`):\n{cancel}",
         )
     table.add_row("embedded", str(result["embedded"]))
-    table.add_row("rejected", str(len(outcomes.rejected)))
-    table.add_row("failed", str(len(outcomes.failed)))
-    for url, outcome in sorted({**outcomes.rejected, **outcomes.failed}.items()):
-        table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
+    # Each reason under its own row: a rejection listed under "failed 0" reads as a failure.
+    for name, found_outcomes in (("rejected", outcomes.rejected), ("failed", outcomes.failed)):
+        table.add_row(name, str(len(found_outcomes)))
+        for url, outcome in sorted(found_outcomes.items()):
+            table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
+    uploads = found.uploads
+    age = "oldest unknown" if uploads.oldest_s is None else f"oldest {uploads.oldest_s} s"
+    table.add_row("upload queue", f"{uploads.waiting} waiting, {uploads.in_flight} in flight, {age}")
     table.add_row("dead-letter queue", f"{found.dead_letters} messages")
     Console().print(table)
 

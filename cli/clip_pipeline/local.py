@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
@@ -60,12 +61,34 @@ def emulated_stack(parameters: dict[str, str]) -> Iterator[tuple[Clients, Stack]
         yield clients, read_stack(clients, LOCAL_STACK)
 
 
+@contextlib.contextmanager
+def captured_logs(path: Path | None) -> Iterator[TextIO | None]:
+    """Library logs and warnings into the file at `path`, which the caller hands on for the
+    functions' and the worker's output; with None, all of it goes to stderr as it comes."""
+    if path is None:
+        yield None
+        return
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    with path.open("a", encoding="utf-8") as log:
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.handlers, root.level = [handler], logging.INFO
+        logging.captureWarnings(True)
+        try:
+            yield log
+        finally:
+            logging.captureWarnings(False)
+            root.handlers, root.level = saved
+
+
 @dataclass
 class LambdaContext:
     """The attributes of Lambda's context object the handler and Powertools read."""
 
     function_name: str
     timeout_s: int
+    #: The function's MemorySize (LambdaPoller passes the template's).
     memory_limit_in_mb: int = 1024
     aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     started: float = field(default_factory=time.monotonic)
@@ -114,8 +137,31 @@ def complete_s3_notification(body: str) -> str:
     return json.dumps(document)
 
 
+@contextlib.contextmanager
+def function_environment(environment: dict[str, str]) -> Iterator[None]:
+    """The process's environment as Lambda gives one function, for as long as that function runs.
+
+    Each function has a process of its own on Lambda; here several share this one, and what one
+    reads at call time (Powertools' service name for a metric, say) must be its own, not the last loaded's.
+    """
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def load_handler(path: Path, environment: dict[str, str]) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
-    """Import a function's module fresh, in the environment Lambda would give it, like a cold start."""
+    """Import a function's module fresh, in the environment Lambda would give it, like a cold start.
+
+    The environment stays set: run each invocation in `function_environment` when several
+    functions share the process.
+    """
     os.environ.update(environment)
     name = f"local_{path.parent.name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -130,12 +176,19 @@ class LambdaPoller:
     """Lambda's SQS event source, for one function."""
 
     def __init__(
-        self, clients: Clients, function_name: str, handler_path: Path = DISPATCHER, max_window_s: int | None = None
+        self,
+        clients: Clients,
+        function_name: str,
+        handler_path: Path = DISPATCHER,
+        max_window_s: int | None = None,
+        log: TextIO | None = None,
     ) -> None:
         self._lambda = clients.client("lambda")
         self._sqs = clients.client("sqs")
+        #: Where the function's output goes (its CloudWatch logs): stderr unless a log file is given.
+        self._log = log
         configuration = self._lambda.get_function_configuration(FunctionName=function_name)
-        self.context_template = (function_name, int(configuration.get("Timeout", 3)))
+        self.context_template = (function_name, int(configuration.get("Timeout", 3)), int(configuration.get("MemorySize", 128)))
         mappings = self._lambda.list_event_source_mappings(FunctionName=function_name)["EventSourceMappings"]
         self.mappings = [
             EventSourceMapping(
@@ -152,8 +205,9 @@ class LambdaPoller:
         environment = plain_environment(configuration.get("Environment", {}).get("Variables", {}))
         # Lambda's runtime provides an X-Ray daemon; locally there is none to send traces to.
         environment |= {"POWERTOOLS_TRACE_DISABLED": "true", "AWS_LAMBDA_FUNCTION_NAME": function_name}
-        # The function's log lines are its CloudWatch logs: they go to stderr, and stdout stays the command's.
-        with contextlib.redirect_stdout(sys.stderr):
+        self._environment = environment
+        # The function's log lines are its CloudWatch logs: they go to the log, and stdout stays the command's.
+        with contextlib.redirect_stdout(self._log or sys.stderr):
             self._handler = load_handler(handler_path, environment)
 
     def _queue_url(self, arn: str) -> str:
@@ -201,10 +255,10 @@ class LambdaPoller:
                     for message in messages
                 ]
             }
-            name, timeout_s = self.context_template
+            context = LambdaContext(*self.context_template)
             started, cpu_started = time.monotonic(), time.process_time()
-            with contextlib.redirect_stdout(sys.stderr):
-                response = self._handler(event, LambdaContext(name, timeout_s)) or {}
+            with contextlib.redirect_stdout(self._log or sys.stderr), function_environment(self._environment):
+                response = self._handler(event, context) or {}
             seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
             failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
             done = [m for m in messages if m["MessageId"] not in failed]
@@ -323,6 +377,45 @@ def _in_flight(sqs: Any, queue_url: str) -> int:
     return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
 
 
+class StandIn:
+    """What AWS does between the stack's resources, one round at a time: the dispatcher's and the
+    indexer's SQS pollers and Batch. `clip-pipeline local --keep` goes on calling `step` after the
+    first run, so that an upload to the kept emulator is processed too."""
+
+    def __init__(self, clients: Clients, stack: Stack, extra_environment: dict[str, str], log: TextIO | None) -> None:
+        self.dispatcher = LambdaPoller(clients, stack.output("DispatcherFunctionName"), log=log)
+        # The vector store's writer: finished shards go into the store that search reads.
+        self.indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S, log=log)
+        self.batch = BatchRunner(clients, stack, extra_environment)
+        self._sqs = clients.client("sqs")
+        self._queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
+        self.log = log
+
+    def step(
+        self, worker_line: Callable[[tuple[str, int | None], str], None], say: Callable[[str], None]
+    ) -> tuple[list[Invocation], list[JobRun], list[Invocation]]:
+        """One round: dispatch what the upload queue holds, run the jobs submitted, index their shards."""
+        invocations = self.dispatcher.poll()
+        done = self.batch.run_pending(worker_line)
+        for run in done:
+            child = "" if run.array_index is None else f" child {run.array_index}"
+            say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
+        return invocations, done, self.indexer.poll()
+
+    def idle(self) -> bool:
+        return not any(_in_flight(self._sqs, url) for url in self._queues)
+
+    def keep_running(self, say: Callable[[str], None], pause_s: float = 1.0) -> None:
+        """Go on doing AWS's part until interrupted (Ctrl-C)."""
+
+        def worker_line(child: tuple[str, int | None], line: str) -> None:
+            print(line, file=self.log or sys.stderr)
+
+        while True:
+            if not any(self.step(worker_line, say)):
+                time.sleep(pause_s)
+
+
 @dataclass(frozen=True)
 class PipelineRun:
     runs: list[JobRun]
@@ -335,6 +428,8 @@ class PipelineRun:
     #: a name that is not UTF-8 with Python's stand-ins for its bytes).
     uploaded: int = 0
     not_uploaded: dict[str, str] = field(default_factory=dict)
+    #: What did AWS's part, to go on with (`--keep`).
+    stand_in: StandIn | None = None
 
 
 def unstorable(key: str) -> str | None:
@@ -381,13 +476,14 @@ def run_pipeline(
     reporter: Reporter,
     extra_environment: dict[str, str],
     say: Callable[[str], None],
+    log: TextIO | None = None,
 ) -> PipelineRun:
-    """Upload `files`, then do what AWS would until every upload is dispatched and every job has run."""
-    poller = LambdaPoller(clients, stack.output("DispatcherFunctionName"))
-    # The vector store's writer: finished shards go into the store that search reads.
-    indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S)
-    runner = BatchRunner(clients, stack, extra_environment)
-    s3, sqs = clients.client("s3"), clients.client("sqs")
+    """Upload `files`, then do what AWS would until every upload is dispatched and every job has run.
+
+    The functions' and the workers' own output goes to `log`, or to stderr when it is None.
+    """
+    aws = StandIn(clients, stack, extra_environment, log)
+    s3 = clients.client("s3")
     started = time.monotonic()
     input_bucket = stack.output("InputBucketName")
     reporter.start("uploaded", len(files))
@@ -403,6 +499,7 @@ def run_pipeline(
     children = _ChildProgress()
 
     def worker_line(child: tuple[str, int | None], line: str) -> None:
+        print(line, file=log or sys.stderr)
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -414,21 +511,15 @@ def run_pipeline(
         elif message == "object failed":
             say(f"worker: {record.get('url')}: {record.get('code')}")
 
-    queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
     runs: list[JobRun] = []
     invoked: list[Invocation] = []
     indexed: list[Invocation] = []
     while True:
-        invocations = poller.poll()
+        invocations, done, indexing = aws.step(worker_line, say)
         invoked += invocations
         dispatched += sum(invocation.records - invocation.failures for invocation in invocations)
         reporter.update("dispatched", dispatched)
-        done = runner.run_pending(worker_line)
-        for run in done:
-            child = "" if run.array_index is None else f" child {run.array_index}"
-            say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
         runs += done
-        indexing = indexer.poll()
         indexed += indexing
-        if not invocations and not done and not indexing and not any(_in_flight(sqs, url) for url in queues):
-            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded)
+        if not invocations and not done and not indexing and aws.idle():
+            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded, aws)

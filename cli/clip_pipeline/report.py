@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow.parquet as pq
+from botocore.exceptions import ClientError
 
 from clip_pipeline import jobs, redrive
 from clip_pipeline.stack import Clients, Stack
@@ -56,22 +59,43 @@ def _read(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def _bodies(s3: Any, bucket: str, keys_: list[str], pool: ThreadPoolExecutor) -> Iterator[bytes]:
+    """Each object's body, read in parallel a window at a time: what waits to be parsed stays bounded."""
+    window = 8 * _PARALLEL_READS
+    for start in range(0, len(keys_), window):
+        yield from pool.map(lambda key: _read(s3, bucket, key), keys_[start : start + window])
+
+
 def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
+    """Every object's latest outcome. Events are read as a stream and only each url's latest is
+    kept, as a few fields: memory grows with the objects, not with every event's whole document."""
     batches = [item["Key"] for item in _listing(s3, bucket, keys.events_prefix(prefix, model_id))]
     rejections = [item["Key"] for item in _listing(s3, bucket, keys.rejected_prefix(prefix))]
+    # url -> (time, type, why): the latest event wins, and of two at the same time the one read last.
+    latest: dict[str, tuple[str, str, Failure | None]] = {}
+
+    def take(event: dict[str, Any]) -> None:
+        url, time = event["data"]["document"]["url"], event.get("time", "")
+        seen = latest.get(url)
+        if seen is not None and time < seen[0]:
+            return
+        failure = None
+        if event["type"] != EventType.CREATED:
+            error = event["data"].get("error", {})
+            failure = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
+        latest[url] = (time, event["type"], failure)
+
     with ThreadPoolExecutor(_PARALLEL_READS) as pool:
-        events = [event for body in pool.map(lambda key: _read(s3, bucket, key), batches) for event in json.loads(body)]
-        events += [json.loads(body) for body in pool.map(lambda key: _read(s3, bucket, key), rejections)]
-    latest: dict[str, dict[str, Any]] = {}
-    for event in sorted(events, key=lambda event: event.get("time", "")):
-        latest[event["data"]["document"]["url"]] = event
+        for body in _bodies(s3, bucket, batches, pool):
+            for event in json.loads(body):
+                take(event)
+        for body in _bodies(s3, bucket, rejections, pool):
+            take(json.loads(body))
     outcomes = Outcomes()
-    for url, event in latest.items():
-        error = event["data"].get("error", {})
-        failure = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
-        if event["type"] == EventType.CREATED:
+    for url, (_, kind, failure) in latest.items():
+        if failure is None:
             outcomes.embedded.add(url)
-        elif event["type"] == EventType.FAILED:
+        elif kind == EventType.FAILED:
             outcomes.failed[url] = failure
         else:
             outcomes.rejected[url] = failure
@@ -92,6 +116,41 @@ def embedded_etags(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """Uploads the dispatcher has not taken yet."""
+
+    waiting: int
+    #: Received by the dispatcher and neither finished nor given back yet.
+    in_flight: int
+    #: The oldest message's age in seconds, SQS's ApproximateAgeOfOldestMessage over the last 10
+    #: minutes; None without a datapoint (an emulator, a queue idle that long, or no permission to read it).
+    oldest_s: int | None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"waiting": self.waiting, "in_flight": self.in_flight, "oldest_s": self.oldest_s}
+
+
+def backlog(clients: Clients, queue_url: str) -> Backlog:
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = clients.client("sqs").get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+    now = datetime.now(UTC)
+    try:
+        points = clients.client("cloudwatch").get_metric_statistics(
+            Namespace="AWS/SQS",
+            MetricName="ApproximateAgeOfOldestMessage",
+            Dimensions=[{"Name": "QueueName", "Value": queue_url.rsplit("/", 1)[-1]}],
+            StartTime=now - timedelta(minutes=10),
+            EndTime=now,
+            Period=60,
+            Statistics=["Maximum"],
+        )["Datapoints"]
+    except ClientError:  # no cloudwatch:GetMetricStatistics: the counts still answer
+        points = []
+    oldest = max(points, key=lambda point: point["Timestamp"])["Maximum"] if points else None
+    return Backlog(int(attributes[names[0]]), int(attributes[names[1]]), None if oldest is None else int(oldest))
+
+
+@dataclass(frozen=True)
 class Status:
     #: The stack's jobs (array parents) by state.
     jobs: dict[str, int]
@@ -99,11 +158,12 @@ class Status:
     dead_letters: int
     #: The jobs waiting in RUNNABLE, oldest first, with Batch's reason (jobs.waiting).
     waiting: list[dict[str, Any]]
+    uploads: Backlog
 
 
 def status(clients: Clients, stack: Stack) -> Status:
-    """The stack's jobs by state, those waiting for an instance and why, every object's outcome, and how
-    many messages wait in the dead-letter queue."""
+    """The stack's jobs by state, those waiting for an instance and why, every object's outcome, the
+    uploads not dispatched yet, and how many messages wait in the dead-letter queue."""
     batch_client = clients.client("batch")
     counts = {}
     for state in jobs.STATES:
@@ -113,4 +173,5 @@ def status(clients: Clients, stack: Stack) -> Status:
     outcomes = tally(
         clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
     )
-    return Status(counts, outcomes, redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl")), waiting)
+    dead_letters = redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))
+    return Status(counts, outcomes, dead_letters, waiting, backlog(clients, stack.output("UploadQueueUrl")))

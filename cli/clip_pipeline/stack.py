@@ -8,7 +8,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
-from botocore.exceptions import ClientError
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    TokenRetrievalError,
+)
+from botocore.exceptions import ConnectionError as NetworkError
 
 from clip_shared.aws import CLIENT_CONFIG
 
@@ -48,8 +60,11 @@ class Clients:
     endpoint_url: str | None = None
     region: str | None = None
 
-    def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region, config=CLIENT_CONFIG)
+    def client(self, service: str, attempts: int | None = None) -> Any:
+        """A client with the pipeline's retries, or `attempts` in all (a probe that should fail fast)."""
+        retries = {"mode": "standard", "total_max_attempts": attempts}
+        config = CLIENT_CONFIG.merge(Config(retries=retries)) if attempts else CLIENT_CONFIG
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def storage(self) -> StorageSettings:
         """The same endpoint and region for LanceDB's own S3 client (the vector store) as for boto3's."""
@@ -96,8 +111,10 @@ def plain_environment(variables: dict[str, Any] | list[dict[str, Any]]) -> dict[
 
 
 def read_stack(clients: Clients, name: str) -> Stack:
+    # The first call of every stack command: an endpoint that cannot be reached ends the command in
+    # seconds rather than after the minute of retries a worker's clients ride out.
     try:
-        described = clients.client("cloudformation").describe_stacks(StackName=name)["Stacks"][0]
+        described = clients.client("cloudformation", attempts=3).describe_stacks(StackName=name)["Stacks"][0]
     except ClientError as exc:
         raise StackError(
             f"cannot read stack {name}: {exc.response['Error']['Message']} "
@@ -116,3 +133,52 @@ def function_environment(clients: Clients, stack: Stack, output: str) -> dict[st
     """The environment of the stack's function named by `output`, as deployed."""
     configuration = clients.client("lambda").get_function_configuration(FunctionName=stack.output(output))
     return plain_environment(configuration.get("Environment", {}).get("Variables", {}))
+
+
+#: Client errors that say the caller's credentials are the problem, not the request.
+_CREDENTIALS_REFUSED = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+    }
+)
+
+
+def explain(exc: BaseException) -> str | None:
+    """What to do about an AWS failure, in one line, or None when `exc` is not one.
+
+    The CLI's edge turns these into that line: a missing region, credentials or network is the
+    user's to fix and a traceback tells them nothing they can act on.
+    """
+    settings = "--region, AWS_REGION, or `aws configure`"
+    if isinstance(exc, NoRegionError):
+        return f"no AWS region: pass {settings}"
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return (
+            "no AWS credentials: run `aws configure` or `aws sso login`, or set AWS_PROFILE "
+            "(an emulator such as `clip-pipeline local --keep` takes any: AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local)"
+        )
+    if isinstance(exc, TokenRetrievalError):
+        return f"the AWS session has expired: run `aws sso login` ({exc})"
+    if isinstance(exc, ProfileNotFound):
+        return f"{exc}: set AWS_PROFILE to one `aws configure list-profiles` shows"
+    if isinstance(exc, (NetworkError, ConnectionClosedError, ReadTimeoutError)):
+        return f"{exc}: check the network, --endpoint-url and --region (is an emulator's endpoint still running?)"
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        said = str(exc.response.get("Error", {}).get("Message", ""))
+        operation = exc.operation_name
+        if code in _CREDENTIALS_REFUSED:
+            return f"AWS refused the credentials ({code}: {said}): refresh them (`aws sso login`) or set AWS_PROFILE"
+        if "AccessDenied" in code or code in {"UnauthorizedOperation", "Forbidden", "403"}:
+            return f"AWS denied {operation} ({said or code}): use credentials allowed to operate the stack"
+        return f"AWS answered {operation} with {code}: {said} (run the command again; if it persists, check the stack in the CloudFormation console)"
+    if isinstance(exc, BotoCoreError):
+        return f"{exc}: check the network, credentials and --region"
+    return None

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -120,17 +121,44 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
             0,
         )
         assert report["jobs"]["SUCCEEDED"] == 1
+        table = CliRunner().invoke(
+            app, ["status", "--stack-name", summary["stack_name"], "--endpoint-url", summary["endpoint_url"], "--region", "us-east-1"],
+            env={"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "COLUMNS": "200"},
+        ).stdout  # fmt: skip
+        # Each reason sits under its own outcome's row.
+        rejected, failed = table.index("│ rejected"), table.index("│ failed")
+        assert rejected < table.index("notes.jpg") < failed < table.index("truncated.jpg")
+        assert report["upload_queue"] == {"waiting": 0, "in_flight": 0, "oldest_s": None}
+
+        # --keep keeps the pipeline, not only the data: a later upload is embedded too.
+        input_bucket = keys.parse_s3_url(next(iter(summary["rejected"])))[0]
+        s3.put_object(Bucket=input_bucket, Key="later/astronaut.png", Body=encode(photo("astronaut.png"), "PNG"))
+        deadline = time.monotonic() + 120
+        while "later/astronaut.png" not in stored_vectors(s3, model_id, bucket=output):
+            assert time.monotonic() < deadline, "the kept pipeline did not embed a later upload"
+            time.sleep(1)
     finally:
         # Ctrl-C ends it even where the test runner was started with SIGINT ignored, which its children inherit.
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
     # --json: progress came as JSON lines on stderr, ending at the totals.
     assert process.stderr is not None
-    progress = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith('{"progress"')]
+    stderr = process.stderr.read().splitlines()
+    progress = [json.loads(line) for line in stderr if line.startswith('{"progress"')]
     last = {line["progress"]: line for line in progress}
     assert last["uploaded"]["completed"] == last["uploaded"]["total"] == len(expected) + 7
     assert last["dispatched"]["completed"] == len(expected) + 5
-    assert last["processed"]["completed"] == len(expected) + 3  # all but the two rejected
+    # Every upload got an outcome, the two rejected included: the bar ends at its total.
+    assert last["processed"]["completed"] == last["processed"]["total"] == len(expected) + 5
+    # What the functions, the workers and the libraries print went to the log, not between the bars.
+    assert not [line for line in stderr if "moto" in line.lower() or line.startswith(('{"level"', '{"_aws"'))]
+    log = Path(summary["log"]).read_text()
+    assert "No Moto CloudFormation support" in log and '"message":"Submitted job"' in log
+    # Each function's metrics carry its own service name, and its context the template's memory.
+    metrics = [json.loads(line) for line in log.splitlines() if '"ObjectsRejected"' in line]
+    assert metrics and {metric["service"] for metric in metrics} == {"dispatcher"}
+    logged = [json.loads(line) for line in log.splitlines() if '"function_memory_size"' in line]
+    assert {line["service"]: line["function_memory_size"] for line in logged} == {"dispatcher": 256, "clip-indexer": 2048}
 
 
 def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: Path) -> None:

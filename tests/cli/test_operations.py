@@ -283,3 +283,27 @@ def test_backfill_and_retry_go_past_an_object_s3_will_not_serve(deployed: tuple[
     record_failure(deployed, entry, ErrorCode.OBJECT_ARCHIVED)
     retried = invoke(deployed, "retry", "--code", "object-archived")
     assert (retried["candidates"], retried["rejected"], retried["submitted"], retried["jobs"]) == (1, 1, 0, 0)
+
+
+def test_status_shows_the_uploads_the_dispatcher_has_not_taken(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    sqs, queue = clients.client("sqs"), stack.output("UploadQueueUrl")
+    # The dispatcher's trigger off, as an operator would to hold uploads back (moto's would consume them).
+    functions = clients.client("lambda")
+    for mapping in functions.list_event_source_mappings(FunctionName=stack.output("DispatcherFunctionName"))[
+        "EventSourceMappings"
+    ]:
+        functions.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)
+    before = invoke(deployed, "status")["upload_queue"]
+    for n in range(3):
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"Records": [], "n": n}))
+    taken = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=1, VisibilityTimeout=300)["Messages"]
+    try:
+        after = invoke(deployed, "status")["upload_queue"]
+        # The emulator keeps no CloudWatch metrics: the age is unknown, not made up.
+        assert after == {"waiting": before["waiting"] + 2, "in_flight": before["in_flight"] + 1, "oldest_s": None}
+    finally:
+        # Not purge_queue: once a minute at most, and other tests of this stack use it.
+        left = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+        for message in [*taken, *left]:
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])

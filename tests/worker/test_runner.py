@@ -102,7 +102,7 @@ def test_every_format_gets_a_unit_vector_matching_open_clip_and_a_cloudevent(s3:
         assert event["specversion"] == "1.0" and event["type"] == "document-created"
         assert event["id"] and event["time"] and event["source"]
         data = event["data"]
-        assert data["chainId"] == "job-123"
+        assert (data["chainId"], data["jobId"]) == ("m-1", "job-123")  # put_manifest's manifest id
         assert data["source"] == data["document"]
         assert data["document"]["url"] == f"s3://{INPUT_BUCKET}/{key}"
         assert data["document"]["type"] == mime

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 class QueryConfig(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, protected_namespaces=())
 
-    #: Where the worker writes; the API searches the Parquet shards under this bucket and prefix.
+    #: Where the worker writes; the API searches the vector store under this bucket and prefix.
     output_bucket: str = Field(alias="OUTPUT_BUCKET", min_length=3)
     output_prefix: str = Field(alias="OUTPUT_PREFIX", default="")
     #: The worker's model and weights: a query vector only compares with vectors of the same model.

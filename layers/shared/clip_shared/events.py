@@ -19,6 +19,11 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 SOURCE = "urn:clip-embedding-pipeline"
+#: The version of the output contract (docs/outputs.md), in every event's `dataschema` and every
+#: Parquet shard's metadata (keys.SHARD_SCHEMA_METADATA). It changes only when a field is removed or
+#: changes meaning; new fields may appear within a version.
+SCHEMA_VERSION = "1"
+DATASCHEMA = f"{SOURCE}:outputs:v{SCHEMA_VERSION}"
 #: The CloudEvents JSON batch format: a JSON array of structured-mode events.
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 _FORMAT = JSONFormat()
@@ -82,8 +87,14 @@ def document_event(
     component: str,
     metadata: dict[str, Any] | None = None,
     error: tuple[ErrorCode, str] | None = None,
+    job_id: str | None = None,
 ) -> CloudEvent:
-    """One object's event. `component` (dispatcher, worker) completes the event's `source`."""
+    """One object's event. `component` (dispatcher, worker) completes the event's `source`.
+
+    `chain_id` is the manifest id, whatever the outcome: the dispatcher's batch that the object was
+    admitted to or rejected from, also the folder of its job's outputs; `job_id`, the Batch job that
+    embedded it or failed to, where there was one.
+    """
     data: dict[str, Any] = {
         "chainId": chain_id,
         "source": document,
@@ -94,11 +105,14 @@ def document_event(
     if error is not None:
         code, message = error
         data["error"] = {"code": str(code), "message": message}
+    if job_id is not None:
+        data["jobId"] = job_id
     attributes = {
         "type": str(event_type),
         "source": f"{SOURCE}:{component}",
         "subject": document["url"],
         "datacontenttype": "application/json",
+        "dataschema": DATASCHEMA,
     }
     return CloudEvent(attributes, data)
 

@@ -37,6 +37,8 @@ MAX_KEY_BYTES = 1024
 #: A shard's Parquet key-value metadata naming, as a JSON list of urls, the objects its child could
 #: not embed: the vector store removes their older versions' vectors (clip_store.reconcile).
 SHARD_FAILED_METADATA = b"clip.failed"
+#: A shard's Parquet metadata key for the output contract's version (events.SCHEMA_VERSION).
+SHARD_SCHEMA_METADATA = b"clip.schema_version"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: CLIP_PRETRAINED value for random weights (smoke tests only).
 RANDOM_WEIGHTS = "none"
