@@ -21,8 +21,9 @@ from typing import Any
 from clip_shared import keys
 from clip_store.lease import S3Lease
 
-#: Longer than a job may wait to start (RunnableTimeoutSeconds) plus run (IndexJobTimeoutSeconds).
-JOB_TTL = timedelta(hours=12)
+#: Longer than a job may wait to start (RunnableTimeoutSeconds, at most 24 h) plus run (8 h: template.yaml's
+#: IndexJobDefinition): a marker older than that belongs to a job that will never release it.
+JOB_TTL = timedelta(hours=36)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,6 @@ def submit_training(s3: Any, batch: Any, jobs: TrainingJobs, bucket: str, prefix
             jobQueue=jobs.queue,
             jobDefinition=jobs.definition,
             containerOverrides={"command": ["python", "-m", "clip_indexer.train", model_id]},
-            tags={"clip-pipeline:due": due},
         )
     except Exception:
         marker.release()  # nothing submitted: the next deferral tries again
