@@ -86,6 +86,15 @@ class Tuning:
     probes: int
     measured_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
+    def summary(self) -> str:
+        """One line for people: the settings, and the recall they gave against the target."""
+        recall = ", ".join(f"{kind} {value:.3f}" for kind, value in sorted(self.recall.items()))
+        verdict = "reached" if self.reached else "NOT reached at any setting"
+        return (
+            f"nprobes {self.nprobes}, refine {self.refine_factor}: recall@{self.k} {recall} "
+            f"(target {self.target} {verdict}; {self.probes} probes a kind at {self.rows:,} rows, {self.measured_at})"
+        )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
