@@ -290,8 +290,7 @@ class VectorStore:
         vector = np.asarray(query, np.float32)
         self._check_dimensions(table, vector.shape[-1], "the query")
         vector = vector / np.linalg.norm(vector)
-        # The measured settings come with the schema the open table already holds: no request.
-        nprobes, refine_factor = self.search_settings.resolve(Tuning.from_metadata(table.schema.field(VECTOR_COLUMN).metadata))
+        nprobes, refine_factor = self.search_settings.resolve(_tuning(table))
         found = (
             table.search(vector, vector_column_name=VECTOR_COLUMN)
             .distance_type("dot")
@@ -304,6 +303,15 @@ class VectorStore:
         skip = set(exclude)
         urls, distances = found.column("url").to_pylist(), found.column("_distance").to_pylist()
         return [Match(url, 1.0 - distance) for url, distance in zip(urls, distances, strict=True) if url not in skip][:top]
+
+    def search_in_use(self) -> tuple[int, int, Tuning | None] | None:
+        """(nprobes, refine_factor) a search uses now, and the measurement they come from (None if given or
+        not measured yet); None while nothing is stored."""
+        table = self.table()
+        if table is None:
+            return None
+        tuning = _tuning(table)
+        return (*self.search_settings.resolve(tuning), tuning)
 
     def vector_of(self, url: str) -> np.ndarray | None:
         """The stored vector of one image (for `similar`), or None if it is not in the store."""
@@ -347,6 +355,11 @@ def fragment_count(table: LanceTable) -> int:
     # Read from the manifest the table already holds; typed as a class, it is a dict at run time.
     stats: Any = table.stats()
     return int(stats["fragment_stats"]["num_fragments"])
+
+
+def _tuning(table: LanceTable) -> Tuning | None:
+    # Read from the schema the open table already holds: no request.
+    return Tuning.from_metadata(table.schema.field(VECTOR_COLUMN).metadata)
 
 
 def _vector_index(table: LanceTable) -> IndexConfig | None:
