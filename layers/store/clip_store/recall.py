@@ -119,11 +119,11 @@ def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPol
     if texts is not None and len(texts):
         chosen = rng.choice(len(texts), size=min(policy.probes, len(texts)), replace=False)
         kinds["texts"] = (_unit(np.asarray(texts, np.float32)[np.sort(chosen)]), [None] * len(chosen))
-    exact = _exact(
+    exact = exact_answers(
         table, {kind: vectors for kind, (vectors, _) in kinds.items()}, {k: own for k, (_, own) in kinds.items()}, policy.k
     )
     best: Tuning | None = None
-    for nprobes, refine_factor in _rungs(policy.ladder, partitions):
+    for nprobes, refine_factor in rungs(policy.ladder, partitions):
         recall = {
             kind: _recall(table, vectors, own, exact[kind], nprobes, refine_factor, policy.k)
             for kind, (vectors, own) in kinds.items()
@@ -140,7 +140,7 @@ def record(table: LanceTable, tuning: Tuning) -> None:
     table.update_field_metadata({"path": "vector", "metadata": {TUNING: tuning.to_json()}})
 
 
-def _rungs(ladder: Sequence[tuple[int, int]], partitions: int) -> list[tuple[int, int]]:
+def rungs(ladder: Sequence[tuple[int, int]], partitions: int) -> list[tuple[int, int]]:
     rungs = [(nprobes, refine) for nprobes, refine in ladder if nprobes < partitions]
     return [*rungs, (partitions, max(refine for _, refine in ladder))]
 
@@ -155,7 +155,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
-def _exact(
+def exact_answers(
     table: LanceTable, probes: dict[str, np.ndarray], own: dict[str, list[str | None]], k: int
 ) -> dict[str, list[set[str]]]:
     """Each probe's exact top-k urls (its own url left out), in one pass over the table."""
