@@ -92,7 +92,7 @@ MIXTURES = {"clip_like": clip_like_chunks, "lognormal": lognormal_chunks}
 def text_like(images: np.ndarray, seed: int) -> np.ndarray:
     """Queries from another cone than `images` (a sample of the mixture, not stored): see the module docstring."""
     rng = np.random.default_rng(seed)
-    common = unit(np.asarray(images.mean(axis=0)))
+    common = unit(images.mean(axis=0, keepdims=True)[0])
     other = unit(rng.standard_normal(images.shape[1]))
     other = unit(other - (other @ common) * common)
     lifted = images - 0.8 * np.outer(images @ common, common)
