@@ -94,7 +94,7 @@ def text_like(images: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     common = unit(images.mean(axis=0, keepdims=True)[0])
     other = unit(rng.standard_normal(images.shape[1]))
-    other = unit(other - (other @ common) * common)
+    other = unit(other - float(other @ common) * common)
     lifted = images - 0.8 * np.outer(images @ common, common)
     noise = rng.standard_normal(images.shape).astype(np.float32) / np.sqrt(images.shape[1])
     return unit(unit(lifted) + 0.6 * other + 0.5 * noise)
