@@ -93,7 +93,7 @@ def text_like(images: np.ndarray, seed: int) -> np.ndarray:
     """Queries from another cone than `images` (a sample of the mixture, not stored): see the module docstring."""
     rng = np.random.default_rng(seed)
     common = unit(images.mean(axis=0, keepdims=True)[0])
-    other = unit(rng.standard_normal(images.shape[1]))
+    other = unit(rng.standard_normal((images.shape[1],)))
     other = unit(other - float(other @ common) * common)
     lifted = images - 0.8 * np.outer(images @ common, common)
     noise = rng.standard_normal(images.shape).astype(np.float32) / np.sqrt(images.shape[1])
