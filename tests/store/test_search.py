@@ -181,6 +181,15 @@ def test_readers_search_with_the_recorded_settings_and_explicit_ones_win(local_u
     assert answers(SearchSettings(nprobes=21, refine_factor=100)) == thorough
 
 
+def test_text_probes_of_another_models_width_are_left_out_not_a_failed_upkeep(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), clustered(2_100, DIMENSIONS, seed=28)), shard="a", still_current=trusting)
+
+    done = maintain(store, TUNED, text_probes=lambda: unit_vectors(30, DIMENSIONS * 2, seed=29))
+
+    assert done.state.tuning is not None and set(done.state.tuning.recall) == {"images"}
+
+
 def test_a_target_no_setting_reaches_is_recorded_as_not_reached_with_the_most_thorough_settings(local_uri: str) -> None:
     store = VectorStore(local_uri)
     store.ingest(shard(names(0, 2_100), clustered(2_100, DIMENSIONS, seed=26)), shard="a", still_current=trusting)

@@ -116,7 +116,8 @@ def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPol
     kinds: dict[str, tuple[np.ndarray, list[str | None]]] = {
         "images": (_unit(_matrix(taken.column("vector"))), taken.column("url").to_pylist())
     }
-    if texts is not None and len(texts):
+    # Text vectors of another width belong to another model than the store's: they cannot probe it.
+    if texts is not None and len(texts) and np.shape(texts)[-1] == kinds["images"][0].shape[1]:
         chosen = rng.choice(len(texts), size=min(policy.probes, len(texts)), replace=False)
         kinds["texts"] = (_unit(np.asarray(texts, np.float32)[np.sort(chosen)]), [None] * len(chosen))
     exact = exact_answers(
