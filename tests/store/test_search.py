@@ -179,6 +179,10 @@ def test_readers_search_with_the_recorded_settings_and_explicit_ones_win(local_u
     assert cheap != thorough  # else this test could not tell the settings apart
     assert answers(SearchSettings()) == cheap
     assert answers(SearchSettings(nprobes=21, refine_factor=100)) == thorough
+    # A record this code cannot read (another version's) is searched as unmeasured, never a failed query.
+    table.update_field_metadata({"path": "vector", "metadata": {recall.TUNING: "{not json"}})
+    assert answers(SearchSettings()) == answers(SearchSettings(*recall.UNMEASURED))
+    assert store.index_state().tuning is None and plan(store.index_state(), TUNED) is Action.MEASURE
 
 
 def test_text_probes_of_another_models_width_are_left_out_not_a_failed_upkeep(local_uri: str) -> None:

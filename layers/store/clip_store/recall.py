@@ -100,11 +100,18 @@ class Tuning:
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes] | None) -> Tuning | None:
+        """The recorded Tuning; None if none is, or if it cannot be read (written by another version of this
+        code): a reader then searches as on an unmeasured index rather than fail, and the next upkeep
+        that measures writes it again."""
         found = (metadata or {}).get(TUNING.encode())
         if not found:
             return None
-        fields = json.loads(found)
-        return cls(**fields)
+        try:
+            fields = json.loads(found)
+            known = {name: fields[name] for name in cls.__dataclass_fields__ if name in fields}
+            return cls(**known)
+        except (ValueError, TypeError):
+            return None
 
 
 def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPolicy(), texts: np.ndarray | None = None) -> Tuning:
@@ -142,8 +149,9 @@ def record(table: LanceTable, tuning: Tuning) -> None:
 
 
 def rungs(ladder: Sequence[tuple[int, int]], partitions: int) -> list[tuple[int, int]]:
-    rungs = [(nprobes, refine) for nprobes, refine in ladder if nprobes < partitions]
-    return [*rungs, (partitions, max(refine for _, refine in ladder))]
+    """The ladder's rungs that probe fewer partitions than the index has, then one that probes them all."""
+    fewer = [(nprobes, refine) for nprobes, refine in ladder if nprobes < partitions]
+    return [*fewer, (partitions, max(refine for _, refine in ladder))]
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
