@@ -46,7 +46,6 @@ def maintain_stores(
     from clip_store.trainer import JOB_TTL
 
     bucket, prefix, s3 = stack.output("OutputBucketName"), stack.output_prefix, clients.client("s3")
-    jobs = TrainingJobs(stack.output("JobQueueArn"), stack.output("IndexJobDefinitionArn"))
     # The tombstones the indexer keeps (its forgetting and compaction are upkeep too), and the lease
     # it trains under, so that this command and an indexer container never train the same index at once.
     tombstones = Tombstones(Database(tombstones_uri(bucket, prefix), settings=clients.storage()))
@@ -63,6 +62,8 @@ def maintain_stores(
             done = maintain(store, lease=lease, text_probes=text_probes(model_id))
             state = done.state
         elif not dry_run and due is not Action.NONE:
+            # Read here: a stack deployed before the index job existed still trains --here.
+            jobs = TrainingJobs(stack.output("JobQueueArn"), stack.output("IndexJobDefinitionArn"))
             submitted = submit_training(s3, clients.client("batch"), jobs, bucket, prefix, model_id, str(due))
             job = submitted or "already submitted (one job per due training)"
         results.append(
