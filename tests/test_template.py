@@ -214,6 +214,54 @@ def test_the_indexer_trains_up_to_its_limit_and_alarms_on_training_it_leaves() -
     assert sample["INDEX_MAX_TRAIN_ROWS"] == str(_sam_template()["Parameters"]["IndexMaxTrainRows"]["Default"])
 
 
+def _granted(statements: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {
+        (action, json.dumps(resource))
+        for statement in statements
+        for action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
+        for resource in (statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]])
+    }
+
+
+def test_trainings_past_the_indexers_bound_run_as_a_batch_job_that_reaches_only_the_stores() -> None:
+    resources = stack()["Resources"]
+    indexer = resources["IndexerFunction"]["Properties"]
+    assert indexer["Environment"]["Variables"]["INDEX_JOB_QUEUE"] == {"Ref": "JobQueue"}
+    assert indexer["Environment"]["Variables"]["INDEX_JOB_DEFINITION"] == {"Ref": "IndexJobDefinition"}
+    indexer_statements = [
+        statement
+        for policy in resources["IndexerFunctionRole"]["Properties"]["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+    ]
+    submitted = {resource for action, resource in _granted(indexer_statements) if action == "batch:SubmitJob"}
+    assert submitted == {json.dumps({"Ref": "JobQueue"}), json.dumps({"Ref": "IndexJobDefinition"})}  # not the worker's job
+    job = resources["IndexJobDefinition"]["Properties"]["ContainerProperties"]
+    worker = resources["WorkerJobDefinition"]["Properties"]["ContainerProperties"]
+    # The worker image ships clip_store and bakes the label prompts' vectors that probe recall.
+    assert job["Image"] == worker["Image"] and job["Command"] == ["python", "-m", "clip_indexer.train"]
+    assert job["JobRoleArn"] == {"Fn::GetAtt": ["IndexJobRole", "Arn"]}
+    assert {item["Name"] for item in job["Environment"]} >= {"OUTPUT_BUCKET", "OUTPUT_PREFIX"}
+    job_statements = [
+        statement
+        for policy in resources["IndexJobRole"]["Properties"]["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
+    ]
+    writable = {
+        resource for action, resource in _granted(job_statements) if action.startswith("s3:") and action != "s3:ListBucket"
+    }
+    assert writable and all("store/*" in resource or "tombstones/*" in resource for resource in writable)
+    # What it writes beside the store: the training lease it trains under, and the job marker it releases.
+    patterns = [json.loads(resource)["Fn::Sub"].split("${OutputPrefix}")[1] for resource in writable]
+    for key in (keys.training_job_key("", "m"), keys.training_lease_key("", "m")):
+        assert any(fnmatch.fnmatch(key, pattern) for pattern in patterns), key
+    # A store whose recall falls short at every setting alarms, on the metric the indexer emits (tests/indexer).
+    alarm = resources["SearchRecallBelowTargetAlarm"]["Properties"]
+    environment = indexer["Environment"]["Variables"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == (environment["POWERTOOLS_METRICS_NAMESPACE"], "SearchRecallBelowTarget")
+    assert alarm["Dimensions"] == [{"Name": "service", "Value": environment["POWERTOOLS_SERVICE_NAME"]}]
+    assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
 def test_every_change_the_store_must_follow_reaches_the_indexer_and_it_may_act_on_it() -> None:
     resources = stack()["Resources"]
 
@@ -236,12 +284,7 @@ def test_every_change_the_store_must_follow_reaches_the_indexer_and_it_may_act_o
         for policy in resources["IndexerFunctionRole"]["Properties"]["Policies"]
         for statement in policy["PolicyDocument"]["Statement"]
     ]
-    granted = {
-        (action, json.dumps(resource))
-        for statement in statements
-        for action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
-        for resource in (statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]])
-    }
+    granted = _granted(statements)
     assert ("sqs:SendMessage", json.dumps({"Fn::GetAtt": ["UploadQueue", "Arn"]})) in granted
     readable = {resource for action, resource in granted if action == "s3:GetObject"}
     assert any("rejected/*" in resource for resource in readable) and any("tombstones/*" in resource for resource in readable)

@@ -365,8 +365,7 @@ class LabelSet:
         labels = list(labels)
         if cache_dir is None:
             return cls.embed(model, labels)
-        digest = hashlib.sha256("\n".join([model.id, PROMPT, *labels]).encode()).hexdigest()[:16]
-        path = Path(cache_dir) / "label-vectors" / f"{digest}.npy"
+        path = baked_path(model.id, labels, cache_dir)
         if path.is_file():
             return cls(labels, np.load(path), logit_scale(model))
         computed = cls.embed(model, labels)
@@ -396,3 +395,18 @@ class LabelSet:
             [Label(self.labels[index], float(row_scores[index]), float(row_probabilities[index])) for index in row]
             for row, row_scores, row_probabilities in zip(best, scores, probabilities, strict=True)
         ]
+
+
+def baked_path(model_id: str, labels: Sequence[str], cache_dir: str) -> Path:
+    digest = hashlib.sha256("\n".join([model_id, PROMPT, *labels]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "label-vectors" / f"{digest}.npy"
+
+
+def baked_vectors(model_id: str, cache_dir: str | None, labels: Sequence[str] = DEFAULT_LABELS) -> np.ndarray | None:
+    """The prompt vectors an image baked for this model's label set (`LabelSet.cached`), without
+    loading the model; None where none were baked. The vector store probes its text -> image recall
+    with them (clip_store.recall)."""
+    if cache_dir is None:
+        return None
+    path = baked_path(model_id, list(labels), cache_dir)
+    return np.load(path) if path.is_file() else None

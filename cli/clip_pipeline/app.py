@@ -375,9 +375,13 @@ def status(
     region: Region = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Jobs by state (those waiting for an instance with why), objects embedded, rejected and failed, and the dead-letter queue's depth."""
+    """Jobs by state (those waiting for an instance with why), objects embedded, rejected and failed, the dead-letter
+    queue's depth, and the vector index with its search settings and measured recall."""
+    from clip_pipeline.index import store_indexes
+
     clients, stack = _stack(stack_name, endpoint_url, region)
     found = report.status(clients, stack)
+    indexes = store_indexes(clients, stack)
     outcomes = found.outcomes
     cancel = batch_jobs.cancel_waiting_command(stack.output("JobQueueArn"), clients.region) if found.waiting else None
     result = {
@@ -390,6 +394,7 @@ def status(
         **outcomes.as_dict(),
         "upload_queue": found.uploads.as_dict(),
         "dead_letter_messages": found.dead_letters,
+        "indexes": indexes,
     }
     if json_output:
         typer.echo(json.dumps(result, indent=2))
@@ -416,6 +421,9 @@ def status(
     age = "oldest unknown" if uploads.oldest_s is None else f"oldest {uploads.oldest_s} s"
     table.add_row("upload queue", f"{uploads.waiting} waiting, {uploads.in_flight} in flight, {age}")
     table.add_row("dead-letter queue", f"{found.dead_letters} messages")
+    for model_id, index in indexes.items():
+        table.add_row(f"index {model_id}", f"{index['rows']:,} rows, {index['index']}, {index['unindexed_rows']:,} not yet in it")
+        table.add_row("", f"search: {index['search']}")
     Console().print(table)
 
 
@@ -538,21 +546,29 @@ def redrive_command(
 @app.command("index")
 def index_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what is due for each model's index; change nothing.")] = False,
+    here: Annotated[
+        bool,
+        typer.Option(
+            "--here", help="Train on this machine (reading the whole table from S3) instead of submitting the stack's Batch job."
+        ),
+    ] = False,
     stack_name: StackName = "",
     endpoint_url: EndpointUrl = None,
     region: Region = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Build, retrain or update each model's vector index now, with no time limit (past the indexer's IndexMaxTrainRows)."""
+    """Build, retrain or update each model's vector index (as a Batch job, or --here), with no time limit; show its
+    search settings and the recall measured with them."""
     from clip_pipeline.index import maintain_stores
 
     clients, stack = _stack(stack_name, endpoint_url, region)
 
     def on_start(model_id: str, due: str) -> None:
         if not dry_run and due != "none":
-            console.print(f"{model_id}: {due} (a retrain of millions of rows takes minutes) ...")
+            where = "here (a retrain of millions of rows takes minutes)" if here else "submitting the stack's index job"
+            console.print(f"{model_id}: {due}, {where} ...")
 
-    results = maintain_stores(clients, stack, dry_run, on_start)
+    results = maintain_stores(clients, stack, dry_run, here, on_start)
     if not results:
         raise Failure(f"stack {stack.name} has no vector store yet (see `clip-pipeline status`)")
     if json_output:
@@ -560,7 +576,9 @@ def index_command(
         return
     table = Table(*(name.replace("_", " ") for name in results[0]), title="index (dry run)" if dry_run else "index")
     for result in results:
-        table.add_row(*(f"{value:,}" if isinstance(value, int) else str(value) for value in result.values()))
+        table.add_row(
+            *(f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value) for value in result.values())
+        )
     Console().print(table)
 
 

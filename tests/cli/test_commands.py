@@ -105,7 +105,10 @@ def unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def test_index_does_the_training_the_indexer_left_and_nothing_when_nothing_is_due(deployed: tuple[Clients, Stack]) -> None:
+def test_index_submits_the_training_the_indexer_left_once_or_does_it_here_and_shows_the_recall(
+    deployed: tuple[Clients, Stack],
+) -> None:
+    clients, stack = deployed
     model_id = "index-test__random"
     rng = np.random.default_rng(8)
     # Past IndexPolicy.exact_below: a build is due, which the indexer leaves past IndexMaxTrainRows.
@@ -115,14 +118,24 @@ def test_index_does_the_training_the_indexer_left_and_nothing_when_nothing_is_du
         return next(result for result in results if result["model_id"] == model_id)
 
     planned = mine(invoke(deployed, "index", "--dry-run"))
-    assert (planned["due"], planned["done"], planned["rows"], planned["index"]) == (
+    assert (planned["due"], planned["done"], planned["job"], planned["rows"], planned["index"]) == (
         "build",
         "none",
+        "",
         10_000,
         "none (exact search)",
     )
 
-    built = mine(invoke(deployed, "index"))
+    # By default the stack's index job does it, on the stack's compute; asked again, nothing more is submitted.
+    submitted = mine(invoke(deployed, "index"))
+    batch = clients.client("batch")
+    [job] = batch.describe_jobs(jobs=[submitted["job"]])["jobs"]
+    assert job["jobDefinition"].split("/")[-1].split(":")[0] == stack.output("IndexJobDefinitionArn").split("/")[-1].split(":")[0]
+    assert job["container"]["command"] == ["python", "-m", "clip_indexer.train", model_id]
+    assert (submitted["done"], submitted["index"]) == ("none", "none (exact search)")
+    assert mine(invoke(deployed, "index"))["job"].startswith("already submitted")
+
+    built = mine(invoke(deployed, "index", "--here"))
     assert (built["due"], built["done"], built["index"], built["trained_rows"], built["unindexed_rows"]) == (
         "build",
         "build",
@@ -130,8 +143,18 @@ def test_index_does_the_training_the_indexer_left_and_nothing_when_nothing_is_du
         10_000,
         0,
     )
-    again = mine(invoke(deployed, "index"))
-    assert (again["due"], again["done"], again["trained_rows"]) == ("none", "none", 10_000)
+    # Measured on the store's own vectors, and shown with the settings its readers now use.
+    assert set(built["recall"]) == {"images"} and built["recall_target_reached"] is not None
+    assert built["search"].startswith("nprobes ") and "recall@10 images" in built["search"]
+    again = mine(invoke(deployed, "index", "--here"))
+    assert (again["due"], again["done"], again["trained_rows"], again["search"]) == ("none", "none", 10_000, built["search"])
+    status = invoke(deployed, "status")["indexes"][model_id]
+    assert (status["rows"], status["index"], status["search"], status["recall"]) == (
+        10_000,
+        "IVF_RQ",
+        built["search"],
+        built["recall"],
+    )
 
 
 def test_search_similar_and_embed_text_rank_by_the_vectors(

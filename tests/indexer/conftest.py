@@ -62,6 +62,14 @@ class World:
     upload_queue: str
     #: The real dispatcher handler (nothing it accepts can be submitted here: no Batch queue exists).
     dispatch: Callable[[dict[str, Any]], dict[str, Any]]
+    #: The index job's queue (INDEX_JOB_QUEUE): where the indexer submits trainings past its bound.
+    job_queue: str = ""
+
+    def training_jobs(self) -> list[dict[str, Any]]:
+        """Every job submitted to the index job's queue, whatever its state."""
+        batch = boto3.client("batch")
+        states = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
+        return [job for state in states for job in batch.list_jobs(jobQueue=self.job_queue, jobStatus=state)["jobSummaryList"]]
 
     def uploaded(self, key: str) -> dict[str, Any]:
         return sample("sqs-s3-put-not-an-image.json", INPUT_BUCKET, key)
@@ -92,6 +100,33 @@ class World:
         return found
 
 
+def index_jobs(moto_endpoint: str) -> tuple[str, str]:
+    """The stack's job queue and index job definition (template.yaml), jobs never run (no Docker)."""
+    requests.post(f"{moto_endpoint}/moto-api/config", json={"batch": {"use_docker": False}}, timeout=30)
+    batch = boto3.client("batch")
+    role = boto3.client("iam").create_role(RoleName="batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    environment = batch.create_compute_environment(
+        computeEnvironmentName="gpu", type="UNMANAGED", state="ENABLED", serviceRole=role
+    )["computeEnvironmentArn"]
+    queue = batch.create_job_queue(
+        jobQueueName="jobs",
+        state="ENABLED",
+        priority=1,
+        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": environment}],
+    )["jobQueueArn"]
+    definition = batch.register_job_definition(
+        jobDefinitionName="index",
+        type="container",
+        containerProperties={
+            "image": "local/x:1",
+            "command": ["python", "-m", "clip_indexer.train"],
+            "vcpus": 4,
+            "memory": 14000,
+        },
+    )["jobDefinitionArn"]
+    return queue, definition
+
+
 @pytest.fixture
 def world(
     request: pytest.FixtureRequest, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tiny_config: Path, tiny_checkpoint: Path
@@ -105,6 +140,7 @@ def world(
     s3.put_bucket_versioning(Bucket=INPUT_BUCKET, VersioningConfiguration={"Status": "Enabled"})
     s3.create_bucket(Bucket=OUTPUT_BUCKET)
     upload_queue = boto3.client("sqs").create_queue(QueueName="uploads")["QueueUrl"]
+    job_queue, job_definition = index_jobs(moto_endpoint)
     config = tiny_worker_config(tiny_config, tiny_checkpoint)
     model_id = keys.model_id(config.model, config.pretrained)
     # The function's environment as template.yaml gives it (events/env.json), set through monkeypatch
@@ -113,6 +149,8 @@ def world(
         **json.loads((EVENTS / "env.json").read_text())["IndexerFunction"],
         "OUTPUT_BUCKET": OUTPUT_BUCKET,
         "UPLOAD_QUEUE_URL": upload_queue,
+        "INDEX_JOB_QUEUE": job_queue,
+        "INDEX_JOB_DEFINITION": job_definition,
         **getattr(request, "param", {}),
     }
     with monkeypatch.context() as patch:
@@ -144,6 +182,6 @@ def world(
 
         settings = StorageSettings(endpoint=moto_endpoint, region="us-east-1")
         store = VectorStore(store_uri(OUTPUT_BUCKET, "", model_id), settings=settings)
-        yield World(s3, embed, invoke, store, model_id, upload_queue, dispatch)
+        yield World(s3, embed, invoke, store, model_id, upload_queue, dispatch, job_queue)
     # The server outlives the test: leave nothing in it for the next module's tests to find.
     requests.post(f"{moto_endpoint}/moto-api/reset", timeout=30)

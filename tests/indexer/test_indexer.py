@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
+from clip_indexer import train
 
 from clip_shared import keys
+from clip_worker.labels import DEFAULT_LABELS, baked_path
 from tests.indexer.conftest import EVENTS, World, batch, sample, urls
 from tests.store.support import put_shard, shard, stored, unit_vectors
 from tests.support import INPUT_BUCKET, OUTPUT_BUCKET, encode, photo, stored_vectors, upload
@@ -87,22 +91,66 @@ def test_notifications_of_other_objects_and_s3s_test_event_are_ignored(world: Wo
 
 
 @pytest.mark.parametrize("world", [{"INDEX_MAX_TRAIN_ROWS": "10000"}], indirect=True)
-def test_an_index_too_big_to_train_within_the_function_is_left_to_the_cli_and_says_so(
+def test_an_index_too_big_to_train_within_the_function_is_submitted_once_as_a_batch_job(
     world: World, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     invoke, store, model_id = world.invoke, world.store, world.model_id
     names = [f"photos/{i:05d}.jpg" for i in range(10_001)]  # past IndexPolicy.exact_below: a build is due
     big = put_shard(shard(names, unit_vectors(len(names), 32, seed=1)), keys.parquet_key("", model_id, "m-big", 0))
+    announced = sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.parse_s3_url(big)[1])
     capsys.readouterr()
 
-    assert invoke(sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.parse_s3_url(big)[1])) == {"batchItemFailures": []}
+    assert invoke(announced) == {"batchItemFailures": []}
 
     # Ingested and searchable (exactly), but not trained on here: the batch is not held up by it.
     assert store.count() == len(names) and store.index_state().index_type is None
     assert store.nearest(unit_vectors(1, 32, seed=1)[0], 1)[0].url == keys.s3_url(INPUT_BUCKET, names[0])
+    [job] = world.training_jobs()
+    described = boto3.client("batch").describe_jobs(jobs=[job["jobId"]])["jobs"][0]
+    assert described["container"]["command"] == ["python", "-m", "clip_indexer.train", model_id]
     warning = next(record for record in caplog.records if record.levelname == "WARNING")
-    assert "clip-pipeline index" in warning.getMessage()
     extra = vars(warning)  # Powertools' keyword arguments, each a key of the JSON line
-    assert (extra["due"], extra["rows"], extra["max_train_rows"]) == ("build", 10_001, 10_000)
+    assert (extra["due"], extra["rows"], extra["max_train_rows"], extra["job_id"]) == ("build", 10_001, 10_000, job["jobId"])
     metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
-    assert [metric["IndexTrainingDeferred"] for metric in metrics if "IndexTrainingDeferred" in metric] == [[1.0]]
+    assert [metric["IndexTrainingSubmitted"] for metric in metrics if "IndexTrainingSubmitted" in metric] == [[1.0]]
+
+    # Redelivered, or the next batch: the training is already on its way, so nothing more is submitted.
+    assert invoke(announced) == {"batchItemFailures": []}
+    assert len(world.training_jobs()) == 1
+    # The job ends (python -m clip_indexer.train, here without its image): it trains, and releases the marker.
+    assert train.main([model_id]) == 0
+    state = store.index_state()
+    assert (state.index_type, state.trained_rows) == ("IVF_RQ", 10_001)
+    assert state.tuning is not None and state.tuning.rows == 10_001  # measured by the job, recorded for readers
+    # The marker is gone: a later training due is submitted again.
+    assert not world.s3.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=keys.training_job_key("", model_id)).get("Contents")
+
+
+def test_the_indexer_measures_recall_with_the_baked_label_prompts_and_alarms_below_the_target(
+    world: World,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    invoke, store, model_id = world.invoke, world.store, world.model_id
+    # The label set's prompt vectors, where the query image bakes them (clip_worker.bake).
+    baked = baked_path(model_id, DEFAULT_LABELS, str(tmp_path))
+    baked.parent.mkdir(parents=True)
+    np.save(baked, unit_vectors(40, 32, seed=3))
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path))
+    # Uniform 32-d vectors: 1-bit codes of 32 bits cannot rank them well, so no setting reaches 0.98.
+    names = [f"photos/{i:05d}.jpg" for i in range(10_001)]
+    big = put_shard(shard(names, unit_vectors(len(names), 32, seed=4)), keys.parquet_key("", model_id, "m-big", 0))
+    capsys.readouterr()
+
+    assert invoke(sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.parse_s3_url(big)[1])) == {"batchItemFailures": []}
+
+    tuning = store.index_state().tuning
+    assert tuning is not None and set(tuning.recall) == {"images", "texts"} and not tuning.reached
+    error = next(record for record in caplog.records if record.levelname == "ERROR")
+    assert "target recall" in error.getMessage()
+    assert (vars(error)["nprobes"], vars(error)["recall"]) == (tuning.nprobes, tuning.recall)
+    metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    assert [metric["SearchRecallBelowTarget"] for metric in metrics if "SearchRecallBelowTarget" in metric] == [[1.0]]
+    assert world.training_jobs() == []  # within the function's bound: trained here, nothing submitted

@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip_query.api import create_app
+from clip_query.config import QueryConfig
 from clip_shared import keys
 from clip_shared.mime import ACCEPTED_MIME_TYPES
+from clip_store import IndexPolicy, VectorStore, maintain, store_uri
 from clip_worker.labels import DEFAULT_LABELS, PROMPT
 from clip_worker.model import ClipModel
-from tests.conftest import INPUT_BUCKET
-from tests.query.conftest import STORED, Stored, embed_with_worker
+from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
+from tests.query.conftest import STORED, Stored, embed_with_worker, served
+from tests.store.support import clustered, shard, trusting
 from tests.support import TINY_MODEL, encode, photo, stored_vectors
 
 CAT = STORED["photos/cat.jpg"]
@@ -350,3 +354,26 @@ def test_a_text_part_is_read_in_the_charset_it_names(api: str) -> None:
     assert response.status_code == 200, response.text
     expected = requests.post(f"{api}/embed", json={"text": "un café crème"}, timeout=30).json()
     assert response.json()["vectors"]["q"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_health_shows_the_search_settings_measured_on_the_store_and_a_given_nprobes_wins(
+    stored: Stored, query_config: QueryConfig, model: ClipModel
+) -> None:
+    # A store of its own (another prefix), indexed and measured as the indexer does it.
+    config = query_config.model_copy(update={"output_prefix": "measured/"})
+    store = VectorStore(store_uri(OUTPUT_BUCKET, "measured/", model.id), settings=stored.storage)
+    vectors = clustered(2_100, model.dimensions, seed=5)
+    store.ingest(shard([f"images/{i:05d}.jpg" for i in range(2_100)], vectors), shard="s", still_current=trusting)
+    maintain(store, IndexPolicy(exact_below=2_000, rows_per_partition=100))
+    tuning = store.index_state().tuning
+    assert tuning is not None
+
+    with served(create_app(config, stored.service(config, model))) as url:
+        search = requests.get(f"{url}/health", timeout=30).json()["search"]
+    assert (search["nprobes"], search["refine_factor"], search["recall"]) == (tuning.nprobes, tuning.refine_factor, tuning.recall)
+    assert (search["reached"], search["measured_rows"], search["target"]) == (tuning.reached, 2_100, 0.98)
+
+    given = config.model_copy(update={"search_nprobes": tuning.nprobes + 7})
+    with served(create_app(given, stored.service(given, model))) as url:
+        search = requests.get(f"{url}/health", timeout=30).json()["search"]
+    assert (search["nprobes"], search["refine_factor"]) == (tuning.nprobes + 7, tuning.refine_factor)

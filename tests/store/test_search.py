@@ -6,6 +6,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
+from clip_store import recall
 from clip_store.maintain import Action, IndexPolicy, maintain, plan
 from clip_store.store import Ingested, SearchSettings, VectorStore
 from tests.store.support import clustered, shard, stored, tombstone_count, trusting, unit_vectors, urls
@@ -113,24 +114,111 @@ def test_a_retrain_past_max_train_rows_is_deferred_while_new_rows_still_go_into_
     assert (retrained.action, retrained.deferred, retrained.state.trained_rows) == (Action.RETRAIN, None, 4_400)
 
 
-def test_search_settings_follow_the_tables_size_unless_they_are_given() -> None:
-    chosen = SearchSettings()
-    # The sizes measured (docs/benchmarks.md), and between and past them.
-    assert [chosen.for_rows(rows) for rows in (5_000, 1_000_000, 2_000_000, 10_000_000)] == [
-        (20, 20),
-        (20, 20),
-        (80, 20),
-        (320, 50),
-    ]
-    assert (chosen.for_rows(1_500_000), chosen.for_rows(6_000_000), chosen.for_rows(20_000_000)) == (
-        (50, 20),
-        (200, 50),
-        (640, 50),
-    )
-    probes = [chosen.for_rows(rows) for rows in range(0, 30_000_001, 250_000)]
-    assert probes == sorted(probes)  # never less work, so never less recall, for a bigger table
-    assert SearchSettings(nprobes=7).for_rows(10_000_000) == (7, 50)
-    assert SearchSettings(nprobes=7, refine_factor=3).for_rows(10) == (7, 3)
+#: Many small partitions, so that probing few of them misses neighbours and the ladder has rungs to climb.
+TUNED = replace(POLICY, max_unindexed=10_000, rows_per_partition=100)
+
+
+def text_like(count: int, seed: int) -> np.ndarray:
+    """Queries out of the images' distribution, as CLIP's text vectors are: the images' clusters
+    seen from another cone (a shared offset), so their neighbours straddle partitions."""
+    offset = unit_vectors(1, DIMENSIONS, seed=99)[0]
+    vectors = clustered(count, DIMENSIONS, seed=seed) + 0.8 * offset
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_at(store: VectorStore, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    hits = 0
+    for query in queries:
+        truth = set(urls(names(0, len(vectors)))[int(i)] for i in brute_force(vectors, query, k))
+        hits += len(truth & {match.url for match in store.nearest(query, k)})
+    return hits / (k * len(queries))
+
+
+def test_a_build_measures_recall_on_images_and_texts_and_readers_reach_it(local_uri: str) -> None:
+    vectors = clustered(2_100, DIMENSIONS, seed=20)
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), vectors), shard="a", still_current=trusting)
+    asked = []
+
+    def texts() -> np.ndarray:
+        asked.append(1)
+        return text_like(60, seed=21)
+
+    built = maintain(store, TUNED, text_probes=texts)
+
+    tuning = built.state.tuning
+    assert built.measured and tuning is not None and tuning.reached and asked == [1]
+    assert set(tuning.recall) == {"images", "texts"} and min(tuning.recall.values()) >= 0.98
+    assert (tuning.rows, tuning.probes, tuning.k, tuning.target) == (2_100, 200, 10, 0.98)
+    # What the measurement promised holds for queries it never saw, through a reader's defaults.
+    reader = VectorStore(local_uri, refresh_s=None)
+    assert recall_at(reader, vectors, text_like(40, seed=22)) >= 0.95
+    assert recall_at(reader, vectors, clustered(40, DIMENSIONS, seed=23)) >= 0.95
+    # Nothing grew: the next upkeep neither measures again nor asks for text probes.
+    again = maintain(store, TUNED, text_probes=texts)
+    assert (again.action, again.measured, asked) == (Action.NONE, False, [1])
+
+
+def test_readers_search_with_the_recorded_settings_and_explicit_ones_win(local_uri: str) -> None:
+    vectors = clustered(2_100, DIMENSIONS, seed=24)
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), vectors), shard="a", still_current=trusting)
+    maintain(store, TUNED)
+    table = store.table()
+    assert table is not None
+    recorded = store.index_state().tuning
+    assert recorded is not None
+    recall.record(table, replace(recorded, nprobes=1, refine_factor=1))
+    queries = text_like(20, seed=25)
+
+    def answers(search: SearchSettings) -> list[list[str]]:
+        reader = VectorStore(local_uri, refresh_s=None, search=search)
+        return [[match.url for match in reader.nearest(query, 10)] for query in queries]
+
+    cheap, thorough = answers(SearchSettings(nprobes=1, refine_factor=1)), answers(SearchSettings(nprobes=21, refine_factor=100))
+    assert cheap != thorough  # else this test could not tell the settings apart
+    assert answers(SearchSettings()) == cheap
+    assert answers(SearchSettings(nprobes=21, refine_factor=100)) == thorough
+    # A record this code cannot read (another version's) is searched as unmeasured, never a failed query.
+    table.update_field_metadata({"path": "vector", "metadata": {recall.TUNING: "{not json"}})
+    assert answers(SearchSettings()) == answers(SearchSettings(*recall.UNMEASURED))
+    assert store.index_state().tuning is None and plan(store.index_state(), TUNED) is Action.MEASURE
+
+
+def test_text_probes_of_another_models_width_are_left_out_not_a_failed_upkeep(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), clustered(2_100, DIMENSIONS, seed=28)), shard="a", still_current=trusting)
+
+    done = maintain(store, TUNED, text_probes=lambda: unit_vectors(30, DIMENSIONS * 2, seed=29))
+
+    assert done.state.tuning is not None and set(done.state.tuning.recall) == {"images"}
+
+
+def test_a_target_no_setting_reaches_is_recorded_as_not_reached_with_the_most_thorough_settings(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), clustered(2_100, DIMENSIONS, seed=26)), shard="a", still_current=trusting)
+
+    done = maintain(store, replace(TUNED, recall=recall.RecallPolicy(target=1.01, probes=50)))
+
+    tuning = done.state.tuning
+    assert tuning is not None and not tuning.reached and tuning.probes == 50
+    assert (tuning.nprobes, tuning.refine_factor) == (21, max(refine for _, refine in recall.LADDER))
+
+
+def test_recall_is_measured_again_as_the_table_grows_and_left_to_the_trainer_past_its_bound(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    vectors = clustered(3_000, DIMENSIONS, seed=27)
+    store.ingest(shard(names(0, 2_100), vectors[:2_100]), shard="a", still_current=trusting)
+    maintain(store, TUNED)
+    store.ingest(shard(names(2_100, 400), vectors[2_100:2_500]), shard="b", still_current=trusting)
+    assert plan(store.index_state(), TUNED) is Action.NONE  # 2,500 < 1.25 x 2,100
+
+    store.ingest(shard(names(2_500, 500), vectors[2_500:]), shard="c", still_current=trusting)
+    assert plan(store.index_state(), TUNED) is Action.MEASURE
+    limited = maintain(store, replace(TUNED, max_train_rows=2_900))
+    assert (limited.action, limited.deferred, limited.measured) == (Action.NONE, Action.MEASURE, False)
+    remeasured = maintain(store, TUNED)
+    assert remeasured.measured and remeasured.state.tuning is not None and remeasured.state.tuning.rows == 3_000
 
 
 def test_similar_leaves_out_the_image_asked_about(local_uri: str) -> None:

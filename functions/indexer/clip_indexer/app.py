@@ -39,12 +39,14 @@ from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, Json
 
+from clip_indexer.train import text_probes
 from clip_shared import aws, keys, notifications
 from clip_shared.aws import CLIENT_CONFIG
 from clip_shared.events import document_url, from_json
 from clip_store import (
     Database,
     IndexPolicy,
+    Maintenance,
     S3Lease,
     Tombstones,
     VectorStore,
@@ -55,6 +57,8 @@ from clip_store import (
     stored_models,
     tombstones_uri,
 )
+from clip_store.recall import Tuning
+from clip_store.trainer import TrainingJobs, submit_training
 
 
 class Settings(BaseModel):
@@ -65,8 +69,11 @@ class Settings(BaseModel):
     output_bucket: str = Field(alias="OUTPUT_BUCKET", min_length=3)
     output_prefix: str = Field(alias="OUTPUT_PREFIX", default="")
     #: The largest table whose index this function trains within its 15 minutes (docs/search.md);
-    #: past it the (re)training is left to `clip-pipeline index`, and the index keeps serving.
+    #: past it the (re)training is submitted as an AWS Batch job, and the index keeps serving.
     index_max_train_rows: int = Field(alias="INDEX_MAX_TRAIN_ROWS", ge=IndexPolicy().exact_below)
+    #: Where that job runs: the stack's job queue and its index job definition (clip_store.trainer).
+    index_job_queue: str = Field(alias="INDEX_JOB_QUEUE", min_length=1)
+    index_job_definition: str = Field(alias="INDEX_JOB_DEFINITION", min_length=1)
     #: The dispatcher's queue: an object whose removal uncovered a version no store holds goes there.
     upload_queue_url: str = Field(alias="UPLOAD_QUEUE_URL", min_length=1)
 
@@ -135,6 +142,8 @@ tracer = Tracer()
 metrics = Metrics()
 s3 = boto3.client("s3", config=CLIENT_CONFIG)
 sqs = boto3.client("sqs", config=CLIENT_CONFIG)
+batch = boto3.client("batch", config=CLIENT_CONFIG)
+JOBS = TrainingJobs(SETTINGS.index_job_queue, SETTINGS.index_job_definition)
 processor = BatchProcessor(event_type=EventType.SQS, model=S3NotificationRecord)
 # One for every model's store: a removal holds for a model whose store does not exist yet.
 TOMBSTONES = Tombstones(Database(tombstones_uri(SETTINGS.output_bucket, SETTINGS.output_prefix)))
@@ -271,11 +280,12 @@ def embed_again(url: str) -> None:
 
 
 def keep_up(model_ids: set[str]) -> None:
-    """Builds, updates, retrains or compacts each touched store's index when due; never fails the batch."""
+    """Builds, updates, retrains or compacts each touched store's index when due, measures its recall
+    after, and submits a training past this function's bound as a Batch job; never fails the batch."""
     for model_id in sorted(model_ids):
         try:
             lease = S3Lease(s3, keys.s3_url(SETTINGS.output_bucket, keys.training_lease_key(SETTINGS.output_prefix, model_id)))
-            done = maintain(store(model_id), POLICY, lease)
+            done = maintain(store(model_id), POLICY, lease, text_probes(model_id))
         except Exception:  # noqa: BLE001 - the batch's work is committed; the next batch does the upkeep
             logger.exception("Keeping the index up failed; the next batch will do it", model_id=model_id)
             metrics.add_metric(name="IndexUpkeepFailed", unit=MetricUnit.Count, value=1)
@@ -287,17 +297,50 @@ def keep_up(model_ids: set[str]) -> None:
             seconds=round(done.seconds, 2),
             conflict=done.conflict,
         )
+        tuning = done.state.tuning
+        if done.measured and tuning is not None:
+            report_recall(model_id, tuning)
         if done.deferred is not None:
-            logger.warning(
-                "The index is due to be trained on more rows than this function trains within its time: run "
-                "`clip-pipeline index` (docs/search.md); meanwhile new rows still go into the existing index",
-                model_id=model_id,
-                due=str(done.deferred),
-                rows=done.state.rows,
-                trained_rows=done.state.trained_rows,
-                max_train_rows=POLICY.max_train_rows,
-            )
-            metrics.add_metric(name="IndexTrainingDeferred", unit=MetricUnit.Count, value=1)
+            defer(model_id, done)
+
+
+def report_recall(model_id: str, tuning: Tuning) -> None:
+    """The search settings readers now use and the recall measured with them; an alarm when short of the target."""
+    measured = {"model_id": model_id, **asdict(tuning)}
+    if tuning.reached:
+        logger.info("Measured the search's recall on the store's own vectors", extra=measured)
+        return
+    logger.error(
+        "No search setting reaches the target recall: searches miss more neighbours than promised; readers use the most "
+        "thorough setting measured (docs/search.md, 'Recall')",
+        extra=measured,
+    )
+    metrics.add_metric(name="SearchRecallBelowTarget", unit=MetricUnit.Count, value=1)
+
+
+def defer(model_id: str, done: Maintenance) -> None:
+    """Submits the training this function leaves (one job per due training: clip_store.trainer)."""
+    due: dict[str, object] = {
+        "model_id": model_id,
+        "due": str(done.deferred),
+        "rows": done.state.rows,
+        "trained_rows": done.state.trained_rows,
+    }
+    try:
+        job_id = submit_training(s3, batch, JOBS, SETTINGS.output_bucket, SETTINGS.output_prefix, model_id, str(done.deferred))
+    except Exception:  # noqa: BLE001 - the index keeps serving; the next batch submits again
+        logger.exception("Submitting the index's training as a Batch job failed; the next batch tries again", extra=due)
+        metrics.add_metric(name="IndexTrainingDeferred", unit=MetricUnit.Count, value=1)
+        return
+    if job_id is None:
+        logger.info("The index's training is already submitted as a Batch job", extra=due)
+        return
+    logger.warning(
+        "The index is due to be trained on more rows than this function trains within its time: submitted as a Batch "
+        "job (`clip-pipeline index` shows it); meanwhile new rows still go into the existing index",
+        extra={**due, "job_id": job_id, "max_train_rows": POLICY.max_train_rows},
+    )
+    metrics.add_metric(name="IndexTrainingSubmitted", unit=MetricUnit.Count, value=1)
 
 
 @logger.inject_lambda_context

@@ -38,6 +38,7 @@ from clip_query.models import (
     Health,
     LabelScore,
     SearchAnswer,
+    SearchInUse,
     SearchParameters,
     SearchRequest,
     SearchResult,
@@ -151,7 +152,10 @@ async def demo_page() -> HTMLResponse:
 
 @router.get("/health")
 async def health(service: Service) -> Health:
-    return Health(**described(service), status="ok", indexed=service.store.count())
+    search = service.search_in_use()
+    return Health(
+        **described(service), status="ok", indexed=service.store.count(), search=SearchInUse(**search) if search else None
+    )
 
 
 @router.post("/embed", responses=POST_REFUSALS, openapi_extra=request_body(EmbedRequest))

@@ -66,8 +66,8 @@ class QueryConfig(BaseModel):
     #: How stale a warm container's view of the vector store may get: it checks for new commits this often.
     index_refresh_s: int = Field(alias="INDEX_REFRESH_SECONDS", default=60, ge=0)
     #: The index's partitions searched per query: more finds more of the true neighbours, slower.
-    #: 0 lets the store choose by the table's size (clip_store.SearchSettings.for_rows: 20 at 1M
-    #: vectors, 80 at 2M, 320 at 10M; docs/search.md).
+    #: 0 uses the settings the indexer measured to reach recall@10 0.98 on the store's own vectors and
+    #: label prompts (clip_store.recall; /health shows them; docs/search.md, "Recall").
     search_nprobes: int = Field(alias="SEARCH_NPROBES", default=0, ge=0)
     #: Lifetime of the presigned preview URLs that search results carry.
     preview_url_s: int = Field(alias="PREVIEW_URL_SECONDS", default=900, ge=1)

@@ -175,9 +175,25 @@ class Described(BaseModel):
     dimensions: int
 
 
+class SearchInUse(BaseModel):
+    """How /search searches now, and the recall measured with it on the store's own vectors (clip_store.recall)."""
+
+    nprobes: int = Field(description="IVF partitions probed a query")
+    refine_factor: int = Field(description="x k candidates re-ranked with their full vectors")
+    recall: dict[str, float] = Field(
+        default_factory=dict, description="recall@k measured at the measured settings, by probe kind: images, texts"
+    )
+    k: int | None = None
+    target: float | None = None
+    reached: bool | None = Field(None, description="whether every kind reached the target (None: not measured yet)")
+    measured_rows: int | None = None
+    measured_at: str | None = None
+
+
 class Health(Described):
     status: Literal["ok"]
     indexed: int = Field(description="vectors in the store")
+    search: SearchInUse | None = Field(None, description="null while the store holds nothing")
 
 
 class EmbedAnswer(Described):

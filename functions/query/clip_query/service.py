@@ -179,6 +179,19 @@ class QueryService:
             )
         return matches, indexed
 
+    def search_in_use(self) -> dict[str, Any] | None:
+        """The settings /search uses (SEARCH_NPROBES wins over those measured) and the recall measured
+        (models.SearchInUse); None while the store holds nothing."""
+        found = self.store.search_in_use()
+        if found is None:
+            return None
+        nprobes, refine_factor, tuning = found
+        used = {"nprobes": nprobes, "refine_factor": refine_factor}
+        if tuning is None:
+            return used
+        measured = {"recall": tuning.recall, "k": tuning.k, "target": tuning.target, "reached": tuning.reached}
+        return {**used, **measured, "measured_rows": tuning.rows, "measured_at": tuning.measured_at}
+
     def preview(self, url: str) -> str | None:
         """A short-lived https URL of a stored image, for pages that show results."""
         try:

@@ -132,6 +132,11 @@ def training_lease_key(prefix: str, model: str) -> str:
     return f"{store_prefix(prefix, model)}_training.lease"
 
 
+def training_job_key(prefix: str, model: str) -> str:
+    """Held while an AWS Batch job is to train a store's index: one job per due training."""
+    return f"{store_prefix(prefix, model)}_training.job"
+
+
 def tombstones_prefix(prefix: str) -> str:
     return f"{normalise_prefix(prefix)}tombstones/"
 

@@ -14,7 +14,8 @@ What each caller does:
     store = VectorStore(store_uri(bucket, prefix, model_id), tombstones=tombstones)  # refresh_s=0: sees every commit
     done = ingest_shards(store, s3, ["s3://out/parquet/m/job/shard-00000.parquet", ...])  # one commit, idempotent
     reconcile(s3, [store], tombstones, ["s3://input/cat.jpg", *failed])  # removed or changed in S3: rows agree
-    maintain(store, lease=S3Lease(s3, lease_url))                       # builds/updates/retrains/compacts when due
+    maintain(store, policy, S3Lease(s3, lease_url), text_probes)        # builds/updates/retrains/compacts, measures recall
+    submit_training(s3, batch, TrainingJobs(queue, definition), ...)    # a training past the Lambda's bound: a Batch job
 
     # The query API (one store object per container, opened on the first /search):
     store = VectorStore(uri, refresh_s=config.index_refresh_s)          # sees new commits within refresh_s
@@ -32,7 +33,7 @@ API, in one line each:
 - `store_uri(bucket, prefix, model_id) -> str`: where a model's store lives in the output bucket;
   `stored_models(s3, bucket, prefix) -> list[str]`: the models that have one.
 - `VectorStore(uri, *, settings=StorageSettings.from_env(), refresh_s=0, search=SearchSettings())`:
-  opens nothing until used; `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options.
+  opens nothing until used; `search` settings left None are the measured ones (recall.py); `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options.
 - `VectorStore.ingest(rows, *, shard, still_current) -> Ingested(inserted, updated, unchanged,
   skipped_deleted)`: upserts a worker shard's rows on `url` in one commit.
 - `ingest_shards(store, s3, shard_urls, still_current=s3_still_current(s3)) -> ShardsIngested(ingested,
@@ -46,10 +47,16 @@ API, in one line each:
 - `VectorStore.delete(urls) -> int`: rows removed; tombstones keep late shards from bringing them back.
 - `VectorStore.nearest(vector, top, *, exclude=()) -> list[Match]`, `vector_of(url)`, `count()`,
   `dimensions()`, `index_state() -> IndexState`, `prewarm()` (reads the whole index into cache).
-- `maintain(store, policy=IndexPolicy(), lease=None) -> Maintenance(action, state, seconds, deferred,
-  conflict, busy)`: what was done, and a build or retrain left undone because the table is past
-  `policy.max_train_rows` or another holder of the `S3Lease` is training it;
+- `maintain(store, policy=IndexPolicy(), lease=None, text_probes=None) -> Maintenance(action, state,
+  seconds, deferred, conflict, busy, measured)`: what was done, and a build, retrain or measurement
+  left undone because the table is past `policy.max_train_rows` or another holder of the `S3Lease`
+  is training it; after a training or growth it measures recall on the store's own vectors (and on
+  `text_probes()`, text vectors of the store's model) and records the cheapest search settings that
+  reach `policy.recall.target` (`IndexState.tuning`: a `Tuning`), which `nearest` then uses;
   `plan(state, policy) -> Action` says what is due without doing it.
+- `submit_training(s3, batch, jobs, bucket, prefix, model_id, due) -> job id | None`: the AWS Batch
+  job (`python -m clip_indexer.train`) that does a training past the indexer's bound; None when one
+  is already on its way (a marker object, one job per due training).
 - `StoreError(code, message)` with `Code.DIMENSION_MISMATCH`, `Code.BAD_SHARD`, `Code.SHARD_UNAVAILABLE`.
 """
 
@@ -58,10 +65,12 @@ from clip_store.errors import Code, StoreError
 from clip_store.lease import S3Lease
 from clip_store.location import StorageSettings, store_uri, stored_models, tombstones_uri
 from clip_store.maintain import Action, IndexPolicy, Maintenance, maintain, plan
+from clip_store.recall import RecallPolicy, Tuning
 from clip_store.reconcile import Reconciled, reconcile
 from clip_store.shards import ShardsIngested, current_etag, ingest_shards, read_shard, s3_still_current
 from clip_store.store import IndexState, Ingested, Match, SearchSettings, VectorStore
 from clip_store.tombstones import Tombstones
+from clip_store.trainer import TrainingJobs, submit_training
 
 __all__ = [
     "Action",
@@ -72,6 +81,7 @@ __all__ = [
     "Ingested",
     "Maintenance",
     "Match",
+    "RecallPolicy",
     "Reconciled",
     "S3Lease",
     "SearchSettings",
@@ -79,6 +89,8 @@ __all__ = [
     "StorageSettings",
     "StoreError",
     "Tombstones",
+    "TrainingJobs",
+    "Tuning",
     "VectorStore",
     "current_etag",
     "ingest_shards",
@@ -88,6 +100,7 @@ __all__ = [
     "reconcile",
     "s3_still_current",
     "store_uri",
+    "submit_training",
     "stored_models",
     "tombstones_uri",
 ]

@@ -31,15 +31,20 @@ class S3Lease:
     @contextmanager
     def hold(self) -> Iterator[bool]:
         """Yields whether this caller holds the lease; releases it after if so."""
-        held = self._acquire()
+        held = self.take()
         try:
             yield held
         finally:
             if held:
-                self._s3.delete_object(Bucket=self._bucket, Key=self._key)
+                self.release()
 
-    def _acquire(self) -> bool:
-        body = datetime.now(UTC).isoformat().encode()
+    def release(self) -> None:
+        self._s3.delete_object(Bucket=self._bucket, Key=self._key)
+
+    def take(self, note: str = "") -> bool:
+        """Whether this caller now holds the lease (kept until `release`, or until it expires);
+        `note` is written in it, for whoever looks at who holds it."""
+        body = f"{datetime.now(UTC).isoformat()} {note}".strip().encode()
         try:
             self._s3.put_object(Bucket=self._bucket, Key=self._key, Body=body, IfNoneMatch="*")
             return True

@@ -18,6 +18,12 @@ reads only table metadata when there is nothing to do, and does at most one of:
   new index segment, and files under different segments are never compacted together, so once the
   index has `max_fragments` segments it is retrained, which merges them, and then compacted.
 
+After a build or retrain, and whenever the table has grown `recall.remeasure_growth` times past
+the rows last measured (an update, or nothing else due: `Action.MEASURE`), it **measures** the
+recall of the index on the store's own vectors, and on text probes when the caller gives them
+(`text_probes`), and records the cheapest search settings that reach the target (recall.py);
+every reader uses them.
+
 The tombstones are compacted by the same rule, and those older than `keep_tombstones` are
 forgotten: by then no shard embedded before the removal can still be on its way.
 
@@ -32,22 +38,26 @@ Rows not yet in the index are searchable all along: LanceDB scans them exactly n
 index search and merges the results, so `max_unindexed` bounds that scan's cost, not freshness.
 A build or retrain of millions of rows is long (docs/search.md), and a Lambda has 15 minutes: a
 policy's `max_train_rows` leaves one past that size for a process without a time limit
-(`clip-pipeline index`), and meanwhile the index keeps serving and still takes in new rows
+(an AWS Batch job: `python -m clip_store`), and meanwhile the index keeps serving and still takes in new rows
 (updates add them to its existing partitions; only their balance suffers).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+import numpy as np
 from lancedb.index import BTree, IvfRq
 from lancedb.table import LanceTable
 
+from clip_store import recall
+from clip_store.recall import RecallPolicy
 from clip_store.store import TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore, fragment_count
 from clip_store.tombstones import TABLE as TOMBSTONES
 
@@ -58,6 +68,8 @@ class Action(StrEnum):
     RETRAIN = "retrain"
     UPDATE = "update"
     COMPACT = "compact"
+    #: Measure the index's recall and record the settings that reach the target (recall.py).
+    MEASURE = "measure"
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class IndexPolicy:
     #: The most rows this process may train an index on (None: no limit). A build or retrain of a
     #: bigger table is deferred (Maintenance.deferred), and updates go on in the meantime.
     max_train_rows: int | None = None
+    #: The recall readers are to get, and how it is measured.
+    recall: RecallPolicy = RecallPolicy()
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ class Maintenance:
     conflict: bool = False
     #: A training was due and another caller holds the lease: it trains, this one did nothing.
     busy: bool = False
+    #: Whether the recall was measured (the result is `state.tuning`).
+    measured: bool = False
 
 
 def plan(state: IndexState, policy: IndexPolicy) -> Action:
@@ -107,7 +123,12 @@ def plan(state: IndexState, policy: IndexPolicy) -> Action:
         return Action.RETRAIN
     if state.unindexed_rows >= policy.max_unindexed or state.fragments - state.index_segments >= policy.max_fragments:
         return Action.UPDATE
-    return Action.NONE
+    return Action.MEASURE if _measure_due(state, policy) else Action.NONE
+
+
+def _measure_due(state: IndexState, policy: IndexPolicy) -> bool:
+    tuning = state.tuning
+    return state.index_type is not None and (tuning is None or state.rows >= policy.recall.remeasure_growth * tuning.rows)
 
 
 class Lease(Protocol):
@@ -116,20 +137,29 @@ class Lease(Protocol):
     def hold(self) -> AbstractContextManager[bool]: ...
 
 
-def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy(), lease: Lease | None = None) -> Maintenance:
+#: Text embeddings made with the store's model, for probing text -> image recall (None: none at hand).
+TextProbes = Callable[[], np.ndarray | None]
+
+
+def maintain(
+    store: VectorStore, policy: IndexPolicy = IndexPolicy(), lease: Lease | None = None, text_probes: TextProbes | None = None
+) -> Maintenance:
     """Does what `plan` says is due, within the policy's max_train_rows, and returns the state afterwards.
 
     With a `lease`, a build or retrain is done only by its holder: another caller training the same
-    index meanwhile leaves it to them (`Maintenance.busy`).
+    index meanwhile leaves it to them (`Maintenance.busy`). The recall is measured after a training
+    and as the table grows (the module's docstring), with `text_probes` when given: called only then.
     """
     started = time.monotonic()
     state = store.index_state()
     action, deferred = plan(state, policy), None
-    if action in (Action.BUILD, Action.RETRAIN) and policy.max_train_rows is not None and state.rows > policy.max_train_rows:
+    too_big = policy.max_train_rows is not None and state.rows > policy.max_train_rows
+    if action in (Action.BUILD, Action.RETRAIN, Action.MEASURE) and too_big:
         deferred = action
         has_index = action is Action.RETRAIN
         action = Action.UPDATE if has_index and state.unindexed_rows >= policy.max_unindexed else Action.NONE
     table = store.table()
+    measured = False
     try:
         if table is not None and action in (Action.BUILD, Action.RETRAIN):
             with lease.hold() if lease is not None else nullcontext(True) as held:
@@ -140,12 +170,22 @@ def maintain(store: VectorStore, policy: IndexPolicy = IndexPolicy(), lease: Lea
                 table.optimize(cleanup_older_than=policy.keep_versions)
         elif table is not None and action in (Action.UPDATE, Action.COMPACT):
             table.optimize(cleanup_older_than=policy.keep_versions)
-        _keep_tombstones_small(store, policy, forget=action is not Action.NONE)
+        _keep_tombstones_small(store, policy, forget=action not in (Action.NONE, Action.MEASURE))
+        after = store.index_state()
+        if table is not None and (action in (Action.BUILD, Action.RETRAIN) or _measure_due(after, policy)):
+            if too_big:
+                # A measurement reads every vector: past what this process trains, the trainer does it.
+                deferred = deferred or Action.MEASURE
+            else:
+                partitions = recall.partitions_of(after.trained_rows, policy.rows_per_partition)
+                texts = text_probes() if text_probes is not None else None
+                recall.record(table, recall.measure(table, partitions, policy.recall, texts))
+                measured = True
     except (OSError, RuntimeError) as exc:
         if not is_commit_conflict(exc):
             raise
         return Maintenance(action, state, time.monotonic() - started, deferred, conflict=True)
-    return Maintenance(action, store.index_state(), time.monotonic() - started, deferred)
+    return Maintenance(action, store.index_state(), time.monotonic() - started, deferred, measured=measured)
 
 
 def _train(table: LanceTable, policy: IndexPolicy, build: bool) -> None:

@@ -32,7 +32,6 @@ the index and manifests it has read for the life of the store object.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from lancedb.table import LanceTable
 from clip_store.database import Database, chunks, sql_text, url_filter
 from clip_store.errors import Code, StoreError
 from clip_store.location import StorageSettings
+from clip_store.recall import UNMEASURED, Tuning
 from clip_store.tombstones import PRIMARY_KEY, Tombstones
 
 VECTORS = "vectors"
@@ -97,36 +97,21 @@ class Ingested:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How an indexed search trades time for recall (docs/search.md, measured by bench/search_bench.py).
+    """How an indexed search trades time for recall, when its caller chooses (docs/search.md).
 
     `nprobes` IVF partitions are scanned with their quantised codes, and `refine_factor` x top
     candidates are re-ranked with their full vectors, so the scores returned are exact cosines.
-    Either left None is chosen by the table's size (`for_rows`), since recall at a fixed setting
-    falls as the table grows.
+    Either left None is the one `maintain` measured to reach the target recall on this store's own
+    vectors and queries (recall.Tuning, in the table's metadata).
     """
 
     nprobes: int | None = None
     refine_factor: int | None = None
 
-    def for_rows(self, rows: int) -> tuple[int, int]:
-        """(nprobes, refine_factor) for a table of `rows`: the settings given, else those measured to
-        keep recall@10 at 0.98 or more at that size (interpolated between the sizes measured, and
-        probing a constant share of the partitions past the largest)."""
-        nprobes, refine_factor = _MEASURED[0][1:]
-        for (low, low_nprobes, _), (high, high_nprobes, high_refine) in zip(_MEASURED, _MEASURED[1:], strict=False):
-            if rows > low:
-                share = min(1.0, (rows - low) / (high - low))
-                nprobes, refine_factor = math.ceil(low_nprobes + share * (high_nprobes - low_nprobes)), high_refine
-        largest, largest_nprobes, _ = _MEASURED[-1]
-        if rows > largest:
-            nprobes = math.ceil(largest_nprobes * rows / largest)
+    def resolve(self, tuning: Tuning | None) -> tuple[int, int]:
+        """(nprobes, refine_factor): the settings given, else those measured, else recall.UNMEASURED's."""
+        nprobes, refine_factor = (tuning.nprobes, tuning.refine_factor) if tuning is not None else UNMEASURED
         return self.nprobes or nprobes, self.refine_factor or refine_factor
-
-
-#: (rows, nprobes, refine_factor) that gave recall@10 >= 0.98 on bench/search_bench.py's CLIP-like
-#: 512-d mixture with IndexPolicy's 4,096-row partitions (docs/benchmarks.md, "Larger tables"):
-#: 0.996 at 1M, 0.984 at 2M, 0.9945 at 10M.
-_MEASURED = ((1_000_000, 20, 20), (2_000_000, 80, 20), (10_000_000, 320, 50))
 
 
 @dataclass(frozen=True)
@@ -144,6 +129,8 @@ class IndexState:
     #: The vector index's segments: each update adds one over the rows it folds in, and data files
     #: under different segments are not compacted together, so they are merged by a retrain.
     index_segments: int = 0
+    #: The search settings last measured on this table and the recall they gave (None: not measured).
+    tuning: Tuning | None = None
 
 
 #: Field metadata on the vector column: rows the current index was trained on (maintain.py).
@@ -323,12 +310,7 @@ class VectorStore:
         vector = np.asarray(query, np.float32)
         self._check_dimensions(table, vector.shape[-1], "the query")
         vector = vector / np.linalg.norm(vector)
-        settings = self.search_settings
-        # The table's size is read only when a setting is left to it.
-        if settings.nprobes and settings.refine_factor:
-            nprobes, refine_factor = settings.nprobes, settings.refine_factor
-        else:
-            nprobes, refine_factor = settings.for_rows(table.count_rows())
+        nprobes, refine_factor = self.search_settings.resolve(_tuning(table))
         found = (
             table.search(vector, vector_column_name=VECTOR_COLUMN)
             .distance_type("dot")
@@ -341,6 +323,15 @@ class VectorStore:
         skip = set(exclude)
         urls, distances = found.column("url").to_pylist(), found.column("_distance").to_pylist()
         return [Match(url, 1.0 - distance) for url, distance in zip(urls, distances, strict=True) if url not in skip][:top]
+
+    def search_in_use(self) -> tuple[int, int, Tuning | None] | None:
+        """(nprobes, refine_factor) a search uses now, and the measurement they come from (None if given or
+        not measured yet); None while nothing is stored."""
+        table = self.table()
+        if table is None:
+            return None
+        tuning = _tuning(table)
+        return (*self.search_settings.resolve(tuning), tuning)
 
     def vector_of(self, url: str) -> np.ndarray | None:
         """The stored vector of one image (for `similar`), or None if it is not in the store."""
@@ -364,7 +355,14 @@ class VectorStore:
         metadata = table.schema.field(VECTOR_COLUMN).metadata or {}
         trained = int(metadata.get(TRAINED_ROWS.encode(), b"0"))
         return IndexState(
-            rows, stats.index_type, stats.num_indexed_rows, stats.num_unindexed_rows, trained, fragments, stats.num_indices or 1
+            rows,
+            stats.index_type,
+            stats.num_indexed_rows,
+            stats.num_unindexed_rows,
+            trained,
+            fragments,
+            index_segments=stats.num_indices or 1,
+            tuning=Tuning.from_metadata(metadata),
         )
 
     @staticmethod
@@ -378,6 +376,11 @@ def fragment_count(table: LanceTable) -> int:
     # Read from the manifest the table already holds; typed as a class, it is a dict at run time.
     stats: Any = table.stats()
     return int(stats["fragment_stats"]["num_fragments"])
+
+
+def _tuning(table: LanceTable) -> Tuning | None:
+    # Read from the schema the open table already holds: no request.
+    return Tuning.from_metadata(table.schema.field(VECTOR_COLUMN).metadata)
 
 
 def _vector_index(table: LanceTable) -> IndexConfig | None:
