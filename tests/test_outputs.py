@@ -36,6 +36,8 @@ def produced(tiny_config: Path, tiny_checkpoint: Path) -> tuple[dict[str, Any], 
     with pytest.MonkeyPatch.context() as patch, mock_aws():
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             patch.setenv(name, "testing")
+        # Module-scoped: it runs before the per-test environment fixture, so it sets its own.
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)
         return output_examples.produce(boto3.client("s3", region_name="us-east-1"), config, encode(photo(), "JPEG"))
 
 

@@ -47,18 +47,24 @@ _RECEIVE_MAX = 10
 
 @contextlib.contextmanager
 def emulated_stack(parameters: dict[str, str]) -> Iterator[tuple[Clients, Stack]]:
-    """The emulator with template.yaml deployed in it; everything in this process talks to it meanwhile."""
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "local"),
-        ("AWS_SECRET_ACCESS_KEY", "local"),
-        ("AWS_DEFAULT_REGION", emulator.REGION),
-    ):
+    """The emulator with template.yaml deployed in it; everything in this process talks to it meanwhile,
+    and nothing after it (the environment it sets is put back when it stops)."""
+    defaults = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": emulator.REGION}
+    saved = {name: os.environ.get(name) for name in (*defaults, "AWS_ENDPOINT_URL")}
+    for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    with emulator.running() as clients:
-        # The dispatcher's clients included: they are made when its module is loaded, in this process.
-        os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
-        emulator.deploy(clients, LOCAL_STACK, {"ImageUri": "local/clip-worker:dev", **parameters})
-        yield clients, read_stack(clients, LOCAL_STACK)
+    try:
+        with emulator.running() as clients:
+            # The dispatcher's clients included: they are made when its module is loaded, in this process.
+            os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
+            emulator.deploy(clients, LOCAL_STACK, {"ImageUri": "local/clip-worker:dev", **parameters})
+            yield clients, read_stack(clients, LOCAL_STACK)
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
 
 
 @contextlib.contextmanager
