@@ -50,21 +50,12 @@ def emulated_stack(parameters: dict[str, str]) -> Iterator[tuple[Clients, Stack]
     """The emulator with template.yaml deployed in it; everything in this process talks to it meanwhile,
     and nothing after it (the environment it sets is put back when it stops)."""
     defaults = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": emulator.REGION}
-    saved = {name: os.environ.get(name) for name in (*defaults, "AWS_ENDPOINT_URL")}
-    for name, value in defaults.items():
-        os.environ.setdefault(name, value)
-    try:
-        with emulator.running() as clients:
-            # The dispatcher's clients included: they are made when its module is loaded, in this process.
-            os.environ["AWS_ENDPOINT_URL"] = clients.endpoint_url or ""
+    credentials = {name: os.environ.get(name) or value for name, value in defaults.items()}
+    with function_environment(credentials), emulator.running() as clients:
+        # The dispatcher's clients included: they are made when its module is loaded, in this process.
+        with function_environment({"AWS_ENDPOINT_URL": clients.endpoint_url or ""}):
             emulator.deploy(clients, LOCAL_STACK, {"ImageUri": "local/clip-worker:dev", **parameters})
             yield clients, read_stack(clients, LOCAL_STACK)
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = previous
 
 
 @contextlib.contextmanager
@@ -145,7 +136,8 @@ def complete_s3_notification(body: str) -> str:
 
 @contextlib.contextmanager
 def function_environment(environment: dict[str, str]) -> Iterator[None]:
-    """The process's environment as Lambda gives one function, for as long as that function runs.
+    """The process's environment as Lambda gives one function (or as the emulator needs it), for as long
+    as that function runs; what it set is put back after.
 
     Each function has a process of its own on Lambda; here several share this one, and what one
     reads at call time (Powertools' service name for a metric, say) must be its own, not the last loaded's.
