@@ -602,16 +602,32 @@ def test_worker_instances_keep_the_instance_role_from_containers_and_encrypt_the
     assert template["LaunchTemplateId"] == {"Ref": "WorkerLaunchTemplate"}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"QueryService": "false"}])
-def test_functions_read_only_their_own_queues(overrides: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, {"DispatcherUploads", "IndexerFunctionShards"}),
+        ({"QueryService": "false"}, {"DispatcherUploads", "IndexerFunctionShards"}),
+        # The Lambda lane: the embedding function reads its queue, the dispatcher the lane's fallback queue too.
+        (
+            {"EmbedLane": "auto"},
+            {"DispatcherUploads", "IndexerFunctionShards", "EmbedFunctionRequests", "DispatcherLaneFallbacks"},
+        ),
+    ],
+)
+def test_functions_read_only_their_own_queues(overrides: dict[str, str], expected: set[str]) -> None:
     resources = stack(**overrides)["Resources"]
     mappings = {name: item["Properties"] for name, item in resources.items() if item["Type"] == "AWS::Lambda::EventSourceMapping"}
-    assert set(mappings) == {"DispatcherUploads", "IndexerFunctionShards"}
-    for name, mapping in mappings.items():
-        role = resources[mapping["FunctionName"]["Ref"]]["Properties"]["Role"]["Fn::GetAtt"][0]
+    assert set(mappings) == expected
+    read: dict[str, list[Any]] = {}
+    for mapping in mappings.values():
+        read.setdefault(mapping["FunctionName"]["Ref"], []).append(mapping["EventSourceArn"])
+    for function, queues in read.items():
+        role = resources[function]["Properties"]["Role"]["Fn::GetAtt"][0]
         # What reads a queue (the indexer may also send to the dispatcher's: docs/search.md, "Removals").
         grants = [s for s in _statements(resources[role]["Properties"]) if "sqs:ReceiveMessage" in _listed(s["Action"])]
-        assert [s["Resource"] for s in grants] == [mapping["EventSourceArn"]], name
+        assert len(grants) == 1, function
+        granted = grants[0]["Resource"] if isinstance(grants[0]["Resource"], list) else [grants[0]["Resource"]]
+        assert sorted(map(json.dumps, granted)) == sorted(map(json.dumps, queues)), function
         assert {"sqs:ReceiveMessage", "sqs:DeleteMessage"} <= set(grants[0]["Action"])
     for name, item in resources.items():
         if item["Type"] == "AWS::IAM::Role":
@@ -621,16 +637,20 @@ def test_functions_read_only_their_own_queues(overrides: dict[str, str]) -> None
     assert indexer["Properties"]["ScalingConfig"] == {"MaximumConcurrency": 2}
 
 
-def test_only_the_two_functions_that_run_the_query_image_may_pull_it() -> None:
-    resources = stack()["Resources"]
+def test_only_the_functions_that_run_the_query_image_may_pull_it() -> None:
+    resources = stack(EmbedLane="auto")["Resources"]
     [statement] = resources["QueryRepository"]["Properties"]["RepositoryPolicyText"]["Statement"]
     allowed = [arn["Fn::Sub"].rsplit(":function:", 1)[1] for arn in statement["Condition"]["ArnEquals"]["aws:sourceArn"]]
-    named = [resources[name]["Properties"]["FunctionName"]["Fn::Sub"] for name in ("QueryFunction", "IndexerFunction")]
+    runs_it = [
+        name for name, item in resources.items() if item["Type"] == "AWS::Lambda::Function" and "ImageUri" in json.dumps(item)
+    ]
+    assert sorted(runs_it) == ["EmbedFunction", "IndexerFunction", "QueryFunction"]
+    named = [resources[name]["Properties"]["FunctionName"]["Fn::Sub"] for name in runs_it]
     assert sorted(allowed) == sorted(named)
     assert "*" not in json.dumps(statement["Condition"])
 
 
-@pytest.mark.parametrize("overrides", [{}, {"QueryService": "false"}])
+@pytest.mark.parametrize("overrides", [{}, {"QueryService": "false"}, {"EmbedLane": "lambda"}])
 def test_throttles_and_uploads_nobody_takes_are_alarmed_on(overrides: dict[str, str]) -> None:
     resources = stack(**overrides)["Resources"]
     age = resources["UploadQueueAgeAlarm"]["Properties"]
@@ -644,7 +664,11 @@ def test_throttles_and_uploads_nobody_takes_are_alarmed_on(overrides: dict[str, 
         for metric in throttles["Metrics"]
         if "MetricStat" in metric
     }
-    expected = {"Dispatcher", "IndexerFunction"} | ({"QueryFunction"} if not overrides else set())
+    expected = (
+        {"Dispatcher", "IndexerFunction"}
+        | ({"QueryFunction"} if overrides.get("QueryService") != "false" else set())
+        | ({"EmbedFunction"} if overrides.get("EmbedLane") else set())
+    )
     assert functions == expected
     assert all(
         metric["MetricStat"]["Metric"]["MetricName"] == "Throttles" for metric in throttles["Metrics"] if "MetricStat" in metric

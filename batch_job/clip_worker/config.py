@@ -93,10 +93,14 @@ class WorkerConfig:
     job_id: str | None = None
     #: This run's attempt (Batch sets AWS_BATCH_JOB_ATTEMPT, from 1) and the job definition's attempts
     #: (JOB_ATTEMPTS): a transient failure is left to the next attempt, and recorded only on the last.
+    #: Both count EARLIER_ATTEMPTS too: those the Lambda lane made before handing the manifest to Batch.
     attempt: int = 1
     max_attempts: int = 1
     #: How long to wait before trying the objects that failed transiently once more, in the same run.
     transient_retry_s: int = 20
+    #: Leave an object over the decoding budget to the next attempt instead of failing it: the Lambda
+    #: lane's budget is smaller than the Batch job's, which takes what the lane could not afford.
+    defer_too_costly: bool = False
 
     @property
     def decode_limits(self) -> Limits:
@@ -118,6 +122,9 @@ class WorkerConfig:
         gpu_decode = env.get("GPU_DECODE", "auto").strip().lower()
         if gpu_decode not in ("auto", "on", "off"):
             raise ConfigError(f"GPU_DECODE={gpu_decode!r} must be auto, on or off")
+        # A manifest the Lambda lane could not finish reaches Batch with the lane's attempt counted, so
+        # that the job's attempts resume what it finished and suspect what it had in flight.
+        earlier = _int(env, "EARLIER_ATTEMPTS", 0, minimum=0)
         return cls(
             manifest_uri=env["MANIFEST_URI"],
             output_bucket=env["OUTPUT_BUCKET"],
@@ -145,7 +152,8 @@ class WorkerConfig:
             keywords_top_k=_int(env, "KEYWORDS_TOP_K", cls.keywords_top_k),
             array_index=_optional_int(env, "AWS_BATCH_JOB_ARRAY_INDEX", minimum=0),
             job_id=env.get("AWS_BATCH_JOB_ID") or None,
-            attempt=_int(env, "AWS_BATCH_JOB_ATTEMPT", cls.attempt),
-            max_attempts=_int(env, "JOB_ATTEMPTS", cls.max_attempts),
+            attempt=earlier + _int(env, "AWS_BATCH_JOB_ATTEMPT", cls.attempt),
+            max_attempts=earlier + _int(env, "JOB_ATTEMPTS", cls.max_attempts),
             transient_retry_s=_int(env, "TRANSIENT_RETRY_SECONDS", cls.transient_retry_s, minimum=0),
+            defer_too_costly=_bool(env, "DEFER_TOO_COSTLY"),
         )

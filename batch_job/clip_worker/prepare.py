@@ -44,6 +44,9 @@ class Deferred:
 
     entry: ManifestEntry
     reason: str
+    #: False when only another attempt can do better, not this one after a pause: an object over the
+    #: Lambda lane's decoding budget, which the Batch job decodes under the worker's.
+    retry_here: bool = True
 
 
 def ahead(
@@ -117,6 +120,8 @@ def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
         with stage.progress.timed("decode"):
             return Prepared(entry, version, model_input(data, entry.url, stage))
     except DocumentError as error:
+        if error.code is ErrorCode.TOO_COSTLY and stage.config.defer_too_costly:
+            return Deferred(entry, error.message, retry_here=False)
         return Failed(entry, error)
     except reader.TransientError as exc:
         return Deferred(entry, str(exc))

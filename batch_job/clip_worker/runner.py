@@ -16,6 +16,7 @@ attempt, or, on the last, records the rest as `timed-out`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from clip_worker.embed import Embedder, device_transform
 from clip_worker.journal import Journal
 from clip_worker.labels import LabelSet, read_labels
 from clip_worker.log import logger
-from clip_worker.model import default_batch_size, load
+from clip_worker.model import ClipModel, default_batch_size, load
 from clip_worker.pipeline import Pipeline
 from clip_worker.prepare import Deferred, Failed, Stage
 from clip_worker.progress import Progress
@@ -90,27 +91,43 @@ def time_left(config: WorkerConfig, started: float, stop: threading.Event, timed
     return timer
 
 
-def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = None) -> Summary:
+def new_sandbox(config: WorkerConfig) -> Sandbox:
+    """The decoding processes of a child; they start importing at once, while the caller loads its model."""
+    return Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",))
+
+
+def run(
+    config: WorkerConfig,
+    stop: threading.Event | None = None,
+    s3: Any = None,
+    model: ClipModel | None = None,
+    sandbox: Sandbox | None = None,
+) -> Summary:
+    """One job child. A caller that runs several in one process (the Lambda lane, warm) passes the
+    model and the sandbox it keeps; otherwise the child loads its own and closes its sandbox."""
     started = time.monotonic()
     stop = stop or threading.Event()
     timed_out = threading.Event()
     timer = time_left(config, started, stop, timed_out)
-    # Its processes start importing now, while this one reads the manifest and loads the model.
-    with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+    with contextlib.ExitStack() as owned:
+        if sandbox is None:
+            sandbox = owned.enter_context(new_sandbox(config))
         try:
-            return _run(config, stop, s3 or s3_client(config), sandbox, timed_out)
+            return _run(config, stop, s3 or s3_client(config), sandbox, timed_out, model)
         finally:
             if timer is not None:
                 timer.cancel()
 
 
-def _run(config: WorkerConfig, stop: threading.Event, s3: Any, sandbox: Sandbox, timed_out: threading.Event) -> Summary:
+def _run(
+    config: WorkerConfig, stop: threading.Event, s3: Any, sandbox: Sandbox, timed_out: threading.Event, model: ClipModel | None
+) -> Summary:
     shard_index = config.array_index or 0
     manifest = reader.load_manifest(config.manifest_uri, shard_index, s3)
     entries = manifest.entries
     # Read before the weights load, so a bad label set fails the job at once.
     labels = read_labels(config.labels, s3) if config.labels else None
-    model = load(config.model, config.pretrained, config.device, config.cache_dir, config.model_config_path)
+    model = model or load(config.model, config.pretrained, config.device, config.cache_dir, config.model_config_path)
     # The text tower runs once per job; each batch then costs one small matrix product.
     label_set = LabelSet.cached(model, labels, config.cache_dir) if labels else None
     batch_size = config.batch_size or default_batch_size(model.device)
@@ -212,22 +229,29 @@ def _run(config: WorkerConfig, stop: threading.Event, s3: Any, sandbox: Sandbox,
 def retry_transient(
     pipeline: Pipeline, deferred: list[Deferred], pool: ThreadPoolExecutor, config: WorkerConfig, stop: threading.Event
 ) -> list[Deferred]:
-    """The objects S3 failed to serve, tried once more after a pause; returns those still failing."""
-    if not deferred or stop.is_set():
+    """The objects S3 failed to serve, tried once more after a pause; returns those still failing,
+    and those only another attempt can take."""
+    again = [item for item in deferred if item.retry_here]
+    if not again or stop.is_set():
         return deferred
     logger.warning(
         "retrying objects S3 failed to serve",
-        extra={"objects": len(deferred), "wait_s": config.transient_retry_s, "first": deferred[0].reason},
+        extra={"objects": len(again), "wait_s": config.transient_retry_s, "first": again[0].reason},
     )
     if stop.wait(config.transient_retry_s):
         return deferred
-    return pipeline.process(sorted(pipeline.position(item.entry) for item in deferred), pool)
+    left = [item for item in deferred if not item.retry_here]
+    return left + pipeline.process(sorted(pipeline.position(item.entry) for item in again), pool)
 
 
 def settle(pipeline: Pipeline, deferred: list[Deferred], config: WorkerConfig) -> None:
     """What is still failing is left to the next attempt, or recorded as download-failed on the last."""
     if config.attempt >= config.max_attempts:
         for item in deferred:
+            if not item.retry_here:
+                # Over the budget, and no attempt is left to afford it.
+                pipeline.fail(Failed(item.entry, DocumentError(ErrorCode.TOO_COSTLY, item.reason)))
+                continue
             pipeline.fail(
                 Failed(
                     item.entry,

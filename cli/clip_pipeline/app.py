@@ -28,6 +28,7 @@ from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import SAMCONFIG, Clients, Stack, StackError, default_stack_name, explain, read_stack
 from clip_pipeline.submitter import Target
 from clip_shared import defaults, keys
+from clip_shared.lane import LAMBDA_LANE_MAX_IMAGES, EmbedLane
 
 SAMPLES = emulator.REPOSITORY / "samples"
 #: Set to 1 for the traceback of an unexpected failure, which otherwise ends in one line.
@@ -152,6 +153,15 @@ def local_command(
         ),
     ] = "",
     keywords_top_k: Annotated[int, typer.Option(min=1, help="Labels per image with --labels (the KeywordsTopK parameter).")] = 5,
+    lane: Annotated[
+        EmbedLane,
+        typer.Option(
+            help="Which lane embeds each batch (the EmbedLane parameter): batch jobs, the Lambda lane, or auto by size."
+        ),
+    ] = EmbedLane.BATCH,
+    lane_max_images: Annotated[
+        int, typer.Option(min=1, help="The most images a Lambda lane request takes (the LambdaLaneMaxImages parameter).")
+    ] = LAMBDA_LANE_MAX_IMAGES,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the emulator running and print how to query it.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Show the functions' and workers' logs and library warnings as they come.")
@@ -175,6 +185,8 @@ def local_command(
             "ShardSize": str(shard_size),
             "ClipLabels": labels,
             "KeywordsTopK": str(keywords_top_k),
+            "EmbedLane": str(lane),
+            "LambdaLaneMaxImages": str(lane_max_images),
         }
         if not json_output:
             console.print("Creating the stack from template.yaml in the emulator...")
@@ -213,6 +225,10 @@ def _print_summary(
         "not_uploaded": pipeline.not_uploaded,
         **outcomes.as_dict(),
         "batch_jobs": len({run.job_id for run in runs}),
+        # The Lambda lane's work: its requests, the images they held, and those it handed to Batch.
+        "lane_requests": len(pipeline.lane_invocations),
+        "lane_images": sum(invocation.images for invocation in pipeline.lane_invocations),
+        "lane_handed_to_batch": sum(invocation.images for invocation in pipeline.invocations),
         "job_runs": len(runs),
         "failed_job_runs": sum(1 for run in runs if run.exit_code != 0),
         "seconds": round(elapsed, 2),
@@ -242,6 +258,11 @@ def _print_summary(
     for url, failure in sorted(outcomes.failed.items()):
         table.add_row("", f"{url}: {failure.code}: {failure.message}")
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
+    if pipeline.lane_invocations:
+        table.add_row(
+            "lambda lane",
+            f"{summary['lane_requests']} requests, {summary['lane_images']} images ({summary['lane_handed_to_batch']} handed to Batch)",
+        )
     table.add_row("time", f"{summary['seconds']} s")
     table.add_row("images/s", str(summary["images_per_s"]))
     out = Console()

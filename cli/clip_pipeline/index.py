@@ -26,7 +26,6 @@ def maintain_stores(
     """For each model with a store: what was due, what was done (or the job submitted), and the index afterwards."""
     # Here, not at the top: as IndexState above.
     from clip_indexer.train import text_probes
-
     from clip_shared import keys
     from clip_store import (
         Action,

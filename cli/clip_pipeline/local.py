@@ -1,8 +1,10 @@
 """What AWS does between the resources, done locally: Lambda's SQS poller and Batch's job runs.
 
-The dispatcher handler is invoked in this process with its function's resolved environment, as
-Lambda's SQS poller would invoke it (batch size and batching window from the event source
-mapping, partial batch failures honoured). Each submitted Batch job runs its job definition's
+The dispatcher handler (and the indexer's, and the embedding function's when the stack has a Lambda
+lane) is invoked in this process with its function's resolved environment, as Lambda's SQS poller
+would invoke it (batch size and batching window from the event source mapping, partial batch
+failures honoured; a message a function fails goes on to its queue's dead-letter queue as SQS's
+redrive policy says). Each submitted Batch job runs its job definition's
 command in a child process, with the definition's environment, the job's overrides and, for
 every array child, AWS_BATCH_JOB_ARRAY_INDEX, as Batch would run the container; an attempt that
 exits as the retry strategy says to retry runs again, with AWS_BATCH_JOB_ATTEMPT counting up.
@@ -35,9 +37,11 @@ from clip_pipeline.emulator import REPOSITORY
 from clip_pipeline.progress import Reporter
 from clip_pipeline.stack import Clients, Stack, plain_environment, read_stack
 from clip_shared import keys
+from clip_shared.lane import LaneRequest
 
 DISPATCHER = REPOSITORY / "functions" / "dispatcher" / "app.py"
 INDEXER = REPOSITORY / "functions" / "indexer" / "clip_indexer" / "app.py"
+EMBEDDER = REPOSITORY / "functions" / "embedder" / "clip_embedder" / "app.py"
 #: Locally nobody waits for a batch to fill: the longest window the pollers honour.
 LOCAL_WINDOW_S = 2
 LOCAL_STACK = "clip-local"
@@ -113,6 +117,8 @@ class Invocation:
     #: How long the handler ran here, against the emulator, and the CPU time this process spent meanwhile.
     seconds: float
     cpu_seconds: float
+    #: The images its records asked for, for a function that says (the embedding function's lane requests).
+    images: int = 0
 
 
 def complete_s3_notification(body: str) -> str:
@@ -180,6 +186,8 @@ class LambdaPoller:
         handler_path: Path = DISPATCHER,
         max_window_s: int | None = None,
         log: TextIO | None = None,
+        extra_environment: dict[str, str] | None = None,
+        images: Callable[[str], int] = lambda body: 0,
     ) -> None:
         self._lambda = clients.client("lambda")
         self._sqs = clients.client("sqs")
@@ -203,6 +211,8 @@ class LambdaPoller:
         environment = plain_environment(configuration.get("Environment", {}).get("Variables", {}))
         # Lambda's runtime provides an X-Ray daemon; locally there is none to send traces to.
         environment |= {"POWERTOOLS_TRACE_DISABLED": "true", "AWS_LAMBDA_FUNCTION_NAME": function_name}
+        environment |= extra_environment or {}
+        self._images = images
         self._environment = environment
         # The function's log lines are its CloudWatch logs: they go to the log, and stdout stays the command's.
         with contextlib.redirect_stdout(self._log or sys.stderr):
@@ -270,7 +280,8 @@ class LambdaPoller:
                     # Locally nobody waits out the visibility timeout: retry at once; the redrive
                     # policy still moves a message to the DLQ after maxReceiveCount.
                     self._sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
-            invocations.append(Invocation(len(messages), len(failed), seconds, cpu_seconds))
+            images = sum(self._images(message["Body"]) for message in messages)
+            invocations.append(Invocation(len(messages), len(failed), seconds, cpu_seconds, images))
         return invocations
 
 
@@ -375,30 +386,71 @@ def _in_flight(sqs: Any, queue_url: str) -> int:
     return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
 
 
+def lane_images(body: str) -> int:
+    """How many images a lane request asks for (0 for a message that is not one)."""
+    try:
+        return LaneRequest.model_validate_json(body).images
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one round of AWS's part did."""
+
+    dispatched: list[Invocation]
+    jobs: list[JobRun]
+    indexed: list[Invocation]
+    #: The embedding function's invocations (the Lambda lane), one lane request each.
+    lane: list[Invocation] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.dispatched or self.jobs or self.indexed or self.lane)
+
+
 class StandIn:
-    """What AWS does between the stack's resources, one round at a time: the dispatcher's and the
-    indexer's SQS pollers and Batch. `clip-pipeline local --keep` goes on calling `step` after the
-    first run, so that an upload to the kept emulator is processed too."""
+    """What AWS does between the stack's resources, one round at a time: the dispatcher's, the indexer's
+    and (with a Lambda lane) the embedding function's SQS pollers, and Batch. `clip-pipeline local
+    --keep` goes on calling `step` after the first run, so that an upload to the kept emulator is
+    processed too."""
 
     def __init__(self, clients: Clients, stack: Stack, extra_environment: dict[str, str], log: TextIO | None) -> None:
-        self.dispatcher = LambdaPoller(clients, stack.output("DispatcherFunctionName"), log=log)
+        # Its images: those of lane requests the Lambda lane handed to Batch (its fallback queue).
+        self.dispatcher = LambdaPoller(clients, stack.output("DispatcherFunctionName"), log=log, images=lane_images)
         # The vector store's writer: finished shards go into the store that search reads.
         self.indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S, log=log)
+        self._queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
+        # The Lambda lane: the worker's code in this process, as the function runs it (warm after the first).
+        self.embedder = None
+        if "EmbedFunctionName" in stack.outputs:
+            self.embedder = LambdaPoller(
+                clients,
+                stack.output("EmbedFunctionName"),
+                EMBEDDER,
+                log=log,
+                extra_environment={"DEVICE": "auto", **extra_environment},
+                images=lane_images,
+            )
+            self._queues += [stack.output("EmbedQueueUrl"), stack.output("LaneFallbackQueueUrl")]
         self.batch = BatchRunner(clients, stack, extra_environment)
         self._sqs = clients.client("sqs")
-        self._queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
         self.log = log
 
-    def step(
-        self, worker_line: Callable[[tuple[str, int | None], str], None], say: Callable[[str], None]
-    ) -> tuple[list[Invocation], list[JobRun], list[Invocation]]:
-        """One round: dispatch what the upload queue holds, run the jobs submitted, index their shards."""
+    def step(self, worker_line: Callable[[tuple[str, int | None], str], None], say: Callable[[str], None]) -> Round:
+        """One round: dispatch what the upload queue (and the lane's fallback queue) holds, embed the
+        lane's requests, run the jobs submitted, index their shards."""
         invocations = self.dispatcher.poll()
+        for invocation in invocations:
+            if invocation.images:
+                say(f"lambda lane: {invocation.images} images handed to Batch")
+        lane = self.embedder.poll() if self.embedder else []
+        for invocation in lane:
+            say(f"lambda lane: {invocation.images} images in {invocation.seconds:.1f} s")
         done = self.batch.run_pending(worker_line)
         for run in done:
             child = "" if run.array_index is None else f" child {run.array_index}"
             say(f"batch job {run.job_id}{child} attempt {run.attempt}: exit {run.exit_code}")
-        return invocations, done, self.indexer.poll()
+        return Round(invocations, done, self.indexer.poll(), lane)
 
     def idle(self) -> bool:
         return not any(_in_flight(self._sqs, url) for url in self._queues)
@@ -410,7 +462,7 @@ class StandIn:
             print(line, file=self.log or sys.stderr)
 
         while True:
-            if not any(self.step(worker_line, say)):
+            if not self.step(worker_line, say):
                 time.sleep(pause_s)
 
 
@@ -428,6 +480,8 @@ class PipelineRun:
     not_uploaded: dict[str, str] = field(default_factory=dict)
     #: What did AWS's part, to go on with (`--keep`).
     stand_in: StandIn | None = None
+    #: Every invocation of the embedding function (the Lambda lane).
+    lane_invocations: list[Invocation] = field(default_factory=list)
 
 
 def unstorable(key: str) -> str | None:
@@ -512,12 +566,14 @@ def run_pipeline(
     runs: list[JobRun] = []
     invoked: list[Invocation] = []
     indexed: list[Invocation] = []
+    lane: list[Invocation] = []
     while True:
-        invocations, done, indexing = aws.step(worker_line, say)
-        invoked += invocations
-        dispatched += sum(invocation.records - invocation.failures for invocation in invocations)
+        did = aws.step(worker_line, say)
+        invoked += did.dispatched
+        dispatched += sum(invocation.records - invocation.failures for invocation in did.dispatched)
         reporter.update("dispatched", dispatched)
-        runs += done
-        indexed += indexing
-        if not invocations and not done and not indexing and aws.idle():
-            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded, aws)
+        runs += did.jobs
+        indexed += did.indexed
+        lane += did.lane
+        if not did and aws.idle():
+            return PipelineRun(runs, invoked, time.monotonic() - started, indexed, uploaded, not_uploaded, aws, lane)

@@ -1,8 +1,12 @@
-"""Dispatcher: one SQS batch of S3 upload notifications -> at most one Batch job.
+"""Dispatcher: one SQS batch of S3 upload notifications -> at most one Batch job, or Lambda lane requests.
 
 Each notified object is admitted (its real type from its first bytes, its size: one ranged GET,
 clip_dispatch.admission) or rejected with a `document-rejected` record; the accepted objects of the
-whole batch go into one job (an array job when they fill several shards, clip_dispatch.submission).
+whole batch go into one job (an array job when they fill several shards, clip_dispatch.submission),
+or, when EMBED_LANE says so for a batch of its size, to the embedding function's queue in manifests
+of at most LAMBDA_LANE_MAX_IMAGES (clip_shared.lane). A lane request the function could not finish
+comes back on the lane's fallback queue, which this function also reads: its manifest becomes a
+Batch job that resumes the lane's work.
 Messages that could not be handled are returned as batch item failures, so SQS redelivers them and,
 after maxReceiveCount, moves them to the dead-letter queue.
 """
@@ -24,12 +28,13 @@ from aws_lambda_powertools.utilities.batch import AsyncBatchProcessor, EventType
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.parser.models import S3Model, S3RecordModel, SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field, Json
+from pydantic import BaseModel, ConfigDict, Field, Json, model_validator
 
 from clip_dispatch.admission import ADMISSION_THREADS, ObjectRef, Verdict, admit, record_rejection
-from clip_dispatch.submission import dedupe, new_manifest_id, submit
+from clip_dispatch.submission import SubmittedJob, dedupe, new_manifest_id, send_to_lane, submit, submit_job
 from clip_shared import defaults, keys
 from clip_shared.aws import CLIENT_CONFIG
+from clip_shared.lane import LAMBDA_LANE_MAX_IMAGES, LANE_ATTEMPTS, EmbedLane, LaneRequest, lane_for
 from clip_shared.manifest import ManifestEntry
 
 
@@ -44,6 +49,16 @@ class Settings(BaseModel):
     job_definition: str = Field(alias="JOB_DEFINITION", min_length=1)
     shard_size: int = Field(alias="SHARD_SIZE", default=defaults.SHARD_SIZE, ge=1)
     max_object_bytes: int = Field(alias="MAX_OBJECT_BYTES", default=defaults.MAX_OBJECT_BYTES, ge=1)
+    embed_lane: EmbedLane = Field(alias="EMBED_LANE", default=EmbedLane.BATCH)
+    lambda_lane_max_images: int = Field(alias="LAMBDA_LANE_MAX_IMAGES", default=LAMBDA_LANE_MAX_IMAGES, ge=1)
+    #: The embedding function's queue; required unless EMBED_LANE is batch.
+    embed_queue_url: str = Field(alias="EMBED_QUEUE_URL", default="")
+
+    @model_validator(mode="after")
+    def _lane_has_a_queue(self) -> Settings:
+        if self.embed_lane is not EmbedLane.BATCH and not self.embed_queue_url:
+            raise ValueError(f"EMBED_LANE={self.embed_lane} needs EMBED_QUEUE_URL (the embedding function's queue)")
+        return self
 
 
 class S3TestEvent(BaseModel):
@@ -54,7 +69,8 @@ class S3TestEvent(BaseModel):
 
 
 class S3NotificationRecord(SqsRecordModel):
-    body: Json[S3Model | S3TestEvent]
+    #: An upload's notification, S3's test event, or a lane request handed back from the lane's fallback queue.
+    body: Json[S3Model | S3TestEvent | LaneRequest]
 
 
 SETTINGS = Settings.model_validate(os.environ)
@@ -63,6 +79,7 @@ tracer = Tracer()
 metrics = Metrics()
 s3 = boto3.client("s3", config=CLIENT_CONFIG)
 batch_client = boto3.client("batch", config=CLIENT_CONFIG)
+sqs = boto3.client("sqs", config=CLIENT_CONFIG)
 processor = AsyncBatchProcessor(event_type=EventType.SQS, model=S3NotificationRecord)
 admission_pool = ThreadPoolExecutor(ADMISSION_THREADS, thread_name_prefix="admit")
 
@@ -100,6 +117,10 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
     if isinstance(record.body, S3TestEvent):
         logger.info("Skipping s3:TestEvent", bucket=record.body.Bucket)
         return record, []
+    if isinstance(record.body, LaneRequest):
+        await asyncio.get_running_loop().run_in_executor(admission_pool, hand_to_batch, record.body)
+        metrics.add_metric(name="LaneRequestsHandedToBatch", unit=MetricUnit.Count, value=1)
+        return record, []
     entries = []
     for notified in record.body.Records:
         ref = _object_ref(notified)
@@ -112,36 +133,71 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
     return record, entries
 
 
+def hand_to_batch(request: LaneRequest) -> None:
+    """A lane request the embedding function could not finish: its manifest, as a Batch job resuming its work."""
+    job = submit_job(
+        batch_client,
+        request.manifest_uri,
+        request.manifest_id,
+        1,
+        SETTINGS.job_queue,
+        SETTINGS.job_definition,
+        earlier_attempts=LANE_ATTEMPTS,
+    )
+    logger.warning("Lane request handed to Batch", job_id=job.job_id, manifest_uri=request.manifest_uri, entries=request.images)
+
+
 @tracer.capture_method
 def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntry]]], manifest_id: str) -> None:
     entries = dedupe([entry for _, message_entries in accepted for entry in message_entries])
+    lane = lane_for(SETTINGS.embed_lane, len(entries), SETTINGS.lambda_lane_max_images)
     try:
-        job = submit(
-            s3,
-            batch_client,
-            SETTINGS.output_bucket,
-            SETTINGS.output_prefix,
-            manifest_id,
-            entries,
-            SETTINGS.shard_size,
-            SETTINGS.job_queue,
-            SETTINGS.job_definition,
-        )
+        if lane is EmbedLane.LAMBDA:
+            requests = send_to_lane(
+                s3,
+                sqs,
+                SETTINGS.output_bucket,
+                SETTINGS.output_prefix,
+                manifest_id,
+                entries,
+                SETTINGS.lambda_lane_max_images,
+                SETTINGS.embed_queue_url,
+            )
+        else:
+            job = submit(
+                s3,
+                batch_client,
+                SETTINGS.output_bucket,
+                SETTINGS.output_prefix,
+                manifest_id,
+                entries,
+                SETTINGS.shard_size,
+                SETTINGS.job_queue,
+                SETTINGS.job_definition,
+            )
     except Exception:
-        logger.exception("Submitting the job failed; its messages will be redelivered")
+        logger.exception("Handing the accepted objects on failed; their messages will be redelivered", lane=str(lane))
         failure = sys.exc_info()
         for message, _ in accepted:
             processor.failure_handler(record=message, exception=failure)
         return
+    metrics.add_metric(name="ObjectsAccepted", unit=MetricUnit.Count, value=len(entries))
+    if lane is EmbedLane.LAMBDA:
+        logger.info("Sent to the Lambda lane", manifests=[request.manifest_uri for request in requests], entries=len(entries))
+        metrics.add_metric(name="LaneRequestsSent", unit=MetricUnit.Count, value=len(requests))
+    else:
+        log_submitted(job, len(entries))
+
+
+def log_submitted(job: SubmittedJob, entries: int) -> None:
     logger.info(
         "Submitted job",
         job_id=job.job_id,
         job_name=job.job_name,
         manifest_uri=job.manifest_uri,
-        entries=len(entries),
+        entries=entries,
         array_size=job.array_size,
     )
-    metrics.add_metric(name="ObjectsAccepted", unit=MetricUnit.Count, value=len(entries))
     metrics.add_metric(name="JobsSubmitted", unit=MetricUnit.Count, value=1)
 
 

@@ -171,3 +171,33 @@ def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: 
     )
     assert result.returncode == 2
     assert "pass --pretrained /path/to/checkpoint.pt, or --pretrained none" in result.stderr
+
+
+def test_local_lambda_lane_embeds_each_request_as_a_job_child_would(
+    tmp_path: Path, tiny_config: Path, tiny_checkpoint: Path
+) -> None:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"):
+        (folder / f"IMG #{name}.jpg").write_bytes(encode(photo(name), "JPEG"))
+    (folder / "poison.png").write_bytes(poisoned_png())
+    (folder / "notes.jpg").write_text("not an image")
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    command = [
+        sys.executable, "-m", "clip_pipeline", "local", str(folder),
+        "--model", TINY_MODEL, "--pretrained", str(tiny_checkpoint), "--model-config", str(tiny_config),
+        "--batching-window", "1", "--lane", "lambda", "--lane-max-images", "2", "--json",
+    ]  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), environment.get("PYTHONPATH", "")])
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[0])
+    # Five accepted objects in requests of at most two: three invocations of the embedding function, no job.
+    assert (summary["lane_requests"], summary["lane_images"], summary["lane_handed_to_batch"]) == (3, 5, 0)
+    assert (summary["batch_jobs"], summary["embedded"]) == (0, 4)
+    assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"].items()} == {"poison.png": "crashes-worker"}
+    assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"].items()} == {"notes.jpg": "unsupported-type"}
+    log = Path(summary["log"]).read_text()
+    logged = [json.loads(line) for line in log.splitlines() if '"function_memory_size"' in line]
+    assert {line["service"]: line["function_memory_size"] for line in logged}["clip-embed"] == 3008

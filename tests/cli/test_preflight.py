@@ -182,6 +182,25 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
     assert report["ok"] is False
 
 
+def test_the_lambda_lane_counts_against_a_new_accounts_concurrency_and_memory(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
+    account.concurrency = account.unreserved = 10
+    report = preflight(samconfig, "--parameter-overrides", "EmbedLane=auto EmbedMemorySize=10240", exit_code=1)
+
+    found = checks(report)
+    # The dispatcher's 5, the indexer's 2, the lane's 2 and 2 for its fallbacks, the query function's 1: 12 > 10.
+    concurrency = found["lambda-concurrency"]
+    assert concurrency["status"] == "fail"
+    assert (
+        "LambdaLaneConcurrency=2" in concurrency["finding"] and "or deploy with DispatcherConcurrency=3" in concurrency["finding"]
+    )
+    memory = found["lambda-memory"]
+    assert memory["status"] == "warn" and memory["finding"].endswith(
+        "Deploy with EmbedMemorySize=3008, or ask AWS Support to lift the cap (it has no quota code)"
+    )
+
+
 def test_the_table_names_what_failed_and_the_commands_that_request_more(
     account: Account, python312: Path, samconfig: Path
 ) -> None:

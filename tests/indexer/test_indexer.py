@@ -8,8 +8,8 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from clip_indexer import train
 
+from clip_indexer import train
 from clip_shared import keys
 from clip_worker.labels import DEFAULT_LABELS, baked_path
 from tests.indexer.conftest import EVENTS, World, batch, sample, urls

@@ -1,8 +1,10 @@
 """The stack's Lambda functions against the account's concurrency and memory limits.
 
 Nothing is reserved (Lambda keeps 100 executions unreserved, so a reservation fails on a new
-account's 10): the dispatcher (up to DispatcherConcurrency), the indexer (its queue's 2) and the
-query function (as many as the API lets through at once, QueryBurstLimit) share the unreserved ones.
+account's 10): the dispatcher (up to DispatcherConcurrency, and 2 more reading the Lambda lane's
+fallback queue), the indexer (its queue's 2), the embedding function of the Lambda lane (up to
+LambdaLaneConcurrency) and the query function (as many as the API lets through at once,
+QueryBurstLimit) share the unreserved ones.
 """
 
 from __future__ import annotations
@@ -28,18 +30,36 @@ def check_lambda(client: ClientFactory, parameters: DeployParameters) -> list[Ch
     ]
 
 
+#: The dispatcher's invocations that read the lane's fallback queue at most (DispatcherLaneFallbacks).
+LANE_FALLBACK_CONCURRENCY = 2
+
+
+def _others(parameters: DeployParameters) -> int:
+    """What the functions other than the dispatcher and the query function may run at once."""
+    lane = parameters.number("LambdaLaneConcurrency") + LANE_FALLBACK_CONCURRENCY if parameters.lambda_lane else 0
+    return parameters.indexer_concurrency + lane
+
+
 def _concurrency(parameters: DeployParameters, limit: int, unreserved: int) -> Check:
     dispatcher, indexer = parameters.number("DispatcherConcurrency"), parameters.indexer_concurrency
     query = 1 if parameters.query_service else 0
-    needed = dispatcher + indexer + query
-    parts = f"DispatcherConcurrency={dispatcher}, the indexer's {indexer}" + (", the query function's 1" if query else "")
+    needed = dispatcher + _others(parameters) + query
+    parts = (
+        f"DispatcherConcurrency={dispatcher}, the indexer's {indexer}"
+        + (
+            f", the Lambda lane's LambdaLaneConcurrency={parameters.number('LambdaLaneConcurrency')} and {LANE_FALLBACK_CONCURRENCY} for its fallbacks"
+            if parameters.lambda_lane
+            else ""
+        )
+        + (", the query function's 1" if query else "")
+    )
     if unreserved >= needed:
         return Check(
             "lambda-concurrency",
             Status.PASS,
             f"{unreserved} unreserved concurrent executions; the stack's functions need {needed} ({parts})",
         )
-    fits = unreserved - indexer - query
+    fits = unreserved - _others(parameters) - query
     return Check(
         "lambda-concurrency",
         Status.FAIL,
@@ -54,7 +74,7 @@ def _query_burst(parameters: DeployParameters, unreserved: int) -> Check:
     if not parameters.query_service:
         return Check("query-burst", Status.PASS, "no query API (QueryService=false)")
     burst = parameters.number("QueryBurstLimit")
-    room = unreserved - parameters.number("DispatcherConcurrency") - parameters.indexer_concurrency
+    room = unreserved - parameters.number("DispatcherConcurrency") - _others(parameters)
     if burst <= room:
         return Check(
             "query-burst",
@@ -76,21 +96,22 @@ def _query_burst(parameters: DeployParameters, unreserved: int) -> Check:
 
 
 def _memory(parameters: DeployParameters, limit: int) -> Check:
-    memory = parameters.number("QueryMemorySize")
-    if not parameters.query_service or memory <= NEW_ACCOUNT_MEMORY_MB:
-        return Check(
-            "lambda-memory",
-            Status.PASS,
-            f"QueryMemorySize={memory} MB is within every account's limit"
-            if parameters.query_service
-            else "no query function (QueryService=false)",
-        )
+    sizes = {
+        name: parameters.number(name)
+        for name, present in (("QueryMemorySize", parameters.query_service), ("EmbedMemorySize", parameters.lambda_lane))
+        if present
+    }
+    given = ", ".join(f"{name}={memory} MB" for name, memory in sizes.items()) or "no function of a size to choose"
+    over = {name: memory for name, memory in sizes.items() if memory > NEW_ACCOUNT_MEMORY_MB}
+    if not over:
+        return Check("lambda-memory", Status.PASS, f"{given}: within every account's limit")
     if limit < STANDARD_CONCURRENCY:
+        names = " and ".join(f"{name}={NEW_ACCOUNT_MEMORY_MB}" for name in over)
         return Check(
             "lambda-memory",
             Status.WARN,
-            f"QueryMemorySize={memory} MB, and this account has a new account's Lambda quotas ({limit} concurrent executions): "
+            f"{given}, and this account has a new account's Lambda quotas ({limit} concurrent executions): "
             f"such accounts are often refused functions above {NEW_ACCOUNT_MEMORY_MB} MB, which fails the deploy. "
-            f"Deploy with QueryMemorySize={NEW_ACCOUNT_MEMORY_MB}, or ask AWS Support to lift the cap (it has no quota code)",
+            f"Deploy with {names}, or ask AWS Support to lift the cap (it has no quota code)",
         )
-    return Check("lambda-memory", Status.PASS, f"QueryMemorySize={memory} MB; this account has Lambda's standard quotas")
+    return Check("lambda-memory", Status.PASS, f"{given}; this account has Lambda's standard quotas")

@@ -48,6 +48,11 @@ class DeployParameters:
         return self.values["QueryService"] == "true"
 
     @property
+    def lambda_lane(self) -> bool:
+        """Whether the stack has the embedding function (EmbedLane lambda or auto)."""
+        return self.values["EmbedLane"] != "batch"
+
+    @property
     def image_builds(self) -> list[str]:
         """The images the deploy builds in CodeBuild: those not given by URI."""
         builds = [("worker", not self.values["ImageUri"]), ("query", self.query_service and not self.values["QueryImageUri"])]

@@ -1,4 +1,4 @@
-"""Entries -> one AWS Batch job: its manifest files, then SubmitJob (an array job for several shards).
+"""Entries -> manifest files, then one AWS Batch job (an array job for several shards) or Lambda lane requests.
 
 Nothing else is written: Batch keeps the job (with its MANIFEST_URI) for the CLI's `status` and
 `retry`, and the dispatcher's log line records the submission for as long as the logs are kept.
@@ -10,14 +10,17 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from clip_shared import keys
+from clip_shared.lane import LaneRequest
 from clip_shared.manifest import ManifestEntry, split
 
 # The children's manifest files are independent writes; S3 takes them in parallel.
 _PARALLEL_WRITES = 16
+#: SQS's SendMessageBatch takes at most ten messages.
+_SQS_BATCH = 10
 
 
 @dataclass(frozen=True)
@@ -38,18 +41,10 @@ def dedupe(entries: Sequence[ManifestEntry]) -> list[ManifestEntry]:
     return list({(entry.bucket, entry.key, entry.version_id or entry.etag): entry for entry in entries}.values())
 
 
-def submit(
-    s3: Any,
-    batch_client: Any,
-    output_bucket: str,
-    output_prefix: str,
-    manifest_id: str,
-    entries: Sequence[ManifestEntry],
-    shard_size: int,
-    job_queue: str,
-    job_definition: str,
-) -> SubmittedJob:
-    """Write one manifest file per child, then submit the job."""
+def write_manifests(
+    s3: Any, output_bucket: str, output_prefix: str, manifest_id: str, entries: Sequence[ManifestEntry], shard_size: int
+) -> tuple[str, int]:
+    """One manifest file per child of `shard_size` entries; the manifest's uri and its number of children."""
     manifests = split(manifest_id, entries, shard_size)
     prefix = keys.manifest_prefix(output_prefix, manifest_id)
     with ThreadPoolExecutor(min(_PARALLEL_WRITES, len(manifests))) as pool:
@@ -64,15 +59,78 @@ def submit(
                 manifests,
             )
         )
-    manifest_uri = keys.s3_url(output_bucket, prefix)
-    array_size = len(manifests) if len(manifests) > 1 else None
+    return keys.s3_url(output_bucket, prefix), len(manifests)
+
+
+def submit_job(
+    batch_client: Any,
+    manifest_uri: str,
+    manifest_id: str,
+    children: int,
+    job_queue: str,
+    job_definition: str,
+    earlier_attempts: int = 0,
+) -> SubmittedJob:
+    """The Batch job of a written manifest; `earlier_attempts` that the Lambda lane made of it, which
+    the job's attempts resume from (and count on, before recording what never succeeds)."""
+    array_size = children if children > 1 else None
+    environment = [{"name": "MANIFEST_URI", "value": manifest_uri}]
+    if earlier_attempts:
+        environment.append({"name": "EARLIER_ATTEMPTS", "value": str(earlier_attempts)})
     request: dict[str, Any] = {
         "jobName": f"clip-{manifest_id}",
         "jobQueue": job_queue,
         "jobDefinition": job_definition,
-        "containerOverrides": {"environment": [{"name": "MANIFEST_URI", "value": manifest_uri}]},
+        "containerOverrides": {"environment": environment},
     }
     if array_size is not None:
         request["arrayProperties"] = {"size": array_size}
     response = batch_client.submit_job(**request)
     return SubmittedJob(response["jobId"], response["jobName"], manifest_uri, array_size)
+
+
+def submit(
+    s3: Any,
+    batch_client: Any,
+    output_bucket: str,
+    output_prefix: str,
+    manifest_id: str,
+    entries: Sequence[ManifestEntry],
+    shard_size: int,
+    job_queue: str,
+    job_definition: str,
+) -> SubmittedJob:
+    """Write one manifest file per child, then submit the job."""
+    manifest_uri, children = write_manifests(s3, output_bucket, output_prefix, manifest_id, entries, shard_size)
+    return submit_job(batch_client, manifest_uri, manifest_id, children, job_queue, job_definition)
+
+
+def send_to_lane(
+    s3: Any,
+    sqs: Any,
+    output_bucket: str,
+    output_prefix: str,
+    manifest_id: str,
+    entries: Sequence[ManifestEntry],
+    max_images: int,
+    queue_url: str,
+) -> list[LaneRequest]:
+    """The entries as lane requests of at most `max_images` each, one manifest apiece (the first under
+    `manifest_id`), sent to the embedding function's queue."""
+    requests = []
+    for start in range(0, len(entries), max_images):
+        part = entries[start : start + max_images]
+        part_id = manifest_id if start == 0 else new_manifest_id(datetime.now(UTC))
+        manifest_uri, _ = write_manifests(s3, output_bucket, output_prefix, part_id, part, len(part))
+        requests.append(LaneRequest(manifest_uri=manifest_uri, manifest_id=part_id, images=len(part)))
+    for start in range(0, len(requests), _SQS_BATCH):
+        sent = requests[start : start + _SQS_BATCH]
+        response = sqs.send_message_batch(
+            QueueUrl=queue_url, Entries=[{"Id": str(i), "MessageBody": request.to_json()} for i, request in enumerate(sent)]
+        )
+        if response.get("Failed"):
+            first = response["Failed"][0]
+            raise RuntimeError(
+                f"SQS did not take {len(response['Failed'])} lane requests: {first.get('Code')}: {first.get('Message')}"
+            )
+    return requests

@@ -1,0 +1,1 @@
+"""The Lambda lane: the embedding function (clip_embedder.app)."""
