@@ -214,6 +214,56 @@ def test_the_indexer_trains_up_to_its_limit_and_alarms_on_training_it_leaves() -
     assert sample["INDEX_MAX_TRAIN_ROWS"] == str(_sam_template()["Parameters"]["IndexMaxTrainRows"]["Default"])
 
 
+def test_the_lambda_lane_reaches_what_a_job_child_does_and_hands_back_what_it_cannot_finish() -> None:
+    assert "EmbedFunction" not in stack()["Resources"]  # EmbedLane batch, the default: no function, no queues
+    resources = stack(EmbedLane="auto")["Resources"]
+    function = resources["EmbedFunction"]["Properties"]
+    environment = function["Environment"]["Variables"]
+    # What `sam local invoke --env-vars events/env.json` gives the handler names the same variables.
+    assert set(json.loads((REPOSITORY / "events" / "env.json").read_text())["EmbedFunction"]) == set(environment)
+    job = resources["WorkerJobDefinition"]["Properties"]
+    job_environment = {item["Name"]: item["Value"] for item in job["ContainerProperties"]["Environment"]}
+    # The lane's one attempt, then the Batch job's: the lane never records what a retry may fix.
+    assert int(environment["JOB_ATTEMPTS"]) == 1 + int(job_environment["JOB_ATTEMPTS"]) == 1 + job["RetryStrategy"]["Attempts"]
+    # The model, one decoding process and its budget fit the smallest memory the parameter allows.
+    assert int(environment["DECODE_WORKERS"]) == 1
+    assert int(environment["DECODE_MEMORY_MB"]) <= _sam_template()["Parameters"]["EmbedMemorySize"]["MinValue"] // 2
+    for name in (
+        "OUTPUT_BUCKET",
+        "OUTPUT_PREFIX",
+        "CLIP_MODEL",
+        "CLIP_PRETRAINED",
+        "MAX_IMAGE_PIXELS",
+        "CLIP_LABELS",
+        "KEYWORDS_TOP_K",
+    ):
+        assert environment[name] == job_environment[name], name
+    # The decoding code reaches what a job child's role does, and the lane's two queues, nothing more.
+    role = resources[function["Role"]["Fn::GetAtt"][0]]["Properties"]
+    worker = resources["WorkerJobRole"]["Properties"]
+    lane_statements = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    worker_statements = [s for p in worker["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    queues = {
+        ("sqs:ReceiveMessage", json.dumps({"Fn::GetAtt": ["EmbedQueue", "Arn"]})),
+        ("sqs:DeleteMessage", json.dumps({"Fn::GetAtt": ["EmbedQueue", "Arn"]})),
+        ("sqs:GetQueueAttributes", json.dumps({"Fn::GetAtt": ["EmbedQueue", "Arn"]})),
+        ("sqs:SendMessage", json.dumps({"Fn::GetAtt": ["LaneFallbackQueue", "Arn"]})),
+    }
+    assert _granted(lane_statements) - _granted(worker_statements) == queues
+    # One try on Lambda; what it does not finish goes to the fallback queue, which the dispatcher reads.
+    embed_queue = resources["EmbedQueue"]["Properties"]
+    assert embed_queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["LaneFallbackQueue", "Arn"]},
+        "maxReceiveCount": 1,
+    }
+    assert embed_queue["VisibilityTimeout"] > function["Timeout"]
+    assert resources["DispatcherLaneFallbacks"]["Properties"]["EventSourceArn"] == {"Fn::GetAtt": ["LaneFallbackQueue", "Arn"]}
+    assert resources["Dispatcher"]["Properties"]["Environment"]["Variables"]["EMBED_QUEUE_URL"] == {"Ref": "EmbedQueue"}
+    assert resources["LaneFallbackQueue"]["Properties"]["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["UploadDeadLetterQueue", "Arn"]
+    }
+
+
 def _granted(statements: list[dict[str, Any]]) -> set[tuple[str, str]]:
     return {
         (action, json.dumps(resource))
