@@ -215,7 +215,8 @@ def test_the_indexer_trains_up_to_its_limit_and_alarms_on_training_it_leaves() -
 
 
 def test_the_lambda_lane_reaches_what_a_job_child_does_and_hands_back_what_it_cannot_finish() -> None:
-    assert "EmbedFunction" not in stack()["Resources"]  # EmbedLane batch, the default: no function, no queues
+    # EmbedLane batch, the default: no function; its queues stay, so that turning the lane off loses nothing.
+    assert "EmbedFunction" not in stack()["Resources"] and "EmbedQueue" in stack()["Resources"]
     resources = stack(EmbedLane="auto")["Resources"]
     function = resources["EmbedFunction"]["Properties"]
     environment = function["Environment"]["Variables"]
@@ -655,8 +656,12 @@ def test_worker_instances_keep_the_instance_role_from_containers_and_encrypt_the
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({}, {"DispatcherUploads", "IndexerFunctionShards"}),
-        ({"QueryService": "false"}, {"DispatcherUploads", "IndexerFunctionShards"}),
+        # With the lane off, the dispatcher drains its queues: requests sent, or handed back, before it was turned off.
+        ({}, {"DispatcherUploads", "IndexerFunctionShards", "DispatcherLaneFallbacks", "DispatcherLaneLeftovers"}),
+        (
+            {"QueryService": "false"},
+            {"DispatcherUploads", "IndexerFunctionShards", "DispatcherLaneFallbacks", "DispatcherLaneLeftovers"},
+        ),
         # The Lambda lane: the embedding function reads its queue, the dispatcher the lane's fallback queue too.
         (
             {"EmbedLane": "auto"},

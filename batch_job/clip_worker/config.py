@@ -98,8 +98,9 @@ class WorkerConfig:
     max_attempts: int = 1
     #: How long to wait before trying the objects that failed transiently once more, in the same run.
     transient_retry_s: int = 20
-    #: Leave an object over the decoding budget to the next attempt instead of failing it: the Lambda
-    #: lane's budget is smaller than the Batch job's, which takes what the lane could not afford.
+    #: Leave an object over the decoding budget's memory or wall time (or whose decoding the kernel
+    #: killed for memory) to the next attempt instead of failing it: the Lambda lane has less of both
+    #: than the Batch job, which takes what the lane could not afford.
     defer_too_costly: bool = False
 
     @property

@@ -47,6 +47,8 @@ class Deferred:
     #: False when only another attempt can do better, not this one after a pause: an object over the
     #: Lambda lane's decoding budget, which the Batch job decodes under the worker's.
     retry_here: bool = True
+    #: What it is recorded as should no attempt be left: download-failed, or the budget's refusal.
+    code: ErrorCode = ErrorCode.DOWNLOAD_FAILED
 
 
 def ahead(
@@ -120,8 +122,10 @@ def prepare(entry: ManifestEntry, stage: Stage) -> Prepared | Failed | Deferred:
         with stage.progress.timed("decode"):
             return Prepared(entry, version, model_input(data, entry.url, stage))
     except DocumentError as error:
-        if error.code is ErrorCode.TOO_COSTLY and stage.config.defer_too_costly:
-            return Deferred(entry, error.message, retry_here=False)
+        if error.over in ("memory", "wall") and stage.config.defer_too_costly:
+            # Out of the memory or the time this machine has, not of what any machine allows (its CPU
+            # seconds, its structure): the Batch job, with more of both, may well decode it.
+            return Deferred(entry, error.message, retry_here=False, code=error.code)
         return Failed(entry, error)
     except reader.TransientError as exc:
         return Deferred(entry, str(exc))

@@ -250,7 +250,7 @@ def settle(pipeline: Pipeline, deferred: list[Deferred], config: WorkerConfig) -
         for item in deferred:
             if not item.retry_here:
                 # Over the budget, and no attempt is left to afford it.
-                pipeline.fail(Failed(item.entry, DocumentError(ErrorCode.TOO_COSTLY, item.reason)))
+                pipeline.fail(Failed(item.entry, DocumentError(item.code, item.reason)))
                 continue
             pipeline.fail(
                 Failed(

@@ -76,7 +76,7 @@ def too_costly(what: str, limits: Limits, limit: str) -> DocumentError:
         hit = f"over {limits.memory_mb} MB of memory ({limits.memory_setting})"
     else:
         hit = f"over {limits.wall_s} s ({limits.wall_setting})"
-    return DocumentError(ErrorCode.TOO_COSTLY, f"{what}: decoding went past the budget of one {limits.unit}: {hit}")
+    return DocumentError(ErrorCode.TOO_COSTLY, f"{what}: decoding went past the budget of one {limits.unit}: {hit}", limit)
 
 
 class SandboxError(RuntimeError):
@@ -240,6 +240,8 @@ class Sandbox:
         return DocumentError(
             ErrorCode.CRASHES_WORKER,
             f"{what}: decoding it killed the process that did it ({cause}: a decoder crash or the machine out of memory)",
+            # SIGKILL is the kernel's out-of-memory killer (helpers volunteer first, oom_score_adj), not a codec.
+            "memory" if death.returncode == -signal.SIGKILL else None,
         )
 
     def close(self) -> None:

@@ -419,7 +419,10 @@ class StandIn:
         self.dispatcher = LambdaPoller(clients, stack.output("DispatcherFunctionName"), log=log, images=lane_images)
         # The vector store's writer: finished shards go into the store that search reads.
         self.indexer = LambdaPoller(clients, stack.output("IndexerFunctionName"), INDEXER, max_window_s=LOCAL_WINDOW_S, log=log)
-        self._queues = [stack.output("UploadQueueUrl"), stack.output("IndexerQueueUrl")]
+        # The Lambda lane's queues exist whatever EmbedLane is: with the lane off, the dispatcher drains them.
+        self._queues = [
+            stack.output(name) for name in ("UploadQueueUrl", "IndexerQueueUrl", "EmbedQueueUrl", "LaneFallbackQueueUrl")
+        ]
         # The Lambda lane: the worker's code in this process, as the function runs it (warm after the first).
         self.embedder = None
         if "EmbedFunctionName" in stack.outputs:
@@ -428,10 +431,9 @@ class StandIn:
                 stack.output("EmbedFunctionName"),
                 EMBEDDER,
                 log=log,
-                extra_environment={"DEVICE": "auto", **extra_environment},
+                extra_environment=extra_environment,
                 images=lane_images,
             )
-            self._queues += [stack.output("EmbedQueueUrl"), stack.output("LaneFallbackQueueUrl")]
         self.batch = BatchRunner(clients, stack, extra_environment)
         self._sqs = clients.client("sqs")
         self.log = log

@@ -53,6 +53,12 @@ class Settings(BaseModel):
     lambda_lane_max_images: int = Field(alias="LAMBDA_LANE_MAX_IMAGES", default=LAMBDA_LANE_MAX_IMAGES, ge=1)
     #: The embedding function's queue; required unless EMBED_LANE is batch.
     embed_queue_url: str = Field(alias="EMBED_QUEUE_URL", default="")
+    #: The most lane invocations at once: in auto, a lane queue holding this many waiting requests
+    #: is full, and the batch goes to Batch.
+    lambda_lane_concurrency: int = Field(alias="LAMBDA_LANE_CONCURRENCY", default=2, ge=1)
+    #: Where the lane hands back what it tried and could not finish (its attempt counts in Batch);
+    #: a lane request from anywhere else (the lane's own queue, after the lane was turned off) was never tried.
+    lane_fallback_queue_arn: str = Field(alias="LANE_FALLBACK_QUEUE_ARN", default="")
 
     @model_validator(mode="after")
     def _lane_has_a_queue(self) -> Settings:
@@ -118,7 +124,8 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
         logger.info("Skipping s3:TestEvent", bucket=record.body.Bucket)
         return record, []
     if isinstance(record.body, LaneRequest):
-        await asyncio.get_running_loop().run_in_executor(admission_pool, hand_to_batch, record.body)
+        tried = LANE_ATTEMPTS if record.eventSourceARN == SETTINGS.lane_fallback_queue_arn else 0
+        await asyncio.get_running_loop().run_in_executor(admission_pool, hand_to_batch, record.body, tried)
         metrics.add_metric(name="LaneRequestsHandedToBatch", unit=MetricUnit.Count, value=1)
         return record, []
     entries = []
@@ -133,8 +140,15 @@ async def handle_message(record: S3NotificationRecord, manifest_id: str) -> tupl
     return record, entries
 
 
-def hand_to_batch(request: LaneRequest) -> None:
-    """A lane request the embedding function could not finish: its manifest, as a Batch job resuming its work."""
+def lane_backlog() -> int:
+    """Lane requests waiting for a function: one GetQueueAttributes a batch that may go to Lambda."""
+    attributes = sqs.get_queue_attributes(QueueUrl=SETTINGS.embed_queue_url, AttributeNames=["ApproximateNumberOfMessages"])
+    return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+
+
+def hand_to_batch(request: LaneRequest, tried: int) -> None:
+    """A lane request the embedding function could not finish (`tried` times) or never will: its
+    manifest, as a Batch job resuming its work."""
     job = submit_job(
         batch_client,
         request.manifest_uri,
@@ -142,7 +156,7 @@ def hand_to_batch(request: LaneRequest) -> None:
         1,
         SETTINGS.job_queue,
         SETTINGS.job_definition,
-        earlier_attempts=LANE_ATTEMPTS,
+        earlier_attempts=tried,
     )
     logger.warning("Lane request handed to Batch", job_id=job.job_id, manifest_uri=request.manifest_uri, entries=request.images)
 
@@ -150,10 +164,12 @@ def hand_to_batch(request: LaneRequest) -> None:
 @tracer.capture_method
 def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntry]]], manifest_id: str) -> None:
     entries = dedupe([entry for _, message_entries in accepted for entry in message_entries])
-    lane = lane_for(SETTINGS.embed_lane, len(entries), SETTINGS.lambda_lane_max_images)
+    lane = lane_for(
+        SETTINGS.embed_lane, len(entries), SETTINGS.lambda_lane_max_images, lane_backlog, SETTINGS.lambda_lane_concurrency
+    )
     try:
         if lane is EmbedLane.LAMBDA:
-            requests = send_to_lane(
+            requests, unsent = send_to_lane(
                 s3,
                 sqs,
                 SETTINGS.output_bucket,
@@ -163,6 +179,9 @@ def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntr
                 SETTINGS.lambda_lane_max_images,
                 SETTINGS.embed_queue_url,
             )
+            for request in unsent:
+                # Its manifest is written: it goes to Batch now, rather than to the lane twice after a redelivery.
+                hand_to_batch(request, 0)
         else:
             job = submit(
                 s3,
@@ -184,7 +203,7 @@ def submit_accepted(accepted: list[tuple[S3NotificationRecord, list[ManifestEntr
     metrics.add_metric(name="ObjectsAccepted", unit=MetricUnit.Count, value=len(entries))
     if lane is EmbedLane.LAMBDA:
         logger.info("Sent to the Lambda lane", manifests=[request.manifest_uri for request in requests], entries=len(entries))
-        metrics.add_metric(name="LaneRequestsSent", unit=MetricUnit.Count, value=len(requests))
+        metrics.add_metric(name="LaneRequestsSent", unit=MetricUnit.Count, value=len(requests) - len(unsent))
     else:
         log_submitted(job, len(entries))
 

@@ -25,9 +25,10 @@ from moto import mock_aws
 from PIL import Image
 
 from clip_shared import keys, notifications
-from clip_shared.lane import LaneRequest
+from clip_shared.lane import EmbedLane, LaneRequest
 from clip_worker.config import WorkerConfig
 from clip_worker.runner import EXIT_OK, run
+from tests import hostile
 from tests.support import (
     AWKWARD_KEYS,
     INPUT_BUCKET,
@@ -121,6 +122,8 @@ class Lane:
             "EMBED_LANE": "auto",
             "LAMBDA_LANE_MAX_IMAGES": str(MAX_IMAGES),
             "EMBED_QUEUE_URL": self.embed_url,
+            "LAMBDA_LANE_CONCURRENCY": "2",
+            "LANE_FALLBACK_QUEUE_ARN": fallback_arn,
             "POWERTOOLS_SERVICE_NAME": "dispatcher",
         }
         self.worker_environment = {
@@ -136,6 +139,8 @@ class Lane:
             | {
                 "DECODE_WORKERS": "1",
                 "DECODE_MEMORY_MB": "1024",
+                "IO_THREADS": "4",
+                "BATCH_SIZE": "8",
                 "JOB_ATTEMPTS": str(1 + JOB_ATTEMPTS),
                 "FALLBACK_QUEUE_URL": self.fallback_url,
                 "POWERTOOLS_SERVICE_NAME": "clip-embed",
@@ -225,8 +230,9 @@ def sqs_record(body: str, source_arn: str, index: int) -> dict[str, Any]:
 
 @pytest.fixture
 def lane(monkeypatch: pytest.MonkeyPatch, tiny_config: Path, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[Lane]:
-    # The decoding processes load it: poisoned_png() kills the one that decodes it.
-    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    # The decoding processes load it: poisoned_png() crashes the one that decodes it, as a codec would
+    # (SIGSEGV; a SIGKILL is the kernel's out-of-memory killer, which the lane leaves to Batch).
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("SIGKILL", "SIGSEGV"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     with mock_aws(config={"batch": {"use_docker": False}}):
         world = Lane(monkeypatch, tiny_config, tiny_checkpoint)
@@ -307,6 +313,64 @@ def test_what_the_lane_cannot_afford_goes_to_batch_which_resumes_the_lanes_work(
         **{key: f"lambda-{Context.aws_request_id}" for key in photos(2)},
         "big.png": job["jobId"],
     }
+
+
+def test_what_no_machine_may_afford_fails_in_the_lane_as_in_a_job(lane: Lane) -> None:
+    # Refused for its structure (5,000 APP1 segments), not for this machine's memory: Batch would refuse
+    # it the same way, so the lane fails it alone instead of booting a GPU to say so.
+    lane.dispatch(lane.upload(photos(1) | {"flood.jpg": hostile.app_flood()}))
+    assert lane.embed(lane.take(lane.embed_url)) == {"batchItemFailures": []}
+    assert stored_events(lane.s3, lane.model_id)["flood.jpg"]["data"]["error"]["code"] == "too-costly"
+    assert lane.take(lane.fallback_url) == {"Records": []}
+
+
+def test_auto_sends_a_batch_to_batch_while_the_lane_is_full(lane: Lane) -> None:
+    # As many requests wait as the lane runs at once (LAMBDA_LANE_CONCURRENCY): another would only queue.
+    for _ in range(2):
+        lane.sqs.send_message(
+            QueueUrl=lane.embed_url, MessageBody=LaneRequest(manifest_uri="s3://b/m/", manifest_id="m", images=1).to_json()
+        )
+    lane.dispatch(lane.upload(photos(1)))
+    assert len(lane.submitted()) == 1
+    assert len(lane.take(lane.embed_url)["Records"]) == 2
+
+
+def test_requests_sqs_will_not_take_go_to_batch_and_nothing_is_sent_twice(lane: Lane) -> None:
+    refused = {"count": 0}
+    original = lane.dispatcher.sqs.send_message_batch
+
+    def send_message_batch(**request: Any) -> dict[str, Any]:
+        # SQS takes every entry but the first of each call, twice over.
+        refused["count"] += 1
+        entries = request["Entries"]
+        response = original(QueueUrl=request["QueueUrl"], Entries=entries[1:]) if len(entries) > 1 else {}
+        return {**response, "Failed": [{"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}]}
+
+    lane.monkeypatch.setattr(lane.dispatcher.sqs, "send_message_batch", send_message_batch)
+    # EmbedLane lambda: every batch to the lane, in requests of at most LambdaLaneMaxImages.
+    lane.monkeypatch.setattr(
+        lane.dispatcher, "SETTINGS", lane.dispatcher.SETTINGS.model_copy(update={"embed_lane": EmbedLane.LAMBDA})
+    )
+    assert lane.dispatch(lane.upload(photos(2 * MAX_IMAGES))) == {"batchItemFailures": []}
+    sent = [LaneRequest.model_validate_json(record["body"]) for record in lane.take(lane.embed_url)["Records"]]
+    (job,) = lane.submitted()
+    described = lane.batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0]
+    handed = {item["name"]: item["value"] for item in described["container"]["environment"]}["MANIFEST_URI"]
+    # Two requests of three: one sent, the other (refused twice) handed to Batch, never tried on the lane.
+    assert len(sent) == 1 and handed != sent[0].manifest_uri
+    assert "EARLIER_ATTEMPTS" not in {item["name"] for item in described["container"]["environment"]}
+
+
+def test_lane_requests_left_in_its_queue_after_the_lane_is_turned_off_go_to_batch_untried(lane: Lane) -> None:
+    lane.dispatch(lane.upload(photos(2)))
+    waiting = lane.take(lane.embed_url)
+    # EmbedLane batch: the dispatcher reads the lane's queue (DispatcherLaneLeftovers).
+    assert lane.dispatch(waiting) == {"batchItemFailures": []}
+    (job,) = lane.submitted()
+    described = lane.batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0]
+    assert "EARLIER_ATTEMPTS" not in {item["name"] for item in described["container"]["environment"]}
+    assert lane.run_jobs() == [EXIT_OK]
+    assert set(stored_vectors(lane.s3, lane.model_id)) == set(photos(2))
 
 
 def test_a_lane_invocation_that_fails_leaves_its_request_for_the_fallback_queue(lane: Lane) -> None:

@@ -30,13 +30,9 @@ def check_lambda(client: ClientFactory, parameters: DeployParameters) -> list[Ch
     ]
 
 
-#: The dispatcher's invocations that read the lane's fallback queue at most (DispatcherLaneFallbacks).
-LANE_FALLBACK_CONCURRENCY = 2
-
-
 def _others(parameters: DeployParameters) -> int:
     """What the functions other than the dispatcher and the query function may run at once."""
-    lane = parameters.number("LambdaLaneConcurrency") + LANE_FALLBACK_CONCURRENCY if parameters.lambda_lane else 0
+    lane = parameters.number("LambdaLaneConcurrency") + parameters.lane_fallback_concurrency if parameters.lambda_lane else 0
     return parameters.indexer_concurrency + lane
 
 
@@ -47,7 +43,8 @@ def _concurrency(parameters: DeployParameters, limit: int, unreserved: int) -> C
     parts = (
         f"DispatcherConcurrency={dispatcher}, the indexer's {indexer}"
         + (
-            f", the Lambda lane's LambdaLaneConcurrency={parameters.number('LambdaLaneConcurrency')} and {LANE_FALLBACK_CONCURRENCY} for its fallbacks"
+            f", the Lambda lane's LambdaLaneConcurrency={parameters.number('LambdaLaneConcurrency')} and "
+            f"{parameters.lane_fallback_concurrency} for its fallbacks"
             if parameters.lambda_lane
             else ""
         )

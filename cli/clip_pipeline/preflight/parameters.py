@@ -48,6 +48,12 @@ class DeployParameters:
         return self.values["QueryService"] == "true"
 
     @property
+    def lane_fallback_concurrency(self) -> int:
+        """The most dispatcher invocations at once on the lane's fallback queue (DispatcherLaneFallbacks)."""
+        mapping = _template(self.template)["Resources"]["DispatcherLaneFallbacks"]["Properties"]
+        return int(mapping["ScalingConfig"]["MaximumConcurrency"])
+
+    @property
     def lambda_lane(self) -> bool:
         """Whether the stack has the embedding function (EmbedLane lambda or auto)."""
         return self.values["EmbedLane"] != "batch"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from clip_shared import keys
 from clip_shared.lane import LaneRequest
 from clip_shared.manifest import ManifestEntry, split
@@ -114,23 +116,32 @@ def send_to_lane(
     entries: Sequence[ManifestEntry],
     max_images: int,
     queue_url: str,
-) -> list[LaneRequest]:
+) -> tuple[list[LaneRequest], list[LaneRequest]]:
     """The entries as lane requests of at most `max_images` each, one manifest apiece (the first under
-    `manifest_id`), sent to the embedding function's queue."""
+    `manifest_id`), sent to the embedding function's queue; returns them, and those SQS would not
+    take (twice).
+
+    Once a manifest is written its request must go somewhere: failing the batch then would have its
+    redelivery write new manifests and send the objects already queued a second time."""
     requests = []
     for start in range(0, len(entries), max_images):
         part = entries[start : start + max_images]
         part_id = manifest_id if start == 0 else new_manifest_id(datetime.now(UTC))
         manifest_uri, _ = write_manifests(s3, output_bucket, output_prefix, part_id, part, len(part))
         requests.append(LaneRequest(manifest_uri=manifest_uri, manifest_id=part_id, images=len(part)))
+    unsent = []
     for start in range(0, len(requests), _SQS_BATCH):
-        sent = requests[start : start + _SQS_BATCH]
-        response = sqs.send_message_batch(
-            QueueUrl=queue_url, Entries=[{"Id": str(i), "MessageBody": request.to_json()} for i, request in enumerate(sent)]
-        )
-        if response.get("Failed"):
-            first = response["Failed"][0]
-            raise RuntimeError(
-                f"SQS did not take {len(response['Failed'])} lane requests: {first.get('Code')}: {first.get('Message')}"
-            )
-    return requests
+        left = requests[start : start + _SQS_BATCH]
+        for _ in range(2):
+            messages = [{"Id": str(i), "MessageBody": request.to_json()} for i, request in enumerate(left)]
+            try:
+                failed = {
+                    int(item["Id"]) for item in sqs.send_message_batch(QueueUrl=queue_url, Entries=messages).get("Failed", [])
+                }
+            except (ClientError, BotoCoreError):
+                failed = set(range(len(left)))
+            left = [request for i, request in enumerate(left) if i in failed]
+            if not left:
+                break
+        unsent += left
+    return requests, unsent

@@ -108,8 +108,9 @@ def worker_config(request: LaneRequest, context: LambdaContext) -> WorkerConfig:
 def embed(record: LaneRecord, lambda_context: LambdaContext) -> None:
     request = record.body
     logger.append_keys(manifest_id=request.manifest_id)
+    s3, model, sandbox = WARM.ready(worker_config(request, lambda_context))
+    # Made after a cold start's model load, so that the worker's time is what is left of the invocation.
     config = worker_config(request, lambda_context)
-    s3, model, sandbox = WARM.ready(config)
     summary: Summary = run(config, threading.Event(), s3, model, sandbox)
     progress = summary.progress
     metrics.add_metric(name="LaneObjectsEmbedded", unit=MetricUnit.Count, value=progress.embedded)

@@ -66,14 +66,17 @@ class ErrorCode(StrEnum):
 class DocumentError(Exception):
     """Why one object cannot be embedded; becomes its failed or rejected event, never stops the others."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, over: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: For a decoding budget's refusal, what the object ran out of: `memory`, `cpu` or `wall` (the
+        #: machine's memory when the kernel killed its process). A machine with more may yet afford it.
+        self.over = over
 
-    def __reduce__(self) -> tuple[type[DocumentError], tuple[ErrorCode, str]]:
+    def __reduce__(self) -> tuple[type[DocumentError], tuple[ErrorCode, str, str | None]]:
         # Raised in the decoding helper processes too (clip_worker.sandbox), and pickled back from them.
-        return DocumentError, (self.code, self.message)
+        return DocumentError, (self.code, self.message, self.over)
 
 
 def document_ref(url: str, mime_type: str | None, size: int | None, etag: str | None) -> dict[str, Any]:

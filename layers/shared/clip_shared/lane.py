@@ -7,7 +7,9 @@ Lambda and a flood to the GPUs:
 
 - `batch`: every batch is a Batch job (the default, and what `backfill` always does).
 - `lambda`: every batch goes to the embedding function, in manifests of at most the lane's size.
-- `auto`: a batch whose accepted objects fit the lane's size goes to Lambda, a bigger one to Batch.
+- `auto`: a batch whose accepted objects fit the lane's size goes to Lambda, a bigger one to Batch,
+  and so does every batch while the lane's queue holds more requests than its functions can take
+  at once (a flood of small batches, or a slow model): the lane's backlog stays bounded.
 
 Either way the same manifest files are written under the same keys, and the worker's code writes
 the same outputs, so nothing downstream can tell the lanes apart. A lane request that the function
@@ -18,6 +20,7 @@ finished (`EARLIER_ATTEMPTS`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,8 +52,11 @@ class LaneRequest(BaseModel):
         return self.model_dump_json(by_alias=True)
 
 
-def lane_for(lane: EmbedLane, accepted: int, max_images: int) -> EmbedLane:
-    """The lane (batch or lambda) that embeds a batch of `accepted` objects."""
-    if lane is EmbedLane.AUTO:
-        return EmbedLane.LAMBDA if accepted <= max_images else EmbedLane.BATCH
-    return lane
+def lane_for(lane: EmbedLane, accepted: int, max_images: int, backlog: Callable[[], int], concurrency: int) -> EmbedLane:
+    """The lane (batch or lambda) that embeds a batch of `accepted` objects; `backlog` counts the
+    lane requests waiting for a function (asked only in `auto`, of a batch that fits)."""
+    if lane is not EmbedLane.AUTO:
+        return lane
+    if accepted > max_images or backlog() >= concurrency:
+        return EmbedLane.BATCH
+    return EmbedLane.LAMBDA
