@@ -116,6 +116,9 @@ class Cold:
     #: CPU seconds of the whole process, interpreter to first batch, helpers included.
     total_cpu_s: float
     peak_rss_mb: float
+    #: The sandbox's helper processes, and the largest one's peak resident memory.
+    helpers: int
+    helper_peak_rss_mb: float
 
     @property
     def init_s(self) -> float:
@@ -125,19 +128,24 @@ class Cold:
 
 @dataclass(frozen=True)
 class Figures:
-    """What the projection needs of one model's measurements (the JSON's `figures`)."""
+    """What the projection needs of one model's measurements (the JSON's `figures`): CPU seconds only.
+
+    Walls here are what the neighbours leave (the development machine's 2 vCPUs are shared); CPU
+    seconds are what the work costs, and Lambda bills them at the function's share of a vCPU.
+    """
 
     model: str
-    #: Per image, prepare (a 12 MP JPEG) + forward, at 1 and 2 threads.
+    #: Per image, prepare (a 12 MP JPEG) + forward, at 1 and 2 torch threads.
     cpu_1_s: float
-    wall_1_s: float
     cpu_2_s: float
-    wall_2_s: float
-    #: The cold start at 2 threads: wall of the INIT (no hashing), its CPU seconds (helpers
-    #: included, hashing not), and the first batch's wall beyond what the same photos take warm.
-    init_s: float
+    #: The cold start's INIT, the hashing left out: all of its CPU (the sandbox's helpers importing
+    #: beside the model's load), and this process's alone, which runs on one thread.
     init_cpu_s: float
-    first_call_extra_s: float
+    init_serial_cpu_s: float
+    #: The first batch's CPU beyond what its photos take warm.
+    first_call_cpu_s: float
+    #: Peak resident memory of the function's processes: this one's and its helpers'.
+    peak_rss_mb: float
 
 
 @dataclass(frozen=True)
@@ -146,14 +154,14 @@ class Projection:
     memory_mb: int
     vcpus: float
     threads: int
-    #: Amdahl's serial fraction from the 1- and 2-thread walls.
-    serial_fraction: float
     seconds_per_image: float
     gb_seconds_per_image: float
     init_s: float
     first_call_extra_s: float
     #: Images one invocation embeds in 5 minutes (a third of Lambda's 15), the cold start included.
     images_in_5_min: int
+    #: Whether the processes' peak memory fits the function's.
+    fits: bool
 
 
 def vcpus(memory_mb: int) -> float:
@@ -161,36 +169,34 @@ def vcpus(memory_mb: int) -> float:
 
 
 def project(figures: Figures, memory_mb: int) -> Projection:
-    """Seconds per image and of the cold start on a function of `memory_mb`, from this machine's figures.
+    """Seconds per image and of the cold start on a function of `memory_mb`, from this machine's CPU seconds.
 
-    Lambda shows the function ceil(vCPUs) cores and lets it use vCPUs x 1 s of CPU a second, so
-    the function runs one torch thread per core shown, and an image takes the longer of
-    - its wall at that many threads, from Amdahl's law with the serial fraction f that the 1- and
-      2-thread walls give (speed-up S2 = wall_1 / wall_2, f = 2 / S2 - 1): wall_1 (f + (1 - f) / n);
-    - its CPU seconds over the vCPUs, the CPU that threads beyond the first add (spinning, the
-      threads' share-out) growing in proportion to them: (cpu_1 + (n - 1)(cpu_2 - cpu_1)) / vCPUs.
-    The INIT likewise: its wall here on 2 cores, or its CPU seconds over the vCPUs when fewer.
+    Lambda shows the function ceil(vCPUs) cores and lets it use vCPUs x 1 s of CPU a second. The
+    function runs one torch thread per core shown; the CPU that threads beyond the first add
+    (spinning, sharing out the work) grows in proportion to them, as from 1 to 2 threads here; and
+    a batch's photos keep every thread busy. So an image takes
+        (cpu_1 + (n - 1) (cpu_2 - cpu_1)) / vCPUs  + the sandbox's 3 ms,
+    and the INIT the longer of its own thread's CPU and all its CPU (helpers included) over the vCPUs.
+    Assumes a Lambda vCPU does what one of this machine's does.
     """
     share = vcpus(memory_mb)
     threads = max(1, math.ceil(share - 1e-9))
-    speedup = figures.wall_1_s / figures.wall_2_s
-    serial = min(1.0, max(0.0, 2 / speedup - 1))
-    wall = figures.wall_1_s * (serial + (1 - serial) / threads)
     cpu = figures.cpu_1_s + (threads - 1) * max(0.0, figures.cpu_2_s - figures.cpu_1_s)
-    seconds = max(wall, cpu / share) + SANDBOX_S_PER_IMAGE
-    init = max(figures.init_s, figures.init_cpu_s / share)
-    images = max(0, int((300 - init - figures.first_call_extra_s) / seconds))
+    seconds = cpu / share + SANDBOX_S_PER_IMAGE
+    init = max(figures.init_serial_cpu_s, figures.init_cpu_s / share)
+    first_call = figures.first_call_cpu_s / share
+    images = max(0, int((300 - init - first_call) / seconds))
     return Projection(
         model=figures.model,
         memory_mb=memory_mb,
         vcpus=round(share, 2),
         threads=threads,
-        serial_fraction=round(serial, 3),
         seconds_per_image=round(seconds, 4),
         gb_seconds_per_image=round(seconds * memory_mb / 1024, 4),
         init_s=round(init, 2),
-        first_call_extra_s=round(figures.first_call_extra_s, 2),
+        first_call_extra_s=round(first_call, 2),
         images_in_5_min=images,
+        fits=figures.peak_rss_mb <= memory_mb,
     )
 
 
@@ -199,16 +205,19 @@ def figures_from(per_image: list[PerImage], cold: Cold | None, model: str, size:
         return next(row for row in per_image if row.model == model and row.step == name and row.threads == threads)
 
     cpu = {n: step(f"prepare {size}", n).cpu_s + step("forward", n).cpu_s for n in THREADS}
-    wall = {n: step(f"prepare {size}", n).wall_s + step("forward", n).wall_s for n in THREADS}
     if cold is None:
-        init = init_cpu = extra = 0.0
-    else:
-        init = cold.init_s
-        # The first batch's CPU is in total_cpu_s; what the INIT spent is the rest, less the hashing
-        # (one core reading the file: its wall is its CPU).
-        init_cpu = cold.total_cpu_s - cold.first_batch_cpu_s - cold.hashing_s
-        extra = max(0.0, cold.first_batch_s - cold.first_batch_images * wall[cold.threads])
-    return Figures(model, cpu[1], wall[1], cpu[2], wall[2], init, init_cpu, extra)
+        return Figures(model, cpu[1], cpu[2], 0.0, 0.0, 0.0, 0.0)
+    # The hashing is one thread reading the file: its wall is its CPU.
+    own = cold.total_cpu_s - cold.helpers_cpu_s
+    return Figures(
+        model=model,
+        cpu_1_s=cpu[1],
+        cpu_2_s=cpu[2],
+        init_cpu_s=cold.total_cpu_s - cold.first_batch_cpu_s - cold.hashing_s,
+        init_serial_cpu_s=own - cold.first_batch_cpu_s - cold.hashing_s,
+        first_call_cpu_s=max(0.0, cold.first_batch_cpu_s - cold.first_batch_images * cpu[cold.threads]),
+        peak_rss_mb=cold.peak_rss_mb + cold.helpers * cold.helper_peak_rss_mb,
+    )
 
 
 #: The recorded run (docs/benchmarks.md, "Lambda lane"): what bench/cost_bench.py prices the lane
@@ -344,11 +353,19 @@ def cold_child(settings: dict[str, Any]) -> None:
         "helpers_cpu_s": children.ru_utime + children.ru_stime,
         "total_cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
         "peak_rss_mb": peak_kib * 1024 / 1e6,
+        "helpers": config.decode_processes,
+        "helper_peak_rss_mb": children.ru_maxrss * 1024 / 1e6,
     }
     Path(settings["out"]).write_text(json.dumps(result))
 
 
-def report(per_image: list[PerImage], colds: list[Cold], projections: list[Projection], environment: dict[str, Any]) -> str:
+def report(
+    per_image: list[PerImage],
+    colds: list[Cold],
+    figures: list[Figures],
+    projections: list[Projection],
+    environment: dict[str, Any],
+) -> str:
     lines = [
         f"on {environment['cpu_count']} CPUs, Python {environment['python']}, torch {environment['torch']}, "
         f"open_clip {environment['open_clip']}, Pillow {environment['pillow']}; commit {environment['commit']}, {environment['date']}",
@@ -362,12 +379,15 @@ def report(per_image: list[PerImage], colds: list[Cold], projections: list[Proje
             cells = "   ".join(f"{by[n].cpu_s:>9.4f} /{by[n].wall_s:>8.4f}" for n in THREADS if n in by)
             first = next(iter(by.values()))
             lines.append(f"  {model:<10} {step:<18} {first.images:>6} {first.batch:>5}   {cells}")
+    lines += ["", f"  CPU seconds per image, prepare ({next(iter(SIZES))[0]}x{next(iter(SIZES))[1]} unless --quick) + forward"]
+    lines += [f"  {found.model:<10} 1 thread {found.cpu_1_s:.4f}   2 threads {found.cpu_2_s:.4f}" for found in figures]
     if colds:
         lines += ["", "(2) cold start in a fresh process (s): wall, and CPU where given (helpers included)"]
         for cold in colds:
             groups = ", ".join(f"{name} {seconds:.2f}" for name, seconds in cold.imports.items())
             lines += [
-                f"  {cold.model} ({cold.checkpoint_mb:.0f} MB checkpoint, {cold.threads} torch threads, peak RSS {cold.peak_rss_mb:.0f} MB)",
+                f"  {cold.model} ({cold.checkpoint_mb:.0f} MB checkpoint, {cold.threads} torch threads, peak RSS {cold.peak_rss_mb:.0f} MB "
+                f"+ {cold.helpers} helpers of up to {cold.helper_peak_rss_mb:.0f} MB)",
                 f"    interpreter {cold.interpreter_s:.2f}   imports {cold.imports_s:.2f} ({groups})",
                 f"    sandbox start + load {cold.load_s:.2f} (this process's CPU {cold.load_cpu_s:.2f}; of it hashing the checkpoint {cold.hashing_s:.2f})",
                 f"    first batch of {cold.first_batch_images} {cold.first_batch_s:.2f} (CPU {cold.first_batch_cpu_s:.2f})   "
@@ -377,15 +397,17 @@ def report(per_image: list[PerImage], colds: list[Cold], projections: list[Proje
     if projections:
         lines += [
             "",
-            "(3) projected to Lambda (project(): vCPUs = MB / 1769, at most 6; a projection, not a measurement)",
-            f"  {'model':<10} {'MB':>6} {'vCPUs':>5} {'f':>6} {'s/image':>8} {'GB-s/image':>10} {'$/M images':>10} {'INIT s':>7} {'in 5 min':>8}",
+            "(3) projected to Lambda from the CPU seconds (project(): vCPUs = MB / 1769, at most 6; not a measurement)",
+            f"  {'model':<10} {'MB':>6} {'vCPUs':>5} {'threads':>7} {'s/image':>8} {'GB-s/image':>10} {'$/M images':>10} "
+            f"{'INIT s':>7} {'1st call':>8} {'in 5 min':>8} {'fits':>5}",
         ]
         for projection in projections:
             dollars = projection.gb_seconds_per_image * 0.0000166667 * 1e6
             lines.append(
-                f"  {projection.model:<10} {projection.memory_mb:>6} {projection.vcpus:>5.2f} {projection.serial_fraction:>6.3f} "
+                f"  {projection.model:<10} {projection.memory_mb:>6} {projection.vcpus:>5.2f} {projection.threads:>7} "
                 f"{projection.seconds_per_image:>8.4f} {projection.gb_seconds_per_image:>10.4f} {dollars:>10.2f} "
-                f"{projection.init_s:>7.2f} {projection.images_in_5_min:>8}"
+                f"{projection.init_s:>7.2f} {projection.first_call_extra_s:>8.2f} {projection.images_in_5_min:>8} "
+                f"{'yes' if projection.fits else 'NO':>5}"
             )
     return "\n".join(lines)
 
@@ -447,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     projections = [project(found, memory) for found in figures for memory in LAMBDA_MEMORIES_MB]
     env = environment()
     env["pillow"] = __import__("PIL").__version__
-    print(report(per_image, colds, projections, env))
+    print(report(per_image, colds, figures, projections, env))
     write_json(
         args.json,
         {

@@ -26,8 +26,11 @@ def test_quick_run_times_every_step_and_a_cold_start_and_projects_them(tiny_conf
     assert cold["imports"]["torch"] > 0 and cold["load_s"] > 0 and cold["hashing_s"] > 0
     assert cold["first_batch_images"] == lane_bench.FIRST_BATCH and cold["first_batch_s"] > 0
     assert cold["helpers_cpu_s"] > 0 and cold["total_cpu_s"] > cold["helpers_cpu_s"]
+    assert cold["helpers"] >= 1 and cold["helper_peak_rss_mb"] > 0
     assert 0 < cold["init_s"] < cold["interpreter_s"] + cold["imports_s"] + cold["load_s"]
     assert [row["memory_mb"] for row in result["projections"]] == list(lane_bench.LAMBDA_MEMORIES_MB)
-    # What the cost model reads back.
+    # What the cost model reads back: the INIT's CPU, the helpers' included, the hashing not.
     figures = cost_bench.lane_figures(TINY_MODEL, out)
-    assert figures.init_s == pytest.approx(cold["init_s"]) and figures.cpu_1_s > 0
+    assert figures.init_cpu_s == pytest.approx(cold["total_cpu_s"] - cold["first_batch_cpu_s"] - cold["hashing_s"])
+    assert 0 < figures.init_serial_cpu_s < figures.init_cpu_s and figures.cpu_1_s > 0
+    assert figures.peak_rss_mb > cold["peak_rss_mb"]
