@@ -115,6 +115,7 @@ class Cold:
     helpers_cpu_s: float
     #: CPU seconds of the whole process, interpreter to first batch, helpers included.
     total_cpu_s: float
+    #: In MiB, as Lambda's memory setting counts them.
     peak_rss_mb: float
     #: The sandbox's helper processes, and the largest one's peak resident memory.
     helpers: int
@@ -144,7 +145,7 @@ class Figures:
     init_serial_cpu_s: float
     #: The first batch's CPU beyond what its photos take warm.
     first_call_cpu_s: float
-    #: Peak resident memory of the function's processes: this one's and its helpers'.
+    #: Peak resident memory of the function's processes, this one's and its helpers', in MiB.
     peak_rss_mb: float
 
 
@@ -292,6 +293,21 @@ def cold_start(model: str, checkpoint: Path, photos: list[Path], model_config: s
     return Cold(**{field.name: result[field.name] for field in fields(Cold)})
 
 
+def peak_rss_mib(pid: int | str) -> float:
+    """A process's peak resident memory since its exec, in MiB (Lambda's "MB"). Not getrusage's
+    ru_maxrss: Linux carries the parent's high-water mark across fork and exec."""
+    with open(f"/proc/{pid}/status") as stream:
+        return next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:")) / 1024
+
+
+def children_pids() -> list[int]:
+    """This process's children (the sandbox's helpers), from each of its threads' list."""
+    pids: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(pid) for pid in (task / "children").read_text().split()]
+    return pids
+
+
 def cold_child(settings: dict[str, Any]) -> None:
     """The fresh process of `cold_start`: everything here is timed from the module's first line."""
     imports = {}
@@ -334,10 +350,9 @@ def cold_child(settings: dict[str, Any]) -> None:
             )
         model.embed(torch.stack(inputs))
         first_batch, first_batch_cpu = time.time(), time.process_time() - cpu_before
+        helpers = [peak_rss_mib(pid) for pid in children_pids()]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = resource.getrusage(resource.RUSAGE_SELF)
-    with open("/proc/self/status") as stream:
-        peak_kib = next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:"))
     result = {
         "model": settings["model"],
         "threads": settings["threads"],
@@ -352,9 +367,9 @@ def cold_child(settings: dict[str, Any]) -> None:
         "first_batch_cpu_s": first_batch_cpu,
         "helpers_cpu_s": children.ru_utime + children.ru_stime,
         "total_cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
-        "peak_rss_mb": peak_kib * 1024 / 1e6,
-        "helpers": config.decode_processes,
-        "helper_peak_rss_mb": children.ru_maxrss * 1024 / 1e6,
+        "peak_rss_mb": peak_rss_mib("self"),
+        "helpers": len(helpers),
+        "helper_peak_rss_mb": max(helpers, default=0.0),
     }
     Path(settings["out"]).write_text(json.dumps(result))
 
