@@ -584,6 +584,11 @@ def print_trickle(
             f"{projection.first_call_extra_s:.1f} s (projected from bench.lane_bench's measurements); warm: a window every "
             f"batching window keeps the function warm; cold: an isolated window finds it idle"
         )
+        if not projection.fits:
+            print(
+                f"  NOTE: the function's processes peaked above {projection.memory_mb} MB in bench.lane_bench's cold start "
+                "(docs/benchmarks.md, 'Lambda lane', says why and what would bring it under)"
+            )
     print(f"  {'uploads':>8} {'batch, cold GPU':>16}   {'lane':<7} {'warm':>10} {'cold':>10} {'cold: vector after (s)':>22}")
     for row in rows:
         money = [f"{value:>10,.2f}" if value is not None else f"{'-':>10}" for value in (row.warm, row.cold)]

@@ -221,9 +221,37 @@ def figures_from(per_image: list[PerImage], cold: Cold | None, model: str, size:
     )
 
 
-#: The recorded run (docs/benchmarks.md, "Lambda lane"): what bench/cost_bench.py prices the lane
-#: with unless given a run of its own (--lane-figures).
-RECORDED: dict[str, Figures] = {}
+#: The recorded run (docs/benchmarks.md, "Lambda lane": `--repeats 3`, 6 Dec 2026 12:25 UTC, commit
+#: 80c6e63): what bench/cost_bench.py prices the lane with unless given a run of its own (--lane-figures).
+RECORDED: dict[str, Figures] = {
+    "ViT-B-32": Figures(
+        model="ViT-B-32",
+        cpu_1_s=0.1272,
+        cpu_2_s=0.1613,
+        init_cpu_s=12.3181,
+        init_serial_cpu_s=5.274,
+        first_call_cpu_s=1.0662,
+        peak_rss_mb=3450.7305,
+    ),
+    "ViT-B-16": Figures(
+        model="ViT-B-16",
+        cpu_1_s=0.4525,
+        cpu_2_s=0.5352,
+        init_cpu_s=13.7819,
+        init_serial_cpu_s=6.2743,
+        first_call_cpu_s=0.0,
+        peak_rss_mb=3438.5352,
+    ),
+    "ViT-L-14": Figures(
+        model="ViT-L-14",
+        cpu_1_s=1.8376,
+        cpu_2_s=2.4764,
+        init_cpu_s=21.1808,
+        init_serial_cpu_s=12.861,
+        first_call_cpu_s=0.091,
+        peak_rss_mb=5561.5312,
+    ),
+}
 
 
 def jpegs(size: tuple[int, int], count: int) -> list[bytes]:
