@@ -569,7 +569,7 @@ def print_trickle(
 ) -> None:
     print(
         f"\ntrickle: $ per million images when each batch window holds n uploads (the pipeline's requests: "
-        f"${split.per_image * 1e6:.3f} per million images + ${split.per_batch * 1e6:.2f} per million batches)"
+        f"${split.per_image * 1e6:.3f} per million images + ${split.per_batch:.7f} a batch; the vector store's commits not counted)"
     )
     if args.gpu_images_per_second > 0:
         print(
@@ -596,7 +596,7 @@ def print_trickle(
         latency = f"{row.cold_latency_s:>22.1f}" if row.cold_latency_s is not None else f"{'-':>22}"
         print(f"  {row.images:>8} {batch}   {row.lane:<7} {money[0]} {money[1]} {latency}")
     if steady is not None:
-        print(f"  {'steady':>8} {steady:>16,.2f}   (an instance always busy; a steady stream of windows above the threshold)")
+        print(f"  {'steady':>8} {steady:>16,.2f}   (an instance always busy: a steady stream of windows above the threshold)")
     if projection is not None and args.model == "ViT-B-32":
         target = next((row for row in rows if row.images == TARGET_LANE_WINDOW and row.lane == "lambda"), None)
         if target is not None and target.warm is not None and target.cold is not None and target.cold_latency_s is not None:
@@ -687,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
             args.lambda_max_images,
             dispatcher_seconds_per_image(measured, args.dispatcher_memory_mb),
         )
-        print_trickle(rows, args, split, cold, projection, total if args.gpu_images_per_second > 0 else None)
+        gpu = sum(line.dollars_per_million for line in lines if line.component == "GPU")
+        print_trickle(rows, args, split, cold, projection, without_gpu + gpu if args.gpu_images_per_second > 0 else None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {
