@@ -451,8 +451,8 @@ class Split:
         per_image = sum(line.dollars_per_million for line in pipeline if line not in batch_lines) / 1e6
         return cls(per_image, per_batch)
 
-    def window(self, n: int) -> float:
-        return n * self.per_image + self.per_batch
+    def window(self, n: int, batches: int = 1) -> float:
+        return n * self.per_image + batches * self.per_batch
 
 
 def dispatcher_seconds_per_image(measured: dict[str, Any], memory_mb: int) -> float:
@@ -471,6 +471,7 @@ class LaneWindow:
     window's close to its vectors written."""
 
     images: int
+    invocations: int
     cold: bool
     seconds: float
     dollars: float
@@ -478,19 +479,18 @@ class LaneWindow:
 
 
 def lane_window(n: int, cold: bool, projection: lane_bench.Projection, dispatcher_s_per_image: float) -> LaneWindow:
-    """The lane function embedding a window of `n` images: the model's projected seconds an image,
-    a GET of the manifest and of the first image before the work overlaps the rest, the shard's and
-    the events' PUTs, and when the function was idle its INIT and first call (lane_bench.project)."""
-    seconds = (
-        2 * S3_GET_LATENCY_S
-        + 2 * S3_PUT_LATENCY_S
-        + n * projection.seconds_per_image
-        + ((projection.init_s + projection.first_call_extra_s) if cold else 0.0)
-    )
-    dollars = LAMBDA_REQUEST + seconds * projection.memory_mb / 1024 * LAMBDA_GB_SECOND
-    # Before the function: the dispatcher admits the window (its measured rate) and writes the manifest.
+    """The lane embedding a window of `n` images, in invocations of at most what one embeds in 5
+    minutes (a third of Lambda's 15), side by side. Each pays the model's projected seconds per
+    image, a GET of its manifest and of its first image before the work overlaps the rest, the
+    shard's and the events' PUTs, and when the function was idle its INIT and first call."""
+    invocations = math.ceil(n / max(1, projection.images_in_5_min))
+    fixed = 2 * S3_GET_LATENCY_S + 2 * S3_PUT_LATENCY_S + ((projection.init_s + projection.first_call_extra_s) if cold else 0.0)
+    seconds = invocations * fixed + n * projection.seconds_per_image
+    dollars = invocations * LAMBDA_REQUEST + seconds * projection.memory_mb / 1024 * LAMBDA_GB_SECOND
+    # Before the function: the dispatcher admits the window (its measured rate) and writes the manifests.
     dispatcher_s = n * dispatcher_s_per_image + S3_PUT_LATENCY_S + INVOKE_LATENCY_S
-    return LaneWindow(n, cold, round(seconds, 3), dollars, round(dispatcher_s + seconds, 2))
+    slowest = fixed + math.ceil(n / invocations) * projection.seconds_per_image
+    return LaneWindow(n, invocations, cold, round(seconds, 3), dollars, round(dispatcher_s + slowest, 2))
 
 
 @dataclass(frozen=True)
@@ -535,8 +535,8 @@ def trickle(
                     n,
                     batch,
                     "lambda",
-                    (split.window(n) + warm.dollars) / n * 1e6,
-                    (split.window(n) + isolated.dollars) / n * 1e6,
+                    (split.window(n, warm.invocations) + warm.dollars) / n * 1e6,
+                    (split.window(n, isolated.invocations) + isolated.dollars) / n * 1e6,
                     isolated.latency_s,
                 )
             )

@@ -92,6 +92,23 @@ def test_a_cold_window_pays_the_init_and_first_call_at_the_functions_memory() ->
     assert warm.seconds == pytest.approx(10 * projection.seconds_per_image + 0.15, abs=1e-3)
 
 
+def test_a_window_bigger_than_an_invocation_should_hold_is_split_to_end_well_within_15_minutes() -> None:
+    projection = lane_bench.project(FIGURES, 3008)
+    per_invocation = projection.images_in_5_min
+    window = cost_bench.lane_window(3 * per_invocation + 1, True, projection, 0.0)
+
+    assert window.invocations == 4
+    # Side by side: the first vector waits for one invocation, not four; each pays its own INIT.
+    assert window.latency_s <= 300 + 0.25  # its S3 waits and the dispatcher's on top of the 5 minutes
+    one = cost_bench.lane_window(per_invocation, True, projection, 0.0)
+    assert window.seconds > 4 * (projection.init_s + projection.first_call_extra_s) and one.invocations == 1
+    # Each invocation writes what a job child writes: four batches' manifests, shards and events.
+    rows = cost_bench.trickle([3 * per_invocation + 1], SPLIT, 0, 0.526, cost_bench.ColdStart(), "lambda", projection)
+    assert rows[0].cold == pytest.approx(
+        (SPLIT.window(3 * per_invocation + 1, 4) + window.dollars) / (3 * per_invocation + 1) * 1e6
+    )
+
+
 def test_the_projection_runs_no_faster_than_the_vcpus_allow() -> None:
     small, large = lane_bench.project(FIGURES, 3008), lane_bench.project(FIGURES, 10240)
     # 3,008 MB is 1.7 vCPUs shown as 2 cores: two threads' CPU over 1.7, plus the sandbox's 3 ms.
