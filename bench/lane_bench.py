@@ -17,10 +17,11 @@ the real ones; nothing can be downloaded here):
     10 photos through the sandbox and the model; wall and CPU seconds of each phase, the helpers'
     CPU included;
 
-and projects them to Lambda's CPU share at 3,008 and 10,240 MB (`project`, which bench/cost_bench.py
-prices the lane with; docs/benchmarks.md, "Lambda lane", writes the derivation out).
+and projects their CPU seconds (a shared machine's walls are its neighbours') to Lambda's CPU share
+at 3,008 and 10,240 MB (`project`, which bench/cost_bench.py prices the lane with; docs/benchmarks.md,
+"Lambda lane", writes the derivation out).
 
-    python -m bench.lane_bench --json bench/out/lane.json     # the recorded run: a few minutes on 2 cores
+    python -m bench.lane_bench --repeats 3 --json bench/out/lane.json   # the recorded run: ~8 minutes on 2 cores
     python -m bench.lane_bench --quick                        # a smoke run
     python -m bench.lane_bench --models ViT-B-32 --no-cold    # per image only
 
