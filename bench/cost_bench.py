@@ -12,6 +12,14 @@ given on the command line (docs/gpu.md), since no GPU runs here.
     python -m bench.cost_bench                                  # 100 JPEGs of about 30 KB
     python -m bench.cost_bench --images 1000 --json bench/out/cost.json
     python -m bench.cost_bench --gpu-images-per-second 400 --gpu-dollars-per-hour 0.526
+    python -m bench.cost_bench --gpu-images-per-second 400 --lane auto     # trickles: the Lambda lane beside Batch
+
+`--lane lambda|auto` prices the Lambda lane (issue 23) for the trickle table: a window of at most
+`--lambda-max-images` accepted uploads (every window with `lambda`) is embedded by one invocation of
+a `--lambda-memory-mb` function, priced from bench/lane_bench.py's figures for the model (its
+recorded run, or `--lane-figures` of another) projected to that memory; bigger windows go to Batch.
+Its requests are a job child's: the dispatcher's manifest PUT, an Invoke instead of SubmitJob, and
+in the function a manifest GET, a GET per image, the shard and events PUTs.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
 
+from bench import lane_bench
 from clip_shared import notifications
 
 #: us-east-1 list prices, November 2026 (https://aws.amazon.com/s3/pricing/, /sqs/pricing/, /lambda/pricing/).
@@ -49,6 +58,22 @@ S3_PUT_LATENCY_S = 0.05
 SUBMIT_LATENCY_S = 0.1
 #: The issue's target for everything but the GPU, at default settings.
 TARGET_PER_MILLION = 1.50
+#: Issue 23's targets for the Lambda lane with ViT-B-32: a 10-upload window, and the first vector
+#: after the batching window closes on an idle stack (the function cold).
+TARGET_LANE_WINDOW = 10
+TARGET_LANE_PER_MILLION = 10.0
+TARGET_LANE_LATENCY_S = 30.0
+#: The dispatcher's Invoke of the lane function (an asynchronous invocation is queued at once).
+INVOKE_LATENCY_S = 0.05
+#: What a dispatcher batch costs whatever its size: the writes and reads of one job child (or one
+#: invocation of the Lambda lane, which makes the same requests).
+PER_BATCH_LINES = (
+    ("dispatcher", "manifest files"),
+    ("dispatcher", "job records"),
+    ("worker", "manifest reads"),
+    ("worker", "parquet/ writes"),
+    ("worker", "events/ writes"),
+)
 JPEG_BYTES = 30_000
 
 
@@ -409,15 +434,182 @@ class ColdStart:
         return self.boot_s + self.pull_s + self.load_s + self.idle_tail_s
 
 
+@dataclass(frozen=True)
+class Split:
+    """The pipeline's dollars (everything but the GPU and the lane's compute): what each image pays,
+    and what each dispatcher batch pays whatever its size (PER_BATCH_LINES)."""
+
+    per_image: float
+    per_batch: float
+
+    @classmethod
+    def of(cls, lines: list[Line], images: int) -> Split:
+        pipeline = [line for line in lines if line.component not in ("GPU", "indexer")]
+        batch_lines = [line for line in pipeline if (line.component, line.what) in PER_BATCH_LINES]
+        batches = max(1, sum(line.requests for line in batch_lines if line.what == "manifest files"))
+        per_batch = sum(line.dollars_per_million for line in batch_lines) * images / 1e6 / batches
+        per_image = sum(line.dollars_per_million for line in pipeline if line not in batch_lines) / 1e6
+        return cls(per_image, per_batch)
+
+    def window(self, n: int, batches: int = 1) -> float:
+        return n * self.per_image + batches * self.per_batch
+
+
+def dispatcher_seconds_per_image(measured: dict[str, Any], memory_mb: int) -> float:
+    """The dispatcher's seconds per upload on Lambda: its measured CPU at its share of a vCPU, and
+    its ranged GETs overlapped on the admission threads (docs/scale.md, "The dispatcher, measured")."""
+    from clip_dispatch.admission import ADMISSION_THREADS
+
+    records = max(1, round(measured["images"] / max(1, measured["dispatcher_invocations"])))
+    cpu_share = min(1.0, memory_mb / LAMBDA_MB_PER_VCPU)
+    return measured["dispatcher_cpu_seconds_per_invocation"] / records / cpu_share + S3_GET_LATENCY_S / ADMISSION_THREADS
+
+
+@dataclass(frozen=True)
+class LaneWindow:
+    """One window's invocation of the Lambda lane: seconds billed, dollars, and the time from the
+    window's close to its vectors written."""
+
+    images: int
+    invocations: int
+    cold: bool
+    seconds: float
+    dollars: float
+    latency_s: float
+
+
+def lane_window(n: int, cold: bool, projection: lane_bench.Projection, dispatcher_s_per_image: float) -> LaneWindow:
+    """The lane embedding a window of `n` images, in invocations of at most what one embeds in 5
+    minutes (a third of Lambda's 15), side by side. Each pays the model's projected seconds per
+    image, a GET of its manifest and of its first image before the work overlaps the rest, the
+    shard's and the events' PUTs, and when the function was idle its INIT and first call."""
+    invocations = math.ceil(n / max(1, projection.images_in_5_min))
+    fixed = 2 * S3_GET_LATENCY_S + 2 * S3_PUT_LATENCY_S + ((projection.init_s + projection.first_call_extra_s) if cold else 0.0)
+    seconds = invocations * fixed + n * projection.seconds_per_image
+    dollars = invocations * LAMBDA_REQUEST + seconds * projection.memory_mb / 1024 * LAMBDA_GB_SECOND
+    # Before the function: the dispatcher admits the window (its measured rate) and writes the manifests.
+    dispatcher_s = n * dispatcher_s_per_image + S3_PUT_LATENCY_S + INVOKE_LATENCY_S
+    slowest = fixed + math.ceil(n / invocations) * projection.seconds_per_image
+    return LaneWindow(n, invocations, cold, round(seconds, 3), dollars, round(dispatcher_s + slowest, 2))
+
+
+@dataclass(frozen=True)
+class TrickleRow:
+    """$ per million images when every batch window holds `images` uploads."""
+
+    images: int
+    #: The Batch lane, each window finding the GPUs at zero (None without a GPU throughput).
+    batch: float | None
+    #: The lane `--lane` picks for this window (batch or lambda) and its $ per million: with windows
+    #: every batching window (the function stays warm), and an isolated window (the function cold).
+    lane: str
+    warm: float | None
+    cold: float | None
+    cold_latency_s: float | None
+
+
 def trickle(
-    per_window: list[int], pipeline_per_million: float, gpu_images_per_s: float, gpu_dollars_per_hour: float, cold: ColdStart
-) -> list[tuple[int, float]]:
-    """$ per million images when every window of `n` uploads finds the GPUs scaled to zero."""
+    per_window: list[int],
+    split: Split,
+    gpu_images_per_s: float,
+    gpu_dollars_per_hour: float,
+    cold: ColdStart,
+    lane: str = "batch",
+    projection: lane_bench.Projection | None = None,
+    max_images: int = 100,
+    dispatcher_s_per_image: float = 0.0,
+) -> list[TrickleRow]:
+    """Each window of `n` uploads: on Batch finding the GPUs at zero, and on the lane `lane` picks."""
     rows = []
     for n in per_window:
-        gpu_s = cold.seconds + n / gpu_images_per_s
-        rows.append((n, pipeline_per_million + gpu_s * gpu_dollars_per_hour / 3600 / n * 1e6))
+        batch = None
+        if gpu_images_per_s > 0:
+            gpu_s = cold.seconds + n / gpu_images_per_s
+            batch = (split.window(n) + gpu_s * gpu_dollars_per_hour / 3600) / n * 1e6
+        if lane == "lambda" or (lane == "auto" and n <= max_images):
+            if projection is None:
+                raise ValueError("the Lambda lane needs the model's projection (lane_bench)")
+            warm, isolated = (lane_window(n, is_cold, projection, dispatcher_s_per_image) for is_cold in (False, True))
+            rows.append(
+                TrickleRow(
+                    n,
+                    batch,
+                    "lambda",
+                    (split.window(n, warm.invocations) + warm.dollars) / n * 1e6,
+                    (split.window(n, isolated.invocations) + isolated.dollars) / n * 1e6,
+                    isolated.latency_s,
+                )
+            )
+        else:
+            rows.append(TrickleRow(n, batch, "batch", batch, batch, None))
     return rows
+
+
+def lane_figures(model: str, path: Path | None) -> lane_bench.Figures:
+    """The model's figures from a lane_bench JSON file, or from its recorded run."""
+    if path is not None:
+        found = [row for row in json.loads(path.read_text())["figures"] if row["model"] == model]
+        if not found:
+            raise SystemExit(f"{path} has no figures for {model}")
+        return lane_bench.Figures(**found[0])
+    if model not in lane_bench.RECORDED:
+        raise SystemExit(
+            f"no recorded lane figures for {model}: run `python -m bench.lane_bench --models {model} --json F` and pass --lane-figures F"
+        )
+    return lane_bench.RECORDED[model]
+
+
+def print_trickle(
+    rows: list[TrickleRow],
+    args: argparse.Namespace,
+    split: Split,
+    cold: ColdStart,
+    projection: lane_bench.Projection | None,
+    steady: float | None,
+) -> None:
+    print(
+        f"\ntrickle: $ per million images when each batch window holds n uploads (the pipeline's requests: "
+        f"${split.per_image * 1e6:.3f} per million images + ${split.per_batch:.7f} a batch; the vector store's commits not counted)"
+    )
+    if args.gpu_images_per_second > 0:
+        print(
+            f"  batch: each window finds the GPUs at zero ({cold.boot_s:g} s boot, {cold.pull_s:g} s image pull, "
+            f"{cold.load_s:g} s model load, {cold.idle_tail_s:g} s idle before scale-in: a model, not a measurement)"
+        )
+    if projection is not None:
+        print(
+            f"  {args.lane}: windows of at most {args.lambda_max_images if args.lane == 'auto' else 'any number of'} uploads go to "
+            f"the Lambda lane, {args.model} at {projection.memory_mb} MB ({projection.vcpus} vCPUs): "
+            f"{projection.seconds_per_image:.4f} s an image, INIT {projection.init_s:.1f} s + first call "
+            f"{projection.first_call_extra_s:.1f} s (projected from bench.lane_bench's measurements); warm: a window every "
+            f"batching window keeps the function warm; cold: an isolated window finds it idle"
+        )
+        if not projection.fits:
+            print(
+                f"  NOTE: the function's processes peaked above {projection.memory_mb} MB in bench.lane_bench's cold start "
+                "(docs/benchmarks.md, 'Lambda lane', says why and what would bring it under)"
+            )
+    print(f"  {'uploads':>8} {'batch, cold GPU':>16}   {'lane':<7} {'warm':>10} {'cold':>10} {'cold: vector after (s)':>22}")
+    for row in rows:
+        money = [f"{value:>10,.2f}" if value is not None else f"{'-':>10}" for value in (row.warm, row.cold)]
+        batch = f"{row.batch:>16,.2f}" if row.batch is not None else f"{'-':>16}"
+        latency = f"{row.cold_latency_s:>22.1f}" if row.cold_latency_s is not None else f"{'-':>22}"
+        print(f"  {row.images:>8} {batch}   {row.lane:<7} {money[0]} {money[1]} {latency}")
+    if steady is not None:
+        print(f"  {'steady':>8} {steady:>16,.2f}   (an instance always busy: a steady stream of windows above the threshold)")
+    if projection is not None and args.model == "ViT-B-32":
+        target = next((row for row in rows if row.images == TARGET_LANE_WINDOW and row.lane == "lambda"), None)
+        if target is not None and target.warm is not None and target.cold is not None and target.cold_latency_s is not None:
+            for text, value, limit in (
+                (f"{TARGET_LANE_WINDOW}-upload window, function warm", target.warm, TARGET_LANE_PER_MILLION),
+                (f"{TARGET_LANE_WINDOW}-upload window, function cold", target.cold, TARGET_LANE_PER_MILLION),
+            ):
+                print(f"  {'met' if value <= limit else 'MISSED':<6} {text}: ${value:,.2f} per million (target <= ${limit:g})")
+            verdict = "met" if target.cold_latency_s <= TARGET_LANE_LATENCY_S else "MISSED"
+            print(
+                f"  {verdict:<6} vector {target.cold_latency_s:.1f} s after the window closes on an idle stack "
+                f"(target <= {TARGET_LANE_LATENCY_S:g} s; the dispatcher's own cold start and the image's fetch not counted)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,8 +631,24 @@ def main(argv: list[str] | None = None) -> int:
         default=[10, 100, 1000],
         help="uploads per batch window for the cold-start model (needs --gpu-images-per-second)",
     )
+    parser.add_argument(
+        "--lane",
+        choices=("batch", "lambda", "auto"),
+        default="batch",
+        help="the trickle's embedding lane: Batch (today), the Lambda lane, or the lane by window size",
+    )
+    parser.add_argument("--lambda-memory-mb", type=int, default=3008, help="the lane function's MemorySize")
+    parser.add_argument(
+        "--lambda-max-images", type=int, default=100, help="with --lane auto, the largest window the Lambda lane takes"
+    )
+    parser.add_argument(
+        "--lane-figures", type=Path, default=None, help="a bench.lane_bench JSON for --model (default: its recorded run)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    projection = (
+        lane_bench.project(lane_figures(args.model, args.lane_figures), args.lambda_memory_mb) if args.lane != "batch" else None
+    )
 
     warnings.filterwarnings("ignore")
     measured = measure(args.images, args.model, args.pretrained, args.model_config, args.shard_size)
@@ -464,13 +672,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"the vector store (indexer):        ${store:.3f} per million images (falls with shards per invocation)")
     if args.gpu_images_per_second > 0:
         print(f"with the GPU:           ${total:.3f} per million images")
-        cold = ColdStart()
-        print(
-            f"\ntrickle: each window's uploads find the GPUs at zero ({cold.boot_s:g} s boot, {cold.pull_s:g} s image pull, "
-            f"{cold.load_s:g} s model load, {cold.idle_tail_s:g} s idle before scale-in: a model, not a measurement)"
+    cold = ColdStart()
+    split = Split.of(lines, measured["images"])
+    rows = []
+    if args.gpu_images_per_second > 0 or projection is not None:
+        rows = trickle(
+            args.trickle,
+            split,
+            args.gpu_images_per_second,
+            args.gpu_dollars_per_hour,
+            cold,
+            args.lane,
+            projection,
+            args.lambda_max_images,
+            dispatcher_seconds_per_image(measured, args.dispatcher_memory_mb),
         )
-        for n, dollars in trickle(args.trickle, without_gpu, args.gpu_images_per_second, args.gpu_dollars_per_hour, cold):
-            print(f"  {n:>6} uploads per window   ${dollars:>12,.2f} per million images   (${dollars / 1e6:.5f} an image)")
+        gpu = sum(line.dollars_per_million for line in lines if line.component == "GPU")
+        print_trickle(rows, args, split, cold, projection, without_gpu + gpu if args.gpu_images_per_second > 0 else None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {
@@ -479,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
             "dollars_per_million_without_gpu": round(without_gpu, 4),
             "dollars_per_million_vector_store": round(store, 4),
             "dollars_per_million": round(total, 4),
+            "split": asdict(split),
+            "projection": asdict(projection) if projection else None,
+            "trickle": [asdict(row) for row in rows],
         }
         args.json.write_text(json.dumps(document, indent=2))
     return 0 if without_gpu <= TARGET_PER_MILLION else 1
