@@ -24,18 +24,21 @@ def jobs(batch_client: Any, job_queue: str, states: Iterable[str]) -> Iterator[d
             yield from batch_client.describe_jobs(jobs=ids[start : start + 100])["jobs"]
 
 
-def manifest_entries(s3: Any, job: dict[str, Any]) -> list[ManifestEntry]:
-    """Every entry of a job submitted by the pipeline (none for a job without a MANIFEST_URI)."""
+def manifests(s3: Any, job: dict[str, Any]) -> Iterator[Manifest]:
+    """Each child's manifest of a job submitted by the pipeline, one at a time (none for a job without a MANIFEST_URI)."""
     environment = {item["name"]: item["value"] for item in job.get("container", {}).get("environment", [])}
     if "MANIFEST_URI" not in environment:
-        return []
+        return
     bucket, prefix = keys.parse_s3_url(environment["MANIFEST_URI"])
-    entries: list[ManifestEntry] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-            entries += Manifest.from_json(body, source=keys.s3_url(bucket, item["Key"])).entries
-    return entries
+            yield Manifest.from_json(body, source=keys.s3_url(bucket, item["Key"]))
+
+
+def manifest_entries(s3: Any, job: dict[str, Any]) -> list[ManifestEntry]:
+    """Every entry of a job submitted by the pipeline (none for a job without a MANIFEST_URI)."""
+    return [entry for manifest in manifests(s3, job) for entry in manifest.entries]
 
 
 def waiting(batch_client: Any, job_queue: str) -> list[dict[str, Any]]:
