@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pytest
 
 from clip_dispatch.admission import ObjectRef, admit, record_rejection
 from clip_pipeline import report, retry
 from clip_shared import keys
-from clip_shared.events import BatchCounts
+from clip_shared.events import BatchCounts, DocumentError, ErrorCode
+from clip_shared.manifest import ManifestEntry
 from clip_worker.config import WorkerConfig
+from clip_worker.model import ClipModel, load
+from clip_worker.reader import ObjectVersion
 from clip_worker.runner import EXIT_OK, run
-from tests.support import INPUT_BUCKET, OUTPUT_BUCKET, encode, photo, put_manifest, tiny_worker_config, upload
+from clip_worker.writer import OutputWriter
+from tests.support import INPUT_BUCKET, OUTPUT_BUCKET, TINY_MODEL, encode, photo, put_manifest, tiny_worker_config, upload
 from tests.worker.test_runner import model_id
 
 
@@ -30,9 +38,9 @@ def images(count: int, broken: tuple[int, ...] = ()) -> dict[str, bytes]:
     return files
 
 
-def run_children(s3: Any, config: WorkerConfig, uri: str, children: int, **changes: Any) -> None:
+def run_children(s3: Any, config: WorkerConfig, uri: str, children: int) -> None:
     for child in range(children):
-        assert run(replace(config, manifest_uri=uri, array_index=child, **changes), s3=s3).exit_code == EXIT_OK
+        assert run(replace(config, manifest_uri=uri, array_index=child), s3=s3).exit_code == EXIT_OK
 
 
 def reject(s3: Any, key: str, body: bytes) -> None:
@@ -51,24 +59,24 @@ def test_status_counts_each_outcome_once_per_child_however_often_the_child_ran(
     s3: Any, tiny_config: Path, tiny_checkpoint: Path
 ) -> None:
     config = tiny_worker_config(tiny_config, tiny_checkpoint)
-    uri = put_manifest(s3, upload(s3, images(9, broken=(1, 7))), shard_size=4)
-    run_children(s3, config, uri, 3)
-    # Batch ran every child again (a Spot reclaim, a retry): each resumes and rewrites its outputs.
-    run_children(s3, config, uri, 3, attempt=2)
+    uri = put_manifest(s3, upload(s3, images(5, broken=(1, 4))), shard_size=3)
+    run_children(s3, config, uri, 2)
+    # Batch ran a child again (a Spot reclaim, a retry): it resumes and rewrites its outputs.
+    assert run(replace(config, manifest_uri=uri, array_index=1, attempt=2), s3=s3).exit_code == EXIT_OK
     reject(s3, "notes.jpg", b"milk, eggs")
     mid = model_id(config)
 
     outcomes = report.tally(s3, OUTPUT_BUCKET, "", mid)
 
-    assert (outcomes.embedded, dict(outcomes.failed), outcomes.rejected) == (7, {"corrupt-image": 2}, 1)
-    assert set(outcomes.failed_examples) == {url("img-01.jpg"), url("img-07.jpg")}
+    assert (outcomes.embedded, dict(outcomes.failed), outcomes.rejected) == (3, {"corrupt-image": 2}, 1)
+    assert set(outcomes.failed_examples) == {url("img-01.jpg"), url("img-04.jpg")}
     assert {failure.code for failure in outcomes.failed_examples.values()} == {"corrupt-image"}
     assert list(outcomes.rejected_examples) == [url("notes.jpg")]
     assert outcomes.rejected_examples[url("notes.jpg")].code == "unsupported-type"
-    assert outcomes.recorded == 10
+    assert outcomes.recorded == 6
     shown = outcomes.as_dict()
     assert (shown["embedded"], shown["failed"]["count"], shown["failed"]["codes"], shown["rejected"]["count"]) == (
-        7,
+        3,
         2,
         {"corrupt-image": 2},
         1,
@@ -79,36 +87,48 @@ def test_status_counts_each_outcome_once_per_child_however_often_the_child_ran(
         assert BatchCounts.from_metadata(s3.head_object(Bucket=OUTPUT_BUCKET, Key=key)["Metadata"]) == BatchCounts.of(events)
 
 
-def test_a_batch_written_before_the_counts_existed_is_counted_from_its_events(
-    s3: Any, tiny_config: Path, tiny_checkpoint: Path
+@pytest.fixture(scope="module")
+def model(tiny_config: Path, tiny_checkpoint: Path) -> ClipModel:
+    return load(TINY_MODEL, str(tiny_checkpoint), "cpu", model_config_path=str(tiny_config))
+
+
+def entry(key: str, etag: str = "e1") -> ManifestEntry:
+    return ManifestEntry(bucket=INPUT_BUCKET, key=key, size=1000, etag=etag, mime_type="image/jpeg")
+
+
+def write_child(
+    s3: Any, model: ClipModel, manifest_id: str, index: int, embedded: list[ManifestEntry], failed: list[ManifestEntry]
 ) -> None:
-    config = tiny_worker_config(tiny_config, tiny_checkpoint)
-    uri = put_manifest(s3, upload(s3, images(6, broken=(4,))), shard_size=3)
-    run_children(s3, config, uri, 2)
-    mid = model_id(config)
-    old = batches(s3, mid)[1]
+    """A job child's outputs for these outcomes, written by the worker's own writer (no images decoded)."""
+    writer = OutputWriter(s3, OUTPUT_BUCKET, "", model, "job-1", manifest_id, index)
+    vector = np.full(model.dimensions, model.dimensions**-0.5, np.float32)
+    for item in embedded:
+        writer.created(item, ObjectVersion(item.etag, datetime.now(UTC)), vector)
+    for item in failed:
+        writer.failed(item, DocumentError(ErrorCode.CORRUPT_IMAGE, f"{item.url}: cannot be decoded"))
+    writer.checkpoint((*embedded, *failed))
+
+
+def test_a_batch_written_before_the_counts_existed_is_counted_from_its_events(s3: Any, model: ClipModel) -> None:
+    write_child(s3, model, "m-1", 0, [entry("a.jpg"), entry("b.jpg")], [entry("c.jpg")])
+    write_child(s3, model, "m-1", 1, [entry("d.jpg")], [entry("e.jpg")])
+    old = batches(s3, model.id)[1]
     s3.copy_object(Bucket=OUTPUT_BUCKET, Key=old, CopySource={"Bucket": OUTPUT_BUCKET, "Key": old}, MetadataDirective="REPLACE")
     assert keys.EVENTS_OUTCOMES_METADATA not in s3.head_object(Bucket=OUTPUT_BUCKET, Key=old)["Metadata"]
 
-    outcomes = report.tally(s3, OUTPUT_BUCKET, "", mid)
+    outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
 
-    assert (outcomes.embedded, dict(outcomes.failed)) == (5, {"corrupt-image": 1})
-    assert list(retry.latest_failures(s3, OUTPUT_BUCKET, "", mid)) == [url("img-04.jpg")]
+    assert (outcomes.embedded, dict(outcomes.failed)) == (3, {"corrupt-image": 2})
+    assert sorted(retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)) == [url("c.jpg"), url("e.jpg")]
 
 
-def test_an_object_delivered_twice_counts_in_each_job_and_is_found_embedded_once(
-    s3: Any, tiny_config: Path, tiny_checkpoint: Path
-) -> None:
-    config = tiny_worker_config(tiny_config, tiny_checkpoint)
-    entries = upload(s3, {"cat.png": encode(photo(), "PNG"), "rocket.png": encode(photo("rocket.jpg"), "PNG")})
+def test_an_object_delivered_twice_counts_in_each_job_and_is_found_embedded_once(s3: Any, model: ClipModel) -> None:
     # The second delivery of cat.png's notification went into a job of its own.
-    for manifest_id, job in (("m-1", entries), ("m-2", entries[:1])):
-        uri = put_manifest(s3, job, manifest_id=manifest_id)
-        assert run(replace(config, manifest_uri=uri), s3=s3).exit_code == EXIT_OK
-    mid = model_id(config)
+    write_child(s3, model, "m-1", 0, [entry("cat.png"), entry("rocket.png")], [])
+    write_child(s3, model, "m-2", 0, [entry("cat.png")], [])
 
-    assert report.tally(s3, OUTPUT_BUCKET, "", mid).embedded == 3
-    assert len(report.embedded_etags(s3, OUTPUT_BUCKET, "", mid)) == 2
+    assert report.tally(s3, OUTPUT_BUCKET, "", model.id).embedded == 3
+    assert len(report.embedded_etags(s3, OUTPUT_BUCKET, "", model.id)) == 2
 
 
 def recorded_calls(s3: Any) -> list[str]:
@@ -117,68 +137,58 @@ def recorded_calls(s3: Any) -> list[str]:
     return calls
 
 
-def test_counting_costs_a_head_per_child_whatever_the_images_and_the_failures_a_get_per_child_holding_any(
-    s3: Any, tiny_config: Path, tiny_checkpoint: Path
+@pytest.mark.parametrize("per_child", [5, 500])
+def test_counting_costs_a_head_per_child_whatever_the_images_and_a_get_per_child_holding_failures(
+    s3: Any, model: ClipModel, per_child: int
 ) -> None:
-    config = tiny_worker_config(tiny_config, tiny_checkpoint)
-    # Three children of six images; only the last holds failures.
-    uri = put_manifest(s3, upload(s3, images(18, broken=(13, 16))), shard_size=6)
-    run_children(s3, config, uri, 3)
+    # Three children; only the last holds failures.
+    for child in range(3):
+        embedded = [entry(f"{child}/img-{i}.jpg") for i in range(per_child)]
+        write_child(s3, model, "m-1", child, embedded, [entry(f"{child}/bad-{i}.jpg") for i in range(2)] if child == 2 else [])
     for n in range(3):
         reject(s3, f"notes-{n}.jpg", b"not an image")
-    mid = model_id(config)
     calls = recorded_calls(s3)
 
-    outcomes = report.tally(s3, OUTPUT_BUCKET, "", mid)
+    outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
 
-    assert (outcomes.embedded, outcomes.failed.total(), outcomes.rejected) == (16, 2, 3)
+    assert (outcomes.embedded, outcomes.failed.total(), outcomes.rejected) == (3 * per_child, 2, 3)
     # A LIST of the batches and one of the rejections; a HEAD per child; the failures shown from the
     # one batch that holds any; each rejection shown (there are fewer than report.EXAMPLES).
     assert sorted(calls) == sorted(["ListObjectsV2"] * 2 + ["HeadObject"] * 3 + ["GetObject"] * (1 + 3))
 
     calls.clear()
-    failed = retry.latest_failures(s3, OUTPUT_BUCKET, "", mid)
+    failed = retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)
 
-    assert set(failed) == {url("img-13.jpg"), url("img-16.jpg")}
+    assert set(failed) == {url("2/bad-0.jpg"), url("2/bad-1.jpg")}
     assert sorted(calls) == ["GetObject", "HeadObject", "HeadObject", "HeadObject", "ListObjectsV2"]
 
 
-def test_status_shows_a_few_failures_by_url_and_counts_them_all(s3: Any, tiny_config: Path, tiny_checkpoint: Path) -> None:
-    config = tiny_worker_config(tiny_config, tiny_checkpoint)
+def test_status_shows_a_few_failures_by_url_and_counts_them_all(s3: Any, model: ClipModel) -> None:
     count = report.EXAMPLES + 5
-    uri = put_manifest(s3, upload(s3, images(count, broken=tuple(range(count)))), shard_size=10)
-    run_children(s3, config, uri, 3)
+    for child in range(3):
+        write_child(
+            s3, model, "m-1", child, [], [entry(f"bad-{i:02d}.jpg") for i in range(child * 10, min(count, child * 10 + 10))]
+        )
     calls = recorded_calls(s3)
 
-    outcomes = report.tally(s3, OUTPUT_BUCKET, "", model_id(config))
+    outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
 
-    assert (outcomes.embedded, dict(outcomes.failed), len(outcomes.failed_examples)) == (0, {"corrupt-image": count}, 20)
+    assert (outcomes.embedded, dict(outcomes.failed)) == (0, {"corrupt-image": count})
+    assert sorted(outcomes.failed_examples) == [url(f"bad-{i:02d}.jpg") for i in range(report.EXAMPLES)]
     # The examples come from the first batches only: two of the three.
     assert calls.count("GetObject") == 2
-    assert len(retry.latest_failures(s3, OUTPUT_BUCKET, "", model_id(config))) == count
+    assert len(retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)) == count
 
 
-def test_retry_takes_each_object_s_latest_failure_and_not_one_embedded_since_as_a_new_version(
-    s3: Any, tiny_config: Path, tiny_checkpoint: Path
-) -> None:
-    config = tiny_worker_config(tiny_config, tiny_checkpoint)
-    good, broken = encode(photo(), "JPEG"), encode(photo("rocket.jpg"), "JPEG")
-    first = upload(s3, {"a.jpg": broken[:100], "b.jpg": broken[:200], "c.jpg": good})
-    run(replace(config, manifest_uri=put_manifest(s3, first, manifest_id="m-1")), s3=s3)
-    # a.jpg fails again in a later job (a duplicate delivery); b.jpg is replaced by a good version.
-    second = upload(s3, {"b.jpg": good})
-    run(replace(config, manifest_uri=put_manifest(s3, [first[0], *second], manifest_id="m-2")), s3=s3)
-    mid = model_id(config)
+def test_retry_takes_each_object_s_latest_failure_with_the_version_that_failed(s3: Any, model: ClipModel) -> None:
+    write_child(s3, model, "m-1", 0, [entry("c.jpg")], [entry("a.jpg"), entry("b.jpg")])
+    # a.jpg failed again in a later job (a duplicate delivery); b.jpg was replaced, and the new version embedded.
+    write_child(s3, model, "m-2", 0, [entry("b.jpg", etag="e2")], [entry("a.jpg")])
 
-    failed = retry.latest_failures(s3, OUTPUT_BUCKET, "", mid)
+    failed = retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)
 
     assert sorted(failed) == [url("a.jpg"), url("b.jpg")]
-    events = {
-        event["data"]["document"]["url"]: event
-        for key in batches(s3, mid)
-        if "/m-2/" in key
-        for event in json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=key)["Body"].read())
-    }
-    # a.jpg's failure is its second one; b.jpg's is the old version's, whose ETag differs from today's.
-    assert failed[url("a.jpg")].failure_id == events[url("a.jpg")]["id"]
-    assert failed[url("b.jpg")].etag == first[1].etag != second[0].etag
+    later = json.loads(s3.get_object(Bucket=OUTPUT_BUCKET, Key=keys.events_key("", model.id, "m-2", 0))["Body"].read())
+    assert failed[url("a.jpg")].failure_id == next(event["id"] for event in later if event["type"] == "document-failed")
+    # The version that failed, which `retry` compares with today's.
+    assert failed[url("b.jpg")].etag == "e1"
