@@ -179,6 +179,21 @@ def test_retry_resubmits_the_failed_object_not_the_key_a_url_parser_would_make_o
     assert not {"odd/IMG ", "odd/what"} & set(submitted_keys(deployed)[-1])
 
 
+def test_retry_leaves_an_object_replaced_since_it_failed_to_its_new_version(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    (entry,) = upload(deployed, "replaced", 1)
+    record_failure(deployed, entry, ErrorCode.INTERNAL_ERROR)
+    # Uploaded again: the new version's own notification takes it to a job.
+    clients.client("s3").put_object(Bucket=entry.bucket, Key=entry.key, Body=encode(photo("rocket.jpg"), "PNG"))
+    jobs_before = len(submitted_keys(deployed))
+
+    done = invoke(deployed, "retry", "--code", "internal-error")
+
+    assert (done["candidates"], done["superseded"], done["submitted"], done["jobs"]) == (1, 1, 0, 0)
+    assert len(submitted_keys(deployed)) == jobs_before
+    assert invoke(deployed, "retry", "--code", "internal-error")["already_retried"] == 1
+
+
 def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_cancels_them(
     deployed: tuple[Clients, Stack],
 ) -> None:
