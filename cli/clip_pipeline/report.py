@@ -36,6 +36,11 @@ from clip_shared.events import BatchCounts, EventType
 _PARALLEL_READS = 32
 #: Failures and rejections shown by url: enough to see what went wrong, read from a few documents.
 EXAMPLES = 20
+#: The failures shown come from this many batches at most (a batch is a few MB): failures spread
+#: one or two per child would otherwise have `status` download twenty batches to show them.
+EXAMPLE_BATCHES = 3
+#: Batches read at once for `retry`: what is held while their failures are picked out.
+_FAILURE_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def failures(s3: Any, bucket: str, prefix: str, model_id: str) -> Iterator[Faile
     """Every `document-failed` event, streamed from the batches that hold any (a HEAD tells which)."""
     with ThreadPoolExecutor(_PARALLEL_READS) as pool:
         with_failures = (key for key, counts in _batches(s3, bucket, prefix, model_id, pool) if counts.failures)
-        yield from _failures_in(s3, bucket, with_failures, pool, _PARALLEL_READS)
+        yield from _failures_in(s3, bucket, with_failures, pool, _FAILURE_WINDOW)
 
 
 def _rejection(body: bytes) -> tuple[str, Failure]:
@@ -144,7 +149,7 @@ def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
         for key, counts in _batches(s3, bucket, prefix, model_id, pool):
             outcomes.embedded += counts.created
             outcomes.failed.update(counts.failed)
-            if counts.failures and len(with_failures) < EXAMPLES:
+            if counts.failures and len(with_failures) < EXAMPLE_BATCHES:
                 with_failures.append(key)
         # One batch at a time: the examples usually sit in the first one.
         found = _failures_in(s3, bucket, iter(with_failures), pool, 1)

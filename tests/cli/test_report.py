@@ -192,3 +192,21 @@ def test_retry_takes_each_object_s_latest_failure_with_the_version_that_failed(s
     assert failed[url("a.jpg")].failure_id == next(event["id"] for event in later if event["type"] == "document-failed")
     # The version that failed, which `retry` compares with today's.
     assert failed[url("b.jpg")].etag == "e1"
+
+
+def test_status_reads_a_few_batches_for_examples_however_thin_the_failures_are_spread(s3: Any, model: ClipModel) -> None:
+    # One failure in each of many children, as failures spread through a backfill are.
+    children = 2 * report.EXAMPLES
+    for child in range(children):
+        write_child(s3, model, "m-1", child, [entry(f"good-{child:02d}.jpg")], [entry(f"bad-{child:02d}.jpg")])
+    calls = recorded_calls(s3)
+
+    outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
+
+    assert (outcomes.embedded, outcomes.failed.total()) == (children, children)
+    assert sorted(outcomes.failed_examples) == [url(f"bad-{child:02d}.jpg") for child in range(report.EXAMPLE_BATCHES)]
+    assert calls.count("GetObject") == report.EXAMPLE_BATCHES
+    # retry needs them all: every batch holding one is read.
+    calls.clear()
+    assert len(retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)) == children
+    assert calls.count("GetObject") == children
