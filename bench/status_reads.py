@@ -81,7 +81,7 @@ def measured(s3: Any, read: Callable[[], Any]) -> tuple[Counter[str], int, int]:
     return calls, downloaded[0], peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     import boto3
     from moto import mock_aws
 
@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=20)
     parser.add_argument("--per-child", type=int, default=1000)
     parser.add_argument("--failed-every", type=int, default=500, help="one object in this many fails (0: none)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    results: dict[str, dict[str, Any]] = {}
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
@@ -107,11 +108,13 @@ def main() -> None:
             calls, downloaded, peak = measured(s3, read)
             reference = reference or (downloaded, peak)
             requests = sum(calls.values())
+            results[name] = {"requests": dict(calls), "bytes": downloaded, "peak_bytes": peak}
             print(
                 f"{name:30} {requests:6} requests ({requests / args.children:.2f} per child: {dict(sorted(calls.items()))}), "
                 f"{downloaded / 1e6:8.2f} MB read ({downloaded / reference[0]:.3f} of the reference), "
                 f"peak {peak / 1e6:7.2f} MB ({peak / reference[1]:.3f})"
             )
+    return results
 
 
 if __name__ == "__main__":
