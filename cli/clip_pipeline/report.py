@@ -29,7 +29,7 @@ from botocore.exceptions import ClientError
 
 from clip_pipeline import jobs, redrive
 from clip_pipeline.stack import Clients, Stack
-from clip_shared import keys
+from clip_shared import aws, keys
 from clip_shared.events import BatchCounts, EventType
 
 #: Listing and reading many small documents is bound by round trips, not bandwidth.
@@ -101,10 +101,25 @@ def _read(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def _events(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    """A batch's events; none if it was deleted since it was listed (outputs expired, a job's removed)."""
+    try:
+        return list(json.loads(_read(s3, bucket, key)))
+    except Exception as exc:
+        if aws.is_missing(exc):
+            return []
+        raise
+
+
 def _counts(s3: Any, bucket: str, key: str) -> BatchCounts:
     """One batch's counts: its metadata, or, for a batch written before it existed, its events counted."""
-    counts = BatchCounts.from_metadata(s3.head_object(Bucket=bucket, Key=key)["Metadata"])
-    return counts if counts is not None else BatchCounts.of(json.loads(_read(s3, bucket, key)))
+    try:
+        counts = BatchCounts.from_metadata(s3.head_object(Bucket=bucket, Key=key)["Metadata"])
+    except Exception as exc:
+        if aws.is_missing(exc):
+            return BatchCounts()
+        raise
+    return counts if counts is not None else BatchCounts.of(_events(s3, bucket, key))
 
 
 def _batches(s3: Any, bucket: str, prefix: str, model_id: str, pool: ThreadPoolExecutor) -> Iterator[tuple[str, BatchCounts]]:
@@ -119,8 +134,8 @@ def _failures_in(
 ) -> Iterator[FailedObject]:
     """The failure events of these batches, read `window` batches at a time: no more than those are held."""
     while keys_ := list(islice(batch_keys, window)):
-        for body in pool.map(lambda key: _read(s3, bucket, key), keys_):
-            for event in json.loads(body):
+        for events in pool.map(lambda key: _events(s3, bucket, key), keys_):
+            for event in events:
                 if event["type"] == EventType.FAILED:
                     error, document = event["data"]["error"], event["data"]["document"]
                     failure = Failure(error["code"], error.get("message", ""), event.get("id", ""))

@@ -112,14 +112,23 @@ def write_child(
 def test_a_batch_written_before_the_counts_existed_is_counted_from_its_events(s3: Any, model: ClipModel) -> None:
     write_child(s3, model, "m-1", 0, [entry("a.jpg"), entry("b.jpg")], [entry("c.jpg")])
     write_child(s3, model, "m-1", 1, [entry("d.jpg")], [entry("e.jpg")])
-    old = batches(s3, model.id)[1]
+    write_child(s3, model, "m-1", 2, [entry("f.jpg")], [entry("g.jpg")])
+    old, copied = batches(s3, model.id)[1:]
     s3.copy_object(Bucket=OUTPUT_BUCKET, Key=old, CopySource={"Bucket": OUTPUT_BUCKET, "Key": old}, MetadataDirective="REPLACE")
     assert keys.EVENTS_OUTCOMES_METADATA not in s3.head_object(Bucket=OUTPUT_BUCKET, Key=old)["Metadata"]
+    # Copied by a tool that put metadata of its own under the name: not believed, the events counted.
+    s3.copy_object(
+        Bucket=OUTPUT_BUCKET,
+        Key=copied,
+        CopySource={"Bucket": OUTPUT_BUCKET, "Key": copied},
+        MetadataDirective="REPLACE",
+        Metadata={keys.EVENTS_OUTCOMES_METADATA: "created=1"},
+    )
 
     outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
 
-    assert (outcomes.embedded, dict(outcomes.failed)) == (3, {"corrupt-image": 2})
-    assert sorted(retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)) == [url("c.jpg"), url("e.jpg")]
+    assert (outcomes.embedded, dict(outcomes.failed)) == (4, {"corrupt-image": 3})
+    assert sorted(retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)) == [url("c.jpg"), url("e.jpg"), url("g.jpg")]
 
 
 def test_an_object_delivered_twice_counts_in_each_job_and_is_found_embedded_once(s3: Any, model: ClipModel) -> None:
@@ -210,3 +219,20 @@ def test_status_reads_a_few_batches_for_examples_however_thin_the_failures_are_s
     calls.clear()
     assert len(retry.latest_failures(s3, OUTPUT_BUCKET, "", model.id)) == children
     assert calls.count("GetObject") == children
+
+
+def test_a_batch_removed_while_status_reads_counts_nothing_and_stops_nothing(s3: Any, model: ClipModel) -> None:
+    write_child(s3, model, "m-1", 0, [entry("a.jpg")], [entry("b.jpg")])
+    write_child(s3, model, "m-1", 1, [entry("c.jpg")], [entry("d.jpg")])
+    gone = batches(s3, model.id)[0]
+
+    def expire(params: dict[str, Any], **_: Any) -> None:
+        # Listed, then removed (outputs expired, or an operator removed a job's) before it is read.
+        if params["Key"] == gone:
+            s3.delete_object(Bucket=OUTPUT_BUCKET, Key=gone)
+
+    s3.meta.events.register("before-parameter-build.s3.HeadObject", expire)
+    outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
+    s3.meta.events.unregister("before-parameter-build.s3.HeadObject", expire)
+
+    assert (outcomes.embedded, dict(outcomes.failed)) == (1, {"corrupt-image": 1})

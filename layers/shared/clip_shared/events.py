@@ -206,12 +206,13 @@ class BatchCounts:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> BatchCounts | None:
-        """None for a batch written without it (before the metadata existed): count its events instead."""
-        value = metadata.get(keys.EVENTS_OUTCOMES_METADATA)
-        if value is None:
+        """None for a batch written without it (before the metadata existed), or with one that is not
+        ours (a copy that replaced it): count its events instead."""
+        try:
+            counts = json.loads(metadata[keys.EVENTS_OUTCOMES_METADATA])
+            return cls(int(counts["created"]), {str(code): int(n) for code, n in counts["failed"].items()})
+        except (KeyError, ValueError, TypeError, AttributeError):
             return None
-        counts = json.loads(value)
-        return cls(int(counts["created"]), {str(code): int(n) for code, n in counts["failed"].items()})
 
     @classmethod
     def of(cls, events: Iterable[Mapping[str, Any]]) -> BatchCounts:
