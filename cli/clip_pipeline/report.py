@@ -101,14 +101,18 @@ def _read(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def _events(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
-    """A batch's events; none if it was deleted since it was listed (outputs expired, a job's removed)."""
+def _document(s3: Any, bucket: str, key: str) -> Any:
+    """A JSON document; None if it was deleted since it was listed (outputs expired, a job's removed)."""
     try:
-        return list(json.loads(_read(s3, bucket, key)))
+        return json.loads(_read(s3, bucket, key))
     except Exception as exc:
         if aws.is_missing(exc):
-            return []
+            return None
         raise
+
+
+def _events(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    return list(_document(s3, bucket, key) or [])
 
 
 def _counts(s3: Any, bucket: str, key: str) -> BatchCounts:
@@ -149,8 +153,7 @@ def failures(s3: Any, bucket: str, prefix: str, model_id: str) -> Iterator[Faile
         yield from _failures_in(s3, bucket, with_failures, pool, _FAILURE_WINDOW)
 
 
-def _rejection(body: bytes) -> tuple[str, Failure]:
-    event = json.loads(body)
+def _rejection(event: dict[str, Any]) -> tuple[str, Failure]:
     error = event["data"].get("error", {})
     return event["data"]["document"]["url"], Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
 
@@ -174,7 +177,8 @@ def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
             outcomes.rejected += 1
             if len(examples) < EXAMPLES:
                 examples.append(item["Key"])
-        outcomes.rejected_examples = dict(pool.map(lambda key: _rejection(_read(s3, bucket, key)), examples))
+        rejections = pool.map(lambda key: _document(s3, bucket, key), examples)
+        outcomes.rejected_examples = dict(_rejection(event) for event in rejections if event is not None)
     return outcomes
 
 

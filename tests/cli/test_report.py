@@ -224,15 +224,17 @@ def test_status_reads_a_few_batches_for_examples_however_thin_the_failures_are_s
 def test_a_batch_removed_while_status_reads_counts_nothing_and_stops_nothing(s3: Any, model: ClipModel) -> None:
     write_child(s3, model, "m-1", 0, [entry("a.jpg")], [entry("b.jpg")])
     write_child(s3, model, "m-1", 1, [entry("c.jpg")], [entry("d.jpg")])
-    gone = batches(s3, model.id)[0]
+    reject(s3, "notes.jpg", b"milk, eggs")
+    gone = {batches(s3, model.id)[0], keys.rejection_key("", INPUT_BUCKET, "notes.jpg")}
 
     def expire(params: dict[str, Any], **_: Any) -> None:
         # Listed, then removed (outputs expired, or an operator removed a job's) before it is read.
-        if params["Key"] == gone:
-            s3.delete_object(Bucket=OUTPUT_BUCKET, Key=gone)
+        if params["Key"] in gone:
+            s3.delete_object(Bucket=OUTPUT_BUCKET, Key=params["Key"])
 
-    s3.meta.events.register("before-parameter-build.s3.HeadObject", expire)
+    for operation in ("HeadObject", "GetObject"):
+        s3.meta.events.register(f"before-parameter-build.s3.{operation}", expire)
     outcomes = report.tally(s3, OUTPUT_BUCKET, "", model.id)
-    s3.meta.events.unregister("before-parameter-build.s3.HeadObject", expire)
 
-    assert (outcomes.embedded, dict(outcomes.failed)) == (1, {"corrupt-image": 1})
+    assert (outcomes.embedded, dict(outcomes.failed), outcomes.rejected) == (1, {"corrupt-image": 1}, 1)
+    assert outcomes.rejected_examples == {}
