@@ -111,7 +111,8 @@ def _document(s3: Any, bucket: str, key: str) -> Any:
         raise
 
 
-def _events(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+def batch_events(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    """A job child's events batch, read whole (none before its first checkpoint, or once removed)."""
     return list(_document(s3, bucket, key) or [])
 
 
@@ -123,7 +124,7 @@ def _counts(s3: Any, bucket: str, key: str) -> BatchCounts:
         if aws.is_missing(exc):
             return BatchCounts()
         raise
-    return counts if counts is not None else BatchCounts.of(_events(s3, bucket, key))
+    return counts if counts is not None else BatchCounts.of(batch_events(s3, bucket, key))
 
 
 def _batches(s3: Any, bucket: str, prefix: str, model_id: str, pool: ThreadPoolExecutor) -> Iterator[tuple[str, BatchCounts]]:
@@ -138,7 +139,7 @@ def _failures_in(
 ) -> Iterator[FailedObject]:
     """The failure events of these batches, read `window` batches at a time: no more than those are held."""
     while keys_ := list(islice(batch_keys, window)):
-        for events in pool.map(lambda key: _events(s3, bucket, key), keys_):
+        for events in pool.map(lambda key: batch_events(s3, bucket, key), keys_):
             for event in events:
                 if event["type"] == EventType.FAILED:
                     error, document = event["data"]["error"], event["data"]["document"]
