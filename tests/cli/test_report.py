@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,9 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
+from rich.table import Table
 
 from clip_dispatch.admission import ObjectRef, admit, record_rejection
 from clip_pipeline import report, retry
+from clip_pipeline.app import _outcome_rows
 from clip_shared import keys
 from clip_shared.events import BatchCounts, DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry
@@ -238,3 +242,25 @@ def test_a_batch_removed_while_status_reads_counts_nothing_and_stops_nothing(s3:
 
     assert (outcomes.embedded, dict(outcomes.failed), outcomes.rejected) == (1, {"corrupt-image": 1}, 1)
     assert outcomes.rejected_examples == {}
+
+
+def test_the_status_table_shows_failures_by_code_and_how_many_it_does_not_list() -> None:
+    shown = report.Failure("corrupt-image", "cannot be decoded")
+    outcomes = report.Outcomes(
+        embedded=7,
+        failed=Counter({"corrupt-image": 30, "download-failed": 2}),
+        rejected=1,
+        failed_examples={url("bad.jpg"): shown},
+        rejected_examples={url("notes.jpg"): report.Failure("unsupported-type", "text")},
+    )
+    table = Table(show_header=False)
+    _outcome_rows(table, outcomes)
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+
+    assert "failed   │ 32 (corrupt-image 30, download-failed 2)" in text
+    assert f"{url('bad.jpg')}: corrupt-image: cannot be decoded" in text
+    assert "and 31 more; `clip-pipeline retry --dry-run` counts those a retry would take" in text
+    # Every rejection is listed: nothing more to say under it.
+    assert text.index("rejected") < text.index("notes.jpg") < text.index("failed") and text.count("more") == 1
