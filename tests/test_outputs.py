@@ -94,3 +94,11 @@ def test_the_reading_example_runs_as_written(
     exec(example, names)  # the document's own example: running it is the point
     assert names["vectors"].shape == (len(shard), shard.schema.field("vector").type.list_size)
     assert names["failed"] == json.loads(shard.schema.metadata[keys.SHARD_FAILED_METADATA])
+
+
+def test_the_documented_batch_counts_are_in_the_format_the_writer_writes() -> None:
+    text = OUTPUTS.read_text()
+    (documented,) = re.findall(r"```json\n(.*?)\n```", text, re.DOTALL)
+    counts = events.BatchCounts.from_metadata({keys.EVENTS_OUTCOMES_METADATA: documented})
+    assert counts is not None and counts.to_metadata() == {keys.EVENTS_OUTCOMES_METADATA: documented}
+    assert f"`{keys.EVENTS_OUTCOMES_METADATA}`" in text

@@ -6,6 +6,8 @@ holds, and an attempt that follows a crash or a Spot reclaim reads them back (`r
 what they hold. The batch is a JSON array of CloudEvents: the CloudEvents JSON batch format
 (`application/cloudevents-batch+json`), which every CloudEvents SDK's JSON format can read element
 by element, and which stays one document a consumer fetches whole (a child's batch is a few MB).
+The batch's S3 metadata counts what it holds (keys.EVENTS_OUTCOMES_METADATA), so that `status`
+counts a child's outcomes with a HEAD instead of reading its events.
 
 With per-object outputs on (PER_OBJECT_OUTPUTS), every image also gets its own vector and CloudEvent
 as soon as it is embedded, the vector first, so that an event proves its vector is there.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from clip_shared import aws, keys
 from clip_shared.events import (
     BATCH_CONTENT_TYPE,
     SCHEMA_VERSION,
+    BatchCounts,
     DocumentError,
     EventType,
     Keywords,
@@ -125,7 +129,8 @@ class OutputWriter:
         self.events_key = keys.events_key(prefix, model.id, manifest_id, shard_index)
         self._rows: dict[tuple[str, str], Row] = {}
         self._events: dict[tuple[str, str], bytes] = {}
-        self._failed: dict[tuple[str, str], str] = {}
+        #: identity -> (url, error code) of each object that failed.
+        self._failed: dict[tuple[str, str], tuple[str, str]] = {}
 
     @property
     def shard_url(self) -> str:
@@ -149,7 +154,9 @@ class OutputWriter:
             if event.get_type() == EventType.FAILED:
                 resumed.failed.add(identity(entry))
                 self._events[identity(entry)] = to_json(event)
-                self._failed[identity(entry)] = entry.url
+                data = event.get_data()
+                assert isinstance(data, dict)  # our events' data is always a JSON object
+                self._failed[identity(entry)] = (entry.url, data["error"]["code"])
             else:
                 created[identity(entry)] = to_json(event)
         if created:
@@ -187,7 +194,7 @@ class OutputWriter:
         if self._per_object:
             self._submit(entry, self._put_document, entry, event)
         self._events[identity(entry)] = event
-        self._failed[identity(entry)] = entry.url
+        self._failed[identity(entry)] = (entry.url, error.code)
 
     def recorded(self, entry: ManifestEntry) -> bool:
         """Whether `entry` has its outcome here (embedded or failed, now or by an earlier attempt)."""
@@ -200,21 +207,28 @@ class OutputWriter:
         return failed
 
     def checkpoint(self, entries: tuple[ManifestEntry, ...]) -> str:
-        """Writes the shard, then the events batch, in manifest order; returns the shard's s3:// URL.
+        """Writes the shard, then the events batch with its counts, in manifest order; returns the shard's s3:// URL.
 
         The shard goes first, so a batch that says "created" always has its vector in the shard.
         """
-        order = [identity(entry) for entry in entries]
-        rows = [self._rows[key] for key in dict.fromkeys(order) if key in self._rows]
-        failed = [self._failed[key] for key in dict.fromkeys(order) if key in self._failed]
+        order = list(dict.fromkeys(identity(entry) for entry in entries))
+        rows = [self._rows[key] for key in order if key in self._rows]
+        failed = [self._failed[key] for key in order if key in self._failed]
         self._s3.put_object(
             Bucket=self._bucket,
             Key=self.shard_key,
-            Body=self._parquet(rows, failed),
+            Body=self._parquet(rows, [url for url, _ in failed]),
             ContentType="application/vnd.apache.parquet",
         )
-        events = [self._events[key] for key in dict.fromkeys(order) if key in self._events]
-        self._s3.put_object(Bucket=self._bucket, Key=self.events_key, Body=to_json_batch(events), ContentType=BATCH_CONTENT_TYPE)
+        events = [self._events[key] for key in order if key in self._events]
+        counts = BatchCounts(len(events) - len(failed), Counter(code for _, code in failed))
+        self._s3.put_object(
+            Bucket=self._bucket,
+            Key=self.events_key,
+            Body=to_json_batch(events),
+            ContentType=BATCH_CONTENT_TYPE,
+            Metadata=counts.to_metadata(),
+        )
         return self.shard_url
 
     def _vector_key(self, entry: ManifestEntry) -> str:

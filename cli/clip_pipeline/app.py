@@ -200,7 +200,7 @@ def local_command(
                 s3 = clients.client("s3")
                 outcomes = report.tally(s3, stack.output("OutputBucketName"), stack.output_prefix, model_id)
                 # Every upload has an outcome now, a rejection included: the bar ends at its total.
-                reporter.update("processed", len(outcomes.embedded) + len(outcomes.failed) + len(outcomes.rejected))
+                reporter.update("processed", outcomes.recorded)
             _print_summary(clients, stack, pipeline, outcomes, json_output, log_path)
             if serve_api:
                 _serve(clients, stack, "127.0.0.1", port, None, model_config, json_output, clip)
@@ -232,7 +232,7 @@ def _print_summary(
         "job_runs": len(runs),
         "failed_job_runs": sum(1 for run in runs if run.exit_code != 0),
         "seconds": round(elapsed, 2),
-        "images_per_s": round(len(outcomes.embedded) / elapsed, 2) if elapsed else 0.0,
+        "images_per_s": round(outcomes.embedded / elapsed, 2) if elapsed else 0.0,
         "events": keys.s3_url(output, keys.events_prefix(stack.output_prefix, model_id)),
         "parquet": keys.s3_url(output, keys.parquet_prefix(stack.output_prefix, model_id)),
         "endpoint_url": clients.endpoint_url,
@@ -250,13 +250,7 @@ def _print_summary(
         table.add_row("not uploaded", str(len(pipeline.not_uploaded)))
         for name, reason in sorted(pipeline.not_uploaded.items()):
             table.add_row("", f"{name!r}: {reason}")
-    table.add_row("embedded", str(summary["embedded"]))
-    table.add_row("rejected", str(len(outcomes.rejected)))
-    for url, rejection in sorted(outcomes.rejected.items()):
-        table.add_row("", f"{url}: {rejection.code}: {rejection.message}")
-    table.add_row("failed", str(len(outcomes.failed)))
-    for url, failure in sorted(outcomes.failed.items()):
-        table.add_row("", f"{url}: {failure.code}: {failure.message}")
+    _outcome_rows(table, outcomes)
     table.add_row("batch jobs", f"{summary['batch_jobs']} ({summary['job_runs']} runs, {summary['failed_job_runs']} failed)")
     if pipeline.lane_invocations:
         table.add_row(
@@ -271,6 +265,23 @@ def _print_summary(
     for name in ("events", "parquet", "log"):
         if summary[name]:
             out.print(f"{name:<8} {summary[name]}", soft_wrap=True, highlight=False)
+
+
+def _outcome_rows(table: Table, outcomes: report.Outcomes) -> None:
+    """Objects embedded, rejected and failed, each reason under its own outcome's row (a rejection
+    listed under "failed 0" reads as a failure), a few by url."""
+    table.add_row("embedded", str(outcomes.embedded))
+    codes = ", ".join(f"{code} {count}" for code, count in outcomes.failed.most_common())
+    for name, count, examples in (
+        ("rejected", outcomes.rejected, outcomes.rejected_examples),
+        ("failed", outcomes.failed.total(), outcomes.failed_examples),
+    ):
+        table.add_row(name, f"{count} ({codes})" if name == "failed" and count else str(count))
+        for url, outcome in sorted(examples.items()):
+            table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
+        if count > len(examples):
+            more = "`clip-pipeline retry --dry-run` counts those a retry would take" if name == "failed" else ""
+            table.add_row("", f"and {count - len(examples)} more{'; ' + more if more else ''}")
 
 
 def kept_commands(clients: Clients, stack: Stack) -> list[str]:
@@ -396,8 +407,9 @@ def status(
     region: Region = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Jobs by state (those waiting for an instance with why), objects embedded, rejected and failed, the dead-letter
-    queue's depth, and the vector index with its search settings and measured recall."""
+    """Jobs by state (those waiting for an instance with why), outcomes embedded, rejected and failed as the jobs
+    recorded them (an object embedded twice counts twice; the index holds it once), the dead-letter queue's depth,
+    and the vector index with its search settings and measured recall."""
     from clip_pipeline.index import store_indexes
 
     clients, stack = _stack(stack_name, endpoint_url, region)
@@ -432,12 +444,7 @@ def status(
             f"Batch cancels these one at a time, one per RunnableTimeoutSeconds; to cancel them all now (then fix the cause "
             f"and `clip-pipeline retry --failed-jobs`):\n{cancel}",
         )
-    table.add_row("embedded", str(result["embedded"]))
-    # Each reason under its own row: a rejection listed under "failed 0" reads as a failure.
-    for name, found_outcomes in (("rejected", outcomes.rejected), ("failed", outcomes.failed)):
-        table.add_row(name, str(len(found_outcomes)))
-        for url, outcome in sorted(found_outcomes.items()):
-            table.add_row("", f"{url}: {outcome.code}: {outcome.message}")
+    _outcome_rows(table, outcomes)
     uploads = found.uploads
     age = "oldest unknown" if uploads.oldest_s is None else f"oldest {uploads.oldest_s} s"
     table.add_row("upload queue", f"{uploads.waiting} waiting, {uploads.in_flight} in flight, {age}")
@@ -526,11 +533,8 @@ def retry_command(
 
     clients, stack = _stack(stack_name, endpoint_url, region)
     target = Target.of(clients, stack)
-    with console.status("Reading outcomes ..."):
-        outcomes = report.tally(target.s3, target.output_bucket, target.output_prefix, target.model_id)
-        candidates = retry.failed_objects(outcomes, code or [])
-        if failed_jobs:
-            candidates += retry.failed_job_objects(target.s3, target.batch_client, target.job_queue, outcomes)
+    with console.status("Reading failures ..."):
+        candidates = retry.candidates(target, code or [], failed_jobs)
     counts = retry.retry(target, candidates, dry_run, _announce)
     _print_counts("retry (dry run)" if dry_run else "retry", {"dry_run": dry_run, **counts}, json_output)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from clip_shared import keys
+from clip_shared import aws, keys
 from clip_shared.manifest import Manifest, ManifestEntry
 
 #: States of a job that has not ended: its objects may still be embedded.
@@ -24,18 +24,48 @@ def jobs(batch_client: Any, job_queue: str, states: Iterable[str]) -> Iterator[d
             yield from batch_client.describe_jobs(jobs=ids[start : start + 100])["jobs"]
 
 
+def _manifest_uri(job: dict[str, Any]) -> str | None:
+    environment = {item["name"]: item["value"] for item in job.get("container", {}).get("environment", [])}
+    return environment.get("MANIFEST_URI")
+
+
 def manifest_entries(s3: Any, job: dict[str, Any]) -> list[ManifestEntry]:
     """Every entry of a job submitted by the pipeline (none for a job without a MANIFEST_URI)."""
-    environment = {item["name"]: item["value"] for item in job.get("container", {}).get("environment", [])}
-    if "MANIFEST_URI" not in environment:
+    uri = _manifest_uri(job)
+    if uri is None:
         return []
-    bucket, prefix = keys.parse_s3_url(environment["MANIFEST_URI"])
+    bucket, prefix = keys.parse_s3_url(uri)
     entries: list[ManifestEntry] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
             entries += Manifest.from_json(body, source=keys.s3_url(bucket, item["Key"])).entries
     return entries
+
+
+def failed_children(batch_client: Any, job: dict[str, Any]) -> list[int]:
+    """The array indexes of a failed job's children that failed (a child that succeeded recorded an
+    outcome for each of its entries); [0] for a job that is not an array."""
+    if not job.get("arrayProperties", {}).get("size"):
+        return [0]
+    pages = batch_client.get_paginator("list_jobs").paginate(arrayJobId=job["jobId"], jobStatus="FAILED")
+    return sorted(int(child["jobId"].rsplit(":", 1)[1]) for page in pages for child in page["jobSummaryList"])
+
+
+def child_manifest(s3: Any, job: dict[str, Any], index: int) -> Manifest | None:
+    """The manifest of a job's child `index` (None for a job without a MANIFEST_URI, or a manifest gone)."""
+    uri = _manifest_uri(job)
+    if uri is None:
+        return None
+    bucket, prefix = keys.parse_s3_url(uri)
+    key = prefix + keys.manifest_shard_name(index)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        if aws.is_missing(exc):
+            return None
+        raise
+    return Manifest.from_json(body, source=keys.s3_url(bucket, key))
 
 
 def waiting(batch_client: Any, job_queue: str) -> list[dict[str, Any]]:

@@ -1,19 +1,27 @@
-"""What happened to every object, read back from the output bucket at one request per job child.
+"""What happened to the objects, read back from the output bucket at a cost that grows with the jobs.
 
-The outcomes come from the children's CloudEvents batches (and the dispatcher's rejections, which
-are per object and rare), the embedded ETags from the Parquet shards' url and etag columns: reading
-a million images' outcomes costs about a thousand GETs, not a million. An object embedded twice (a
-duplicate delivery, or a new version) counts once: its latest event wins.
+Each job child's events batch carries its counts by outcome in its S3 metadata, read with a HEAD
+(keys.EVENTS_OUTCOMES_METADATA); rejections, one record per object, are counted by listing their
+keys. Counting a million images' outcomes costs about a thousand HEADs and a few LISTs, whatever
+the batches hold, and nothing is kept per object. The events themselves are read only where they
+are needed, one batch at a time: the failures `retry` resubmits (from the batches whose counts
+say they hold some), and a few examples for `status`. A batch written before the counts existed
+is read and counted instead.
+
+These are outcomes as recorded: an object recorded twice (a duplicate delivery, a new version, a
+failure retried) counts in each child that recorded it. The vector store holds one row per object.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -21,11 +29,18 @@ from botocore.exceptions import ClientError
 
 from clip_pipeline import jobs, redrive
 from clip_pipeline.stack import Clients, Stack
-from clip_shared import keys
-from clip_shared.events import EventType
+from clip_shared import aws, keys
+from clip_shared.events import BatchCounts, EventType
 
 #: Listing and reading many small documents is bound by round trips, not bandwidth.
 _PARALLEL_READS = 32
+#: Failures and rejections shown by url: enough to see what went wrong, read from a few documents.
+EXAMPLES = 20
+#: The failures shown come from this many batches at most (a batch is a few MB): failures spread
+#: one or two per child would otherwise have `status` download twenty batches to show them.
+EXAMPLE_BATCHES = 3
+#: Batches read at once for `retry`: what is held while their failures are picked out.
+_FAILURE_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -36,69 +51,135 @@ class Failure:
     event_id: str = ""
 
 
+@dataclass(frozen=True)
+class FailedObject:
+    """One `document-failed` event, as much of it as `retry` needs."""
+
+    url: str
+    #: The ETag of the version that failed.
+    etag: str | None
+    time: str
+    failure: Failure
+
+
 @dataclass
 class Outcomes:
-    embedded: set[str] = field(default_factory=set)
-    failed: dict[str, Failure] = field(default_factory=dict)
-    rejected: dict[str, Failure] = field(default_factory=dict)
+    embedded: int = 0
+    #: Failures by error code.
+    failed: Counter[str] = field(default_factory=Counter)
+    rejected: int = 0
+    #: A few failures and rejections by url (at most EXAMPLES each).
+    failed_examples: dict[str, Failure] = field(default_factory=dict)
+    rejected_examples: dict[str, Failure] = field(default_factory=dict)
+
+    @property
+    def recorded(self) -> int:
+        """Outcomes of every kind."""
+        return self.embedded + self.failed.total() + self.rejected
 
     def as_dict(self) -> dict[str, Any]:
+        def examples(found: dict[str, Failure]) -> dict[str, dict[str, str]]:
+            return {url: {"code": f.code, "message": f.message} for url, f in sorted(found.items())}
+
         return {
-            "embedded": len(self.embedded),
-            "failed": {url: {"code": f.code, "message": f.message} for url, f in sorted(self.failed.items())},
-            "rejected": {url: {"code": r.code, "message": r.message} for url, r in sorted(self.rejected.items())},
+            "embedded": self.embedded,
+            "failed": {
+                "count": self.failed.total(),
+                "codes": dict(self.failed.most_common()),
+                "examples": examples(self.failed_examples),
+            },
+            "rejected": {"count": self.rejected, "examples": examples(self.rejected_examples)},
         }
 
 
-def _listing(s3: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [item for page in pages for item in page.get("Contents", [])]
+def _listing(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
 
 
 def _read(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def _bodies(s3: Any, bucket: str, keys_: list[str], pool: ThreadPoolExecutor) -> Iterator[bytes]:
-    """Each object's body, read in parallel a window at a time: what waits to be parsed stays bounded."""
-    window = 8 * _PARALLEL_READS
-    for start in range(0, len(keys_), window):
-        yield from pool.map(lambda key: _read(s3, bucket, key), keys_[start : start + window])
+def _document(s3: Any, bucket: str, key: str) -> Any:
+    """A JSON document; None if it was deleted since it was listed (outputs expired, a job's removed)."""
+    try:
+        return json.loads(_read(s3, bucket, key))
+    except Exception as exc:
+        if aws.is_missing(exc):
+            return None
+        raise
+
+
+def batch_events(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    """A job child's events batch, read whole (none before its first checkpoint, or once removed)."""
+    return list(_document(s3, bucket, key) or [])
+
+
+def _counts(s3: Any, bucket: str, key: str) -> BatchCounts:
+    """One batch's counts: its metadata, or, for a batch written before it existed, its events counted."""
+    try:
+        counts = BatchCounts.from_metadata(s3.head_object(Bucket=bucket, Key=key)["Metadata"])
+    except Exception as exc:
+        if aws.is_missing(exc):
+            return BatchCounts()
+        raise
+    return counts if counts is not None else BatchCounts.of(batch_events(s3, bucket, key))
+
+
+def _batches(s3: Any, bucket: str, prefix: str, model_id: str, pool: ThreadPoolExecutor) -> Iterator[tuple[str, BatchCounts]]:
+    """Every child's events batch with its counts, a window of HEADs at a time."""
+    listed = (item["Key"] for item in _listing(s3, bucket, keys.events_prefix(prefix, model_id)))
+    while window := list(islice(listed, 8 * _PARALLEL_READS)):
+        yield from zip(window, pool.map(lambda key: _counts(s3, bucket, key), window), strict=True)
+
+
+def _failures_in(
+    s3: Any, bucket: str, batch_keys: Iterator[str], pool: ThreadPoolExecutor, window: int
+) -> Iterator[FailedObject]:
+    """The failure events of these batches, read `window` batches at a time: no more than those are held."""
+    while keys_ := list(islice(batch_keys, window)):
+        for events in pool.map(lambda key: batch_events(s3, bucket, key), keys_):
+            for event in events:
+                if event["type"] == EventType.FAILED:
+                    error, document = event["data"]["error"], event["data"]["document"]
+                    failure = Failure(error["code"], error.get("message", ""), event.get("id", ""))
+                    yield FailedObject(document["url"], document.get("etag"), event.get("time", ""), failure)
+
+
+def failures(s3: Any, bucket: str, prefix: str, model_id: str) -> Iterator[FailedObject]:
+    """Every `document-failed` event, streamed from the batches that hold any (a HEAD tells which)."""
+    with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+        with_failures = (key for key, counts in _batches(s3, bucket, prefix, model_id, pool) if counts.failures)
+        yield from _failures_in(s3, bucket, with_failures, pool, _FAILURE_WINDOW)
+
+
+def _rejection(event: dict[str, Any]) -> tuple[str, Failure]:
+    error = event["data"].get("error", {})
+    return event["data"]["document"]["url"], Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
 
 
 def tally(s3: Any, bucket: str, prefix: str, model_id: str) -> Outcomes:
-    """Every object's latest outcome. Events are read as a stream and only each url's latest is
-    kept, as a few fields: memory grows with the objects, not with every event's whole document."""
-    batches = [item["Key"] for item in _listing(s3, bucket, keys.events_prefix(prefix, model_id))]
-    rejections = [item["Key"] for item in _listing(s3, bucket, keys.rejected_prefix(prefix))]
-    # url -> (time, type, why): the latest event wins, and of two at the same time the one read last.
-    latest: dict[str, tuple[str, str, Failure | None]] = {}
-
-    def take(event: dict[str, Any]) -> None:
-        url, time = event["data"]["document"]["url"], event.get("time", "")
-        seen = latest.get(url)
-        if seen is not None and time < seen[0]:
-            return
-        failure = None
-        if event["type"] != EventType.CREATED:
-            error = event["data"].get("error", {})
-            failure = Failure(error.get("code", ""), error.get("message", ""), event.get("id", ""))
-        latest[url] = (time, event["type"], failure)
-
-    with ThreadPoolExecutor(_PARALLEL_READS) as pool:
-        for body in _bodies(s3, bucket, batches, pool):
-            for event in json.loads(body):
-                take(event)
-        for body in _bodies(s3, bucket, rejections, pool):
-            take(json.loads(body))
+    """Every child's outcomes counted (a HEAD each), every rejection counted (a LIST per thousand),
+    and a few of each by url."""
     outcomes = Outcomes()
-    for url, (_, kind, failure) in latest.items():
-        if failure is None:
-            outcomes.embedded.add(url)
-        elif kind == EventType.FAILED:
-            outcomes.failed[url] = failure
-        else:
-            outcomes.rejected[url] = failure
+    with ThreadPoolExecutor(_PARALLEL_READS) as pool:
+        with_failures: list[str] = []
+        for key, counts in _batches(s3, bucket, prefix, model_id, pool):
+            outcomes.embedded += counts.created
+            outcomes.failed.update(counts.failed)
+            if counts.failures and len(with_failures) < EXAMPLE_BATCHES:
+                with_failures.append(key)
+        # One batch at a time: the examples usually sit in the first one.
+        found = _failures_in(s3, bucket, iter(with_failures), pool, 1)
+        outcomes.failed_examples = {failed.url: failed.failure for failed in islice(found, EXAMPLES)}
+        examples: list[str] = []
+        for item in _listing(s3, bucket, keys.rejected_prefix(prefix)):
+            outcomes.rejected += 1
+            if len(examples) < EXAMPLES:
+                examples.append(item["Key"])
+        rejections = pool.map(lambda key: _document(s3, bucket, key), examples)
+        outcomes.rejected_examples = dict(_rejection(event) for event in rejections if event is not None)
     return outcomes
 
 

@@ -9,6 +9,12 @@ Each failure is resubmitted once: a marker named after the failure itself (the e
 it, or the failed job) is written with a conditional PUT before the object is submitted, so running
 retry again submits nothing new, while a later failure of the same object (a new event) can be
 retried in its turn. A submission that fails deletes its markers.
+
+The failures are read from the failure events, streamed from the batches whose counts say they
+hold any (clip_pipeline.report.failures): nothing is read or held per embedded object. An object
+replaced since it failed is left to its new version's upload event (counted as superseded); one
+that failed in one job and was embedded by another with the same bytes (a duplicate delivery) is
+resubmitted once, which costs one more embedding and writes nothing wrong.
 """
 
 from __future__ import annotations
@@ -22,8 +28,7 @@ from typing import Any
 
 from clip_dispatch.admission import ObjectRef, Verdict, admit, record_rejection
 from clip_dispatch.submission import SubmittedJob
-from clip_pipeline import jobs
-from clip_pipeline.report import Outcomes
+from clip_pipeline import jobs, report
 from clip_pipeline.submitter import JobSubmitter, Target
 from clip_shared import aws, keys
 from clip_shared.events import ErrorCode
@@ -46,6 +51,8 @@ class Candidate:
     #: What failed: the failure event's id, or the failed job's id.
     failure_id: str
     code: str
+    #: The ETag of the version that failed: an object replaced since is its new version's to embed.
+    etag: str | None = None
 
     @property
     def ref(self) -> ObjectRef:
@@ -53,24 +60,51 @@ class Candidate:
         return ObjectRef(bucket, key)
 
 
-def failed_objects(outcomes: Outcomes, codes: Iterable[str]) -> list[Candidate]:
-    wanted = set(codes)
-    return [
-        Candidate(url, failure.event_id, failure.code)
-        for url, failure in sorted(outcomes.failed.items())
-        if (failure.code in wanted if wanted else failure.code not in ONLY_WHEN_NAMED)
-    ]
+def latest_failures(s3: Any, bucket: str, prefix: str, model_id: str) -> dict[str, Candidate]:
+    """url -> its latest failure, from the failure events streamed batch by batch: what is held grows
+    with the failed objects, not with the objects or their events."""
+    latest: dict[str, tuple[str, Candidate]] = {}
+    for failed in report.failures(s3, bucket, prefix, model_id):
+        seen = latest.get(failed.url)
+        if seen is None or failed.time >= seen[0]:
+            failure = failed.failure
+            latest[failed.url] = (failed.time, Candidate(failed.url, failure.event_id, failure.code, failed.etag))
+    return {url: candidate for url, (_, candidate) in latest.items()}
 
 
-def failed_job_objects(s3: Any, batch_client: Any, job_queue: str, outcomes: Outcomes) -> list[Candidate]:
-    """The entries of the queue's failed jobs that have no outcome at all."""
-    recorded = {*outcomes.embedded, *outcomes.failed, *outcomes.rejected}
+def failed_job_objects(s3: Any, batch_client: Any, job_queue: str, bucket: str, prefix: str, model_id: str) -> list[Candidate]:
+    """The entries of the queue's failed jobs that their own child recorded no outcome for, read one
+    failed child at a time (its manifest and its events batch): a job that failed for one child of a
+    thousand costs two GETs, not two thousand."""
     found: dict[str, Candidate] = {}
     for job in jobs.jobs(batch_client, job_queue, ["FAILED"]):
-        for entry in jobs.manifest_entries(s3, job):
-            if entry.url not in recorded:
-                found.setdefault(entry.url, Candidate(entry.url, job["jobId"], JOB_FAILED))
+        for index in jobs.failed_children(batch_client, job):
+            manifest = jobs.child_manifest(s3, job, index)
+            if manifest is None:
+                continue
+            batch = keys.events_key(prefix, model_id, manifest.manifest_id, manifest.shard_index)
+            recorded = {event["data"]["document"]["url"] for event in report.batch_events(s3, bucket, batch)}
+            for entry in manifest.entries:
+                if entry.url not in recorded:
+                    found.setdefault(entry.url, Candidate(entry.url, job["jobId"], JOB_FAILED, entry.etag))
     return list(found.values())
+
+
+def candidates(target: Target, codes: Iterable[str], failed_jobs: bool) -> list[Candidate]:
+    """What `retry` takes: each failed object's latest failure if its code is wanted, then (with
+    `failed_jobs`) the objects of failed jobs that got no outcome and failed nowhere else."""
+    wanted = set(codes)
+    s3, bucket, prefix = target.s3, target.output_bucket, target.output_prefix
+    failed = latest_failures(s3, bucket, prefix, target.model_id)
+    found = [
+        candidate
+        for _, candidate in sorted(failed.items())
+        if (candidate.code in wanted if wanted else candidate.code not in ONLY_WHEN_NAMED)
+    ]
+    if failed_jobs:
+        lost = failed_job_objects(s3, target.batch_client, target.job_queue, bucket, prefix, target.model_id)
+        found += [candidate for candidate in lost if candidate.url not in failed]
+    return found
 
 
 def _mark(s3: Any, bucket: str, key: str, candidate: Candidate) -> bool:
@@ -132,6 +166,9 @@ def retry(
             record_rejection(s3, bucket, prefix, admission.rejection, submitter.manifest_id)
         if admission.entry is None:
             return str(admission.verdict)
+        if candidate.etag and admission.entry.etag != candidate.etag:
+            # Replaced since it failed: the new version's own upload event takes it to a job.
+            return str(Verdict.SUPERSEDED)
         markers[admission.entry.url] = marker
         return admission.entry
 

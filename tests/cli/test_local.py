@@ -82,16 +82,18 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         # The 17 objects that pass the dispatcher make one array job of ceil(17 / 6) = 3 children; the
         # poison kills only the helper process that decodes it (clip_worker/sandbox.py), not its child.
         assert (summary["batch_jobs"], summary["job_runs"], summary["failed_job_runs"]) == (1, 3, 0)
-        assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"].items()} == {
+        assert summary["rejected"]["count"] == 2
+        assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"]["examples"].items()} == {
             "notes.jpg": "unsupported-type",
             "empty.png": "unsupported-type",
         }
-        assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"].items()} == {
+        assert summary["failed"]["codes"] == {"corrupt-image": 1, "too-many-pixels": 1, "crashes-worker": 1}
+        assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"]["examples"].items()} == {
             "truncated.jpg": "corrupt-image",
             "bomb.png": "too-many-pixels",
             "poison.png": "crashes-worker",
         }
-        assert all(url in r["message"] for url, r in summary["failed"].items())
+        assert all(url in r["message"] for url, r in summary["failed"]["examples"].items())
         assert summary["images_per_s"] > 0
 
         # The emulator is still up (--keep): every image has a vector matching open_clip, and an event.
@@ -114,7 +116,7 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         )  # fmt: skip
         assert status.exit_code == 0, status.output
         report = json.loads(status.stdout)
-        assert (report["embedded"], len(report["rejected"]), len(report["failed"]), report["dead_letter_messages"]) == (
+        assert (report["embedded"], report["rejected"]["count"], report["failed"]["count"], report["dead_letter_messages"]) == (
             len(expected),
             2,
             3,
@@ -131,7 +133,7 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         assert report["upload_queue"] == {"waiting": 0, "in_flight": 0, "oldest_s": None}
 
         # --keep keeps the pipeline, not only the data: a later upload is embedded too.
-        input_bucket = keys.parse_s3_url(next(iter(summary["rejected"])))[0]
+        input_bucket = keys.parse_s3_url(next(iter(summary["rejected"]["examples"])))[0]
         s3.put_object(Bucket=input_bucket, Key="later/astronaut.png", Body=encode(photo("astronaut.png"), "PNG"))
         deadline = time.monotonic() + 120
         while "later/astronaut.png" not in stored_vectors(s3, model_id, bucket=output):

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import boto3
+import numpy as np
 import pytest
 from botocore.awsrequest import AWSResponse
 
@@ -18,6 +19,7 @@ from clip_shared import keys
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry
 from clip_worker.model import load
+from clip_worker.reader import ObjectVersion
 from clip_worker.writer import OutputWriter
 from tests.cli.test_commands import invoke, runner
 from tests.support import encode, photo
@@ -96,17 +98,29 @@ def test_retry_of_failed_jobs_resubmits_the_objects_that_never_got_an_outcome(
     deployed: tuple[Clients, Stack], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clients, stack = deployed
-    upload(deployed, "stuck", 2)
+    upload(deployed, "stuck", 3)
     # The emulator's Batch fails every job submitted meanwhile, as a job cancelled in RUNNABLE ends.
     monkeypatch.setenv("MOTO_SIMPLE_BATCH_FAIL_AFTER", "0")
-    assert invoke(deployed, "backfill", f"s3://{stack.output('InputBucketName')}/stuck/")["submitted"] == 2
+    assert invoke(deployed, "backfill", f"s3://{stack.output('InputBucketName')}/stuck/")["submitted"] == 3
     monkeypatch.delenv("MOTO_SIMPLE_BATCH_FAIL_AFTER")
+    # An array job of two children (ShardSize 2); the first embedded one image before it failed.
+    s3, output = clients.client("s3"), stack.output("OutputBucketName")
+    (job,) = jobs.jobs(clients.client("batch"), stack.output("JobQueueArn"), ["FAILED"])
+    assert jobs.failed_children(clients.client("batch"), job) == [0, 1]
+    manifest = jobs.child_manifest(s3, job, 0)
+    assert manifest is not None
+    model = load(stack.model, stack.pretrained, "cpu")
+    writer = OutputWriter(s3, output, stack.output_prefix, model, job["jobId"], manifest.manifest_id, 0)
+    done = manifest.entries[0]
+    writer.created(done, ObjectVersion(done.etag), np.full(model.dimensions, model.dimensions**-0.5, np.float32))
+    writer.checkpoint(manifest.entries)
 
     without = invoke(deployed, "retry", "--code", "no-such-code")
     assert without["candidates"] == 0
     found = invoke(deployed, "retry", "--code", "no-such-code", "--failed-jobs")
     assert (found["candidates"], found["submitted"], found["jobs"]) == (2, 2, 1)
-    assert submitted_keys(deployed)[-1] == ["stuck/img-0.png", "stuck/img-1.png"]
+    left = sorted({"stuck/img-0.png", "stuck/img-1.png", "stuck/img-2.png"} - {done.key})
+    assert submitted_keys(deployed)[-1] == left
     again = invoke(deployed, "retry", "--code", "no-such-code", "--failed-jobs")
     assert (again["already_retried"], again["submitted"]) == (2, 0)
 
@@ -177,6 +191,21 @@ def test_retry_resubmits_the_failed_object_not_the_key_a_url_parser_would_make_o
     assert done["submitted"] >= 2
     assert {"odd/IMG #12.png", "odd/what?size=1.png"} <= set(submitted_keys(deployed)[-1])
     assert not {"odd/IMG ", "odd/what"} & set(submitted_keys(deployed)[-1])
+
+
+def test_retry_leaves_an_object_replaced_since_it_failed_to_its_new_version(deployed: tuple[Clients, Stack]) -> None:
+    clients, stack = deployed
+    (entry,) = upload(deployed, "replaced", 1)
+    record_failure(deployed, entry, ErrorCode.INTERNAL_ERROR)
+    # Uploaded again: the new version's own notification takes it to a job.
+    clients.client("s3").put_object(Bucket=entry.bucket, Key=entry.key, Body=encode(photo("rocket.jpg"), "PNG"))
+    jobs_before = len(submitted_keys(deployed))
+
+    done = invoke(deployed, "retry", "--code", "internal-error")
+
+    assert (done["candidates"], done["superseded"], done["submitted"], done["jobs"]) == (1, 1, 0, 0)
+    assert len(submitted_keys(deployed)) == jobs_before
+    assert invoke(deployed, "retry", "--code", "internal-error")["already_retried"] == 1
 
 
 def test_status_shows_the_jobs_waiting_for_an_instance_why_and_the_command_that_cancels_them(

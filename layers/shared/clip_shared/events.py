@@ -9,14 +9,17 @@ One shape for all three outcomes (the shape Project Lakechain's CLIP processor e
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
+
+from clip_shared import keys
 
 SOURCE = "urn:clip-embedding-pipeline"
 #: The version of the output contract (docs/outputs.md), in every event's `dataschema` and every
@@ -186,3 +189,41 @@ def to_json_batch(events: Sequence[bytes]) -> bytes:
 def from_json_batch(data: bytes | str) -> list[BaseCloudEvent]:
     """Each event of a CloudEvents JSON batch document, read (and validated) by the SDK."""
     return [_FORMAT.read(None, json.dumps(item)) for item in json.loads(data)]
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """What one events batch holds, by outcome: the batch's S3 metadata (keys.EVENTS_OUTCOMES_METADATA)."""
+
+    created: int = 0
+    #: Failures by error code.
+    failed: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> int:
+        return sum(self.failed.values())
+
+    def to_metadata(self) -> dict[str, str]:
+        counts = {"created": self.created, "failed": dict(sorted(self.failed.items()))}
+        return {keys.EVENTS_OUTCOMES_METADATA: json.dumps(counts, separators=(",", ":"))}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> BatchCounts | None:
+        """None for a batch written without it (before the metadata existed), or with one that is not
+        ours (a copy that replaced it): count its events instead."""
+        try:
+            counts = json.loads(metadata[keys.EVENTS_OUTCOMES_METADATA])
+            return cls(int(counts["created"]), {str(code): int(n) for code, n in counts["failed"].items()})
+        except (KeyError, ValueError, TypeError, AttributeError):
+            return None
+
+    @classmethod
+    def of(cls, events: Iterable[Mapping[str, Any]]) -> BatchCounts:
+        """Counted from the events themselves (JSON objects as a batch holds them)."""
+        created, failed = 0, Counter[str]()
+        for event in events:
+            if event["type"] == EventType.FAILED:
+                failed[event["data"]["error"]["code"]] += 1
+            else:
+                created += 1
+        return cls(created, dict(failed))

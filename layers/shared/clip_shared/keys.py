@@ -3,7 +3,8 @@
 Keys are deterministic, so a re-run overwrites instead of duplicating. Per job child (the default):
 
     {prefix}parquet/{model_id}/{manifest_id}/shard-00000.parquet   the child's vectors, one row per embedded image
-    {prefix}events/{model_id}/{manifest_id}/shard-00000.json       its CloudEvents batch: created and failed
+    {prefix}events/{model_id}/{manifest_id}/shard-00000.json       its CloudEvents batch: created and failed,
+                                                                   counted in its S3 metadata (EVENTS_OUTCOMES_METADATA)
 
 Per object, rare or optional:
 
@@ -39,6 +40,11 @@ MAX_KEY_BYTES = 1024
 SHARD_FAILED_METADATA = b"clip.failed"
 #: A shard's Parquet metadata key for the output contract's version (events.SCHEMA_VERSION).
 SHARD_SCHEMA_METADATA = b"clip.schema_version"
+#: An events batch's S3 user metadata (x-amz-meta-clip-outcomes) counting what the batch holds, as
+#: JSON: `{"created": 998, "failed": {"corrupt-image": 2}}`. Written by the same PUT as the batch, so
+#: it never disagrees with it, and read with a HEAD: counting a child's outcomes costs one small
+#: request however many images it held.
+EVENTS_OUTCOMES_METADATA = "clip-outcomes"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: CLIP_PRETRAINED value for random weights (smoke tests only).
 RANDOM_WEIGHTS = "none"
