@@ -426,6 +426,8 @@ def status(
         "cancel_waiting_command": cancel,
         **outcomes.as_dict(),
         "upload_queue": found.uploads.as_dict(),
+        "lane_queue": found.lane.as_dict() if found.lane else None,
+        "lane_fallback_queue": found.lane_fallbacks.as_dict() if found.lane_fallbacks else None,
         "dead_letter_messages": found.dead_letters,
         "indexes": indexes,
     }
@@ -445,9 +447,14 @@ def status(
             f"and `clip-pipeline retry --failed-jobs`):\n{cancel}",
         )
     _outcome_rows(table, outcomes)
-    uploads = found.uploads
-    age = "oldest unknown" if uploads.oldest_s is None else f"oldest {uploads.oldest_s} s"
-    table.add_row("upload queue", f"{uploads.waiting} waiting, {uploads.in_flight} in flight, {age}")
+    for name, queue in (
+        ("upload queue", found.uploads),
+        ("lambda lane queue", found.lane),
+        ("lane to Batch", found.lane_fallbacks),
+    ):
+        if queue is not None:
+            age = "oldest unknown" if queue.oldest_s is None else f"oldest {queue.oldest_s} s"
+            table.add_row(name, f"{queue.waiting} waiting, {queue.in_flight} in flight, {age}")
     table.add_row("dead-letter queue", f"{found.dead_letters} messages")
     for model_id, index in indexes.items():
         table.add_row(f"index {model_id}", f"{index['rows']:,} rows, {index['index']}, {index['unindexed_rows']:,} not yet in it")

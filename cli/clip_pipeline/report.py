@@ -240,6 +240,10 @@ class Status:
     #: The jobs waiting in RUNNABLE, oldest first, with Batch's reason (jobs.waiting).
     waiting: list[dict[str, Any]]
     uploads: Backlog
+    #: The Lambda lane's requests waiting for its function, and those handed back for Batch (None on a
+    #: stack deployed before the lane, which has neither queue).
+    lane: Backlog | None = None
+    lane_fallbacks: Backlog | None = None
 
 
 def status(clients: Clients, stack: Stack) -> Status:
@@ -255,4 +259,8 @@ def status(clients: Clients, stack: Stack) -> Status:
         clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
     )
     dead_letters = redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))
-    return Status(counts, outcomes, dead_letters, waiting, backlog(clients, stack.output("UploadQueueUrl")))
+    lane = [
+        backlog(clients, stack.outputs[name]) if name in stack.outputs else None
+        for name in ("EmbedQueueUrl", "LaneFallbackQueueUrl")
+    ]
+    return Status(counts, outcomes, dead_letters, waiting, backlog(clients, stack.output("UploadQueueUrl")), *lane)

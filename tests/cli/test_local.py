@@ -131,6 +131,8 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
         rejected, failed = table.index("│ rejected"), table.index("│ failed")
         assert rejected < table.index("notes.jpg") < failed < table.index("truncated.jpg")
         assert report["upload_queue"] == {"waiting": 0, "in_flight": 0, "oldest_s": None}
+        # The Lambda lane's queues, drained (EmbedLane batch: the dispatcher reads them).
+        assert report["lane_queue"] == report["lane_fallback_queue"] == {"waiting": 0, "in_flight": 0, "oldest_s": None}
 
         # --keep keeps the pipeline, not only the data: a later upload is embedded too.
         input_bucket = keys.parse_s3_url(next(iter(summary["rejected"]["examples"])))[0]
@@ -200,8 +202,12 @@ def test_local_lambda_lane_embeds_each_request_as_a_job_child_would(
     # Five accepted objects in requests of at most two: three invocations of the embedding function, no job.
     assert (summary["lane_requests"], summary["lane_images"], summary["lane_handed_to_batch"]) == (3, 5, 0)
     assert (summary["batch_jobs"], summary["embedded"]) == (0, 4)
-    assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"].items()} == {"poison.png": "crashes-worker"}
-    assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"].items()} == {"notes.jpg": "unsupported-type"}
+    assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["failed"]["examples"].items()} == {
+        "poison.png": "crashes-worker"
+    }
+    assert {url.rsplit("/", 1)[-1]: r["code"] for url, r in summary["rejected"]["examples"].items()} == {
+        "notes.jpg": "unsupported-type"
+    }
     log = Path(summary["log"]).read_text()
     logged = [json.loads(line) for line in log.splitlines() if '"function_memory_size"' in line]
     assert {line["service"]: line["function_memory_size"] for line in logged}["clip-embed"] == 3008

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 #: Images one invocation of the embedding function takes unless LAMBDA_LANE_MAX_IMAGES says
-#: otherwise: well within Lambda's 15 minutes for ViT-L-14 at 3,008 MB (docs/scale.md).
+#: otherwise: an idle stack's first vector within 30 s for ViT-B-32 (docs/scale.md, "Which lane").
 LAMBDA_LANE_MAX_IMAGES = 100
 #: The attempts a lane request has had when its manifest reaches Batch: the function's one.
 LANE_ATTEMPTS = 1
