@@ -215,10 +215,10 @@ def bench_sandbox(
     def in_process(data: bytes) -> torch.Tensor:
         return model_input(data, url, model.bounded_preprocess, model.image_size, max_pixels)
 
-    with Sandbox(config.decode_limits, 1, ("clip_worker.device_decode",)) as sandbox:
+    with Sandbox(config.decode_limits, 1) as sandbox:
 
         def sandboxed(data: bytes) -> torch.Tensor:
-            return sandbox.run(url, model_input, data, url, model.bounded_preprocess, model.image_size, max_pixels)
+            return model_input(data, url, model.bounded_preprocess, model.image_size, max_pixels, sandbox)
 
         if not torch.equal(sandboxed(files[0]), in_process(files[0])):
             raise RuntimeError("the sandbox's helper made another model input than this process")
@@ -345,7 +345,7 @@ def bench_end_to_end(
                 worker(job)
 
         started = time.perf_counter()
-        with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+        with Sandbox(config.decode_limits, config.decode_processes) as sandbox:
             for _ in range(sandbox.workers):  # each helper in turn: every one has started
                 sandbox.run("start", len, b"")
             start_s = time.perf_counter() - started

@@ -96,7 +96,7 @@ def run(config: WorkerConfig, stop: threading.Event | None = None, s3: Any = Non
     timed_out = threading.Event()
     timer = time_left(config, started, stop, timed_out)
     # Its processes start importing now, while this one reads the manifest and loads the model.
-    with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+    with Sandbox(config.decode_limits, config.decode_processes) as sandbox:
         try:
             return _run(config, stop, s3 or s3_client(config), sandbox, timed_out)
         finally:

@@ -16,7 +16,9 @@ crashes its helper, as crashes-worker. The helper is replaced and the other obje
 talk to the caller over plain pipes (AWS Lambda has no /dev/shm, which multiprocessing's pools and
 queues need); each request is a module-level function and its arguments, pickled, and each answer
 its result or exception, pickled. Helpers are spawned, never forked: the caller holds threads and,
-on a GPU, CUDA. They start when the sandbox is made, while the caller loads its model.
+on a GPU, CUDA. They start when the sandbox is made, while the caller loads its model, and import
+no torch (clip_worker.pixels): they send back the model's input as 8-bit pixels, which the caller
+normalises.
 
 Run as `python -m clip_worker.sandbox REQUEST_FD ANSWER_FD MODULE...` by Sandbox only.
 """
@@ -180,13 +182,18 @@ class _Helper:
         os.close(self.answer)
 
 
+#: What every helper imports before it says it is ready: the decoding (clip_worker.pixels), without
+#: torch, so a helper starts in a fraction of a second and holds tens of MB.
+HELPER_MODULES = ("clip_worker.pixels",)
+
+
 class Sandbox:
     """`workers` helper processes; `run` hands one call to a free one and waits for its answer.
 
     Thread-safe: up to `workers` calls run at once, others wait for a helper.
     """
 
-    def __init__(self, limits: Limits, workers: int, modules: Sequence[str] = ()) -> None:
+    def __init__(self, limits: Limits, workers: int, modules: Sequence[str] = HELPER_MODULES) -> None:
         self.limits = limits
         self.workers = workers
         self._modules = tuple(modules)
