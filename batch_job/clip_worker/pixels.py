@@ -85,7 +85,9 @@ def centre_crop_resize(image: Image.Image, size: int, crop: tuple[int, int], res
     open_clip's usual transform resizes the shortest side, then crops the centre: an 85-byte
     40000x1 PNG would become an 8,960,000x224 intermediate (9.7 GB, 19 s) before the crop throws
     nearly all of it away. Pillow resamples just the region the crop keeps (`resize`'s `box`), with
-    the same filter taps over the same source pixels: bit-identical, at the cost of one input-sized image.
+    the same filter taps over the same source pixels, at the cost of one input-sized image: the same
+    picture, but that the filter's centres may round apart in the last bits, which moves a few pixels
+    by one level (tests/worker/test_transform.py).
     """
     width, height = image.size
     # torchvision's output size for Resize(int): the shortest side becomes `size`, the other scales (floored).
@@ -94,20 +96,22 @@ def centre_crop_resize(image: Image.Image, size: int, crop: tuple[int, int], res
     else:
         resized_width, resized_height = int(size * width / height), size
     crop_height, crop_width = crop
+    top, left = _crop_start(resized_height, crop_height), _crop_start(resized_width, crop_width)
     if crop_height > resized_height or crop_width > resized_width:
-        # CenterCrop pads with black, then crops: Pillow's crop fills what lies outside with black
-        # too. Rare enough (a crop larger than the resize) to resize the whole picture.
-        left = -((crop_width - resized_width) // 2) if crop_width > resized_width else round((resized_width - crop_width) / 2)
-        top = (
-            -((crop_height - resized_height) // 2) if crop_height > resized_height else round((resized_height - crop_height) / 2)
-        )
-        resized = image.resize((resized_width, resized_height), resample)
-        return resized.crop((left, top, left + crop_width, top + crop_height))
-    top = int(round((resized_height - crop_height) / 2.0))
-    left = int(round((resized_width - crop_width) / 2.0))
+        # CenterCrop pads with black, then crops; Pillow's crop fills what lies outside the picture
+        # with black too. Rare enough (a crop larger than the resize) to resize the whole picture.
+        return image.resize((resized_width, resized_height), resample).crop((left, top, left + crop_width, top + crop_height))
     scale_x, scale_y = width / resized_width, height / resized_height
     box = (left * scale_x, top * scale_y, (left + crop_width) * scale_x, (top + crop_height) * scale_y)
     return image.resize((crop_width, crop_height), resample, box=box)
+
+
+def _crop_start(resized: int, crop: int) -> int:
+    """Where torchvision's CenterCrop starts along one side: before the picture (negative) by the
+    smaller half of the padding when the crop is longer."""
+    if crop > resized:
+        return -((crop - resized) // 2)
+    return int(round((resized - crop) / 2.0))
 
 
 def model_pixels(data: bytes, url: str, step: Step, min_side: int, max_pixels: int) -> Pixels | Tensor:

@@ -2,7 +2,7 @@
 split where the image is decoded (without torch) from where its tensor is made.
 
 open_clip's usual transform resizes the shortest side to the input size, then crops the centre:
-pixels.centre_crop_resize computes only the pixels the crop keeps, bit-identical to resize-then-crop.
+pixels.centre_crop_resize computes only the pixels the crop keeps, the same as resize-then-crop.
 """
 
 from __future__ import annotations
