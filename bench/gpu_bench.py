@@ -160,7 +160,7 @@ def worker(model: ClipModel, files: Sequence[bytes], batch_size: int, decode: st
     config = WorkerConfig(manifest_uri="", output_bucket="")
     transform = embed_stage.device_transform(model, {"auto": None, "device": True, "cpu": False}[decode])
     # As the worker decodes: in its helper processes, under its budget; they exit with this process.
-    sandbox = Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",))
+    sandbox = Sandbox(config.decode_limits, config.decode_processes)
     held = device_decode.HeldBytes(config.device_jpeg_mb * 1024 * 1024)
     stage = prepare_stage.Stage(None, model, config, transform is not None, Progress(len(files), 60), sandbox, held)
     entries = [

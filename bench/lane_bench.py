@@ -351,7 +351,7 @@ def cold_child(settings: dict[str, Any]) -> None:
     import clip_shared.keys
     from clip_worker import model as clip_model
     from clip_worker.config import WorkerConfig
-    from clip_worker.sandbox import Sandbox
+    from clip_worker.runner import new_sandbox
 
     torch.set_num_threads(settings["threads"])
     config = WorkerConfig(manifest_uri="s3://bench/manifest", output_bucket="bench")
@@ -368,7 +368,7 @@ def cold_child(settings: dict[str, Any]) -> None:
     clip_shared.keys.weights_id = timed_weights_id  # a stopwatch round the real function
     cpu_before = time.process_time()
     # As runner.run: the helpers start importing while this process loads the model.
-    with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+    with new_sandbox(config) as sandbox:
         model = clip_model.load(settings["model"], settings["checkpoint"], "cpu", None, settings["model_config"])
         loaded, load_cpu = time.time(), time.process_time() - cpu_before
         data = [Path(path).read_bytes() for path in settings["photos"]]

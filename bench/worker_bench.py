@@ -10,7 +10,11 @@
     sandbox's helper processes (what it did before the budget per object): their ratio is what the
     budget costs a job.
 (c) the sandbox per image: decode + preprocess in this process against the same call in a sandbox
-    helper (pickling the bytes there and the tensor back over pipes), one at a time.
+    helper (pickling the bytes there and the 8-bit crop back over pipes, normalised here), one at a time.
+
+(b) and (c) also count the CPU time each side spent (this process and the helpers, from the kernel's
+accounting): on a machine shared with other work, waiting for a core inflates the wall-clock ratios
+(each call wakes two processes), while the CPU time is what the sandbox adds to the work itself.
 
 Both sides of each comparison run in this process, taking turns, and each keeps its fastest of
 several tries (per image in (a), per job in (b)), so the ratios hold even when the machine's
@@ -52,7 +56,7 @@ from clip_shared import keys
 from clip_shared.manifest import Manifest, ManifestEntry, split
 from clip_worker import decoder, log, runner
 from clip_worker.config import WorkerConfig
-from clip_worker.model import ClipModel, default_batch_size, load, model_input
+from clip_worker.model import ClipModel, default_batch_size, load
 from clip_worker.sandbox import Sandbox
 
 PHOTOS = Path(skimage.__file__).parent / "data"
@@ -113,6 +117,8 @@ class EndToEndResult:
     unsandboxed_images_per_s: float
     #: Time with the sandbox over time without it (1.05 = 5 % slower).
     sandbox_cost: float
+    #: CPU time (this process and the helpers) with the sandbox over that without it.
+    sandbox_cpu_cost: float
     #: Seconds the sandbox's helpers take to start, which a job overlaps with loading its model.
     sandbox_start_s: float
 
@@ -125,6 +131,10 @@ class SandboxResult:
     sandboxed_images_per_s: float
     #: Time in a helper over time in this process, per image.
     cost: float
+    #: CPU milliseconds an image, mean of every try: in this process, and in the helper and this process together.
+    in_process_cpu_ms: float
+    sandboxed_cpu_ms: float
+    cpu_cost: float
 
 
 def jpeg(image: Image.Image) -> bytes:
@@ -164,6 +174,39 @@ def fastest(sides: dict[str, Callable[[T], object]], units: Sequence[T], repeats
                 work(unit)
                 best[name][position] = min(best[name][position], time.perf_counter() - started)
     return {name: sum(seconds) for name, seconds in best.items()}
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time (user and system) so far of this process, all its threads, and of the processes `pids`."""
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            # utime and stime, the 14th and 15th fields, counted after the command name in parentheses.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def helper_pids() -> list[int]:
+    """The processes this one spawned: the sandbox's helpers (nothing else here spawns any)."""
+    children: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children", encoding="ascii") as listed:
+            children += [int(pid) for pid in listed.read().split()]
+    return children
+
+
+def cpu_counted(work: Callable[[T], object], pids: Sequence[int], spent: list[float]) -> Callable[[T], object]:
+    """`work`, adding the CPU time each call takes here and in `pids` to `spent`."""
+
+    def counted(unit: T) -> object:
+        before = cpu_seconds(pids)
+        try:
+            return work(unit)
+        finally:
+            spent.append(cpu_seconds(pids) - before)
+
+    return counted
 
 
 @contextmanager
@@ -213,23 +256,30 @@ def bench_sandbox(
     url, max_pixels = "s3://bench/photo.jpg", config.max_image_pixels
 
     def in_process(data: bytes) -> torch.Tensor:
-        return model_input(data, url, model.bounded_preprocess, model.image_size, max_pixels)
+        return model.prepare(data, url, max_pixels)
 
-    with Sandbox(config.decode_limits, 1, ("clip_worker.device_decode",)) as sandbox:
+    with Sandbox(config.decode_limits, 1) as sandbox:
 
         def sandboxed(data: bytes) -> torch.Tensor:
-            return sandbox.run(url, model_input, data, url, model.bounded_preprocess, model.image_size, max_pixels)
+            return model.prepare(data, url, max_pixels, sandbox)
 
         if not torch.equal(sandboxed(files[0]), in_process(files[0])):
             raise RuntimeError("the sandbox's helper made another model input than this process")
+        pids = helper_pids()
+        spent: dict[str, list[float]] = {"in process": [], "sandboxed": []}
+        sides = {"in process": in_process, "sandboxed": sandboxed}
         with single_threaded():
-            seconds = fastest({"in process": in_process, "sandboxed": sandboxed}, files, repeats)
+            seconds = fastest({name: cpu_counted(work, pids, spent[name]) for name, work in sides.items()}, files, repeats)
+    cpu_ms = {name: 1000 * sum(values) / len(values) for name, values in spent.items()}
     return SandboxResult(
         size=f"{size[0]}x{size[1]}",
         images=len(files),
         in_process_images_per_s=round(len(files) / seconds["in process"], 2),
         sandboxed_images_per_s=round(len(files) / seconds["sandboxed"], 2),
         cost=round(seconds["sandboxed"] / seconds["in process"], 3),
+        in_process_cpu_ms=round(cpu_ms["in process"], 2),
+        sandboxed_cpu_ms=round(cpu_ms["sandboxed"], 2),
+        cpu_cost=round(cpu_ms["sandboxed"] / cpu_ms["in process"], 3),
     )
 
 
@@ -345,16 +395,20 @@ def bench_end_to_end(
                 worker(job)
 
         started = time.perf_counter()
-        with Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",)) as sandbox:
+        with Sandbox(config.decode_limits, config.decode_processes) as sandbox:
             for _ in range(sandbox.workers):  # each helper in turn: every one has started
                 sandbox.run("start", len, b"")
             start_s = time.perf_counter() - started
             Started.sandbox = sandbox
+            pids = helper_pids()
+            spent: dict[str, list[float]] = {"worker": [], "unsandboxed": [], "naive": []}
+            sides = {"worker": worker, "unsandboxed": unsandboxed, "naive": naive}
             # run() loads its model itself; handing it the one already loaded keeps loading out of
             # the timing and guarantees every side uses the very same weights.
             with mock.patch.object(runner, "load", return_value=model), mock.patch.object(runner, "Sandbox", Started):
                 # The whole job is one unit: the worker's speed comes from overlapping the images.
-                seconds = fastest({"worker": worker, "unsandboxed": unsandboxed, "naive": naive}, [manifest], repeats)
+                counted = {name: cpu_counted(work, pids, spent[name]) for name, work in sides.items()}
+                seconds = fastest(counted, [manifest], repeats)
         ours = worker_vectors(s3, model, "worker-0/")
         theirs = naive_vectors(s3, model, manifest.entries, "naive-0/")
     return EndToEndResult(
@@ -369,6 +423,7 @@ def bench_end_to_end(
         min_cosine=round(float((ours * theirs).sum(axis=1).min()), 6),
         unsandboxed_images_per_s=round(len(files) / seconds["unsandboxed"], 2),
         sandbox_cost=round(seconds["worker"] / seconds["unsandboxed"], 3),
+        sandbox_cpu_cost=round(sum(spent["worker"]) / sum(spent["unsandboxed"]), 3),
         sandbox_start_s=round(start_s, 2),
     )
 
@@ -439,12 +494,14 @@ def report(
         f"{'unsandboxed':>12} {e2e.unsandboxed_images_per_s:>9.2f}   the worker decoding in its own process, no budget",
         f"{'sandbox cost':>12} {e2e.sandbox_cost:>8.3f}x   worker time with / without the sandbox; its helpers start in "
         f"{e2e.sandbox_start_s} s, beside the model's loading",
+        f"{'CPU cost':>12} {e2e.sandbox_cpu_cost:>8.3f}x   CPU time (worker and helpers) with / without the sandbox, every try",
         "",
         f"(c) the sandbox per image: decode + preprocess, 1 thread, one at a time, best of {repeats}",
-        f"{'size':>10} {'images':>6} {'in process/s':>12} {'sandboxed/s':>11} {'cost':>7}",
+        f"{'size':>10} {'images':>6} {'in process/s':>12} {'sandboxed/s':>11} {'cost':>7}"
+        f" {'CPU ms in process':>17} {'sandboxed':>9} {'CPU cost':>8}",
         *(
             f"{row.size:>10} {row.images:>6} {row.in_process_images_per_s:>12.1f} {row.sandboxed_images_per_s:>11.1f} "
-            f"{row.cost:>6.3f}x"
+            f"{row.cost:>6.3f}x {row.in_process_cpu_ms:>17.2f} {row.sandboxed_cpu_ms:>9.2f} {row.cpu_cost:>7.3f}x"
             for row in sandbox
         ),
         "",

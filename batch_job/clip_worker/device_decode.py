@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import io
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -29,9 +28,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from clip_worker import decoder
-from clip_worker.model import ClipModel, model_input
-from clip_worker.transform import Preprocess
+from clip_worker import pixels
+from clip_worker.model import ClipModel
+from clip_worker.pixels import Header
 
 #: Decoded full-size pixels held on the device at once. A batch of 256 phone photos decoded in one
 #: go would be 256 x 12 MP x 3 bytes = 9 GB, more than a T4 can spare beside the model; decoding in
@@ -39,17 +38,10 @@ from clip_worker.transform import Preprocess
 #: next, keeps the frames at 192 MB, plus one frame's float32 copy while it is resized.
 DEVICE_PIXEL_BUDGET = 64_000_000
 
-#: The longest side a JPEG may have, relative to its shortest, to be resized on the device. open_clip
-#: resizes the shortest side to the model's input before cropping the centre, so the intermediate
-#: grows with the aspect ratio (a 65000x8 JPEG would become 1,820,000x224); past this ratio the CPU
-#: path, which resamples only the region its crop keeps, takes the image. Real panoramas stay here.
-MAX_ASPECT = 16
-
 #: A result of the device path for one image: the model's input, or the error that leaves the
 #: image to the CPU path.
 Outcome = torch.Tensor | RuntimeError
 
-_EXIF_ORIENTATION = 0x0112
 #: What each EXIF orientation needs to be displayed upright (Pillow's exif_transpose, on CHW tensors).
 _UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     2: lambda image: image.flip(-1),
@@ -61,21 +53,9 @@ _UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     8: lambda image: image.rot90(1, (-2, -1)),
 }
 
-#: Frames nvJPEG decodes: Huffman-coded baseline, extended and progressive. Arithmetic-coded and
-#: lossless JPEGs go to Pillow.
-_DEVICE_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
-
 # nvjpeg.h: nvjpegBackend_t and nvjpegStatus_t.
 _NVJPEG_BACKEND_HARDWARE = 3
 _NVJPEG_STATUS_SUCCESS = 0
-
-
-@dataclass(frozen=True)
-class Header:
-    """What a JPEG's header tells the device path: its pixels, and which way up it is shown."""
-
-    pixels: int
-    orientation: int
 
 
 @dataclass(frozen=True)
@@ -97,53 +77,9 @@ class Jpeg:
         return self.data.numel()
 
 
-def header(data: bytes, max_pixels: int) -> Header | None:
-    """What the device path needs of `data`, or None when the CPU path must take it.
-
-    The bytes say it is a JPEG of a frame type nvJPEG decodes before Pillow looks at them: Pillow's
-    getexif decodes a whole PNG to find its EXIF chunk. Then Pillow reads the header only.
-    """
-    if data[:3] != b"\xff\xd8\xff" or not data.endswith(b"\xff\xd9"):
-        # A file cut short decodes with grey blocks on nvJPEG but fails in Pillow; keep Pillow's verdict.
-        return None
-    layout = decoder.jpeg_layout(data)
-    if (
-        layout.frame not in _DEVICE_FRAMES
-        # A decoding bomb of many scans or segments gets the CPU path's refusal.
-        or layout.scans > decoder.MAX_JPEG_SCANS
-        or layout.segments > decoder.MAX_JPEG_SEGMENTS
-    ):
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        if image.format not in ("JPEG", "MPO"):  # MPO: a camera JPEG whose first image is the photo
-            return None
-        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - whatever it is, the CPU path decides what to report
-        return None
-    width, height = image.size
-    if (
-        # nvJPEG's RGB output is only sure to match Pillow for YCbCr JPEGs; CMYK and gray go to Pillow.
-        image.mode != "RGB"
-        # The pixel limit's error message is the CPU path's to give.
-        or width * height > max_pixels
-        or max(width, height) > MAX_ASPECT * min(width, height)
-    ):
-        return None
-    return Header(width * height, orientation if orientation in _UPRIGHT else 1)
-
-
-def device_or_cpu_input(data: bytes, url: str, preprocess: Preprocess, min_side: int, max_pixels: int) -> Header | torch.Tensor:
-    """Run in a sandbox helper (sandbox.py): the header of a JPEG the device path takes, or else the
-    CPU path's model input, in one trip to the helper."""
-    return header(data, max_pixels) or model_input(data, url, preprocess, min_side, max_pixels)
-
-
 def probe(data: bytes, max_pixels: int) -> Jpeg | None:
-    """`data` ready for the device decoder, or None when the CPU path must take it (see `header`)."""
-    found = header(data, max_pixels)
+    """`data` ready for the device decoder, or None when the CPU path must take it (see pixels.header)."""
+    found = pixels.header(data, max_pixels)
     return None if found is None else Jpeg.of(data, found)
 
 

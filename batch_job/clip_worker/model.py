@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.keys import RANDOM_WEIGHTS, model_id
-from clip_worker import decoder
+from clip_worker import pixels
 from clip_worker.sandbox import Sandbox
 from clip_worker.transform import Preprocess
 
@@ -52,12 +51,10 @@ class ClipModel:
         return Preprocess(self.preprocess)
 
     def prepare(self, data: bytes, url: str, max_pixels: int, sandbox: Sandbox | None = None) -> torch.Tensor:
-        """Image bytes -> this model's input, on the CPU (`model_input`), in one of `sandbox`'s
-        processes under its budget when given: the worker and the query API always give one.
+        """Image bytes -> this model's input, on the CPU (`model_input`): decoded in one of `sandbox`'s
+        processes under its budget when given, as the worker and the query API always do.
         Raises DocumentError naming `url` when the bytes are not an image it can embed, or cost too much."""
-        if sandbox is None:
-            return model_input(data, url, self.bounded_preprocess, self.image_size, max_pixels)
-        return sandbox.run(url, model_input, data, url, self.bounded_preprocess, self.image_size, max_pixels)
+        return model_input(data, url, self.bounded_preprocess, self.image_size, max_pixels, sandbox)
 
     def embed(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch of preprocessed images -> float32 L2-normalised vectors, one row per image."""
@@ -90,35 +87,15 @@ class ClipModel:
             return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
-def model_input(data: bytes, url: str, preprocess: Preprocess, min_side: int, max_pixels: int) -> torch.Tensor:
-    """Image bytes -> a model's input: Pillow decodes, open_clip's own transform crops and normalises.
-    The one CPU path from bytes to pixels, for the worker and the query API."""
-    with decoder.decoding(data, url, min_side, max_pixels) as image:
-        return preprocess(image)
-
-
-def declared_sizes(images: Sequence[bytes], max_pixels: int) -> list[tuple[int, int] | None]:
-    """Each image's size from its header (decoder.declared_size, a multi-page TIFF's page decoding
-    picks): a request's look before any decoding, in one call to a sandbox helper."""
-    return [decoder.declared_size(data, max_pixels) for data in images]
-
-
-def model_inputs(
-    images: Sequence[tuple[str, bytes]], preprocess: Preprocess, min_side: int, max_pixels: int
-) -> list[torch.Tensor | DocumentError]:
-    """`model_input` of each (url, bytes), or why it cannot be embedded: a request's images in one call
-    to a sandbox helper, under one budget."""
-    found: list[torch.Tensor | DocumentError] = []
-    for url, data in images:
-        try:
-            found.append(model_input(data, url, preprocess, min_side, max_pixels))
-        except DocumentError as error:
-            found.append(error)
-        except MemoryError:
-            raise  # the sandbox's memory budget: the whole call is too costly
-        except Exception as exc:  # noqa: BLE001 - a decoder's surprise on hostile bytes is still a bad image
-            found.append(DocumentError(ErrorCode.CORRUPT_IMAGE, f"{url} could not be decoded: {type(exc).__name__}: {exc}"))
-    return found
+def model_input(
+    data: bytes, url: str, preprocess: Preprocess, min_side: int, max_pixels: int, sandbox: Sandbox | None = None
+) -> torch.Tensor:
+    """Image bytes -> a model's input: Pillow decodes and open_clip's own transform crops
+    (pixels.model_pixels), in one of `sandbox`'s processes when given, else here; this process
+    normalises (Preprocess.finish). The one CPU path from bytes to pixels, for the worker and the query API."""
+    arguments = (data, url, preprocess.step, min_side, max_pixels)
+    made = pixels.model_pixels(*arguments) if sandbox is None else sandbox.run(url, pixels.model_pixels, *arguments)
+    return preprocess.finish(made)
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.manifest import ManifestEntry
-from clip_worker import device_decode, reader
+from clip_worker import device_decode, pixels, reader
 from clip_worker.config import WorkerConfig
 from clip_worker.log import logger
 from clip_worker.model import ClipModel
@@ -82,17 +82,16 @@ def model_input(data: bytes, url: str, stage: Stage) -> torch.Tensor | device_de
     model, max_pixels = stage.model, stage.config.max_image_pixels
     if not (stage.on_device and stage.held.take(len(data))):
         return model.prepare(data, url, max_pixels, stage.sandbox)
+    preprocess = model.bounded_preprocess
     try:
-        found = stage.sandbox.run(
-            url, device_decode.device_or_cpu_input, data, url, model.bounded_preprocess, model.image_size, max_pixels
-        )
+        found = stage.sandbox.run(url, pixels.device_or_cpu_pixels, data, url, preprocess.step, model.image_size, max_pixels)
     except BaseException:
         stage.held.give(len(data))
         raise
-    if isinstance(found, device_decode.Header):
+    if isinstance(found, pixels.Header):
         return device_decode.Jpeg.of(data, found)
     stage.held.give(len(data))
-    return found
+    return preprocess.finish(found)
 
 
 def unexpected(entry: ManifestEntry, exc: Exception) -> Failed:

@@ -92,8 +92,8 @@ def time_left(config: WorkerConfig, started: float, stop: threading.Event, timed
 
 
 def new_sandbox(config: WorkerConfig) -> Sandbox:
-    """The decoding processes of a child; they start importing at once, while the caller loads its model."""
-    return Sandbox(config.decode_limits, config.decode_processes, ("clip_worker.device_decode",))
+    """The decoding processes of a child; they start at once, while the caller loads its model."""
+    return Sandbox(config.decode_limits, config.decode_processes)
 
 
 def run(

@@ -14,9 +14,11 @@ header) runs in a long-lived helper process, under limits that apply to the one 
 An object over budget fails alone, as DocumentError(too-costly) naming the limit; one whose decoder
 crashes its helper, as crashes-worker. The helper is replaced and the other objects go on. Helpers
 talk to the caller over plain pipes (AWS Lambda has no /dev/shm, which multiprocessing's pools and
-queues need); each request is a module-level function and its arguments, pickled, and each answer
-its result or exception, pickled. Helpers are spawned, never forked: the caller holds threads and,
-on a GPU, CUDA. They start when the sandbox is made, while the caller loads its model.
+queues need); each request is a module-level function and its arguments, pickled (their bytes out of
+band, written from where they lie), and each answer its result or exception, pickled. Helpers are spawned, never forked: the caller holds threads and,
+on a GPU, CUDA. They start when the sandbox is made, while the caller loads its model, and import
+no torch (clip_worker.pixels): they send back the model's input as 8-bit pixels, which the caller
+normalises.
 
 Run as `python -m clip_worker.sandbox REQUEST_FD ANSWER_FD MODULE...` by Sandbox only.
 """
@@ -92,11 +94,25 @@ class _Died(Exception):
         self.limit = limit
 
 
-def _write(fd: int, payload: bytes) -> None:
-    os.write(fd, _HEADER.pack(len(payload)))
-    view = memoryview(payload)
-    while view:
-        view = view[os.write(fd, view) :]
+def _pack(message: Any) -> list[memoryview]:
+    """`message` pickled, and the buffers its pickle refers to out of band (protocol 5's PickleBuffer):
+    an object's bytes go onto the pipe from where they lie instead of being copied into the pickle
+    first, which takes half a millisecond a megabyte."""
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+    return [memoryview(payload), *(buffer.raw() for buffer in buffers)]
+
+
+def _write(fd: int, parts: Sequence[memoryview]) -> None:
+    """One message: how many parts, the size of each, then the parts, in as few writes as the pipe takes."""
+    sizes = struct.pack(f"<{len(parts) + 1}Q", len(parts), *(part.nbytes for part in parts))
+    views = [view for view in (memoryview(sizes), *parts) if view.nbytes]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= views[0].nbytes:
+            written -= views.pop(0).nbytes
+        if written:
+            views[0] = views[0][written:]
 
 
 def _read(fd: int, size: int, deadline: float | None) -> bytearray:
@@ -115,9 +131,14 @@ def _read(fd: int, size: int, deadline: float | None) -> bytearray:
     return buffer
 
 
-def _read_frame(fd: int, deadline: float | None = None) -> bytearray:
-    (size,) = _HEADER.unpack(_read(fd, _HEADER.size, deadline))
-    return _read(fd, size, deadline)
+def _receive(fd: int, deadline: float | None = None) -> Any:
+    """The message `_write` wrote, unpickled."""
+    (count,) = _HEADER.unpack(_read(fd, _HEADER.size, deadline))
+    sizes = struct.unpack(f"<{count}Q", _read(fd, count * _HEADER.size, deadline))
+    payload, *buffers = (_read(fd, size, deadline) for size in sizes)
+    # Given as bytes, an out-of-band buffer unpickles as bytes; as a bytearray, it would reach the
+    # function as a read-only memoryview.
+    return pickle.loads(payload, buffers=[bytes(buffer) for buffer in buffers])
 
 
 class _Helper:
@@ -137,6 +158,12 @@ class _Helper:
             # One object per helper at a time: more threads would only contend with the other helpers.
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
+            # A decode's buffers (a few MB for a photo) from a heap kept between objects: with glibc's
+            # defaults a process this small gives them back to the kernel after each object and
+            # faults them in again on the next (3 ms of a 12 MP JPEG's 20). Up to 64 MB stays
+            # allocated when free; a larger block (32 MB and over) is still its own mapping.
+            "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+            "MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024),
         }
         self.process = subprocess.Popen(  # noqa: S603 - our own module, with this interpreter
             [sys.executable, "-m", "clip_worker.sandbox", str(request_read), str(answer_write), *modules],
@@ -149,18 +176,19 @@ class _Helper:
         self.ready = False
         self.closed = False
 
-    def call(self, payload: bytes, wall_s: int) -> tuple[bool, Any]:
+    def call(self, request: Sequence[memoryview], wall_s: int) -> tuple[bool, Any]:
         if not self.ready:
             try:
-                _read_frame(self.answer, time.monotonic() + START_TIMEOUT_S)
+                _receive(self.answer, time.monotonic() + START_TIMEOUT_S)
             except (TimeoutError, EOFError):
                 # No object's fault: the environment is broken (an import fails), or the machine stalls.
                 self.close()
                 raise SandboxError(f"a decoding process did not start (exit code {self.process.returncode})") from None
             self.ready = True
         try:
-            _write(self.request, payload)
-            return pickle.loads(_read_frame(self.answer, time.monotonic() + wall_s))
+            _write(self.request, request)
+            answer: tuple[bool, Any] = _receive(self.answer, time.monotonic() + wall_s)
+            return answer
         except TimeoutError:
             self.close()
             raise _Died(None) from None
@@ -180,13 +208,18 @@ class _Helper:
         os.close(self.answer)
 
 
+#: What every helper imports before it says it is ready: the decoding (clip_worker.pixels), without
+#: torch, so a helper starts in a fraction of a second and holds tens of MB.
+HELPER_MODULES = ("clip_worker.pixels",)
+
+
 class Sandbox:
     """`workers` helper processes; `run` hands one call to a free one and waits for its answer.
 
     Thread-safe: up to `workers` calls run at once, others wait for a helper.
     """
 
-    def __init__(self, limits: Limits, workers: int, modules: Sequence[str] = ()) -> None:
+    def __init__(self, limits: Limits, workers: int, modules: Sequence[str] = HELPER_MODULES) -> None:
         self.limits = limits
         self.workers = workers
         self._modules = tuple(modules)
@@ -206,10 +239,12 @@ class Sandbox:
         """`function(*args)` in a helper, under the limits. `what` (the object's url) names the object
         in a refusal: DocumentError(too-costly) over a limit, DocumentError(crashes-worker) when the
         helper dies of something else. Whatever `function` raises is raised here."""
-        payload = pickle.dumps((function, args, self.limits), protocol=pickle.HIGHEST_PROTOCOL)
+        # Its bytes arguments (an object's contents) out of band: see _pack.
+        out_of_band = tuple(pickle.PickleBuffer(arg) if isinstance(arg, bytes) else arg for arg in args)
+        request = _pack((function, out_of_band, self.limits))
         helper = self._free.get()
         try:
-            ok, result = helper.call(payload, self.limits.wall_s)
+            ok, result = helper.call(request, self.limits.wall_s)
             if isinstance(result, _OutOfMemory):
                 # Its heap may be left fragmented or half-freed: a fresh helper takes the next object.
                 raise _Died(None, "memory")
@@ -278,14 +313,12 @@ def _address_space() -> int:
 def _serve(request_fd: int, answer_fd: int) -> None:
     unlimited = resource.getrlimit(resource.RLIMIT_AS)[1]
     cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    _write(answer_fd, b"ready")
+    _write(answer_fd, _pack("ready"))
     while True:
         try:
-            request = _read_frame(request_fd)
+            function, args, limits = _receive(request_fd)
         except EOFError:
             return
-        function, args, limits = pickle.loads(request)
-        del request
         usage = resource.getrusage(resource.RUSAGE_SELF)
         # The profiling timer counts this process's CPU time to the millisecond and kills it (SIGPROF)
         # when the object has had its budget; RLIMIT_CPU (whole seconds) is there should anything in
@@ -308,10 +341,10 @@ def _serve(request_fd: int, answer_fd: int) -> None:
         signal.setitimer(signal.ITIMER_PROF, 0)
         resource.setrlimit(resource.RLIMIT_AS, (unlimited, unlimited))
         try:
-            payload = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+            reply = _pack(answer)
         except Exception as exc:  # noqa: BLE001 - an exception that cannot be pickled still fails its call
-            payload = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {exc}")))
-        _write(answer_fd, payload)
+            reply = _pack((False, RuntimeError(f"{type(answer[1]).__name__}: {exc}")))
+        _write(answer_fd, reply)
         if replace:
             return
 

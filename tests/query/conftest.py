@@ -73,7 +73,7 @@ class Stored:
         return StorageSettings(endpoint=self.endpoint, region="us-east-1")
 
     def service(self, config: QueryConfig, model: ClipModel) -> QueryService:
-        self.sandboxes.append(Sandbox(config.decode_limits, config.decode_workers, ("clip_worker.model",)))
+        self.sandboxes.append(Sandbox(config.decode_limits, config.decode_workers))
         return QueryService(config, self.s3, model, self.storage, self.sandboxes[-1])
 
 

@@ -12,5 +12,5 @@ from clip_worker.sandbox import Sandbox
 def sandbox() -> Iterator[Sandbox]:
     """Decoding processes under the worker's default budget, shared by a module's tests (each takes seconds to start)."""
     config = WorkerConfig(manifest_uri="", output_bucket="")
-    with Sandbox(config.decode_limits, 1, ("clip_worker.device_decode",)) as started:
+    with Sandbox(config.decode_limits, 1) as started:
         yield started

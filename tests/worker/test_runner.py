@@ -233,7 +233,8 @@ def test_a_child_near_the_job_timeout_writes_what_it_did_and_leaves_the_rest_to_
     """Slow objects (each stopped at the decode deadline) keep the child busy past its time: it stops
     starting work, checkpoints, and exits for a retry; the last attempt records the rest as timed-out,
     so every object has an outcome or is in the next attempt's work."""
-    slow = {f"slow-{index}.bmp": hostile.rle_end_of_lines(9_000) for index in range(6)}
+    # 2 s each on one helper: more than both attempts (12 s, then 4 s) can get through together.
+    slow = {f"slow-{index}.bmp": hostile.rle_end_of_lines(9_000) for index in range(12)}
     photos = {"photo.jpg": encode(photo(), "JPEG")}
     uri = put_manifest(s3, upload(s3, {**photos, **slow}))
     timed = replace(config, manifest_uri=uri, decode_workers=1, io_threads=1, job_timeout_s=12, decode_wall_s=2, max_attempts=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -30,7 +31,7 @@ def preprocess() -> Preprocess:
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(BUDGET, 1, ("clip_worker.model",)) as started:
+    with Sandbox(BUDGET, 1) as started:
         yield started
 
 
@@ -55,23 +56,48 @@ def test_an_upload_over_its_budget_fails_alone_and_the_next_one_decodes(
     data, good = make(), encode(photo(), "JPEG")
     started = time.monotonic()
 
-    error = refusal(lambda: sandbox.run("s3://in/hostile", model_input, data, "s3://in/hostile", preprocess, 64, LIMIT))
+    error = refusal(lambda: model_input(data, "s3://in/hostile", preprocess, 64, LIMIT, sandbox))
 
     assert time.monotonic() - started < BUDGET.wall_s
     assert error.code == ErrorCode.TOO_COSTLY
     assert error.message == f"s3://in/hostile: decoding went past the budget of one object: {limit}"
-    pixels = sandbox.run("s3://in/good.jpg", model_input, good, "s3://in/good.jpg", preprocess, 64, LIMIT)
+    pixels = model_input(good, "s3://in/good.jpg", preprocess, 64, LIMIT, sandbox)
     assert torch.equal(pixels, model_input(good, "s3://in/good.jpg", preprocess, 64, LIMIT))
 
 
 def test_an_object_past_the_wall_deadline_is_stopped(preprocess: Preprocess) -> None:
-    with Sandbox(Limits(cpu_s=60, memory_mb=160, wall_s=1), 1, ("clip_worker.model",)) as sandbox:
+    with Sandbox(Limits(cpu_s=60, memory_mb=160, wall_s=1), 1) as sandbox:
         sandbox.run("warm", sum, [1])  # the helper's start is not the object's time
         started = time.monotonic()
         error = refusal(lambda: sandbox.run("s3://in/slow", time.sleep, 30))
         assert time.monotonic() - started < 5
         assert error.code == ErrorCode.TOO_COSTLY and "over 1 s (DECODE_WALL_SECONDS)" in error.message
         assert sandbox.run("next", sum, [1, 2]) == 3
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_a_helper_makes_open_clips_own_model_input_without_loading_torch(sandbox: Sandbox, resize_mode: str) -> None:
+    """The helper decodes and crops, the caller normalises: the very tensor the transform makes in
+    one process, with 8-bit pixels on the pipe and no torch (hundreds of MB a helper) in the helper."""
+    preprocess = Preprocess(open_clip.image_transform(64, is_train=False, resize_mode=resize_mode))
+    picture = photo("chelsea.png")
+
+    pixels = model_input(encode(picture, "PNG"), "s3://in/cat.png", preprocess, 64, LIMIT, sandbox)
+
+    assert torch.equal(pixels, preprocess(picture))
+    maps = Path(f"/proc/{sandbox.run('pid', os.getpid)}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps
+
+
+def test_a_transform_not_known_step_by_step_runs_whole_in_the_helper() -> None:
+    """open_clip's `longest` mode ends in its own resize and pad: the helper imports torch for it, on
+    that call, outside the object's budget, and gives the very tensor this process would."""
+    compose = open_clip.image_transform(64, is_train=False, resize_mode="longest")
+    data = encode(photo("coffee.png"), "JPEG")
+    with Sandbox(Limits(cpu_s=1, memory_mb=160, wall_s=120), 1) as sandbox:
+        pixels = model_input(data, "s3://in/coffee.jpg", Preprocess(compose), 64, LIMIT, sandbox)
+    assert torch.equal(pixels, model_input(data, "s3://in/coffee.jpg", Preprocess(compose), 64, LIMIT))
+    assert pixels.shape == (3, 64, 64)
 
 
 def test_a_decoder_that_kills_its_process_fails_that_object_as_crashes_worker(sandbox: Sandbox) -> None:
@@ -81,7 +107,7 @@ def test_a_decoder_that_kills_its_process_fails_that_object_as_crashes_worker(sa
 
 
 def test_what_the_decoder_raises_comes_back_as_itself(sandbox: Sandbox, preprocess: Preprocess) -> None:
-    error = refusal(lambda: sandbox.run("x", model_input, b"not an image", "s3://in/text", preprocess, 64, LIMIT))
+    error = refusal(lambda: model_input(b"not an image", "s3://in/text", preprocess, 64, LIMIT, sandbox))
     assert error.code == ErrorCode.UNSUPPORTED_TYPE and "s3://in/text" in error.message
 
 

@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_worker.decoder import decode
@@ -41,6 +42,14 @@ def test_bounded_preprocess_gives_exactly_open_clips_pixels(resize_mode: str, si
         assert (actual - expected).abs().max() <= 3 / 255 / 0.26 and (actual - expected).abs().mean() < 0.002
 
 
+@pytest.mark.parametrize("size", [(90, 61), (61, 90), (200, 61), (61, 61)])
+def test_a_crop_larger_than_the_resize_pads_with_black_as_torchvision_does(size: tuple[int, int]) -> None:
+    # Both sides of the crop past the resized picture on some sizes, one side on others, odd margins.
+    compose = transforms.Compose([transforms.Resize(60), transforms.CenterCrop((71, 64)), transforms.ToTensor()])
+    picture = photo("coffee.png").resize(size)
+    assert torch.equal(Preprocess(compose)(picture), compose(picture))
+
+
 def test_an_unfamiliar_transform_sees_at_most_a_four_to_one_centre() -> None:
     compose = open_clip.image_transform(224, is_train=False)
     seen: list[tuple[int, int]] = []
@@ -57,6 +66,7 @@ POISON_SCRIPT = """
 import io, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 from PIL import Image
+from torchvision import transforms
 from clip_worker.model import load
 model = load("ViT-B-32", "none", "cpu")
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)

@@ -22,8 +22,9 @@ from clip_shared import keys
 from clip_shared.events import DocumentError, ErrorCode
 from clip_shared.mime import SNIFF_BYTES, is_accepted, sniff_mime
 from clip_store import Match, SearchSettings, StorageSettings, VectorStore, store_uri
+from clip_worker import pixels
 from clip_worker.labels import PROMPT, Label, LabelSet, read_labels
-from clip_worker.model import ClipModel, declared_sizes, load, model_inputs
+from clip_worker.model import ClipModel, load
 from clip_worker.sandbox import Sandbox
 
 logger = Logger(service="clip-query")
@@ -61,7 +62,7 @@ class QueryService:
         self.config = config
         self.s3 = s3
         # Started first: its processes import while this one loads the model.
-        self.sandbox = sandbox or Sandbox(config.decode_limits, config.decode_workers, ("clip_worker.model",))
+        self.sandbox = sandbox or Sandbox(config.decode_limits, config.decode_workers)
         self.model = model or load(
             config.model, config.pretrained, cache_dir=config.cache_dir, model_config_path=config.model_config_path
         )
@@ -107,7 +108,7 @@ class QueryService:
             found = sniff_mime(data[:SNIFF_BYTES])
             if not is_accepted(found):
                 raise unsupported_type(field, found)
-        sizes = self._in_sandbox(declared_sizes, list(images.values()), self.config.max_image_pixels) if images else []
+        sizes = self._in_sandbox(pixels.declared_sizes, list(images.values()), self.config.max_image_pixels) if images else []
         total = 0
         for field, size in zip(images, sizes, strict=True):
             if size is None:
@@ -206,18 +207,20 @@ class QueryService:
         return dict(zip(texts, self.model.embed_texts(list(texts.values())), strict=True)) if texts else {}
 
     def _image_vectors(self, images: dict[str, bytes]) -> dict[str, np.ndarray]:
-        """The worker's own path, model_input and embed, on images check_images has passed."""
+        """The worker's own path (model_input: decoded and cropped in a decoding process, normalised here)
+        and embed, on images check_images has passed."""
         if not images:
             return {}
         named = [(shown(field), data) for field, data in images.items()]
+        preprocess = self.model.bounded_preprocess
         found = self._in_sandbox(
-            model_inputs, named, self.model.bounded_preprocess, self.model.image_size, self.config.max_image_pixels
+            pixels.model_pixels_each, named, preprocess.step, self.model.image_size, self.config.max_image_pixels
         )
         for field, outcome in zip(images, found, strict=True):
             if isinstance(outcome, DocumentError):
                 raise image_error(field, outcome, self.config.max_image_pixels)
-        pixels = [outcome for outcome in found if isinstance(outcome, torch.Tensor)]
-        return dict(zip(images, self.model.embed(torch.stack(pixels)), strict=True))
+        inputs = [preprocess.finish(outcome) for outcome in found if not isinstance(outcome, DocumentError)]
+        return dict(zip(images, self.model.embed(torch.stack(inputs)), strict=True))
 
     def _in_sandbox(self, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)` in a decoding process; over the budget, the request is refused as too-costly."""
