@@ -138,7 +138,7 @@ class Lane:
             | self.worker_environment
             | {
                 "DECODE_WORKERS": "1",
-                "DECODE_MEMORY_MB": "1024",
+                "DECODE_MEMORY_MB": "768",
                 "IO_THREADS": "4",
                 "BATCH_SIZE": "8",
                 "JOB_ATTEMPTS": str(1 + JOB_ATTEMPTS),
