@@ -43,15 +43,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     }
 
 
-def helper_pids(parent: int) -> list[int]:
-    """The processes `parent` spawned (the sandbox's helpers: nothing else in these runs spawns)."""
-    children: list[int] = []
-    for task in os.listdir(f"/proc/{parent}/task"):
-        with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as listed:
-            children += [int(pid) for pid in listed.read().split()]
-    return children
-
-
 def total(processes: Sequence[dict[str, float]]) -> dict[str, float]:
     return {name: round(sum(process[name] for process in processes), 1) for name in ("rss", "pss", "private")}
 
@@ -66,7 +57,7 @@ def bench_helpers(helpers: int) -> dict[str, Any]:
         for _ in range(helpers):  # each helper in turn: every one has started
             sandbox.run("start", len, b"")
         ready_s = time.perf_counter() - started
-        each = [memory_mb(pid) for pid in helper_pids(os.getpid())]
+        each = [memory_mb(pid) for pid in sandbox.pids]
     return {"helpers": helpers, "ready_s": round(ready_s, 2), "each": [total([one]) for one in each], "all": total(each)}
 
 
@@ -91,7 +82,7 @@ def query_child(model: str, model_config: str | None) -> dict[str, Any]:
     service.vectors({}, {"photo": jpeg_photo((1600, 1200))}, truncate=False)
     answered = time.perf_counter()
     parent = memory_mb(os.getpid())
-    helpers = [memory_mb(pid) for pid in helper_pids(os.getpid())]
+    helpers = [memory_mb(pid) for pid in service.sandbox.pids]
     service.sandbox.close()
     return {
         "model": model,

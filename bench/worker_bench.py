@@ -187,15 +187,6 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
-def helper_pids() -> list[int]:
-    """The processes this one spawned: the sandbox's helpers (nothing else here spawns any)."""
-    children: list[int] = []
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children", encoding="ascii") as listed:
-            children += [int(pid) for pid in listed.read().split()]
-    return children
-
-
 def cpu_counted(work: Callable[[T], object], pids: Sequence[int], spent: list[float]) -> Callable[[T], object]:
     """`work`, adding the CPU time each call takes here and in `pids` to `spent`."""
 
@@ -265,7 +256,7 @@ def bench_sandbox(
 
         if not torch.equal(sandboxed(files[0]), in_process(files[0])):
             raise RuntimeError("the sandbox's helper made another model input than this process")
-        pids = helper_pids()
+        pids = sandbox.pids
         spent: dict[str, list[float]] = {"in process": [], "sandboxed": []}
         sides = {"in process": in_process, "sandboxed": sandboxed}
         with single_threaded():
@@ -400,7 +391,7 @@ def bench_end_to_end(
                 sandbox.run("start", len, b"")
             start_s = time.perf_counter() - started
             Started.sandbox = sandbox
-            pids = helper_pids()
+            pids = sandbox.pids
             spent: dict[str, list[float]] = {"worker": [], "unsandboxed": [], "naive": []}
             sides = {"worker": worker, "unsandboxed": unsandboxed, "naive": naive}
             # run() loads its model itself; handing it the one already loaded keeps loading out of
