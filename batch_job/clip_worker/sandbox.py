@@ -49,6 +49,8 @@ T = TypeVar("T")
 _HEADER = struct.Struct("<Q")
 #: Linux's default ceiling for an unprivileged pipe (/proc/sys/fs/pipe-max-size).
 PIPE_BYTES = 1024 * 1024
+#: What a helper's heap may keep of earlier objects before a fresh helper replaces it.
+RETAINED_BYTES = 64 * 1024 * 1024
 #: How long a helper may take to import its modules and say it is ready: not the object's time.
 START_TIMEOUT_S = 300
 #: An error message that says a codec could not allocate (Pillow's codec status, libtiff's, zlib's).
@@ -160,10 +162,11 @@ class _Helper:
             "MKL_NUM_THREADS": "1",
             # A decode's buffers (a few MB for a photo) from a heap kept between objects: with glibc's
             # defaults a process this small gives them back to the kernel after each object and
-            # faults them in again on the next (3 ms of a 12 MP JPEG's 20). Up to 64 MB stays
-            # allocated when free; a larger block (32 MB and over) is still its own mapping.
+            # faults them in again on the next (3 ms of a 12 MP JPEG's 20). A larger block (32 MB
+            # and over) is still its own mapping; a helper whose heap kept more than RETAINED_BYTES
+            # is replaced (_serve), so that no object's budget depends on the objects before it.
             "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-            "MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024),
+            "MALLOC_TRIM_THRESHOLD_": str(RETAINED_BYTES),
         }
         self.process = subprocess.Popen(  # noqa: S603 - our own module, with this interpreter
             [sys.executable, "-m", "clip_worker.sandbox", str(request_read), str(answer_write), *modules],
@@ -176,7 +179,7 @@ class _Helper:
         self.ready = False
         self.closed = False
 
-    def call(self, request: Sequence[memoryview], wall_s: int) -> tuple[bool, Any]:
+    def call(self, request: Sequence[memoryview], wall_s: int) -> tuple[bool, Any, bool]:
         if not self.ready:
             try:
                 _receive(self.answer, time.monotonic() + START_TIMEOUT_S)
@@ -187,7 +190,7 @@ class _Helper:
             self.ready = True
         try:
             _write(self.request, request)
-            answer: tuple[bool, Any] = _receive(self.answer, time.monotonic() + wall_s)
+            answer: tuple[bool, Any, bool] = _receive(self.answer, time.monotonic() + wall_s)
             return answer
         except TimeoutError:
             self.close()
@@ -244,10 +247,12 @@ class Sandbox:
         request = _pack((function, out_of_band, self.limits))
         helper = self._free.get()
         try:
-            ok, result = helper.call(request, self.limits.wall_s)
+            ok, result, retiring = helper.call(request, self.limits.wall_s)
             if isinstance(result, _OutOfMemory):
                 # Its heap may be left fragmented or half-freed: a fresh helper takes the next object.
                 raise _Died(None, "memory")
+            if retiring:
+                helper = self._replace(helper)
         except _Died as death:
             helper = self._replace(helper)
             raise self._refusal(what, death) from None
@@ -319,6 +324,7 @@ def _address_space() -> int:
 def _serve(request_fd: int, answer_fd: int) -> None:
     unlimited = resource.getrlimit(resource.RLIMIT_AS)[1]
     cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    ready = _address_space()
     _write(answer_fd, _pack("ready"))
     while True:
         try:
@@ -346,12 +352,16 @@ def _serve(request_fd: int, answer_fd: int) -> None:
             del args
         signal.setitimer(signal.ITIMER_PROF, 0)
         resource.setrlimit(resource.RLIMIT_AS, (unlimited, unlimited))
+        # An object's budget is counted from this process's address space when it starts, and what the
+        # heap keeps of earlier objects is reused without counting: past RETAINED_BYTES of it, a fresh
+        # helper takes the next object, so the budget any object gets is its own, give or take that.
+        retiring = replace or _address_space() > ready + RETAINED_BYTES
         try:
-            reply = _pack(answer)
+            reply = _pack((*answer, retiring))
         except Exception as exc:  # noqa: BLE001 - an exception that cannot be pickled still fails its call
-            reply = _pack((False, RuntimeError(f"{type(answer[1]).__name__}: {exc}")))
+            reply = _pack((False, RuntimeError(f"{type(answer[1]).__name__}: {exc}"), retiring))
         _write(answer_fd, reply)
-        if replace:
+        if retiring:
             return
 
 

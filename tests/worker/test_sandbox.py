@@ -4,6 +4,7 @@ each hostile file below passes every structure check, so only the operating syst
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,9 +13,11 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from clip_shared.events import DocumentError, ErrorCode
 from clip_worker.model import model_input
+from clip_worker.pixels import Geometry, model_pixels
 from clip_worker.sandbox import Limits, Sandbox, SandboxError
 from clip_worker.transform import Preprocess
 from tests import hostile
@@ -63,6 +66,26 @@ def test_an_upload_over_its_budget_fails_alone_and_the_next_one_decodes(
     assert error.message == f"s3://in/hostile: decoding went past the budget of one object: {limit}"
     pixels = model_input(good, "s3://in/good.jpg", preprocess, 64, LIMIT, sandbox)
     assert torch.equal(pixels, model_input(good, "s3://in/good.jpg", preprocess, 64, LIMIT))
+
+
+def gradient_png(side: int) -> bytes:
+    """A gradient of a few hundred KB that decodes to `side`² RGB pixels."""
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((side, side)).convert("RGB").save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def test_a_helper_whose_heap_kept_much_of_an_object_is_replaced_before_the_next() -> None:
+    # Its heap keeps freed buffers for speed; past RETAINED_BYTES kept, the next object would be lent
+    # that memory on top of its own budget, so a fresh helper takes it instead.
+    crop = Geometry(224, (224, 224), Image.Resampling.BICUBIC)
+    with Sandbox(Limits(cpu_s=20, memory_mb=512, wall_s=60), 1) as sandbox:
+        first = sandbox.pids
+        for _ in range(3):
+            sandbox.run("s3://in/photo.jpg", model_pixels, encode(photo(), "JPEG"), "s3://in/photo.jpg", crop, 224, LIMIT)
+        assert sandbox.pids == first  # a photo leaves little: the same helper, warm
+        sandbox.run("s3://in/big.png", model_pixels, gradient_png(3_000), "s3://in/big.png", crop, 224, LIMIT)
+        assert sandbox.pids != first
 
 
 def test_an_object_past_the_wall_deadline_is_stopped(preprocess: Preprocess) -> None:
