@@ -19,10 +19,10 @@ import sys  # noqa: E402 - after the clock starts, as everything here
 from typing import Any  # noqa: E402 - after the clock starts, as everything here
 
 
-def peak_rss_mb() -> float:
-    # The peak resident memory of this process since its exec. (getrusage's ru_maxrss would not do:
-    # Linux carries the parent's high-water mark across fork and exec.)
-    with open("/proc/self/status") as stream:
+def peak_rss_mb(pid: int | str = "self") -> float:
+    # The peak resident memory of a process (this one) since its exec. (getrusage's ru_maxrss would
+    # not do: Linux carries the parent's high-water mark across fork and exec.)
+    with open(f"/proc/{pid}/status") as stream:
         peak_kib = next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:"))
     return peak_kib * 1024 / 1e6
 
@@ -58,12 +58,18 @@ def stopwatch(module: Any, name: str, seconds: list[float]) -> None:
     setattr(module, name, timed)
 
 
-def function(settings: dict[str, Any]) -> dict[str, Any]:
+def time_imports(groups: list[tuple[str, str]]) -> dict[str, float]:
+    """Seconds each group of import statements takes, in order (each group's share of a cold start)."""
     imports = {}
-    for name, statement in settings["import_groups"]:
+    for name, statement in groups:
         before = time.time()
         exec(statement, {})  # noqa: S102 - the benchmark's own import statements, timed group by group
         imports[name] = time.time() - before
+    return imports
+
+
+def function(settings: dict[str, Any]) -> dict[str, Any]:
+    imports = time_imports(settings["import_groups"])
     imported = time.time()
 
     # The harness, not timed: a stopwatch on the model load. S3 is a moto server in the parent

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, fields  # noqa: E402 - after the cloc
 from pathlib import Path  # noqa: E402 - after the clock starts, as everything here
 from typing import TYPE_CHECKING, Any  # noqa: E402 - after the clock starts, as everything here
 
+from bench.cold_child import peak_rss_mb, stopwatch, time_imports  # noqa: E402 - after the clock starts, as everything here
+
 if TYPE_CHECKING:
     from clip_worker.model import ClipModel
 
@@ -323,10 +325,8 @@ def cold_start(model: str, checkpoint: Path, photos: list[Path], model_config: s
 
 
 def peak_rss_mib(pid: int | str) -> float:
-    """A process's peak resident memory since its exec, in MiB (Lambda's "MB"). Not getrusage's
-    ru_maxrss: Linux carries the parent's high-water mark across fork and exec."""
-    with open(f"/proc/{pid}/status") as stream:
-        return next(int(line.split()[1]) for line in stream if line.startswith("VmHWM:")) / 1024
+    """A process's peak resident memory since its exec, in MiB (Lambda's "MB")."""
+    return peak_rss_mb(pid) * 1e6 / 2**20
 
 
 def children_pids() -> list[int]:
@@ -339,11 +339,7 @@ def children_pids() -> list[int]:
 
 def cold_child(settings: dict[str, Any]) -> None:
     """The fresh process of `cold_start`: everything here is timed from the module's first line."""
-    imports = {}
-    for name, statement in IMPORT_GROUPS:
-        before = time.time()
-        exec(statement, {})  # noqa: S102 - the benchmark's own import statements, timed group by group
-        imports[name] = time.time() - before
+    imports = time_imports(list(IMPORT_GROUPS))
     imported = time.time()
 
     import torch
@@ -356,16 +352,7 @@ def cold_child(settings: dict[str, Any]) -> None:
     torch.set_num_threads(settings["threads"])
     config = WorkerConfig(manifest_uri="s3://bench/manifest", output_bucket="bench")
     hashing: list[float] = []
-    real_weights_id = clip_shared.keys.weights_id
-
-    def timed_weights_id(pretrained: str) -> str:
-        before = time.time()
-        try:
-            return real_weights_id(pretrained)
-        finally:
-            hashing.append(time.time() - before)
-
-    clip_shared.keys.weights_id = timed_weights_id  # a stopwatch round the real function
+    stopwatch(clip_shared.keys, "weights_id", hashing)
     cpu_before = time.process_time()
     # As runner.run: the helpers start importing while this process loads the model.
     with new_sandbox(config) as sandbox:
