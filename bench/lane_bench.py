@@ -329,14 +329,6 @@ def peak_rss_mib(pid: int | str) -> float:
     return peak_rss_mb(pid) * 1e6 / 2**20
 
 
-def children_pids() -> list[int]:
-    """This process's children (the sandbox's helpers), from each of its threads' list."""
-    pids: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
-        pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return pids
-
-
 def cold_child(settings: dict[str, Any]) -> None:
     """The fresh process of `cold_start`: everything here is timed from the module's first line."""
     imports = time_imports(list(IMPORT_GROUPS))
@@ -366,7 +358,7 @@ def cold_child(settings: dict[str, Any]) -> None:
             )
         model.embed(torch.stack(inputs))
         first_batch, first_batch_cpu = time.time(), time.process_time() - cpu_before
-        helpers = [peak_rss_mib(pid) for pid in children_pids()]
+        helpers = [peak_rss_mib(pid) for pid in sandbox.pids]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = resource.getrusage(resource.RUSAGE_SELF)
     result = {
