@@ -24,6 +24,7 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from moto import mock_aws
 from PIL import Image
 
+from clip_pipeline import jobs
 from clip_shared import keys, notifications
 from clip_shared.lane import EmbedLane, LaneRequest
 from clip_worker.config import WorkerConfig
@@ -189,24 +190,26 @@ class Lane:
     def run_jobs(self) -> list[int]:
         """Every submitted Batch job, run as Batch runs its container (first attempt); their exit codes."""
         codes = []
-        for job_id in [job["jobId"] for status in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
-                       for job in self.batch.list_jobs(jobQueue="gpu-queue", jobStatus=status)["jobSummaryList"]]:  # fmt: skip
-            job = self.batch.describe_jobs(jobs=[job_id])["jobs"][0]
-            overrides = {item["name"]: item["value"] for item in job["container"].get("environment", [])}
+        for job in self.submitted():
             environment = {
                 "OUTPUT_BUCKET": OUTPUT_BUCKET,
                 **self.worker_environment,
                 "JOB_ATTEMPTS": str(JOB_ATTEMPTS),
-                "AWS_BATCH_JOB_ID": job_id,
+                "AWS_BATCH_JOB_ID": job["jobId"],
                 "AWS_BATCH_JOB_ATTEMPT": "1",
-                **overrides,
+                **overrides(job),
             }
             codes.append(run(WorkerConfig.from_env(environment), s3=self.s3).exit_code)
         return codes
 
     def submitted(self) -> list[dict[str, Any]]:
-        return [job for status in ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
-                for job in self.batch.list_jobs(jobQueue="gpu-queue", jobStatus=status)["jobSummaryList"]]  # fmt: skip
+        """Every Batch job submitted to the stack's queue, described."""
+        return list(jobs.jobs(self.batch, "gpu-queue", jobs.STATES))
+
+
+def overrides(job: dict[str, Any]) -> dict[str, str]:
+    """The environment a submission gave the job's container."""
+    return {item["name"]: item["value"] for item in job["container"].get("environment", [])}
 
 
 def sqs_record(body: str, source_arn: str, index: int) -> dict[str, Any]:
@@ -301,10 +304,9 @@ def test_what_the_lane_cannot_afford_goes_to_batch_which_resumes_the_lanes_work(
     # The dispatcher reads the fallback queue: a Batch job of the same manifest, counting the lane's attempt.
     assert lane.dispatch(handed) == {"batchItemFailures": []}
     (job,) = lane.submitted()
-    described = lane.batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0]
-    overrides = {item["name"]: item["value"] for item in described["container"]["environment"]}
+    given = overrides(job)
     manifest_uri = LaneRequest.model_validate_json(requests["Records"][0]["body"]).manifest_uri
-    assert (overrides["MANIFEST_URI"], overrides["EARLIER_ATTEMPTS"]) == (manifest_uri, "1")
+    assert (given["MANIFEST_URI"], given["EARLIER_ATTEMPTS"]) == (manifest_uri, "1")
     assert lane.run_jobs() == [EXIT_OK]
     events = stored_events(lane.s3, lane.model_id)
     assert set(stored_vectors(lane.s3, lane.model_id)) == {*photos(2), "big.png"}
@@ -354,11 +356,10 @@ def test_requests_sqs_will_not_take_go_to_batch_and_nothing_is_sent_twice(lane: 
     assert lane.dispatch(lane.upload(photos(2 * MAX_IMAGES))) == {"batchItemFailures": []}
     sent = [LaneRequest.model_validate_json(record["body"]) for record in lane.take(lane.embed_url)["Records"]]
     (job,) = lane.submitted()
-    described = lane.batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0]
-    handed = {item["name"]: item["value"] for item in described["container"]["environment"]}["MANIFEST_URI"]
+    handed = overrides(job)["MANIFEST_URI"]
     # Two requests of three: one sent, the other (refused twice) handed to Batch, never tried on the lane.
     assert len(sent) == 1 and handed != sent[0].manifest_uri
-    assert "EARLIER_ATTEMPTS" not in {item["name"] for item in described["container"]["environment"]}
+    assert "EARLIER_ATTEMPTS" not in overrides(job)
 
 
 def test_lane_requests_left_in_its_queue_after_the_lane_is_turned_off_go_to_batch_untried(lane: Lane) -> None:
@@ -367,8 +368,7 @@ def test_lane_requests_left_in_its_queue_after_the_lane_is_turned_off_go_to_batc
     # EmbedLane batch: the dispatcher reads the lane's queue (DispatcherLaneLeftovers).
     assert lane.dispatch(waiting) == {"batchItemFailures": []}
     (job,) = lane.submitted()
-    described = lane.batch.describe_jobs(jobs=[job["jobId"]])["jobs"][0]
-    assert "EARLIER_ATTEMPTS" not in {item["name"] for item in described["container"]["environment"]}
+    assert "EARLIER_ATTEMPTS" not in overrides(job)
     assert lane.run_jobs() == [EXIT_OK]
     assert set(stored_vectors(lane.s3, lane.model_id)) == set(photos(2))
 
