@@ -123,12 +123,19 @@ def send_to_lane(
 
     Once a manifest is written its request must go somewhere: failing the batch then would have its
     redelivery write new manifests and send the objects already queued a second time."""
-    requests = []
-    for start in range(0, len(entries), max_images):
-        part = entries[start : start + max_images]
-        part_id = manifest_id if start == 0 else new_manifest_id(datetime.now(UTC))
-        manifest_uri, _ = write_manifests(s3, output_bucket, output_prefix, part_id, part, len(part))
-        requests.append(LaneRequest(manifest_uri=manifest_uri, manifest_id=part_id, images=len(part)))
+    parts = [
+        (manifest_id if start == 0 else new_manifest_id(datetime.now(UTC)), entries[start : start + max_images])
+        for start in range(0, len(entries), max_images)
+    ]
+
+    def request(part: tuple[str, Sequence[ManifestEntry]]) -> LaneRequest:
+        part_id, part_entries = part
+        manifest_uri, _ = write_manifests(s3, output_bucket, output_prefix, part_id, part_entries, len(part_entries))
+        return LaneRequest(manifest_uri=manifest_uri, manifest_id=part_id, images=len(part_entries))
+
+    # Independent writes, as a job's children's manifests: S3 takes them in parallel.
+    with ThreadPoolExecutor(min(_PARALLEL_WRITES, len(parts))) as pool:
+        requests = list(pool.map(request, parts))
     unsent = []
     for start in range(0, len(requests), _SQS_BATCH):
         left = requests[start : start + _SQS_BATCH]
