@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clip_store import recall
-from clip_store.maintain import Action, IndexPolicy, maintain, plan
+from clip_store.maintain import MIN_SAMPLE_RATE, Action, IndexPolicy, maintain, plan, sample_rate
 from clip_store.store import Ingested, SearchSettings, VectorStore
 from tests.store.support import clustered, shard, stored, tombstone_count, trusting, unit_vectors, urls
 
@@ -118,11 +118,11 @@ def test_a_retrain_past_max_train_rows_is_deferred_while_new_rows_still_go_into_
 TUNED = replace(POLICY, max_unindexed=10_000, rows_per_partition=100)
 
 
-def text_like(count: int, seed: int) -> np.ndarray:
+def text_like(count: int, seed: int, gap: float = 0.8) -> np.ndarray:
     """Queries out of the images' distribution, as CLIP's text vectors are: the images' clusters
     seen from another cone (a shared offset), so their neighbours straddle partitions."""
     offset = unit_vectors(1, DIMENSIONS, seed=99)[0]
-    vectors = clustered(count, DIMENSIONS, seed=seed) + 0.8 * offset
+    vectors = clustered(count, DIMENSIONS, seed=seed) + gap * offset
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -148,7 +148,7 @@ def test_a_build_measures_recall_on_images_and_texts_and_readers_reach_it(local_
 
     tuning = built.state.tuning
     assert built.measured and tuning is not None and tuning.reached and asked == [1]
-    assert set(tuning.recall) == {"images", "texts"} and min(tuning.recall.values()) >= 0.98
+    assert set(tuning.recall) == {"images", "shifted", "texts"} and min(tuning.recall.values()) >= 0.98
     assert (tuning.rows, tuning.probes, tuning.k, tuning.target) == (2_100, 200, 10, 0.98)
     # What the measurement promised holds for queries it never saw, through a reader's defaults.
     reader = VectorStore(local_uri, refresh_s=None)
@@ -191,7 +191,29 @@ def test_text_probes_of_another_models_width_are_left_out_not_a_failed_upkeep(lo
 
     done = maintain(store, TUNED, text_probes=lambda: unit_vectors(30, DIMENSIONS * 2, seed=29))
 
-    assert done.state.tuning is not None and set(done.state.tuning.recall) == {"images"}
+    assert done.state.tuning is not None and set(done.state.tuning.recall) == {"images", "shifted"}
+
+
+def test_a_store_given_no_text_probes_still_holds_its_recall_for_queries_from_another_cone(local_uri: str) -> None:
+    vectors = clustered(2_100, DIMENSIONS, seed=30)
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), vectors), shard="a", still_current=trusting)
+    policy = replace(TUNED, recall=recall.RecallPolicy(nprobes=(1, 2, 5, 10)))
+
+    done = maintain(store, policy)  # as a user of the library would: no text vectors at hand
+
+    tuning = done.state.tuning
+    assert tuning is not None and tuning.reached and set(tuning.recall) == {"images", "shifted"}
+    texts, images = text_like(40, seed=32, gap=3.0), clustered(40, DIMENSIONS, seed=31)
+    reader = VectorStore(local_uri, refresh_s=None)
+    assert recall_at(reader, vectors, texts) >= 0.97 and recall_at(reader, vectors, images) >= 0.98
+    # Measured on images alone, the store would have settled for settings at which those texts miss.
+    images_only = next(n for n in policy.recall.nprobes if recall_at(searching(local_uri, n), vectors, images) >= 0.98)
+    assert images_only < tuning.nprobes and recall_at(searching(local_uri, images_only), vectors, texts) < 0.95
+
+
+def searching(local_uri: str, nprobes: int) -> VectorStore:
+    return VectorStore(local_uri, refresh_s=None, search=SearchSettings(nprobes=nprobes, refine_factor=max(recall.REFINE)))
 
 
 def test_a_target_no_setting_reaches_is_recorded_as_not_reached_with_the_most_thorough_settings(local_uri: str) -> None:
@@ -202,7 +224,7 @@ def test_a_target_no_setting_reaches_is_recorded_as_not_reached_with_the_most_th
 
     tuning = done.state.tuning
     assert tuning is not None and not tuning.reached and tuning.probes == 50
-    assert (tuning.nprobes, tuning.refine_factor) == (21, max(refine for _, refine in recall.LADDER))
+    assert (tuning.nprobes, tuning.refine_factor) == (21, max(recall.REFINE))
 
 
 def test_recall_is_measured_again_as_the_table_grows_and_left_to_the_trainer_past_its_bound(local_uri: str) -> None:
@@ -272,3 +294,13 @@ def test_an_index_update_forgets_tombstones_older_than_the_policy_keeps_them(loc
 
     assert tombstone_count(store) == 0
     assert store.vector_of(urls(names(0, 1))[0]) is None and store.count() == 2_599
+
+
+def test_the_k_means_sample_stays_within_its_cap_at_any_size() -> None:
+    policy = IndexPolicy()  # 4,096 rows a partition, 2M rows of sample at most
+    assert sample_rate(1_000_000, policy) == 256  # LanceDB's own below the cap
+    assert sample_rate(100_000_000, policy) == 81  # 24,414 partitions: 1.98M rows, not 6.25M
+    assert sample_rate(10_000_000_000, policy) == MIN_SAMPLE_RATE  # never too few rows a centroid
+    for rows in (4_096, 10_000_000, 40_960_000, 100_000_000, 163_840_000):
+        partitions = rows // policy.rows_per_partition
+        assert partitions * sample_rate(rows, policy) <= max(policy.max_train_sample, partitions * MIN_SAMPLE_RATE)

@@ -85,6 +85,14 @@ class IndexPolicy:
     #: IVF partition size: a query scans SearchSettings.nprobes partitions of about this many rows.
     #: Constant, so a query's cost stays flat as partitions multiply (docs/search.md).
     rows_per_partition: int = 4096
+    #: Bits a dimension of the RaBitQ codes the partitions are ranked on (1, 2, 4 or 8): at 1 bit a
+    #: query from another cone (a text) ranks its candidates badly, and needs a refine factor of 50
+    #: or more; at 4 it needs 5-20 (docs/benchmarks.md, index types). 256 bytes a 512-d vector.
+    code_bits: int = 4
+    #: The most rows the IVF k-means trains on (LanceDB samples `sample_rate` rows a partition, 256 by
+    #: default): 6.25M rows, 12.8 GB of 512-d vectors, at 100M; capped, the sample stays within a few
+    #: GB at any size, with no fewer than MIN_SAMPLE_RATE rows a centroid.
+    max_train_sample: int = 2_000_000
     #: Data files (one per commit) not yet under the index before a table is compacted, whatever its
     #: size; and index segments (one per update) before the index is retrained to merge them.
     max_fragments: int = 8
@@ -190,14 +198,28 @@ def maintain(
 
 def _train(table: LanceTable, policy: IndexPolicy, build: bool) -> None:
     rows = table.count_rows()
-    # RaBitQ codes (1 bit a dimension, 64 bytes a 512-d vector) ranked within the probed
-    # partitions, then the best candidates re-ranked exactly (SearchSettings.refine_factor).
-    table.create_index(
-        VECTOR_COLUMN, config=IvfRq(distance_type="dot", target_partition_size=policy.rows_per_partition), replace=True
+    # RaBitQ codes ranked within the probed partitions, then the best candidates re-ranked exactly
+    # (SearchSettings.refine_factor).
+    config = IvfRq(
+        distance_type="dot",
+        target_partition_size=policy.rows_per_partition,
+        num_bits=policy.code_bits,
+        sample_rate=sample_rate(rows, policy),
     )
+    table.create_index(VECTOR_COLUMN, config=config, replace=True)
     table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
     if build:
         table.create_index("url", config=BTree(), replace=True)
+
+
+#: Fewer rows a centroid than this and k-means fits its partitions to the sample's noise.
+MIN_SAMPLE_RATE = 40
+
+
+def sample_rate(rows: int, policy: IndexPolicy) -> int:
+    """Rows a partition the k-means trains on: LanceDB's 256, unless that passes max_train_sample."""
+    partitions = recall.partitions_of(rows, policy.rows_per_partition)
+    return max(MIN_SAMPLE_RATE, min(256, policy.max_train_sample // partitions))
 
 
 def is_commit_conflict(exc: BaseException) -> bool:

@@ -7,20 +7,31 @@ were fitted to). So after each build, retrain and growth of the index, `measure`
 queries of the kinds the store answers:
 
 - `images`: stored vectors, each left out of its own answer (an image's "similar" query);
+- `shifted`: made from the same sample, out of its distribution as a text query is (`shifted`):
+  most of the vectors' common direction taken out, a direction they share little put in, noise
+  added. Always measured, so a store that was given no text probes, or only the label prompts,
+  still holds its recall for a query from a cone nobody showed it;
 - `texts`: text embeddings made with the store's model, when the caller has some (the indexer
   passes the label set's prompt vectors its image bakes; `maintain(text_probes=...)`),
 
 computes their exact top-k in one streaming pass over the table (a matrix product a batch, memory
-bounded by the batch and the probe count), and walks a ladder of settings from the cheapest up,
-keeping the first at which every kind reaches the target. The result (`Tuning`) goes into the
-vector column's metadata, beside the rows the index was trained on, and `VectorStore.nearest`
-uses it unless its caller gives settings of its own. When no rung reaches the target, the most
-thorough one is recorded with `reached=False`, and the indexer logs it and emits
-SearchRecallBelowTarget (an alarm in template.yaml).
+bounded by the batch and the probe count), then finds the cheapest settings at which every kind
+reaches the target in two steps, since the two ways an IVF search misses are independent:
 
-Cost: one read of the vectors (the exact answers) plus at most `len(ladder)` batched searches of
-`probes` queries a kind; `maintain` runs it only after a training, or once the table has grown by
-`RecallPolicy.remeasure_growth` since the last measurement, so its cost per row stays constant.
+1. the fewest partitions (`RecallPolicy.nprobes`, cheapest first) that reach it with the most
+   thorough refine: a query whose neighbours straddle partitions needs more of them;
+2. at those, the smallest refine factor (`RecallPolicy.refine`) that still reaches it: a query far
+   from the vectors' cone ranks candidates on their quantised codes less well.
+
+The result (`Tuning`) goes into the vector column's metadata, beside the rows the index was
+trained on, and `VectorStore.nearest` uses it unless its caller gives settings of its own. When no
+setting reaches the target, the most thorough one is recorded with `reached=False`, and the indexer
+logs it and emits SearchRecallBelowTarget (an alarm in template.yaml).
+
+Cost: one read of the vectors (the exact answers) plus at most `len(nprobes) + len(refine)`
+batched searches of `probes` queries a kind; `maintain` runs it only after a training, or once the
+table has grown by `RecallPolicy.remeasure_growth` since the last measurement, so its cost per row
+stays constant.
 """
 
 from __future__ import annotations
@@ -36,20 +47,17 @@ from lancedb.table import LanceTable
 
 #: Field metadata on the vector column: the measured Tuning, as JSON.
 TUNING = "clip_store.search"
-#: (nprobes, refine_factor), cheapest first: the settings `measure` tries in turn. A rung probing
-#: more partitions than the index has is replaced by one probing them all.
-LADDER: tuple[tuple[int, int], ...] = (
-    (10, 10),
-    (20, 20),
-    (40, 20),
-    (80, 20),
-    (80, 50),
-    (120, 40),
-    (160, 50),
-    (320, 50),
-    (640, 100),
-    (1280, 100),
-)
+#: Partitions a search probes, tried cheapest first; one probing more than the index has is
+#: replaced by one probing them all.
+NPROBES: tuple[int, ...] = (10, 20, 40, 80, 160, 320, 640, 1280)
+#: Refine factors (candidates re-ranked on their full vectors, per result), tried at the nprobes found.
+REFINE: tuple[int, ...] = (5, 10, 20, 50)
+#: How far `shifted` probes are from the stored vectors' cone: the weight of the direction they
+#: share little (the content's is 1), and of isotropic noise, each drawn uniformly per probe.
+GAP_WEIGHT = (1.0, 3.0)
+NOISE_WEIGHT = (0.25, 1.25)
+#: Gap directions among the `shifted` probes: a text cone is one direction, which one is unknown.
+GAP_DIRECTIONS = 4
 #: What a reader uses on an index no measurement has covered yet (one built before measurements
 #: existed, until the next `maintain` measures it): a thorough rung, since nothing says less is enough.
 UNMEASURED = (160, 50)
@@ -65,7 +73,8 @@ class RecallPolicy:
     probes: int = 200
     #: Measure again once the table holds this many times the rows last measured.
     remeasure_growth: float = 1.25
-    ladder: tuple[tuple[int, int], ...] = LADDER
+    nprobes: tuple[int, ...] = NPROBES
+    refine: tuple[int, ...] = REFINE
     seed: int = 0
 
 
@@ -75,7 +84,7 @@ class Tuning:
 
     nprobes: int
     refine_factor: int
-    #: recall@k at these settings, by kind of probe ("images", "texts").
+    #: recall@k at these settings, by kind of probe ("images", "shifted", "texts").
     recall: dict[str, float]
     k: int
     target: float
@@ -115,43 +124,69 @@ class Tuning:
 
 
 def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPolicy(), texts: np.ndarray | None = None) -> Tuning:
-    """The cheapest rung of the policy's ladder at which every kind of probe reaches the target."""
+    """The cheapest settings at which every kind of probe reaches the target (the module's docstring)."""
     rows = table.count_rows()
     rng = np.random.default_rng(policy.seed)
     sample = np.sort(rng.choice(rows, size=min(policy.probes, rows), replace=False))
     taken = table.take_offsets(sample.tolist()).select(["url", "vector"]).to_arrow()
+    images = _unit(_matrix(taken.column("vector")))
     kinds: dict[str, tuple[np.ndarray, list[str | None]]] = {
-        "images": (_unit(_matrix(taken.column("vector"))), taken.column("url").to_pylist())
+        "images": (images, taken.column("url").to_pylist()),
+        "shifted": (shifted(images, rng), [None] * len(images)),
     }
     # Text vectors of another width belong to another model than the store's: they cannot probe it.
-    if texts is not None and len(texts) and np.shape(texts)[-1] == kinds["images"][0].shape[1]:
+    if texts is not None and len(texts) and np.shape(texts)[-1] == images.shape[1]:
         chosen = rng.choice(len(texts), size=min(policy.probes, len(texts)), replace=False)
         kinds["texts"] = (_unit(np.asarray(texts, np.float32)[np.sort(chosen)]), [None] * len(chosen))
     exact = exact_answers(
         table, {kind: vectors for kind, (vectors, _) in kinds.items()}, {k: own for k, (_, own) in kinds.items()}, policy.k
     )
-    best: Tuning | None = None
-    for nprobes, refine_factor in rungs(policy.ladder, partitions):
+
+    def tuning(nprobes: int, refine_factor: int) -> Tuning:
         recall = {
             kind: _recall(table, vectors, own, exact[kind], nprobes, refine_factor, policy.k)
             for kind, (vectors, own) in kinds.items()
         }
         reached = min(recall.values()) >= policy.target
-        best = Tuning(nprobes, refine_factor, recall, policy.k, policy.target, reached, rows, len(sample))
-        if reached:
+        return Tuning(nprobes, refine_factor, recall, policy.k, policy.target, reached, rows, len(sample))
+
+    thorough = max(policy.refine)
+    for nprobes in probe_counts(policy.nprobes, partitions):
+        best = tuning(nprobes, thorough)
+        if best.reached:
             break
-    assert best is not None  # the ladder always has a rung
+    else:
+        return best
+    for refine_factor in sorted(set(policy.refine) - {thorough}):
+        cheaper = tuning(best.nprobes, refine_factor)
+        if cheaper.reached:
+            return cheaper
     return best
+
+
+def shifted(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Queries out of `images`' distribution, as CLIP's text embeddings are out of its image embeddings'
+    (the "modality gap"): each image with most of the images' common direction taken out, one of
+    GAP_DIRECTIONS directions orthogonal to it put in (GAP_WEIGHT), and isotropic noise
+    (NOISE_WEIGHT). Their neighbours are ranked partly by that direction, which the IVF partitions
+    and the quantised codes were not fitted to: the cases where a search misses most."""
+    count, dimensions = images.shape
+    common = _unit(images.mean(axis=0, keepdims=True))[0]
+    directions = rng.standard_normal((GAP_DIRECTIONS, dimensions)).astype(np.float32)
+    directions = _unit(directions - np.outer(directions @ common, common))
+    content = _unit(images - 0.8 * np.outer(images @ common, common))
+    gap = rng.uniform(*GAP_WEIGHT, (count, 1)) * directions[np.arange(count) % GAP_DIRECTIONS]
+    noise = rng.uniform(*NOISE_WEIGHT, (count, 1)) * rng.standard_normal((count, dimensions)) / np.sqrt(dimensions)
+    return _unit(content + gap + noise).astype(np.float32)
 
 
 def record(table: LanceTable, tuning: Tuning) -> None:
     table.update_field_metadata({"path": "vector", "metadata": {TUNING: tuning.to_json()}})
 
 
-def rungs(ladder: Sequence[tuple[int, int]], partitions: int) -> list[tuple[int, int]]:
-    """The ladder's rungs that probe fewer partitions than the index has, then one that probes them all."""
-    fewer = [(nprobes, refine) for nprobes, refine in ladder if nprobes < partitions]
-    return [*fewer, (partitions, max(refine for _, refine in ladder))]
+def probe_counts(nprobes: Sequence[int], partitions: int) -> list[int]:
+    """The nprobes that probe fewer partitions than the index has, then one that probes them all."""
+    return [*(count for count in nprobes if count < partitions), partitions]
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
