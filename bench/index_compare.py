@@ -239,6 +239,9 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             }
             results["runs"].append(run)
             print(summary_line(run), flush=True)
+            if args.json:  # after each run: a long comparison stopped midway keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -269,9 +272,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         with tempfile.TemporaryDirectory() as workdir:
             results = compare(args, Path(workdir))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

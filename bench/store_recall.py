@@ -2,7 +2,7 @@
 with the settings the store measured for itself, on mixtures and queries it was not tuned on.
 
     python -m bench.store_recall --rows 1000000 --mixture lognormal --json bench/out/store-recall-1m-lognormal.json
-    python -m bench.store_recall --rows 10000000 --mixture clip_like --json bench/out/store-recall-10m-clip_like.json
+    python -m bench.store_recall --rows 10000000 --mixture clip_like --bulk --json bench/out/store-recall-10m-clip_like.json
 
 Through clip_store's public API only, as the issue's reproduction did: `VectorStore.ingest` of worker
 shards of `--shard-rows` (`search_bench.shard_table`), `maintain(store)` with no text probes (a
@@ -14,7 +14,10 @@ against their exact top-k (one streaming pass over the table, clip_store.recall.
 Cold: a fresh process (bench.search_cold) opens the store and makes its first query, timed from
 after its imports; it then makes every other query, and its peak RSS (VmHWM) is the figure a query
 function needs at this size. `--reuse` searches a store an earlier run left in `--workdir` again,
-without ingesting or maintaining. Time it with nothing else running: this is a 2-core machine.
+without ingesting or maintaining. `--bulk` appends every shard after the first straight to the
+store's table, in the store's own row form (`shard_rows`), without the ingest's per-url lookups of
+the versions stored: before the first `maintain` builds the url index, each is a scan of the table,
+which makes a 10M load hours here; what ingestion costs is search_bench's to measure. Time it with nothing else running: this is a 2-core machine.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from bench.index_compare import MIXTURES, queries_of
 from bench.search_bench import shard_table
 from clip_store.maintain import maintain
 from clip_store.recall import exact_answers
-from clip_store.store import VectorStore
+from clip_store.store import VectorStore, shard_rows
 
 
 def current(url: str, etag: str) -> bool:
@@ -47,7 +50,12 @@ def ingest(store: VectorStore, args: argparse.Namespace) -> float:
         pending.append(chunk)
         if sum(map(len, pending)) >= args.shard_rows or first + sum(map(len, pending)) >= args.rows:
             vectors = np.concatenate(pending)
-            store.ingest(shard_table(vectors, first=first), shard=f"shard-{first:010d}", still_current=current)
+            rows, name = shard_table(vectors, first=first), f"shard-{first:010d}"
+            table = store.table()
+            if args.bulk and table is not None:
+                table.add(shard_rows(rows, name))
+            else:
+                store.ingest(rows, shard=name, still_current=current)
             first, pending = first + len(vectors), []
             print(f"  ingested {first:,} rows", end="\r", flush=True)
     return time.perf_counter() - started
@@ -56,13 +64,14 @@ def ingest(store: VectorStore, args: argparse.Namespace) -> float:
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     uri = str(workdir / "store")
     store = VectorStore(uri)
-    results: dict[str, Any] = {"rows": args.rows, "mixture": args.mixture, "dimensions": args.dimensions, "top": args.top}
+    results: dict[str, Any] = {"mixture": args.mixture, "dimensions": args.dimensions, "top": args.top}
     if not args.reuse:
         results["ingest_s"] = round(ingest(store, args), 1)
         started = time.perf_counter()
         done = maintain(store)
         results["maintain"] = {"action": str(done.action), "seconds": round(time.perf_counter() - started, 1)}
     state = store.index_state()
+    results["rows"] = state.rows
     assert state.tuning is not None, "maintain measured nothing: fewer rows than an index needs?"
     results["tuning"] = {"nprobes": state.tuning.nprobes, "refine_factor": state.tuning.refine_factor, "recall": state.tuning.recall}
     print(f"{args.mixture} {args.rows:,}: {state.tuning.summary()}", flush=True)
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shard-rows", type=int, default=100_000, help="rows a worker shard (one ingest)")
     parser.add_argument("--workdir", type=Path, help="where the store goes (default: a temporary folder, removed after)")
     parser.add_argument("--reuse", action="store_true", help="search the store in --workdir again")
+    parser.add_argument("--bulk", action="store_true", help="append shards after the first without the ingest's lookups")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.reuse and not args.workdir:
