@@ -64,11 +64,19 @@ class DeployParameters:
         builds = [("worker", not self.values["ImageUri"]), ("query", self.query_service and not self.values["QueryImageUri"])]
         return [name for name, built in builds if built]
 
+    def _vcpus(self, job_definition: str) -> int:
+        container = _template(self.template)["Resources"][job_definition]["Properties"]["ContainerProperties"]
+        return next(int(item["Value"]) for item in container["ResourceRequirements"] if item["Type"] == "VCPU")
+
     @property
     def job_vcpus(self) -> int:
         """The vCPUs one worker job asks for (WorkerJobDefinition), the least a GPU quota must allow."""
-        container = _template(self.template)["Resources"]["WorkerJobDefinition"]["Properties"]["ContainerProperties"]
-        return next(int(item["Value"]) for item in container["ResourceRequirements"] if item["Type"] == "VCPU")
+        return self._vcpus("WorkerJobDefinition")
+
+    @property
+    def index_job_vcpus(self) -> int:
+        """The vCPUs the index job asks for (IndexJobDefinition), the least the standard-instance quota must allow."""
+        return self._vcpus("IndexJobDefinition")
 
     @property
     def indexer_concurrency(self) -> int:
