@@ -126,10 +126,11 @@ def test_index_submits_the_training_the_indexer_left_once_or_does_it_here_and_sh
         "none (exact search)",
     )
 
-    # By default the stack's index job does it, on the stack's compute; asked again, nothing more is submitted.
+    # By default the stack's index job does it, on the stack's CPU queue; asked again, nothing more is submitted.
     submitted = mine(invoke(deployed, "index"))
     batch = clients.client("batch")
     [job] = batch.describe_jobs(jobs=[submitted["job"]])["jobs"]
+    assert job["jobQueue"] == stack.output("IndexJobQueueArn") != stack.output("JobQueueArn")
     assert job["jobDefinition"].split("/")[-1].split(":")[0] == stack.output("IndexJobDefinitionArn").split("/")[-1].split(":")[0]
     assert job["container"]["command"] == ["python", "-m", "clip_indexer.train", model_id]
     assert (submitted["done"], submitted["index"]) == ("none", "none (exact search)")
