@@ -21,6 +21,8 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from clip_pipeline.app import app
+from clip_pipeline.preflight import deploy_parameters
+from clip_pipeline.preflight.capacity import check_index_instance_types
 
 REGION = "us-east-1"
 ON_DEMAND_GPU, SPOT_GPU, LINUX_LARGE_BUILDS, LAMBDA_CONCURRENCY = "L-DB2E81BA", "L-3819A6DF", "L-4DDC4A99", "L-B99A9384"
@@ -138,6 +140,7 @@ def test_an_account_with_room_passes_every_check(account: Account, python312: Pa
         "lambda-memory": "pass",
         "gpu-vcpus": "pass",
         "index-vcpus": "pass",
+        "index-instance-types": "pass",
         "codebuild-region": "pass",
         "codebuild-builds": "pass",
         "network": "pass",
@@ -502,14 +505,44 @@ def test_too_few_standard_vcpus_for_the_index_job_warn_and_name_the_quota_but_de
         assert checks(preflight(samconfig, "--parameter-overrides", parameters))["index-vcpus"]["status"] == "pass", standard
 
 
+@pytest.mark.parametrize(
+    ("types", "status", "found"),
+    [
+        ("c7i.4xlarge,c6i.4xlarge,m7i.4xlarge,m6i.4xlarge", "pass", "c6i.4xlarge, c7i.4xlarge, m6i.4xlarge, m7i.4xlarge hold"),
+        # 32 GiB less what ECS keeps back still holds 28,000 MiB; a whole family has sizes that do.
+        ("c7i", "pass", "hold the index job's 16 vCPUs and 28,000 MiB"),
+        ("optimal", "pass", "optimal hold"),
+        # Too few vCPUs, too little memory, or Arm, which the x86_64 worker image does not run on.
+        ("c7i.2xlarge,m7i.2xlarge", "warn", "no type of c7i.2xlarge, m7i.2xlarge holds"),
+        ("c7g.4xlarge", "warn", "on x86_64"),
+        ("default_arm64", "warn", "waits in RUNNABLE"),
+        # Only the sizes that hold it are named; Batch starts those for the job.
+        ("c7i.2xlarge,c7i.4xlarge", "pass", "c7i.4xlarge hold"),
+        # A name no instance type has: Batch refuses the compute environment, and the deploy with it.
+        ("c7i.4xlrge,m7i.4xlarge", "fail", "names c7i.4xlrge, no instance type"),
+        ("c7i.4xlarge,c9zz", "fail", "names c9zz, no instance type"),
+    ],
+)
+def test_index_instance_types_must_hold_the_index_job(
+    account: Account, samconfig: Path, types: str, status: str, found: str
+) -> None:
+    parameters = deploy_parameters("first-stack", [f"IndexInstanceTypes={types}"], samconfig=samconfig)
+
+    check = check_index_instance_types(boto3.client("ec2", region_name=REGION), parameters)
+
+    assert (check.status, check.code) == (status, "index-instance-types")
+    assert found in check.finding
+
+
 def test_index_instance_types_no_subnet_zone_offers_warn_without_failing_the_deploy(
     account: Account, python312: Path, samconfig: Path
 ) -> None:
-    report = preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=c9zz.4xlarge")
+    # An instance type us-east-1 does not offer.
+    report = preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=hpc7a.48xlarge")
 
     check = checks(report)["index-instance-zones"]
     assert report["ok"] is True and check["status"] == "warn"
-    assert "offers c9zz.4xlarge" in check["finding"] and "waits in RUNNABLE" in check["finding"]
+    assert "offers hpc7a.48xlarge" in check["finding"] and "waits in RUNNABLE" in check["finding"]
     # Only the default subnets Batch is handed count: those whose zones offer the GPU instance types.
     assert "us-east-1e" not in check["finding"]
     # A family is matched as Batch matches it: any size of it.
@@ -533,6 +566,12 @@ def test_index_instance_types_no_subnet_zone_offers_warn_without_failing_the_dep
     only = f"VpcId={vpc} SubnetIds={subnets[1]}"
     check = checks(preflight(samconfig, "--parameter-overrides", only, exit_code=None))["index-instance-zones"]
     assert check["status"] == "warn" and "(us-east-1e) offers c7i.4xlarge" in check["finding"]
+
+
+def test_an_index_instance_type_that_does_not_exist_fails_the_deploy(account: Account, python312: Path, samconfig: Path) -> None:
+    report = preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=c7i.4xlrge", exit_code=1)
+
+    assert [check["code"] for check in report["checks"] if check["status"] == "fail"] == ["index-instance-types"]
 
 
 @pytest.mark.parametrize(

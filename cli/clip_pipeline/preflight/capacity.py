@@ -1,8 +1,9 @@
 """Capacity: the account's G-instance vCPU quota and the instance types in the subnets' zones, for the
-GPU workers; the On-Demand Standard vCPU quota and IndexInstanceTypes in the same zones, for the index job.
+GPU workers; the On-Demand Standard vCPU quota, IndexInstanceTypes' sizes and their zones, for the index job.
 
 The index job runs only once a store passes IndexMaxTrainRows, and until then nothing needs its
-instances: what it lacks is a warning, never a failure.
+instances: what it lacks is a warning. Only an IndexInstanceTypes name that is no instance type
+fails, since Batch refuses the compute environment and with it the deploy.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from clip_pipeline.preflight.findings import Check, ClientFactory, QuotaRequest, Status, default_only, quota
 from clip_pipeline.preflight.parameters import DeployParameters
-from clip_shared.network import subnet_zones
+from clip_shared.network import subnet_zones, type_pattern
 
 ON_DEMAND_GPU_VCPUS = ("ec2", "L-DB2E81BA")
 SPOT_GPU_VCPUS = ("ec2", "L-3819A6DF")
@@ -20,6 +21,11 @@ SPOT_GPU_VCPUS = ("ec2", "L-3819A6DF")
 ON_DEMAND_STANDARD_VCPUS = ("ec2", "L-1216C47A")
 #: Instance types of those families (i3, im4gn, is4gen, but not inf1 or hpc7a, which have quotas of their own).
 _STANDARD_TYPE = re.compile(r"(?:[acdhmrtz]|i[ms]?)\d", re.IGNORECASE)
+#: What ECS keeps back of an instance's memory from its jobs: the kernel's share (AWS Batch advises a 5%
+#: margin for it) and 32 MiB for its agent.
+ECS_MEMORY_MARGIN, ECS_AGENT_MIB = 0.05, 32
+#: Instance types Batch chooses itself; "optimal" and "default_x86_64" include sizes that hold any job.
+_BATCH_CHOICES = {"optimal": True, "default_x86_64": True, "default_arm64": False}
 #: What an index job that cannot start means for a deployed stack.
 _INDEX_JOB_WAITS = (
     "a vector-index training past IndexMaxTrainRows waits in RUNNABLE until RunnableTimeoutSeconds cancels it "
@@ -140,3 +146,43 @@ def check_index_instance_zones(ec2: Any, parameters: DeployParameters, subnets: 
     return Check(
         "index-instance-zones", Status.PASS, f"{named} offered in the zones of all {len(kept)} of the GPU workers' subnets"
     )
+
+
+def _holds(described: dict[str, Any], vcpus: int, memory: int) -> bool:
+    """Whether an instance (DescribeInstanceTypes) can run a job of `vcpus` and `memory` MiB of the x86_64 worker image."""
+    registered = described["MemoryInfo"]["SizeInMiB"] * (1 - ECS_MEMORY_MARGIN) - ECS_AGENT_MIB
+    x86 = "x86_64" in described["ProcessorInfo"]["SupportedArchitectures"]
+    return x86 and described["VCpuInfo"]["DefaultVCpus"] >= vcpus and registered >= memory
+
+
+def check_index_instance_types(ec2: Any, parameters: DeployParameters) -> Check:
+    """Whether IndexInstanceTypes are instance types, and one of them holds the index job (IndexJobDefinition)."""
+    names = parameters.items("IndexInstanceTypes")
+    vcpus, memory = parameters.index_job_vcpus, parameters.index_job_memory
+    described, unknown = [], []
+    for name in (name for name in names if name not in _BATCH_CHOICES):
+        # A filter, not InstanceTypes=[...]: it takes a family's wildcard, and answers a name it does not know with nothing.
+        filters = [{"Name": "instance-type", "Values": [type_pattern(name)]}]
+        pages = ec2.get_paginator("describe_instance_types").paginate(Filters=filters)
+        found = [item for page in pages for item in page["InstanceTypes"]]
+        described += found
+        unknown += [] if found else [name]
+    if unknown:
+        return Check(
+            "index-instance-types",
+            Status.FAIL,
+            f"IndexInstanceTypes names {', '.join(unknown)}, no instance type of this region: Batch refuses a compute "
+            'environment naming it ("Instance type can only be one of ..."), and the deploy fails',
+        )
+    holding = sorted(item["InstanceType"] for item in described if _holds(item, vcpus, memory))
+    holding += [name for name in names if _BATCH_CHOICES.get(name)]
+    job = f"the index job's {vcpus} vCPUs and {memory:,} MiB (with ECS's reservation) on x86_64"
+    if not holding:
+        return Check(
+            "index-instance-types",
+            Status.WARN,
+            f"no type of {', '.join(names)} holds {job}: {_INDEX_JOB_WAITS}. Deploy with IndexInstanceTypes of 16 "
+            "vCPUs and 32 GiB or more (the default's)",
+        )
+    shown = ", ".join(holding[:4]) + (f" and {len(holding) - 4} more" if len(holding) > 4 else "")
+    return Check("index-instance-types", Status.PASS, f"{shown} hold {job}")
