@@ -277,7 +277,7 @@ def _granted(statements: list[dict[str, Any]]) -> set[tuple[str, str]]:
 def test_trainings_past_the_indexers_bound_run_as_a_batch_job_that_reaches_only_the_stores() -> None:
     resources = stack()["Resources"]
     indexer = resources["IndexerFunction"]["Properties"]
-    assert indexer["Environment"]["Variables"]["INDEX_JOB_QUEUE"] == {"Ref": "JobQueue"}
+    assert indexer["Environment"]["Variables"]["INDEX_JOB_QUEUE"] == {"Ref": "IndexJobQueue"}
     assert indexer["Environment"]["Variables"]["INDEX_JOB_DEFINITION"] == {"Ref": "IndexJobDefinition"}
     indexer_statements = [
         statement
@@ -285,7 +285,8 @@ def test_trainings_past_the_indexers_bound_run_as_a_batch_job_that_reaches_only_
         for statement in policy["PolicyDocument"]["Statement"]
     ]
     submitted = {resource for action, resource in _granted(indexer_statements) if action == "batch:SubmitJob"}
-    assert submitted == {json.dumps({"Ref": "JobQueue"}), json.dumps({"Ref": "IndexJobDefinition"})}  # not the worker's job
+    # The CPU queue and the index job only: never the GPU queue, nor the worker's job.
+    assert submitted == {json.dumps({"Ref": "IndexJobQueue"}), json.dumps({"Ref": "IndexJobDefinition"})}
     job = resources["IndexJobDefinition"]["Properties"]["ContainerProperties"]
     worker = resources["WorkerJobDefinition"]["Properties"]["ContainerProperties"]
     # The worker image ships clip_store and bakes the label prompts' vectors that probe recall.
@@ -519,6 +520,57 @@ def test_jobs_that_cannot_start_are_cancelled_and_alarmed_on() -> None:
     alarm = resources["StuckJobsAlarm"]["Properties"]
     assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
     assert alarm["Dimensions"] == [{"Name": "RuleName", "Value": {"Ref": "StuckJobsRule"}}]
+
+
+#: vCPUs and GiB of the instance types IndexInstanceTypes may name (EC2's instance type pages).
+INSTANCE_SIZES = {
+    "c7i.4xlarge": (16, 32),
+    "c6i.4xlarge": (16, 32),
+    "m7i.4xlarge": (16, 64),
+    "m6i.4xlarge": (16, 64),
+    "r7i.4xlarge": (16, 128),
+}
+
+
+def test_index_trainings_run_on_cpu_instances_that_cost_nothing_idle_and_hold_the_job() -> None:
+    resources = stack(RunnableTimeoutSeconds="7200")["Resources"]
+    queue = resources["IndexJobQueue"]["Properties"]
+    assert queue["ComputeEnvironmentOrder"] == [{"Order": 1, "ComputeEnvironment": {"Ref": "IndexComputeEnvironment"}}]
+    # A training that can never start is cancelled and alarmed on, as a worker job is.
+    assert queue["JobStateTimeLimitActions"] == resources["JobQueue"]["Properties"]["JobStateTimeLimitActions"]
+    for rule in ("FailedJobsRule", "StuckJobsRule"):
+        watched = resources[rule]["Properties"]["EventPattern"]["detail"]["jobQueue"]
+        assert {"Ref": "IndexJobQueue"} in watched and {"Ref": "JobQueue"} in watched, rule
+    compute = resources["IndexComputeEnvironment"]["Properties"]["ComputeResources"]
+    gpu = resources["GpuComputeEnvironment"]["Properties"]["ComputeResources"]
+    # Nothing runs, and nothing is paid, while no training waits; no GPU AMI, no Spot reclaim of a training of hours.
+    assert (compute["MinvCpus"], compute["Type"], compute["AllocationStrategy"]) == (0, "EC2", "BEST_FIT_PROGRESSIVE")
+    assert compute["Ec2Configuration"] == [{"ImageType": "ECS_AL2023"}]
+    assert stack(UseSpot="true")["Resources"]["IndexComputeEnvironment"]["Properties"]["ComputeResources"]["Type"] == "EC2"
+    # The GPU workers' network, instance role and locked-down launch template.
+    for setting in ("Subnets", "SecurityGroupIds", "InstanceRole", "LaunchTemplate"):
+        assert compute[setting] == gpu[setting], setting
+    assert compute["InstanceTypes"] == ["c7i.4xlarge", "c6i.4xlarge", "m7i.4xlarge", "m6i.4xlarge"]
+    assert not any(name.startswith(("g", "p")) for name in compute["InstanceTypes"])
+    # The job fits the smallest instance Batch may start for it, after what ECS keeps back (32 MiB for its
+    # agent, the kernel's share: AWS advises 5%), and one job fills the environment.
+    requirements = {
+        item["Type"]: int(item["Value"])
+        for item in resources["IndexJobDefinition"]["Properties"]["ContainerProperties"]["ResourceRequirements"]
+    }
+    assert set(requirements) == {"VCPU", "MEMORY"}  # no GPU
+    for overrides in ({}, {"IndexInstanceTypes": "r7i.4xlarge,m7i.4xlarge"}):
+        types = stack(**overrides)["Resources"]["IndexComputeEnvironment"]["Properties"]["ComputeResources"]["InstanceTypes"]
+        vcpus, gib = min(INSTANCE_SIZES[name] for name in types)
+        assert requirements["VCPU"] <= vcpus and requirements["MEMORY"] <= gib * 1024 * 0.95 - 32, overrides
+    assert requirements["VCPU"] <= int(compute["MaxvCpus"]) < 2 * requirements["VCPU"]
+    # The capped k-means sample (2M vectors: 6.1 GB of 768-d float32s) takes at most a quarter of the job's
+    # memory, a margin for the training's own copies and the table's pages beside it.
+    from clip_store.maintain import IndexPolicy  # here: clip_store loads lancedb, which no other test here needs
+
+    assert IndexPolicy().max_train_sample * 768 * 4 <= requirements["MEMORY"] * 2**20 / 4
+    outputs = stack()["Outputs"]
+    assert outputs["IndexJobQueueArn"]["Value"] == {"Ref": "IndexJobQueue"}
 
 
 def _statements(role: dict[str, Any]) -> list[dict[str, Any]]:

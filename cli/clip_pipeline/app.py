@@ -430,6 +430,7 @@ def status(
         "lane_fallback_queue": found.lane_fallbacks.as_dict() if found.lane_fallbacks else None,
         "dead_letter_messages": found.dead_letters,
         "indexes": indexes,
+        "index_jobs": found.index_jobs,
     }
     if json_output:
         typer.echo(json.dumps(result, indent=2))
@@ -459,6 +460,8 @@ def status(
     for model_id, index in indexes.items():
         table.add_row(f"index {model_id}", f"{index['rows']:,} rows, {index['index']}, {index['unindexed_rows']:,} not yet in it")
         table.add_row("", f"search: {index['search']}")
+    if found.index_jobs is not None:
+        table.add_row("index jobs", ", ".join(f"{state.lower()} {count}" for state, count in found.index_jobs.items()))
     Console().print(table)
 
 

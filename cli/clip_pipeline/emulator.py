@@ -89,13 +89,17 @@ def _package(template: dict[str, Any], clients: Clients) -> None:
 
 
 def _fill_moto_gaps(template: dict[str, Any], clients: Clients, stack_name: str) -> None:
+    service_role: str | None = None
     for logical_id, resource in template["Resources"].items():
         properties = resource.setdefault("Properties", {})
         if resource["Type"] == "AWS::Batch::ComputeEnvironment" and "ServiceRole" not in properties:
-            # Gap: moto requires ServiceRole, which AWS makes optional (the service-linked role).
-            iam = clients.client("iam")
-            role = iam.create_role(RoleName=f"{stack_name}-batch-service", AssumeRolePolicyDocument="{}")
-            properties["ServiceRole"] = role["Role"]["Arn"]
+            # Gap: moto requires ServiceRole, which AWS makes optional (the service-linked role): one
+            # for every compute environment of the stack, as the service-linked role is.
+            if service_role is None:
+                iam = clients.client("iam")
+                role = iam.create_role(RoleName=f"{stack_name}-batch-service", AssumeRolePolicyDocument="{}")
+                service_role = str(role["Role"]["Arn"])
+            properties["ServiceRole"] = service_role
         if resource["Type"] == "AWS::ECR::Repository" and "RepositoryName" not in properties:
             # Gap: moto generates repository names with capitals, then rejects them itself.
             properties["RepositoryName"] = f"{stack_name}-{logical_id}".lower()

@@ -5,7 +5,8 @@ IndexMaxTrainRows (a Lambda has 15 minutes); past that it submits the training a
 (clip_store.trainer). This command does the same for whatever is due: by default it submits that
 job (one per due training: a job already on its way is not submitted again), and with `--here` it
 runs the same `maintain` on this machine with no limit, reading the whole table from S3 (a CPU
-instance for tens of millions of rows: docs/scale.md). When nothing is due it changes nothing.
+instance for tens of millions of rows: docs/scale.md). The job runs on the stack's CPU queue
+(IndexJobQueue), not the GPU workers' queue. When nothing is due it changes nothing.
 Either way it shows the search settings the store's readers use and the recall measured with them.
 """
 
@@ -61,8 +62,8 @@ def maintain_stores(
             done = maintain(store, lease=lease, text_probes=text_probes(model_id))
             state = done.state
         elif not dry_run and due is not Action.NONE:
-            # Read here: a stack deployed before the index job existed still trains --here.
-            jobs = TrainingJobs(stack.output("JobQueueArn"), stack.output("IndexJobDefinitionArn"))
+            # Read here: a stack deployed before the index job or its CPU queue existed still trains --here.
+            jobs = TrainingJobs(stack.output("IndexJobQueueArn"), stack.output("IndexJobDefinitionArn"))
             submitted = submit_training(s3, clients.client("batch"), jobs, bucket, prefix, model_id, str(due))
             job = submitted or "already submitted (one job per due training)"
         results.append(

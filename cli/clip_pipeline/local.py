@@ -17,6 +17,7 @@ import fnmatch
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -314,20 +315,21 @@ def retries(strategy: dict[str, Any], exit_code: int) -> bool:
 
 
 class BatchRunner:
-    """AWS Batch for one job queue: runs every submitted job's container command as a local process,
-    and runs it again as the job definition's retry strategy says (AWS_BATCH_JOB_ATTEMPT set)."""
+    """AWS Batch for the stack's job queues (the GPU workers' and the index job's): runs every submitted
+    job's container command as a local process, and runs it again as the job definition's retry strategy
+    says (AWS_BATCH_JOB_ATTEMPT set)."""
 
     def __init__(self, clients: Clients, stack: Stack, extra_environment: dict[str, str]) -> None:
         self._batch = clients.client("batch")
-        self._job_queue = stack.output("JobQueueArn")
+        self._job_queues = [stack.output("JobQueueArn"), stack.output("IndexJobQueueArn")]
         self._clients = clients
         self._extra = extra_environment
         self._seen: set[str] = set()
 
     def _new_jobs(self) -> Iterator[dict[str, Any]]:
         # moto settles jobs at once without running them; what matters is that they were submitted.
-        for status in jobs.STATES:
-            pages = self._batch.get_paginator("list_jobs").paginate(jobQueue=self._job_queue, jobStatus=status)
+        for queue, status in itertools.product(self._job_queues, jobs.STATES):
+            pages = self._batch.get_paginator("list_jobs").paginate(jobQueue=queue, jobStatus=status)
             for summary in (job for page in pages for job in page["jobSummaryList"]):
                 # Array children (parent:index) are the runner's to start, from their parent.
                 if ":" not in summary["jobId"] and summary["jobId"] not in self._seen:

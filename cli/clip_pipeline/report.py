@@ -244,23 +244,34 @@ class Status:
     #: stack deployed before the lane, which has neither queue).
     lane: Backlog | None = None
     lane_fallbacks: Backlog | None = None
+    #: The index jobs (IndexJobQueue) by state (None on a stack deployed before that queue).
+    index_jobs: dict[str, int] | None = None
+
+
+def _jobs_by_state(batch_client: Any, queue: str) -> dict[str, int]:
+    """A job queue's jobs (array parents) by state."""
+    counts = {}
+    for state in jobs.STATES:
+        pages = batch_client.get_paginator("list_jobs").paginate(jobQueue=queue, jobStatus=state)
+        counts[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
+    return counts
 
 
 def status(clients: Clients, stack: Stack) -> Status:
     """The stack's jobs by state, those waiting for an instance and why, every object's outcome, the
-    uploads not dispatched yet, and how many messages wait in the dead-letter queue."""
+    uploads not dispatched yet, how many messages wait in the dead-letter queue, and the index jobs by state."""
     batch_client = clients.client("batch")
-    counts = {}
-    for state in jobs.STATES:
-        pages = batch_client.get_paginator("list_jobs").paginate(jobQueue=stack.output("JobQueueArn"), jobStatus=state)
-        counts[state] = sum(1 for page in pages for job in page["jobSummaryList"] if ":" not in job["jobId"])
+    counts = _jobs_by_state(batch_client, stack.output("JobQueueArn"))
     waiting = jobs.waiting(batch_client, stack.output("JobQueueArn")) if counts["RUNNABLE"] else []
     outcomes = tally(
         clients.client("s3"), stack.output("OutputBucketName"), stack.output_prefix, keys.model_id(stack.model, stack.pretrained)
     )
     dead_letters = redrive.waiting(clients.client("sqs"), stack.output("DeadLetterQueueUrl"))
-    lane = [
+    lane, lane_fallbacks = (
         backlog(clients, stack.outputs[name]) if name in stack.outputs else None
         for name in ("EmbedQueueUrl", "LaneFallbackQueueUrl")
-    ]
-    return Status(counts, outcomes, dead_letters, waiting, backlog(clients, stack.output("UploadQueueUrl")), *lane)
+    )
+    index_queue = stack.outputs.get("IndexJobQueueArn")
+    index_jobs = _jobs_by_state(batch_client, index_queue) if index_queue else None
+    uploads = backlog(clients, stack.output("UploadQueueUrl"))
+    return Status(counts, outcomes, dead_letters, waiting, uploads, lane, lane_fallbacks, index_jobs)

@@ -126,10 +126,11 @@ def test_index_submits_the_training_the_indexer_left_once_or_does_it_here_and_sh
         "none (exact search)",
     )
 
-    # By default the stack's index job does it, on the stack's compute; asked again, nothing more is submitted.
+    # By default the stack's index job does it, on the stack's CPU queue; asked again, nothing more is submitted.
     submitted = mine(invoke(deployed, "index"))
     batch = clients.client("batch")
     [job] = batch.describe_jobs(jobs=[submitted["job"]])["jobs"]
+    assert job["jobQueue"] == stack.output("IndexJobQueueArn") != stack.output("JobQueueArn")
     assert job["jobDefinition"].split("/")[-1].split(":")[0] == stack.output("IndexJobDefinitionArn").split("/")[-1].split(":")[0]
     assert job["container"]["command"] == ["python", "-m", "clip_indexer.train", model_id]
     assert (submitted["done"], submitted["index"]) == ("none", "none (exact search)")
@@ -148,7 +149,10 @@ def test_index_submits_the_training_the_indexer_left_once_or_does_it_here_and_sh
     assert built["search"].startswith("nprobes ") and "recall@10 images" in built["search"]
     again = mine(invoke(deployed, "index", "--here"))
     assert (again["due"], again["done"], again["trained_rows"], again["search"]) == ("none", "none", 10_000, built["search"])
-    status = invoke(deployed, "status")["indexes"][model_id]
+    shown = invoke(deployed, "status")
+    # The job submitted above, on the index queue: not among the workers' jobs.
+    assert sum(shown["index_jobs"].values()) == 1
+    status = shown["indexes"][model_id]
     assert (status["rows"], status["index"], status["search"], status["recall"]) == (
         10_000,
         "IVF_RQ",

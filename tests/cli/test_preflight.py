@@ -21,11 +21,15 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from clip_pipeline.app import app
+from clip_pipeline.preflight import deploy_parameters
+from clip_pipeline.preflight.capacity import check_index_instance_types
 
 REGION = "us-east-1"
 ON_DEMAND_GPU, SPOT_GPU, LINUX_LARGE_BUILDS, LAMBDA_CONCURRENCY = "L-DB2E81BA", "L-3819A6DF", "L-4DDC4A99", "L-B99A9384"
+ON_DEMAND_STANDARD = "L-1216C47A"
 QUOTA_NAMES = {
     ON_DEMAND_GPU: "Running On-Demand G and VT instances",
+    ON_DEMAND_STANDARD: "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances",
     SPOT_GPU: "All G and VT Spot Instance Requests",
     LINUX_LARGE_BUILDS: "Concurrently running builds for Linux/Large environment",
 }
@@ -40,8 +44,12 @@ class Account:
 
     concurrency: int = 1000
     unreserved: int = 1000
-    applied: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0, LINUX_LARGE_BUILDS: 2.0})
-    defaults: dict[str, float] = field(default_factory=lambda: {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 15.0})
+    applied: dict[str, float] = field(
+        default_factory=lambda: {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0, LINUX_LARGE_BUILDS: 2.0, ON_DEMAND_STANDARD: 64.0}
+    )
+    defaults: dict[str, float] = field(
+        default_factory=lambda: {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 15.0, ON_DEMAND_STANDARD: 5.0}
+    )
     denied: bool = False
     asked: list[tuple[str, str]] = field(default_factory=list)
 
@@ -131,15 +139,18 @@ def test_an_account_with_room_passes_every_check(account: Account, python312: Pa
         "query-burst": "pass",
         "lambda-memory": "pass",
         "gpu-vcpus": "pass",
+        "index-vcpus": "pass",
+        "index-instance-types": "pass",
         "codebuild-region": "pass",
         "codebuild-builds": "pass",
         "network": "pass",
         "instance-zones": "pass",
+        "index-instance-zones": "pass",
         "logs-resource-policies": "pass",
         "sam-build-python": "pass",
     }
-    # On-demand capacity by default; both quotas have values applied to this account.
-    assert account.asked == [("ec2", ON_DEMAND_GPU), ("codebuild", LINUX_LARGE_BUILDS)]
+    # On-demand capacity by default; the quotas have values applied to this account.
+    assert account.asked == [("ec2", ON_DEMAND_GPU), ("ec2", ON_DEMAND_STANDARD), ("codebuild", LINUX_LARGE_BUILDS)]
     # The dispatcher's 5, the indexer's 2 and the query function are all counted.
     assert (
         "need 8 (DispatcherConcurrency=5, the indexer's 2, the query function's 1)"
@@ -155,7 +166,7 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
 ) -> None:
     account.concurrency = account.unreserved = 10
     account.applied = {}
-    account.defaults = {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 1.0}
+    account.defaults = {ON_DEMAND_GPU: 0.0, SPOT_GPU: 0.0, LINUX_LARGE_BUILDS: 1.0, ON_DEMAND_STANDARD: 5.0}
 
     report = preflight(samconfig, "--parameter-overrides", "QueryMemorySize=4096", exit_code=1)
 
@@ -173,6 +184,9 @@ def test_a_new_account_fails_and_gets_the_exact_quota_increases_to_request(
         "desired_value": 16,
         "command": f"aws service-quotas request-service-quota-increase --service-code ec2 --quota-code {ON_DEMAND_GPU} --desired-value 16 --region {REGION}",
     }
+    # The index job's 16 vCPUs are more than a new account's standard instances quota: a warning, since only a
+    # store past IndexMaxTrainRows needs it.
+    assert (found["index-vcpus"]["status"], found["index-vcpus"]["request"]["desired_value"]) == ("warn", 16)
     # AWS's default (1) is all Service Quotas knows; new accounts are often given 0, which refuses the build at once.
     builds = found["codebuild-builds"]
     assert builds["status"] == "unknown"
@@ -272,7 +286,7 @@ def test_checks_aws_will_not_answer_are_unknown_not_passed(account: Account, pyt
 
     found = checks(preflight(samconfig))
 
-    for code in ("lambda-concurrency", "query-burst", "lambda-memory", "gpu-vcpus", "codebuild-builds"):
+    for code in ("lambda-concurrency", "query-burst", "lambda-memory", "gpu-vcpus", "index-vcpus", "codebuild-builds"):
         assert found[code]["status"] == "unknown", code
         assert "AccessDeniedException" in found[code]["finding"]
 
@@ -293,7 +307,11 @@ def test_a_region_without_a_default_vpc_fails_the_network_check(account: Account
 def test_given_subnets_must_be_in_the_given_vpc(account: Account, python312: Path, samconfig: Path) -> None:
     ec2 = boto3.client("ec2", region_name=REGION)
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
-    ours = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.1.{i}.0/24")["Subnet"]["SubnetId"] for i in range(2)]
+    # In a zone that offers g4dn (moto picks one at random otherwise, and us-east-1e offers none).
+    ours = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.1.{i}.0/24", AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+        for i in range(2)
+    ]
     elsewhere = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"][0]["SubnetId"]
 
     assert (
@@ -408,15 +426,16 @@ def test_a_codebuild_quota_of_zero_fails_at_once_rather_than_after_an_hour(
 
 def test_a_quota_known_only_by_its_default_never_passes(account: Account, python312: Path, samconfig: Path) -> None:
     account.applied = {}
-    account.defaults = {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0, LINUX_LARGE_BUILDS: 15.0}
+    account.defaults = {ON_DEMAND_GPU: 64.0, SPOT_GPU: 64.0, LINUX_LARGE_BUILDS: 15.0, ON_DEMAND_STANDARD: 64.0}
 
     found = checks(preflight(samconfig))
 
-    for code in ("gpu-vcpus", "codebuild-builds"):
+    for code in ("gpu-vcpus", "index-vcpus", "codebuild-builds"):
         assert found[code]["status"] == "unknown", code
         assert found[code]["finding"].startswith("unknown — request the quota"), code
     # A request must exceed what Service Quotas reports, or it is refused.
-    assert (found["gpu-vcpus"]["request"]["desired_value"], found["codebuild-builds"]["request"]["desired_value"]) == (65, 16)
+    desired = [found[code]["request"]["desired_value"] for code in ("gpu-vcpus", "index-vcpus", "codebuild-builds")]
+    assert desired == [65, 65, 16]
 
 
 def test_a_region_without_codebuild_fails_unless_both_images_are_given(
@@ -452,6 +471,107 @@ def test_instance_types_no_subnet_zone_offers_fail_and_subnets_in_such_zones_war
     given = f"VpcId={vpc} SubnetIds={','.join(subnets)}"
     check = checks(preflight(samconfig, "--parameter-overrides", given))["instance-zones"]
     assert check["status"] == "warn" and "not offered in us-east-1e" in check["finding"]
+
+
+def test_too_few_standard_vcpus_for_the_index_job_warn_and_name_the_quota_but_deploy(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
+    account.applied[ON_DEMAND_STANDARD] = 8.0
+
+    report = preflight(samconfig)
+
+    check = checks(report)["index-vcpus"]
+    assert report["ok"] is True and check["status"] == "warn"
+    # What a stack short of it does: the training waits, is cancelled, and search goes on with the index it has.
+    assert "fewer than the index job's 16" in check["finding"]
+    assert "waits in RUNNABLE until RunnableTimeoutSeconds cancels it" in check["finding"]
+    assert "searches keep working with the older index" in check["finding"]
+    assert check["request"] == {
+        "service_code": "ec2",
+        "quota_code": ON_DEMAND_STANDARD,
+        "quota_name": QUOTA_NAMES[ON_DEMAND_STANDARD],
+        "desired_value": 16,
+        "command": "aws service-quotas request-service-quota-increase --service-code ec2 "
+        f"--quota-code {ON_DEMAND_STANDARD} --desired-value 16 --region {REGION}",
+    }
+    # Exactly the job's vCPUs is enough.
+    account.applied[ON_DEMAND_STANDARD] = 16.0
+    assert checks(preflight(samconfig))["index-vcpus"]["status"] == "pass"
+    # Instance types outside the standard families count against other quotas, which this does not check.
+    check = checks(preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=c7i.4xlarge,inf1.6xlarge"))["index-vcpus"]
+    assert check["status"] == "warn" and "also names inf1.6xlarge" in check["finding"]
+    for standard in ("i3.4xlarge", "im4gn.4xlarge", "r7iz.4xlarge", "m7i-flex.4xlarge"):
+        parameters = f"IndexInstanceTypes={standard}"
+        assert checks(preflight(samconfig, "--parameter-overrides", parameters))["index-vcpus"]["status"] == "pass", standard
+
+
+@pytest.mark.parametrize(
+    ("types", "status", "found"),
+    [
+        ("c7i.4xlarge,c6i.4xlarge,m7i.4xlarge,m6i.4xlarge", "pass", "c6i.4xlarge, c7i.4xlarge, m6i.4xlarge, m7i.4xlarge hold"),
+        # 32 GiB less what ECS keeps back still holds 28,000 MiB; a whole family has sizes that do.
+        ("c7i", "pass", "hold the index job's 16 vCPUs and 28,000 MiB"),
+        ("optimal", "pass", "optimal hold"),
+        # Too few vCPUs, too little memory, or Arm, which the x86_64 worker image does not run on.
+        ("c7i.2xlarge,m7i.2xlarge", "warn", "no type of c7i.2xlarge, m7i.2xlarge holds"),
+        ("c7g.4xlarge", "warn", "on x86_64"),
+        ("default_arm64", "warn", "waits in RUNNABLE"),
+        # Only the sizes that hold it are named; Batch starts those for the job.
+        ("c7i.2xlarge,c7i.4xlarge", "pass", "c7i.4xlarge hold"),
+        # A name no instance type has: Batch refuses the compute environment, and the deploy with it.
+        ("c7i.4xlrge,m7i.4xlarge", "fail", "names c7i.4xlrge, no instance type"),
+        ("c7i.4xlarge,c9zz", "fail", "names c9zz, no instance type"),
+    ],
+)
+def test_index_instance_types_must_hold_the_index_job(
+    account: Account, samconfig: Path, types: str, status: str, found: str
+) -> None:
+    parameters = deploy_parameters("first-stack", [f"IndexInstanceTypes={types}"], samconfig=samconfig)
+
+    check = check_index_instance_types(boto3.client("ec2", region_name=REGION), parameters)
+
+    assert (check.status, check.code) == (status, "index-instance-types")
+    assert found in check.finding
+
+
+def test_index_instance_types_no_subnet_zone_offers_warn_without_failing_the_deploy(
+    account: Account, python312: Path, samconfig: Path
+) -> None:
+    # An instance type us-east-1 does not offer.
+    report = preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=hpc7a.48xlarge")
+
+    check = checks(report)["index-instance-zones"]
+    assert report["ok"] is True and check["status"] == "warn"
+    assert "offers hpc7a.48xlarge" in check["finding"] and "waits in RUNNABLE" in check["finding"]
+    # Only the default subnets Batch is handed count: those whose zones offer the GPU instance types.
+    assert "us-east-1e" not in check["finding"]
+    # A family is matched as Batch matches it: any size of it.
+    assert (
+        checks(preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=c7i"))["index-instance-zones"]["status"]
+        == "pass"
+    )
+
+    # Given subnets, one in a zone without them: the index job starts in the other.
+    ec2 = boto3.client("ec2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.3.0.0/16")["Vpc"]["VpcId"]
+    zones = {"us-east-1a": "10.3.1.0/24", "us-east-1e": "10.3.2.0/24"}
+    subnets = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"] for zone, cidr in zones.items()
+    ]
+    check = checks(preflight(samconfig, "--parameter-overrides", f"VpcId={vpc} SubnetIds={','.join(subnets)}"))[
+        "index-instance-zones"
+    ]
+    assert check["status"] == "pass" and "1 of the GPU workers' 2 subnets; not in us-east-1e" in check["finding"]
+    # Only in that zone: no index job can start, which still fails nothing the deploy needs now.
+    only = f"VpcId={vpc} SubnetIds={subnets[1]}"
+    check = checks(preflight(samconfig, "--parameter-overrides", only, exit_code=None))["index-instance-zones"]
+    assert check["status"] == "warn" and "(us-east-1e) offers c7i.4xlarge" in check["finding"]
+
+
+def test_an_index_instance_type_that_does_not_exist_fails_the_deploy(account: Account, python312: Path, samconfig: Path) -> None:
+    report = preflight(samconfig, "--parameter-overrides", "IndexInstanceTypes=c7i.4xlrge", exit_code=1)
+
+    assert [check["code"] for check in report["checks"] if check["status"] == "fail"] == ["index-instance-types"]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ increase to request. One module per thing checked:
 
 - functions: the Lambda functions' concurrency (dispatcher, indexer, query function, and the query
   API's burst) and the query function's memory.
-- capacity: the G-instance vCPU quota, and the instance types in the subnets' zones.
+- capacity: the G-instance vCPU quota, and the instance types in the subnets' zones; the same for the
+  index job's CPU instances (the On-Demand Standard vCPU quota, IndexInstanceTypes' sizes and zones),
+  as warnings: nothing needs them until a store passes IndexMaxTrainRows.
 - builds: CodeBuild in the region, and its concurrent-build quota for the image builds.
 - network: the default VPC and its default subnets, or the given VpcId and SubnetIds.
 - logs: the region's 10 CloudWatch Logs resource policies.
@@ -31,7 +33,7 @@ from rich.text import Text
 
 from clip_pipeline.preflight import functions, network
 from clip_pipeline.preflight.builds import check_codebuild, check_codebuild_region
-from clip_pipeline.preflight.capacity import check_gpu_vcpus
+from clip_pipeline.preflight.capacity import check_gpu_vcpus, check_index_instance_types, check_index_vcpus
 from clip_pipeline.preflight.findings import Check, ClientFactory, PreflightError, Report, Status
 from clip_pipeline.preflight.logs import check_logs_resource_policies
 from clip_pipeline.preflight.naming import check_stack_name
@@ -74,6 +76,8 @@ def run(client: ClientFactory, parameters: DeployParameters) -> Report:
         check_stack_name(parameters.stack_name, account, region),
         *_checked(functions.CODES, lambda: functions.check_lambda(client, parameters)),
         *_checked(["gpu-vcpus"], lambda: check_gpu_vcpus(client, parameters)),
+        *_checked(["index-vcpus"], lambda: check_index_vcpus(client, parameters)),
+        *_checked(["index-instance-types"], lambda: check_index_instance_types(client("ec2"), parameters)),
         check_codebuild_region(parameters, region),
         *_checked(["codebuild-builds"], lambda: check_codebuild(client, parameters)),
         *_checked(network.CODES, lambda: network.check_network(client, parameters)),

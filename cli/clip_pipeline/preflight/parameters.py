@@ -64,11 +64,24 @@ class DeployParameters:
         builds = [("worker", not self.values["ImageUri"]), ("query", self.query_service and not self.values["QueryImageUri"])]
         return [name for name, built in builds if built]
 
+    def _requirement(self, job_definition: str, kind: str) -> int:
+        container = _template(self.template)["Resources"][job_definition]["Properties"]["ContainerProperties"]
+        return next(int(item["Value"]) for item in container["ResourceRequirements"] if item["Type"] == kind)
+
     @property
     def job_vcpus(self) -> int:
         """The vCPUs one worker job asks for (WorkerJobDefinition), the least a GPU quota must allow."""
-        container = _template(self.template)["Resources"]["WorkerJobDefinition"]["Properties"]["ContainerProperties"]
-        return next(int(item["Value"]) for item in container["ResourceRequirements"] if item["Type"] == "VCPU")
+        return self._requirement("WorkerJobDefinition", "VCPU")
+
+    @property
+    def index_job_vcpus(self) -> int:
+        """The vCPUs the index job asks for (IndexJobDefinition), the least the standard-instance quota must allow."""
+        return self._requirement("IndexJobDefinition", "VCPU")
+
+    @property
+    def index_job_memory(self) -> int:
+        """The MiB the index job asks for (IndexJobDefinition), which an IndexInstanceTypes instance must hold."""
+        return self._requirement("IndexJobDefinition", "MEMORY")
 
     @property
     def indexer_concurrency(self) -> int:

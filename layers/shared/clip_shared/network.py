@@ -30,9 +30,13 @@ class Network:
     zones_without_instances: tuple[str, ...] = ()
 
 
+def type_pattern(name: str) -> str:
+    """The instance types a name of Batch's InstanceTypes stands for, as a wildcard: a type, or a family's every size."""
+    return name if "." in name else f"{name}.*"
+
+
 def offering_zones(ec2: Any, instance_types: Sequence[str]) -> set[str]:
     """The region's zones that offer any of `instance_types` (types such as g4dn.xlarge, or families such as g4dn)."""
-    patterns = [name if "." in name else f"{name}.*" for name in instance_types]
     # Every offering of the region (a few pages), matched here: a family is a pattern, and EC2's
     # filter wildcards are not what every implementation of the API understands.
     pages = ec2.get_paginator("describe_instance_type_offerings").paginate(LocationType="availability-zone")
@@ -40,7 +44,7 @@ def offering_zones(ec2: Any, instance_types: Sequence[str]) -> set[str]:
         offering["Location"]
         for page in pages
         for offering in page["InstanceTypeOfferings"]
-        if any(fnmatch.fnmatchcase(offering["InstanceType"], pattern) for pattern in patterns)
+        if any(fnmatch.fnmatchcase(offering["InstanceType"], type_pattern(name)) for name in instance_types)
     }
 
 
