@@ -149,12 +149,12 @@ def index_config(spec: str, rows: int) -> tuple[Any, int]:
     if spec.startswith("rq-"):
         size, bits, *rest = spec.split("-")[1:]
         sample_rate = int(rest[0].lstrip("s")) if rest else 256
-        config = IvfRq(distance_type="dot", target_partition_size=int(size), num_bits=int(bits), sample_rate=sample_rate)
-        return config, max(1, rows // int(size))
+        rq = IvfRq(distance_type="dot", target_partition_size=int(size), num_bits=int(bits), sample_rate=sample_rate)
+        return rq, max(1, rows // int(size))
     if spec.startswith("pq-"):
         _, sub_vectors, pq_size = spec.split("-")
-        config = IvfPq(distance_type="dot", num_sub_vectors=int(sub_vectors), target_partition_size=int(pq_size))
-        return config, max(1, rows // int(pq_size))
+        pq = IvfPq(distance_type="dot", num_sub_vectors=int(sub_vectors), target_partition_size=int(pq_size))
+        return pq, max(1, rows // int(pq_size))
     if spec.startswith("hnsw-sq-"):
         partitions = int(spec.split("-")[2])
         return IvfHnswSq(distance_type="dot", num_partitions=partitions), partitions
@@ -182,7 +182,12 @@ def measured_rung(
 
 
 def cheapest(
-    table: Any, spec: str, partitions: int, queries: dict[str, np.ndarray], exact: dict[str, list[set[str]]], args: argparse.Namespace
+    table: Any,
+    spec: str,
+    partitions: int,
+    queries: dict[str, np.ndarray],
+    exact: dict[str, list[set[str]]],
+    args: argparse.Namespace,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The settings tried, in order, and the cheapest at which every kind reaches the target (else the
     most thorough): the search clip_store.recall.measure makes, or an HNSW index's ladder."""

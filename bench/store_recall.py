@@ -14,7 +14,7 @@ against their exact top-k (one streaming pass over the table, clip_store.recall.
 Cold: a fresh process (bench.search_cold) opens the store and makes its first query, timed from
 after its imports; it then makes every other query, and its peak RSS (VmHWM) is the figure a query
 function needs at this size. `--reuse` searches a store an earlier run left in `--workdir` again,
-without ingesting or maintaining. `--bulk` appends every shard after the first straight to the
+without ingesting (its `maintain` does what is still due: nothing, if that run finished). `--bulk` appends every shard after the first straight to the
 store's table, in the store's own row form (`shard_rows`), without the ingest's per-url lookups of
 the versions stored: before the first `maintain` builds the url index, each is a scan of the table,
 which makes a 10M load hours here; what ingestion costs is search_bench's to measure. Time it with nothing else running: this is a 2-core machine.
@@ -35,6 +35,7 @@ import numpy as np
 
 from bench.index_compare import MIXTURES, queries_of
 from bench.search_bench import shard_table
+from bench.search_cold import peak_rss_mb
 from clip_store.maintain import maintain
 from clip_store.recall import exact_answers
 from clip_store.store import VectorStore, shard_rows
@@ -67,15 +68,25 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"mixture": args.mixture, "dimensions": args.dimensions, "top": args.top}
     if not args.reuse:
         results["ingest_s"] = round(ingest(store, args), 1)
-        started = time.perf_counter()
-        done = maintain(store)
-        results["maintain"] = {"action": str(done.action), "seconds": round(time.perf_counter() - started, 1)}
+    started = time.perf_counter()
+    done = maintain(store)
+    # The process's peak so far: with --reuse, what the training and the measurement took.
+    results["maintain"] = {
+        "action": str(done.action),
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
     state = store.index_state()
     results["rows"] = state.rows
     assert state.tuning is not None, "maintain measured nothing: fewer rows than an index needs?"
-    results["tuning"] = {"nprobes": state.tuning.nprobes, "refine_factor": state.tuning.refine_factor, "recall": state.tuning.recall}
+    results["tuning"] = {
+        "nprobes": state.tuning.nprobes,
+        "refine_factor": state.tuning.refine_factor,
+        "recall": state.tuning.recall,
+    }
     print(f"{args.mixture} {args.rows:,}: {state.tuning.summary()}", flush=True)
     table = store.table()
+    assert table is not None  # it has a tuning
     queries = queries_of(args.mixture, args.queries, args.dimensions)
     exact = exact_answers(table, queries, {kind: [None] * len(vectors) for kind, vectors in queries.items()}, args.top)
     reader = VectorStore(uri, refresh_s=None)
@@ -91,7 +102,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "p50_ms": round(float(np.percentile(times, 50)), 2),
             "p95_ms": round(float(np.percentile(times, 95)), 2),
         }
-        print(f"  {kind:<9} recall@{args.top} {results[kind]['recall']}  p50 {results[kind]['p50_ms']} ms  p95 {results[kind]['p95_ms']} ms")
+        print(
+            f"  {kind:<9} recall@{args.top} {results[kind]['recall']}  p50 {results[kind]['p50_ms']} ms  p95 {results[kind]['p95_ms']} ms"
+        )
     results["cold"] = cold(uri, np.concatenate(list(queries.values())), args.top, workdir)
     print(
         f"  cold: first query {results['cold']['first_query_s']:.2f} s after imports; peak RSS "
@@ -103,7 +116,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def cold(uri: str, queries: np.ndarray, top: int, workdir: Path) -> dict[str, Any]:
     np.save(workdir / "queries.npy", queries)
-    settings = {"uri": uri, "queries": str(workdir / "queries.npy"), "top": top, "warm": len(queries), "out": str(workdir / "cold.json")}
+    settings = {
+        "uri": uri,
+        "queries": str(workdir / "queries.npy"),
+        "top": top,
+        "warm": len(queries),
+        "out": str(workdir / "cold.json"),
+    }
     subprocess.run([sys.executable, "-m", "bench.search_cold", "store", json.dumps(settings)], check=True)
     found = json.loads((workdir / "cold.json").read_text())
     return {"first_query_s": round(found["first_query_s"], 3), "peak_rss_mb": round(found["peak_rss_mb"], 1)}
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--queries", type=int, default=200, help="queries of each kind")
     parser.add_argument("--shard-rows", type=int, default=100_000, help="rows a worker shard (one ingest)")
     parser.add_argument("--workdir", type=Path, help="where the store goes (default: a temporary folder, removed after)")
-    parser.add_argument("--reuse", action="store_true", help="search the store in --workdir again")
+    parser.add_argument("--reuse", action="store_true", help="search the store in --workdir again, without ingesting")
     parser.add_argument("--bulk", action="store_true", help="append shards after the first without the ingest's lookups")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)

@@ -33,6 +33,12 @@ def test_each_index_finds_its_cheapest_settings_on_both_mixtures_and_every_kind_
         if run["reached"]:
             assert min(chosen[f"{kind}_recall"] for kind in index_compare.KINDS) >= results["target"]
             # Nothing cheaper that was tried reached it too.
-            cheaper = [rung for rung in tried if (rung["nprobes"], rung["refine_factor"]) < (chosen["nprobes"], chosen["refine_factor"])]
-            assert all(min(rung[f"{kind}_recall"] for kind in index_compare.KINDS) < results["target"] for rung in cheaper if rung["nprobes"] == chosen["nprobes"])
+            cheaper = [
+                rung for rung in tried if (rung["nprobes"], rung["refine_factor"]) < (chosen["nprobes"], chosen["refine_factor"])
+            ]
+            assert all(
+                min(rung[f"{kind}_recall"] for kind in index_compare.KINDS) < results["target"]
+                for rung in cheaper
+                if rung["nprobes"] == chosen["nprobes"]
+            )
     assert json.loads((tmp_path / "c.json").read_text()) == results

@@ -145,7 +145,7 @@ def test_index_submits_the_training_the_indexer_left_once_or_does_it_here_and_sh
         0,
     )
     # Measured on the store's own vectors, and shown with the settings its readers now use.
-    assert set(built["recall"]) == {"images", "shifted"} and built["recall_target_reached"] is not None
+    assert set(built["recall"]) == {"images", "shifted", "blurred"} and built["recall_target_reached"] is not None
     assert built["search"].startswith("nprobes ") and "recall@10 images" in built["search"]
     again = mine(invoke(deployed, "index", "--here"))
     assert (again["due"], again["done"], again["trained_rows"], again["search"]) == ("none", "none", 10_000, built["search"])

@@ -147,7 +147,7 @@ def test_the_indexer_measures_recall_with_the_baked_label_prompts_and_alarms_bel
     assert invoke(sample("sqs-s3-shard-created.json", OUTPUT_BUCKET, keys.parse_s3_url(big)[1])) == {"batchItemFailures": []}
 
     tuning = store.index_state().tuning
-    assert tuning is not None and set(tuning.recall) == {"images", "shifted", "texts"} and not tuning.reached
+    assert tuning is not None and set(tuning.recall) == {"images", "shifted", "blurred", "texts"} and not tuning.reached
     error = next(record for record in caplog.records if record.levelname == "ERROR")
     assert "target recall" in error.getMessage()
     assert (vars(error)["nprobes"], vars(error)["recall"]) == (tuning.nprobes, tuning.recall)

@@ -148,7 +148,7 @@ def test_a_build_measures_recall_on_images_and_texts_and_readers_reach_it(local_
 
     tuning = built.state.tuning
     assert built.measured and tuning is not None and tuning.reached and asked == [1]
-    assert set(tuning.recall) == {"images", "shifted", "texts"} and min(tuning.recall.values()) >= 0.98
+    assert set(tuning.recall) == {"images", "shifted", "blurred", "texts"} and min(tuning.recall.values()) >= 0.98
     assert (tuning.rows, tuning.probes, tuning.k, tuning.target) == (2_100, 200, 10, 0.98)
     # What the measurement promised holds for queries it never saw, through a reader's defaults.
     reader = VectorStore(local_uri, refresh_s=None)
@@ -191,7 +191,7 @@ def test_text_probes_of_another_models_width_are_left_out_not_a_failed_upkeep(lo
 
     done = maintain(store, TUNED, text_probes=lambda: unit_vectors(30, DIMENSIONS * 2, seed=29))
 
-    assert done.state.tuning is not None and set(done.state.tuning.recall) == {"images", "shifted"}
+    assert done.state.tuning is not None and set(done.state.tuning.recall) == {"images", "shifted", "blurred"}
 
 
 def test_a_store_given_no_text_probes_still_holds_its_recall_for_queries_from_another_cone(local_uri: str) -> None:
@@ -203,7 +203,7 @@ def test_a_store_given_no_text_probes_still_holds_its_recall_for_queries_from_an
     done = maintain(store, policy)  # as a user of the library would: no text vectors at hand
 
     tuning = done.state.tuning
-    assert tuning is not None and tuning.reached and set(tuning.recall) == {"images", "shifted"}
+    assert tuning is not None and tuning.reached and set(tuning.recall) == {"images", "shifted", "blurred"}
     texts, images = text_like(40, seed=32, gap=3.0), clustered(40, DIMENSIONS, seed=31)
     reader = VectorStore(local_uri, refresh_s=None)
     assert recall_at(reader, vectors, texts) >= 0.97 and recall_at(reader, vectors, images) >= 0.98

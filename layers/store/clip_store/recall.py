@@ -7,9 +7,10 @@ were fitted to). So after each build, retrain and growth of the index, `measure`
 queries of the kinds the store answers:
 
 - `images`: stored vectors, each left out of its own answer (an image's "similar" query);
-- `shifted`: made from the same sample, out of its distribution as a text query is (`shifted`):
-  most of the vectors' common direction taken out, a direction they share little put in, noise
-  added. Always measured, so a store that was given no text probes, or only the label prompts,
+- `shifted` and `blurred`: made from the same sample, out of its distribution as a text query is
+  (`shifted`, OUT_OF_CONE): most of the vectors' common direction taken out, a direction they share
+  little put in, noise added; `blurred` probes blend three vectors first, as a text describes many
+  images. Always measured, so a store that was given no text probes, or only the label prompts,
   still holds its recall for a query from a cone nobody showed it;
 - `texts`: text embeddings made with the store's model, when the caller has some (the indexer
   passes the label set's prompt vectors its image bakes; `maintain(text_probes=...)`),
@@ -52,16 +53,21 @@ TUNING = "clip_store.search"
 NPROBES: tuple[int, ...] = (10, 20, 40, 80, 160, 320, 640, 1280)
 #: Refine factors (candidates re-ranked on their full vectors, per result), tried at the nprobes found.
 REFINE: tuple[int, ...] = (5, 10, 20, 50)
-#: How far `shifted` probes are from the stored vectors' cone: the weight of the direction they
-#: share little (the content's is 1), and of isotropic noise, each drawn uniformly per probe.
-GAP_WEIGHT = (1.0, 3.0)
-NOISE_WEIGHT = (0.25, 1.25)
-#: Gap directions among the `shifted` probes: a text cone is one direction, which one is unknown.
+#: The out-of-distribution kinds of probe `measure` makes from its sample of stored vectors (`shifted`):
+#: how many of them each probe blends (a text describes many images, blurrily), and the ranges the
+#: weights of its gap direction and of its noise are drawn from (the content's weight is 1).
+OUT_OF_CONE: dict[str, tuple[int, tuple[float, float], tuple[float, float]]] = {
+    "shifted": (1, (2.0, 4.0), (0.5, 1.5)),
+    "blurred": (3, (1.0, 2.0), (0.25, 0.75)),
+}
+#: Gap directions among a kind's probes: a text cone is one direction, which one is unknown.
 GAP_DIRECTIONS = 4
 #: What a reader uses on an index no measurement has covered yet (one built before measurements
 #: existed, until the next `maintain` measures it): a thorough rung, since nothing says less is enough.
 UNMEASURED = (160, 50)
-_SCAN_ROWS = 65_536
+#: Rows a step of the exact pass: its scores and their arg-partition are probes x this (8 and 4 bytes a
+#: cell at 600 probes: 120 MB), the memory the measurement adds to an indexer that just trained.
+_SCAN_ROWS = 16_384
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class Tuning:
 
     nprobes: int
     refine_factor: int
-    #: recall@k at these settings, by kind of probe ("images", "shifted", "texts").
+    #: recall@k at these settings, by kind of probe ("images", "shifted", "blurred", "texts").
     recall: dict[str, float]
     k: int
     target: float
@@ -132,7 +138,7 @@ def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPol
     images = _unit(_matrix(taken.column("vector")))
     kinds: dict[str, tuple[np.ndarray, list[str | None]]] = {
         "images": (images, taken.column("url").to_pylist()),
-        "shifted": (shifted(images, rng), [None] * len(images)),
+        **{kind: (shifted(images, rng, *made), [None] * len(images)) for kind, made in OUT_OF_CONE.items()},
     }
     # Text vectors of another width belong to another model than the store's: they cannot probe it.
     if texts is not None and len(texts) and np.shape(texts)[-1] == images.shape[1]:
@@ -164,24 +170,28 @@ def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPol
     return best
 
 
-def shifted(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def record(table: LanceTable, tuning: Tuning) -> None:
+    table.update_field_metadata({"path": "vector", "metadata": {TUNING: tuning.to_json()}})
+
+
+def shifted(
+    images: np.ndarray, rng: np.random.Generator, blend: int, gap: tuple[float, float], noise: tuple[float, float]
+) -> np.ndarray:
     """Queries out of `images`' distribution, as CLIP's text embeddings are out of its image embeddings'
-    (the "modality gap"): each image with most of the images' common direction taken out, one of
-    GAP_DIRECTIONS directions orthogonal to it put in (GAP_WEIGHT), and isotropic noise
-    (NOISE_WEIGHT). Their neighbours are ranked partly by that direction, which the IVF partitions
-    and the quantised codes were not fitted to: the cases where a search misses most."""
+    (the "modality gap"): the mean of `blend` of the images, with the images' common direction
+    taken out, one of GAP_DIRECTIONS directions orthogonal to it put in (weighted from `gap`), and
+    isotropic noise (weighted from `noise`). Their neighbours are ranked partly by that direction,
+    which the IVF partitions and the quantised codes were not fitted to, and, blended, straddle
+    partitions: the cases where a search misses most."""
     count, dimensions = images.shape
     common = _unit(images.mean(axis=0, keepdims=True))[0]
     directions = rng.standard_normal((GAP_DIRECTIONS, dimensions)).astype(np.float32)
     directions = _unit(directions - np.outer(directions @ common, common))
-    content = _unit(images - 0.8 * np.outer(images @ common, common))
-    gap = rng.uniform(*GAP_WEIGHT, (count, 1)) * directions[np.arange(count) % GAP_DIRECTIONS]
-    noise = rng.uniform(*NOISE_WEIGHT, (count, 1)) * rng.standard_normal((count, dimensions)) / np.sqrt(dimensions)
-    return _unit(content + gap + noise).astype(np.float32)
-
-
-def record(table: LanceTable, tuning: Tuning) -> None:
-    table.update_field_metadata({"path": "vector", "metadata": {TUNING: tuning.to_json()}})
+    blended = images if blend == 1 else images[rng.integers(0, count, (count, blend))].mean(axis=1)
+    content = _unit(blended - 0.8 * np.outer(blended @ common, common))
+    offsets = rng.uniform(*gap, (count, 1)) * directions[np.arange(count) % GAP_DIRECTIONS]
+    blur = rng.uniform(*noise, (count, 1)) * rng.standard_normal((count, dimensions)) / np.sqrt(dimensions)
+    return _unit(content + offsets + blur).astype(np.float32)
 
 
 def probe_counts(nprobes: Sequence[int], partitions: int) -> list[int]:
