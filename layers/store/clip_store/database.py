@@ -19,6 +19,14 @@ from clip_store.location import StorageSettings
 # Urls per SQL `IN (...)` filter: keeps each statement small whatever the batch.
 _FILTER_URLS = 1000
 
+#: What LanceDB may keep in memory in this process, for every database it opens: the index partitions
+#: searches have read, and table metadata. Its defaults (6 GB and 1 GB) would let a warm query function
+#: cache the whole index of a big store (4-bit codes: 2.6 GB at 10M vectors) and be killed for it;
+#: bounded, a search past the cache reads the partitions again (docs/search.md, "Query memory").
+INDEX_CACHE_BYTES = 512 * 1024 * 1024
+METADATA_CACHE_BYTES = 128 * 1024 * 1024
+_SESSION = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
+
 
 def sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
@@ -43,6 +51,7 @@ class Database:
             uri,
             storage_options=(settings or StorageSettings.from_env()).options(uri),
             read_consistency_interval=None if refresh_s is None else timedelta(seconds=refresh_s),
+            session=_SESSION,
         )
         self._lock = threading.Lock()
         self._tables: dict[str, LanceTable] = {}
