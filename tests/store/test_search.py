@@ -304,3 +304,15 @@ def test_the_k_means_sample_stays_within_its_cap_at_any_size() -> None:
     for rows in (4_096, 10_000_000, 40_960_000, 100_000_000, 163_840_000):
         partitions = rows // policy.rows_per_partition
         assert partitions * sample_rate(rows, policy) <= max(policy.max_train_sample, partitions * MIN_SAMPLE_RATE)
+
+
+def test_an_index_of_other_codes_than_the_policys_is_retrained_once(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), clustered(2_100, DIMENSIONS, seed=33)), shard="a", still_current=trusting)
+    maintain(store, replace(TUNED, code_bits=1))  # as every index was built before issue 21
+    assert store.index_state().code_bits == 1
+
+    retrained = maintain(store, TUNED)
+
+    assert (retrained.action, retrained.state.code_bits, retrained.measured) == (Action.RETRAIN, TUNED.code_bits, True)
+    assert maintain(store, TUNED).action is Action.NONE  # once

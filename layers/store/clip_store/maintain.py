@@ -7,7 +7,7 @@ reads only table metadata when there is nothing to do, and does at most one of:
   once the table has `exact_below` rows; below that every search is exact, a scan of every row;
 - **retrain** it (new IVF partitions and quantiser) once the table has grown `retrain_growth`
   times past the rows it was trained on, since partitions trained on a tenth of the data fit the
-  rest badly and grow unevenly;
+  rest badly and grow unevenly, or once its codes are not the policy's (`code_bits`);
 - **update** it (LanceDB `optimize`: compact small fragments, add unindexed rows to the existing
   partitions without retraining, drop versions older than `keep_versions`) once `max_unindexed`
   rows have arrived since the last build or update;
@@ -58,7 +58,7 @@ from lancedb.table import LanceTable
 
 from clip_store import recall
 from clip_store.recall import RecallPolicy
-from clip_store.store import TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore, fragment_count
+from clip_store.store import CODE_BITS, TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore, fragment_count
 from clip_store.tombstones import TABLE as TOMBSTONES
 
 
@@ -127,7 +127,10 @@ def plan(state: IndexState, policy: IndexPolicy) -> Action:
         if state.rows >= policy.exact_below:
             return Action.BUILD
         return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
-    if state.rows >= policy.retrain_growth * max(state.trained_rows, 1) or state.index_segments >= policy.max_fragments:
+    grown = state.rows >= policy.retrain_growth * max(state.trained_rows, 1)
+    # An index of other codes than the policy's (1-bit, before issue 21) is retrained once: no search
+    # setting gets text-like queries to the target on 1-bit codes.
+    if grown or state.index_segments >= policy.max_fragments or state.code_bits != policy.code_bits:
         return Action.RETRAIN
     if state.unindexed_rows >= policy.max_unindexed or state.fragments - state.index_segments >= policy.max_fragments:
         return Action.UPDATE
@@ -207,7 +210,7 @@ def _train(table: LanceTable, policy: IndexPolicy, build: bool) -> None:
         sample_rate=sample_rate(rows, policy),
     )
     table.create_index(VECTOR_COLUMN, config=config, replace=True)
-    table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows)}})
+    table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows), CODE_BITS: str(policy.code_bits)}})
     if build:
         table.create_index("url", config=BTree(), replace=True)
 

@@ -131,10 +131,15 @@ class IndexState:
     index_segments: int = 0
     #: The search settings last measured on this table and the recall they gave (None: not measured).
     tuning: Tuning | None = None
+    #: Bits a dimension of the index's codes (maintain.IndexPolicy.code_bits; 0 without an index).
+    code_bits: int = 0
 
 
-#: Field metadata on the vector column: rows the current index was trained on (maintain.py).
+#: Field metadata on the vector column: rows the current index was trained on, and its codes' bits (maintain.py).
 TRAINED_ROWS = "clip_store.trained_rows"
+CODE_BITS = "clip_store.code_bits"
+#: The bits of an index trained before they were recorded.
+FIRST_CODE_BITS = 1
 
 
 class VectorStore:
@@ -363,6 +368,7 @@ class VectorStore:
             fragments,
             index_segments=stats.num_indices or 1,
             tuning=Tuning.from_metadata(metadata),
+            code_bits=int(metadata.get(CODE_BITS.encode(), str(FIRST_CODE_BITS).encode())),
         )
 
     @staticmethod
