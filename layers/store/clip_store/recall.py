@@ -103,7 +103,9 @@ class Tuning:
 
     def summary(self) -> str:
         """One line for people: the settings, and the recall they gave against the target."""
-        recall = ", ".join(f"{kind} {value:.3f}" for kind, value in sorted(self.recall.items()))
+        recall = ", ".join(
+            f"{kind} {value:.3f}" for kind, value in sorted(self.recall.items(), key=lambda item: (item[0] != "images", item[0]))
+        )
         verdict = "reached" if self.reached else "NOT reached at any setting"
         return (
             f"nprobes {self.nprobes}, refine {self.refine_factor}: recall@{self.k} {recall} "
