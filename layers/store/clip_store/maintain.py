@@ -85,9 +85,10 @@ class IndexPolicy:
     #: IVF partition size: a query scans SearchSettings.nprobes partitions of about this many rows.
     #: Constant, so a query's cost stays flat as partitions multiply (docs/search.md).
     rows_per_partition: int = 4096
-    #: Bits a dimension of the RaBitQ codes the partitions are ranked on (1, 2, 4 or 8): at 1 bit a
-    #: query from another cone (a text) ranks its candidates badly, and needs a refine factor of 50
-    #: or more; at 4 it needs 5-20 (docs/benchmarks.md, index types). 256 bytes a 512-d vector.
+    #: Bits a dimension of the RaBitQ codes the partitions are ranked on (1, 2, 4 or 8): with 1 bit a
+    #: query from another cone (a text) ranks its candidates so badly that no refine factor gets it to
+    #: recall 0.98; with 4, a refine factor of 5 did on both mixtures measured (docs/benchmarks.md,
+    #: "Index types"). 256 bytes a 512-d vector, 3.5x the 1-bit index.
     code_bits: int = 4
     #: The most rows the IVF k-means trains on (LanceDB samples `sample_rate` rows a partition, 256 by
     #: default): 6.25M rows, 12.8 GB of 512-d vectors, at 100M; capped, the sample stays within a few

@@ -21,9 +21,9 @@ from typing import Any
 from clip_shared import keys
 from clip_store.lease import S3Lease
 
-#: Longer than a job may wait to start (RunnableTimeoutSeconds, at most 24 h) plus run (8 h: template.yaml's
+#: Longer than a job may wait to start (RunnableTimeoutSeconds, at most 24 h) plus run (12 h: template.yaml's
 #: IndexJobDefinition): a marker older than that belongs to a job that will never release it.
-JOB_TTL = timedelta(hours=36)
+JOB_TTL = timedelta(hours=40)
 
 
 @dataclass(frozen=True)
