@@ -50,7 +50,7 @@ import pyarrow as pa
 from lancedb.index import IvfHnswSq, IvfPq, IvfRq
 
 from bench.search_bench import clip_like_chunks
-from clip_store.recall import NPROBES, REFINE, exact_answers, probe_counts
+from clip_store.recall import NPROBES, REFINE, Answer, exact_answers, probe_counts
 
 CHUNK = 65_536
 #: (nprobes, ef) for HNSW, cheapest first: ef is the graph search's beam, refine is not used.
@@ -162,7 +162,7 @@ def index_config(spec: str, rows: int) -> tuple[Any, int]:
 
 
 def measured_rung(
-    table: Any, hnsw: bool, rung: tuple[int, int], queries: dict[str, np.ndarray], exact: dict[str, list[set[str]]], k: int
+    table: Any, hnsw: bool, rung: tuple[int, int], queries: dict[str, np.ndarray], exact: dict[str, list[Answer]], k: int
 ) -> dict[str, Any]:
     first, second = rung
     result: dict[str, Any] = {"nprobes": first, ("ef" if hnsw else "refine_factor"): second}
@@ -174,7 +174,10 @@ def measured_rung(
             started = time.perf_counter()
             found = search.limit(k).select(["url", "_distance"]).to_arrow()
             times.append((time.perf_counter() - started) * 1000)
-            hits += len(truth & set(found.column("url").to_pylist()))
+            distances = found.column("_distance").to_pylist()
+            hits += truth.hits(
+                [(url, 1.0 - distance) for url, distance in zip(found.column("url").to_pylist(), distances, strict=True)]
+            )
         result[f"{kind}_recall"] = round(hits / (k * len(vectors)), 4)
         result[f"{kind}_p50_ms"] = round(float(np.percentile(times, 50)), 2)
         result[f"{kind}_p95_ms"] = round(float(np.percentile(times, 95)), 2)
@@ -186,7 +189,7 @@ def cheapest(
     spec: str,
     partitions: int,
     queries: dict[str, np.ndarray],
-    exact: dict[str, list[set[str]]],
+    exact: dict[str, list[Answer]],
     args: argparse.Namespace,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The settings tried, in order, and the cheapest at which every kind reaches the target (else the

@@ -96,7 +96,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             started = time.perf_counter()
             found = reader.nearest(query, args.top)
             times.append((time.perf_counter() - started) * 1000)
-            hits += len(truth & {match.url for match in found})
+            hits += truth.hits([(match.url, match.score) for match in found])
         results[kind] = {
             "recall": round(hits / (args.top * len(vectors)), 4),
             "p50_ms": round(float(np.percentile(times, 50)), 2),

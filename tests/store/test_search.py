@@ -316,3 +316,16 @@ def test_an_index_of_other_codes_than_the_policys_is_retrained_once(local_uri: s
 
     assert (retrained.action, retrained.state.code_bits, retrained.measured) == (Action.RETRAIN, TUNED.code_bits, True)
     assert maintain(store, TUNED).action is Action.NONE  # once
+
+
+def test_one_image_stored_under_many_keys_does_not_count_as_missed_recall(local_uri: str) -> None:
+    vectors = clustered(2_100, DIMENSIONS, seed=34)
+    vectors[::7] = vectors[0]  # a placeholder image uploaded under 300 keys: any 10 of them are a right answer
+    store = VectorStore(local_uri)
+    store.ingest(shard(names(0, 2_100), vectors), shard="a", still_current=trusting)
+
+    tuning = maintain(store, TUNED).state.tuning
+
+    assert tuning is not None and tuning.reached and tuning.recall["images"] >= 0.98
+    placeholder = [match.url for match in VectorStore(local_uri, refresh_s=None).nearest(vectors[0], 10)]
+    assert len(placeholder) == 10 and set(placeholder) <= set(urls(names(0, 2_100))[::7])

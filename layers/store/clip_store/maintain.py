@@ -211,7 +211,10 @@ def _train(table: LanceTable, policy: IndexPolicy, build: bool) -> None:
         sample_rate=sample_rate(rows, policy),
     )
     table.create_index(VECTOR_COLUMN, config=config, replace=True)
-    table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": {TRAINED_ROWS: str(rows), CODE_BITS: str(policy.code_bits)}})
+    # The settings measured on the index just replaced are forgotten with it: should this process end
+    # before it measures the new one, readers search as on an unmeasured index, and the next upkeep measures.
+    metadata = {TRAINED_ROWS: str(rows), CODE_BITS: str(policy.code_bits), recall.TUNING: ""}
+    table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": metadata})
     if build:
         table.create_index("url", config=BTree(), replace=True)
 

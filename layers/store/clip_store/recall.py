@@ -65,8 +65,9 @@ GAP_DIRECTIONS = 4
 #: What a reader uses on an index no measurement has covered yet (one built before measurements
 #: existed, until the next `maintain` measures it): a thorough rung, since nothing says less is enough.
 UNMEASURED = (160, 50)
-#: Rows a step of the exact pass: its scores and their arg-partition are probes x this (8 and 4 bytes a
-#: cell at 600 probes: 120 MB), the memory the measurement adds to an indexer that just trained.
+#: Rows a step of the exact pass: its scores, their negation and their arg-partition are probes x this
+#: (4, 4 and 8 bytes a cell: 210 MB at 800 probes), the memory the measurement adds to an indexer that
+#: just trained.
 _SCAN_ROWS = 16_384
 
 
@@ -211,10 +212,28 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A probe's exact top-k: their urls, and the k-th best score."""
+
+    urls: frozenset[str]
+    floor: float
+
+    def hits(self, found: Sequence[tuple[str, float]]) -> int:
+        """How many of `found` ((url, score), a search's first k) are exact answers: by url, or by a score
+        tying the k-th's. One image stored under many keys (a placeholder, a re-upload) is the same
+        vector many times, and any k of those are as right as the k the exact pass happened to keep."""
+        return sum(1 for url, score in found if url in self.urls or score >= self.floor - _TIE)
+
+
+#: Scores closer than this are ties: LanceDB's re-ranking and numpy round float32 products differently.
+_TIE = 1e-4
+
+
 def exact_answers(
     table: LanceTable, probes: dict[str, np.ndarray], own: dict[str, list[str | None]], k: int
-) -> dict[str, list[set[str]]]:
-    """Each probe's exact top-k urls (its own url left out), in one pass over the table."""
+) -> dict[str, list[Answer]]:
+    """Each probe's exact top-k (its own url left out), in one pass over the table."""
     everything = np.concatenate(list(probes.values()))
     owners = [url for kind in probes for url in own[kind]]
     keep = k + 1  # one more: a probe's own row is among the best
@@ -231,9 +250,12 @@ def exact_answers(
         candidates = np.concatenate([best_urls, urls[index]], axis=1)
         order = np.argsort(-scores, axis=1)[:, :keep]
         best_scores, best_urls = np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+    answers = []
     # Best first: without its own row (or, for a text, as it comes) a probe keeps its k best.
-    answers = [set([url for url in found if url != owner][:k]) for found, owner in zip(best_urls.tolist(), owners, strict=True)]
-    exact: dict[str, list[set[str]]] = {}
+    for found, scores, owner in zip(best_urls.tolist(), best_scores.tolist(), owners, strict=True):
+        kept = [(url, score) for url, score in zip(found, scores, strict=True) if url != owner][:k]
+        answers.append(Answer(frozenset(url for url, _ in kept), kept[-1][1] if len(kept) == k else -np.inf))
+    exact: dict[str, list[Answer]] = {}
     start = 0
     for kind, vectors in probes.items():
         exact[kind] = answers[start : start + len(vectors)]
@@ -245,7 +267,7 @@ def _recall(
     table: LanceTable,
     probes: np.ndarray,
     own: list[str | None],
-    exact: list[set[str]],
+    exact: list[Answer],
     nprobes: int,
     refine_factor: int,
     k: int,
@@ -260,12 +282,13 @@ def _recall(
         .to_arrow()
         .sort_by([("query_index", "ascending"), ("_distance", "ascending")])
     )
-    answers: list[list[str]] = [[] for _ in own]
-    for query, url in zip(found.column("query_index").to_pylist(), found.column("url").to_pylist(), strict=True):
+    answers: list[list[tuple[str, float]]] = [[] for _ in own]
+    columns = (found.column(name).to_pylist() for name in ("query_index", "url", "_distance"))
+    for query, url, distance in zip(*columns, strict=True):
         if url != own[query]:
-            answers[query].append(url)
-    hits = sum(len(set(answer[:k]) & truth) for answer, truth in zip(answers, exact, strict=True))
-    return round(hits / max(1, sum(len(truth) for truth in exact)), 4)
+            answers[query].append((url, 1.0 - distance))  # `dot` distance is 1 - the score
+    hits = sum(truth.hits(answer[:k]) for answer, truth in zip(answers, exact, strict=True))
+    return round(hits / max(1, sum(len(truth.urls) for truth in exact)), 4)
 
 
 def partitions_of(trained_rows: int, rows_per_partition: int) -> int:
