@@ -162,7 +162,7 @@ def test_local_runs_the_whole_pipeline_and_accounts_for_every_file(
     metrics = [json.loads(line) for line in log.splitlines() if '"ObjectsRejected"' in line]
     assert metrics and {metric["service"] for metric in metrics} == {"dispatcher"}
     logged = [json.loads(line) for line in log.splitlines() if '"function_memory_size"' in line]
-    assert {line["service"]: line["function_memory_size"] for line in logged} == {"dispatcher": 256, "clip-indexer": 2048}
+    assert {line["service"]: line["function_memory_size"] for line in logged} == {"dispatcher": 256, "clip-indexer": 3008}
 
 
 def test_local_says_in_one_line_what_to_do_when_weights_cannot_be_had(tmp_path: Path) -> None:
