@@ -50,7 +50,8 @@ import pyarrow as pa
 from lancedb.index import IvfHnswSq, IvfPq, IvfRq
 
 from bench.search_bench import clip_like_chunks
-from clip_store.recall import NPROBES, REFINE, Answer, exact_answers, probe_counts
+from clip_store import recall
+from clip_store.recall import Answer, exact_answers, score
 
 CHUNK = 65_536
 #: (nprobes, ef) for HNSW, cheapest first: ef is the graph search's beam, refine is not used.
@@ -176,7 +177,7 @@ def measured_rung(
             times.append((time.perf_counter() - started) * 1000)
             distances = found.column("_distance").to_pylist()
             hits += truth.hits(
-                [(url, 1.0 - distance) for url, distance in zip(found.column("url").to_pylist(), distances, strict=True)]
+                [(url, score(distance)) for url, distance in zip(found.column("url").to_pylist(), distances, strict=True)]
             )
         result[f"{kind}_recall"] = round(hits / (k * len(vectors)), 4)
         result[f"{kind}_p50_ms"] = round(float(np.percentile(times, 50)), 2)
@@ -193,10 +194,10 @@ def cheapest(
     args: argparse.Namespace,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The settings tried, in order, and the cheapest at which every kind reaches the target (else the
-    most thorough): the search clip_store.recall.measure makes, or an HNSW index's ladder."""
+    most thorough): the search clip_store.recall.measure makes (recall.cheapest), or an HNSW index's ladder."""
 
-    def rung(setting: tuple[int, int]) -> dict[str, Any]:
-        tried.append(measured_rung(table, spec.startswith("hnsw"), setting, queries, exact, args.top))
+    def rung(first: int, second: int) -> dict[str, Any]:
+        tried.append(measured_rung(table, spec.startswith("hnsw"), (first, second), queries, exact, args.top))
         return tried[-1]
 
     def reached(found: dict[str, Any]) -> bool:
@@ -205,16 +206,10 @@ def cheapest(
     tried: list[dict[str, Any]] = []
     if spec.startswith("hnsw"):
         for setting in (*(setting for setting in HNSW_LADDER if setting[0] < partitions), (partitions, 400)):
-            if reached(rung(setting)):
+            if reached(rung(*setting)):
                 break
         return tried, tried[-1]
-    for nprobes in probe_counts(NPROBES, partitions):
-        if reached(found := rung((nprobes, max(REFINE)))):
-            break
-    else:
-        return tried, found
-    cheaper = (rung((found["nprobes"], refine)) for refine in sorted(REFINE)[:-1])
-    return tried, next((candidate for candidate in cheaper if reached(candidate)), found)
+    return tried, recall.cheapest(rung, reached, partitions)
 
 
 def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -38,9 +38,10 @@ stays constant.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -159,18 +160,36 @@ def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPol
         reached = min(recall.values()) >= policy.target
         return Tuning(nprobes, refine_factor, recall, policy.k, policy.target, reached, rows, len(sample))
 
-    thorough = max(policy.refine)
-    for nprobes in probe_counts(policy.nprobes, partitions):
-        best = tuning(nprobes, thorough)
-        if best.reached:
+    return cheapest(tuning, lambda found: found.reached, partitions, policy.nprobes, policy.refine)
+
+
+Tried = TypeVar("Tried")
+
+
+def cheapest(
+    attempt: Callable[[int, int], Tried],
+    reached: Callable[[Tried], bool],
+    partitions: int,
+    nprobes: Sequence[int] = NPROBES,
+    refine: Sequence[int] = REFINE,
+) -> Tried:
+    """The two-step search of the module's docstring: what `attempt(nprobes, refine_factor)` gave at the
+    cheapest settings it `reached` at (the fewest partitions at the most thorough refine, then the
+    smallest refine there), else at the most thorough settings."""
+    thorough = max(refine)
+    for count in probe_counts(nprobes, partitions):
+        best = attempt(count, thorough)
+        if reached(best):
             break
     else:
         return best
-    for refine_factor in sorted(set(policy.refine) - {thorough}):
-        cheaper = tuning(best.nprobes, refine_factor)
-        if cheaper.reached:
-            return cheaper
-    return best
+    cheaper = (attempt(count, factor) for factor in sorted(set(refine) - {thorough}))
+    return next((found for found in cheaper if reached(found)), best)
+
+
+def score(distance: float) -> float:
+    """The cosine a LanceDB `dot` distance stands for on unit vectors: the distance is 1 - the product."""
+    return 1.0 - distance
 
 
 def record(table: LanceTable, tuning: Tuning) -> None:
@@ -286,7 +305,7 @@ def _recall(
     columns = (found.column(name).to_pylist() for name in ("query_index", "url", "_distance"))
     for query, url, distance in zip(*columns, strict=True):
         if url != own[query]:
-            answers[query].append((url, 1.0 - distance))  # `dot` distance is 1 - the score
+            answers[query].append((url, score(distance)))
     hits = sum(truth.hits(answer[:k]) for answer, truth in zip(answers, exact, strict=True))
     return round(hits / max(1, sum(len(truth.urls) for truth in exact)), 4)
 

@@ -46,7 +46,7 @@ from lancedb.table import LanceTable
 from clip_store.database import Database, chunks, sql_text, url_filter
 from clip_store.errors import Code, StoreError
 from clip_store.location import StorageSettings
-from clip_store.recall import UNMEASURED, Tuning
+from clip_store.recall import UNMEASURED, Tuning, score
 from clip_store.tombstones import PRIMARY_KEY, Tombstones
 
 VECTORS = "vectors"
@@ -327,7 +327,7 @@ class VectorStore:
         )
         skip = set(exclude)
         urls, distances = found.column("url").to_pylist(), found.column("_distance").to_pylist()
-        return [Match(url, 1.0 - distance) for url, distance in zip(urls, distances, strict=True) if url not in skip][:top]
+        return [Match(url, score(distance)) for url, distance in zip(urls, distances, strict=True) if url not in skip][:top]
 
     def search_in_use(self) -> tuple[int, int, Tuning | None] | None:
         """(nprobes, refine_factor) a search uses now, and the measurement they come from (None if given or
