@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from datetime import timedelta
 
@@ -114,6 +115,21 @@ def test_a_retrain_past_max_train_rows_is_deferred_while_new_rows_still_go_into_
     assert (retrained.action, retrained.deferred, retrained.state.trained_rows) == (Action.RETRAIN, None, 4_400)
 
 
+def test_a_deferred_training_still_compacts_the_files_that_pile_up_until_the_job_runs(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    vectors = clustered(2_400, DIMENSIONS, seed=31)
+    for part in range(8):
+        rows = slice(part * 300, (part + 1) * 300)
+        store.ingest(shard(names(rows.start, 300), vectors[rows]), shard=f"s{part}", still_current=trusting)
+    limited = replace(POLICY, max_train_rows=1_000, max_fragments=4)
+
+    done = maintain(store, limited)
+
+    assert (done.action, done.deferred, done.state.index_type) == (Action.COMPACT, Action.BUILD, None)
+    assert done.state.fragments < 4 and done.state.rows == 2_400
+    assert urls(names(2_399, 1))[0] == store.nearest(vectors[2_399], 1)[0].url
+
+
 #: Many small partitions, so that probing few of them misses neighbours and the ladder has rungs to climb.
 TUNED = replace(POLICY, max_unindexed=10_000, rows_per_partition=100)
 
@@ -218,15 +234,22 @@ def searching(local_uri: str, nprobes: int) -> VectorStore:
     return VectorStore(local_uri, refresh_s=None, search=SearchSettings(nprobes=nprobes, refine_factor=max(recall.REFINE)))
 
 
-def test_a_target_no_setting_reaches_is_recorded_as_not_reached_with_the_most_thorough_settings(local_uri: str) -> None:
+def test_a_target_no_setting_reaches_is_recorded_as_not_reached_with_the_most_thorough_settings(
+    local_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
     store = VectorStore(local_uri)
     store.ingest(shard(names(0, 2_100), clustered(2_100, DIMENSIONS, seed=26)), shard="a", still_current=trusting)
 
-    done = maintain(store, replace(TUNED, recall=recall.RecallPolicy(target=1.01, probes=50)))
+    with caplog.at_level(logging.INFO, logger="clip_store"):
+        done = maintain(store, replace(TUNED, recall=recall.RecallPolicy(target=1.01, probes=50)))
 
     tuning = done.state.tuning
     assert tuning is not None and not tuning.reached and tuning.probes == 50
     assert (tuning.nprobes, tuning.refine_factor) == (21, max(recall.REFINE))
+    # Each setting stops at the first kind that misses, but what is recorded says how every kind did.
+    assert set(tuning.recall) == {"images", "shifted", "blurred"}
+    tried = [record.getMessage() for record in caplog.records if record.name == "clip_store.recall"]
+    assert len(tried) == len(recall.probe_counts(recall.NPROBES, 21)) + 1 and "nprobes 21, refine 50" in tried[-1]
 
 
 def test_recall_is_measured_again_as_the_table_grows_and_left_to_the_trainer_past_its_bound(local_uri: str) -> None:
@@ -306,6 +329,16 @@ def test_the_k_means_sample_stays_within_its_cap_at_any_size() -> None:
     for rows in (4_096, 10_000_000, 40_960_000, 100_000_000, 163_840_000):
         partitions = rows // policy.rows_per_partition
         assert partitions * sample_rate(rows, policy) <= max(policy.max_train_sample, partitions * MIN_SAMPLE_RATE)
+
+
+def test_an_index_of_100m_rows_is_probed_in_doubling_steps_before_all_of_its_partitions() -> None:
+    partitions = recall.partitions_of(100_000_000, IndexPolicy().rows_per_partition)
+
+    counts = recall.probe_counts(recall.NPROBES, partitions)
+
+    # A store that needs a quarter of them (text-like queries, 10M of clip_like) is not searched on all.
+    assert counts[-3:] == [10_240, 20_480, partitions] and counts[0] == 10
+    assert all(later == 2 * earlier for earlier, later in zip(counts, counts[1:-1], strict=False))
 
 
 def test_an_index_of_other_codes_than_the_policys_is_retrained_once(local_uri: str) -> None:

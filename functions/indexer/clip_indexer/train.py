@@ -12,6 +12,7 @@ releases the job marker that kept a second job from being submitted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict
@@ -40,6 +41,8 @@ def text_probes(model_id: str) -> TextProbes:
 
 def main(argv: list[str]) -> int:
     [model_id] = argv
+    # clip_store's progress (each search setting measured) into the job's log stream: hours at 100M rows.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bucket, prefix = os.environ["OUTPUT_BUCKET"], os.environ.get("OUTPUT_PREFIX", "")
     s3 = boto3.client("s3", config=CLIENT_CONFIG)
     store = VectorStore(store_uri(bucket, prefix, model_id), tombstones=Tombstones(Database(tombstones_uri(bucket, prefix))))

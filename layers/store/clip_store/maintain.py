@@ -38,12 +38,14 @@ Rows not yet in the index are searchable all along: LanceDB scans them exactly n
 index search and merges the results, so `max_unindexed` bounds that scan's cost, not freshness.
 A build or retrain of millions of rows is long (docs/search.md), and a Lambda has 15 minutes: a
 policy's `max_train_rows` leaves one past that size for a process without a time limit
-(an AWS Batch job: `python -m clip_store`), and meanwhile the index keeps serving and still takes in new rows
-(updates add them to its existing partitions; only their balance suffers).
+(the AWS Batch job `python -m clip_indexer.train`, clip_store.trainer), and meanwhile the
+index keeps serving, still takes in new rows (updates add them to its existing partitions; only
+their balance suffers), and the data files are still compacted.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -60,6 +62,8 @@ from clip_store import recall
 from clip_store.recall import RecallPolicy
 from clip_store.store import CODE_BITS, TRAINED_ROWS, VECTOR_COLUMN, IndexState, VectorStore, fragment_count
 from clip_store.tombstones import TABLE as TOMBSTONES
+
+log = logging.getLogger(__name__)
 
 
 class Action(StrEnum):
@@ -125,17 +129,23 @@ class Maintenance:
 
 def plan(state: IndexState, policy: IndexPolicy) -> Action:
     if state.index_type is None:
-        if state.rows >= policy.exact_below:
-            return Action.BUILD
-        return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
+        return Action.BUILD if state.rows >= policy.exact_below else _upkeep(state, policy)
     grown = state.rows >= policy.retrain_growth * max(state.trained_rows, 1)
     # An index of other codes than the policy's (1-bit, before issue 21) is retrained once: no search
     # setting gets text-like queries to the target on 1-bit codes.
     if grown or state.index_segments >= policy.max_fragments or state.code_bits != policy.code_bits:
         return Action.RETRAIN
+    upkeep = _upkeep(state, policy)
+    return Action.MEASURE if upkeep is Action.NONE and _measure_due(state, policy) else upkeep
+
+
+def _upkeep(state: IndexState, policy: IndexPolicy) -> Action:
+    """What is due besides a training: new rows into the index, data files compacted (an update compacts too)."""
+    if state.index_type is None:
+        return Action.COMPACT if state.fragments >= policy.max_fragments else Action.NONE
     if state.unindexed_rows >= policy.max_unindexed or state.fragments - state.index_segments >= policy.max_fragments:
         return Action.UPDATE
-    return Action.MEASURE if _measure_due(state, policy) else Action.NONE
+    return Action.NONE
 
 
 def _measure_due(state: IndexState, policy: IndexPolicy) -> bool:
@@ -167,9 +177,8 @@ def maintain(
     action, deferred = plan(state, policy), None
     too_big = policy.max_train_rows is not None and state.rows > policy.max_train_rows
     if action in (Action.BUILD, Action.RETRAIN, Action.MEASURE) and too_big:
-        deferred = action
-        has_index = action is Action.RETRAIN
-        action = Action.UPDATE if has_index and state.unindexed_rows >= policy.max_unindexed else Action.NONE
+        # Meanwhile the rest of the upkeep goes on: readers scan unindexed rows and small files until the job ends.
+        deferred, action = action, _upkeep(state, policy)
     table = store.table()
     measured = False
     try:
@@ -210,6 +219,7 @@ def _train(table: LanceTable, policy: IndexPolicy, build: bool) -> None:
         num_bits=policy.code_bits,
         sample_rate=sample_rate(rows, policy),
     )
+    log.info("training a %d-bit IVF_RQ index on %d rows (k-means on %d a partition)", policy.code_bits, rows, config.sample_rate)
     table.create_index(VECTOR_COLUMN, config=config, replace=True)
     # The settings measured on the index just replaced are forgotten with it: should this process end
     # before it measures the new one, readers search as on an unmeasured index, and the next upkeep measures.

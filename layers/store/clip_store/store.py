@@ -46,7 +46,7 @@ from lancedb.table import LanceTable
 from clip_store.database import Database, chunks, sql_text, url_filter
 from clip_store.errors import Code, StoreError
 from clip_store.location import StorageSettings
-from clip_store.recall import UNMEASURED, Tuning, score
+from clip_store.recall import UNMEASURED, Tuning, search
 from clip_store.tombstones import PRIMARY_KEY, Tombstones
 
 VECTORS = "vectors"
@@ -316,18 +316,9 @@ class VectorStore:
         self._check_dimensions(table, vector.shape[-1], "the query")
         vector = vector / np.linalg.norm(vector)
         nprobes, refine_factor = self.search_settings.resolve(_tuning(table))
-        found = (
-            table.search(vector, vector_column_name=VECTOR_COLUMN)
-            .distance_type("dot")
-            .nprobes(nprobes)
-            .refine_factor(refine_factor)
-            .limit(top + len(exclude))
-            .select(["url", "_distance"])
-            .to_arrow()
-        )
         skip = set(exclude)
-        urls, distances = found.column("url").to_pylist(), found.column("_distance").to_pylist()
-        return [Match(url, score(distance)) for url, distance in zip(urls, distances, strict=True) if url not in skip][:top]
+        found = search(table, vector, nprobes, refine_factor, top + len(exclude))
+        return [Match(url, value) for url, value in found if url not in skip][:top]
 
     def search_in_use(self) -> tuple[int, int, Tuning | None] | None:
         """(nprobes, refine_factor) a search uses now, and the measurement they come from (None if given or
