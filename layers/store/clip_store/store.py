@@ -317,7 +317,7 @@ class VectorStore:
         vector = vector / np.linalg.norm(vector)
         nprobes, refine_factor = self.search_settings.resolve(_tuning(table))
         skip = set(exclude)
-        found = search(table, vector, nprobes, refine_factor, top + len(exclude))
+        [found] = search(table, vector[np.newaxis], nprobes, refine_factor, top + len(exclude))
         return [Match(url, value) for url, value in found if url not in skip][:top]
 
     def search_in_use(self) -> tuple[int, int, Tuning | None] | None:
