@@ -169,7 +169,7 @@ def measure(table: LanceTable, partitions: int, policy: RecallPolicy = RecallPol
     @cache
     def kind_recall(nprobes: int, refine_factor: int, kind: str) -> float:
         vectors, own = kinds[kind]
-        return _recall(table, vectors, own, exact[kind], nprobes, refine_factor, policy.k)
+        return recall_at(table, vectors, own, exact[kind], nprobes, refine_factor, policy.k)
 
     def tuning(nprobes: int, refine_factor: int, every_kind: bool = False) -> Tuning:
         recall: dict[str, float] = {}
@@ -308,7 +308,7 @@ def exact_answers(
     return exact
 
 
-def _recall(
+def recall_at(
     table: LanceTable,
     probes: np.ndarray,
     own: list[str | None],
@@ -317,6 +317,8 @@ def _recall(
     refine_factor: int,
     k: int,
 ) -> float:
+    """recall@k of `probes` at those settings against their `exact` answers, each probe's `own` row (a stored
+    vector's url, or None) left out of its answer."""
     hits = 0
     for start in range(0, len(probes), _BATCH):
         batch = slice(start, start + _BATCH)
