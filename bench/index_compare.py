@@ -52,7 +52,7 @@ import pyarrow as pa
 from lancedb.index import IvfHnswSq, IvfPq, IvfRq
 
 from bench.search_bench import clip_like_chunks
-from clip_store import recall
+from clip_store import database, recall
 from clip_store.recall import Answer, exact_answers, score
 
 CHUNK = 65_536
@@ -130,8 +130,21 @@ def queries_of(mixture: str, count: int, dimensions: int) -> dict[str, np.ndarra
     }
 
 
-def stored_table(directory: Path, mixture: str, rows: int, dimensions: int) -> Any:
-    database = lancedb.connect(str(directory))
+def stored_table(directory: Path, mixture: str, args: argparse.Namespace) -> Any:
+    """The mixture's `--rows` vectors: made again, unless `--reuse` finds them made by an earlier run."""
+    # The query function's bound on LanceDB's index cache, unless told otherwise: past it, a search reads
+    # the partitions it probes again, which is what a big store's queries cost there.
+    session = lancedb.Session(
+        index_cache_size_bytes=args.index_cache_mb * 2**20, metadata_cache_size_bytes=database.METADATA_CACHE_BYTES
+    )
+    if args.reuse and (directory / "vectors.lance").exists():
+        kept = lancedb.connect(str(directory), session=session).open_table("vectors")
+        if kept.count_rows() != args.rows:
+            raise SystemExit(f"{directory} holds {kept.count_rows():,} rows, not --rows {args.rows:,}")
+        return kept
+    shutil.rmtree(directory, ignore_errors=True)
+    rows, dimensions = args.rows, args.dimensions
+    connection = lancedb.connect(str(directory), session=session)
     table = None
     first = 0
     for chunk in MIXTURES[mixture](rows, dimensions, 1):
@@ -141,7 +154,7 @@ def stored_table(directory: Path, mixture: str, rows: int, dimensions: int) -> A
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), dimensions),
             }
         )
-        table = database.create_table("vectors", batch) if table is None else table
+        table = connection.create_table("vectors", batch) if table is None else table
         if first:
             table.add(batch)
         first += len(chunk)
@@ -237,12 +250,17 @@ def cheapest(
 
 
 def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {"rows": args.rows, "dimensions": args.dimensions, "target": args.target, "runs": []}
+    results: dict[str, Any] = {
+        "rows": args.rows,
+        "dimensions": args.dimensions,
+        "target": args.target,
+        "index_cache_mb": args.index_cache_mb,
+        "runs": [],
+    }
     for mixture in args.mixtures:
         directory = workdir / mixture
-        shutil.rmtree(directory, ignore_errors=True)
         started = time.perf_counter()
-        table = stored_table(directory, mixture, args.rows, args.dimensions)
+        table = stored_table(directory, mixture, args)
         queries = queries_of(mixture, args.queries, args.dimensions)
         exact = exact_answers(table, queries, {kind: [None] * len(vectors) for kind, vectors in queries.items()}, args.top)
         print(f"{mixture}: {args.rows:,} rows stored and exact answers in {time.perf_counter() - started:.1f} s", flush=True)
@@ -292,8 +310,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mixtures", nargs="+", choices=sorted(MIXTURES), default=sorted(MIXTURES))
     parser.add_argument("--indexes", nargs="+", default=["rq-4096-1", "rq-4096-4", "rq-8192-4", "pq-64-4096"])
     parser.add_argument("--workdir", type=Path, help="where the tables go (default: a temporary folder, removed after)")
+    parser.add_argument("--reuse", action="store_true", help="index again the tables an earlier run left in --workdir")
+    parser.add_argument(
+        "--index-cache-mb",
+        type=int,
+        default=database.INDEX_CACHE_BYTES // 2**20,
+        help="LanceDB's index cache (default: the query function's); an index bigger than it is read again by each search",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.reuse and not args.workdir:
+        parser.error("--reuse needs --workdir")
     if args.workdir:
         results = compare(args, args.workdir)
     else:

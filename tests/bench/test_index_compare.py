@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench import index_compare
 
@@ -52,3 +53,19 @@ def test_each_index_finds_its_cheapest_settings_on_both_mixtures_and_every_kind_
     # 60 partitions of 100 rows: the fewest probes miss the text-like queries, and are not searched further.
     assert stopped_early
     assert json.loads((tmp_path / "c.json").read_text()) == results
+
+
+def test_reuse_indexes_again_the_table_an_earlier_run_left_and_refuses_one_of_another_size(tmp_path: Path) -> None:
+    common = ["--rows", "4000", "--dimensions", "16", "--queries", "20", "--mixtures", "lognormal", "--workdir", str(tmp_path)]
+    first = index_compare.main([*common, "--indexes", "rq-100-4"])
+    data = tmp_path / "lognormal" / "vectors.lance" / "data"
+    made = {path.name: path.stat().st_mtime_ns for path in data.iterdir()}
+
+    again = index_compare.main([*common, "--indexes", "rq-100-4", "--reuse", "--index-cache-mb", "1"])
+
+    # The same rows, not written again, indexed and searched again with the cache asked for.
+    assert {path.name: path.stat().st_mtime_ns for path in data.iterdir()} == made
+    assert (first["index_cache_mb"], again["index_cache_mb"]) == (256, 1)
+    assert again["runs"][0]["chosen"]["texts_recall"] >= 0.9
+    with pytest.raises(SystemExit, match="holds 4,000 rows, not --rows 5,000"):
+        index_compare.main([*common[2:], "--rows", "5000", "--indexes", "rq-100-4", "--reuse"])
