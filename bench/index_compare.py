@@ -134,9 +134,7 @@ def stored_table(directory: Path, mixture: str, args: argparse.Namespace) -> Any
     """The mixture's `--rows` vectors: made again, unless `--reuse` finds them made by an earlier run."""
     # The query function's bound on LanceDB's index cache, unless told otherwise: past it, a search reads
     # the partitions it probes again, which is what a big store's queries cost there.
-    session = lancedb.Session(
-        index_cache_size_bytes=args.index_cache_mb * 2**20, metadata_cache_size_bytes=database.METADATA_CACHE_BYTES
-    )
+    session = database.session(args.index_cache_mb * 2**20)
     if args.reuse and (directory / "vectors.lance").exists():
         kept = lancedb.connect(str(directory), session=session).open_table("vectors")
         if kept.count_rows() != args.rows:

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_query.api import create_app
-from clip_query.config import QueryConfig
+from clip_query.config import ConfigError, QueryConfig
 from clip_shared import keys
 from clip_shared.mime import ACCEPTED_MIME_TYPES
-from clip_store import IndexPolicy, VectorStore, maintain, store_uri
+from clip_store import IndexPolicy, VectorStore, database, maintain, store_uri
 from clip_worker.labels import DEFAULT_LABELS, PROMPT
 from clip_worker.model import ClipModel
 from tests.conftest import INPUT_BUCKET, OUTPUT_BUCKET
@@ -377,3 +377,28 @@ def test_health_shows_the_search_settings_measured_on_the_store_and_a_given_npro
     with served(create_app(given, stored.service(given, model))) as url:
         search = requests.get(f"{url}/health", timeout=30).json()["search"]
     assert (search["nprobes"], search["refine_factor"]) == (tuning.nprobes + 7, tuning.refine_factor)
+
+
+def test_a_warm_function_keeps_the_index_in_the_cache_search_index_cache_mb_sizes(
+    stored: Stored, query_config: QueryConfig, model: ClipModel
+) -> None:
+    config = query_config.model_copy(update={"output_prefix": "cached/"})
+    store = VectorStore(store_uri(OUTPUT_BUCKET, "cached/", model.id), settings=stored.storage)
+    vectors = clustered(2_100, model.dimensions, seed=8)
+    store.ingest(shard([f"images/{i:05d}.jpg" for i in range(2_100)], vectors), shard="s", still_current=trusting)
+    maintain(store, IndexPolicy(exact_below=2_000, rows_per_partition=100))
+    # A bound no other test uses, so that its process-wide cache holds only what this service read.
+    cache = database.session(17 * 2**20)
+    assert cache.approx_num_items == 0
+
+    given = QueryConfig.from_env({**config.model_dump(by_alias=True, exclude_none=True), "SEARCH_INDEX_CACHE_MB": "17"})
+    with served(create_app(given, stored.service(given, model))) as url:
+        response = requests.post(f"{url}/search", json={"text": "a cat"}, timeout=30)
+    assert response.status_code == 200, response.text
+    # What the search read stays for the next one, in the cache of the size asked for (tests/store: its bound holds).
+    assert cache.approx_num_items > 0 and 0 < cache.size_bytes <= 17 * 2**20
+
+
+def test_a_search_index_cache_under_16_mb_is_refused_by_name(query_config: QueryConfig) -> None:
+    with pytest.raises(ConfigError, match="SEARCH_INDEX_CACHE_MB"):
+        QueryConfig.from_env({**query_config.model_dump(by_alias=True, exclude_none=True), "SEARCH_INDEX_CACHE_MB": "8"})

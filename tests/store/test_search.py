@@ -7,7 +7,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from clip_store import recall
+from clip_store import database, recall
 from clip_store.maintain import MIN_SAMPLE_RATE, Action, IndexPolicy, maintain, plan, sample_rate
 from clip_store.store import Ingested, SearchSettings, VectorStore
 from tests.store.support import clustered, shard, stored, tombstone_count, trusting, unit_vectors, urls
@@ -364,3 +364,23 @@ def test_one_image_stored_under_many_keys_does_not_count_as_missed_recall(local_
     assert tuning is not None and tuning.reached and tuning.recall["images"] >= 0.98
     placeholder = [match.url for match in VectorStore(local_uri, refresh_s=None).nearest(vectors[0], 10)]
     assert len(placeholder) == 10 and set(placeholder) <= set(urls(names(0, 2_100))[::7])
+
+
+def test_a_reader_keeps_no_more_of_the_index_than_its_cache_bound_and_finds_the_same(local_uri: str) -> None:
+    store = VectorStore(local_uri)
+    vectors = clustered(20_000, 64, seed=4)
+    store.ingest(shard(names(0, 20_000), vectors), shard="s", still_current=trusting)
+    assert maintain(store, POLICY).action is Action.BUILD
+    queries = clustered(20, 64, seed=5)
+
+    kept, found = {}, {}
+    # Bounds no other test uses: each reader has its process-wide cache to itself. The index is ~1.3 MB.
+    for bound in (40_001, 64 * 2**20 + 1):
+        reader = VectorStore(local_uri, index_cache_bytes=bound)
+        reader.prewarm()
+        found[bound] = [[match.url for match in reader.nearest(query, 10)] for query in queries]
+        kept[bound] = database.session(bound).size_bytes
+
+    assert found[40_001] == found[64 * 2**20 + 1]
+    # The tight reader's cache stays near its bound (and its metadata); the roomy one holds the whole index.
+    assert kept[40_001] < 150_000 and kept[64 * 2**20 + 1] > 1_000_000

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from clip_store.database import INDEX_CACHE_BYTES
 from clip_worker.sandbox import Limits
 
 
@@ -69,6 +70,11 @@ class QueryConfig(BaseModel):
     #: 0 uses the settings the indexer measured to reach recall@10 0.98 on the store's own vectors and
     #: label prompts (clip_store.recall; /health shows them; docs/search.md, "Recall").
     search_nprobes: int = Field(alias="SEARCH_NPROBES", default=0, ge=0)
+    #: What a warm container keeps of the index searches read (LanceDB's index cache). Past it, each search
+    #: reads the partitions it probes again: at 10M vectors the 4-bit codes are 2.8 GB, and a text query
+    #: probing a quarter of them takes ~0.6 s instead of ~0.05 s (docs/search.md, "Query memory is
+    #: bounded"). Raise it with QueryMemorySize: the cache comes on top of the model and a request's decoding.
+    search_index_cache_mb: int = Field(alias="SEARCH_INDEX_CACHE_MB", default=INDEX_CACHE_BYTES // 2**20, ge=16)
     #: Lifetime of the presigned preview URLs that search results carry.
     preview_url_s: int = Field(alias="PREVIEW_URL_SECONDS", default=900, ge=1)
 

@@ -72,6 +72,7 @@ class QueryService:
             settings=storage,
             refresh_s=config.index_refresh_s,
             search=SearchSettings(nprobes=config.search_nprobes or None),
+            index_cache_bytes=config.search_index_cache_mb * 2**20,
         )
         self._searched = False
         self._default_labels: LabelSet | None = None

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from lancedb.index import IndexConfig
 from lancedb.table import LanceTable
 
-from clip_store.database import Database, chunks, sql_text, url_filter
+from clip_store.database import INDEX_CACHE_BYTES, Database, chunks, sql_text, url_filter
 from clip_store.errors import Code, StoreError
 from clip_store.location import StorageSettings
 from clip_store.recall import UNMEASURED, Tuning, search
@@ -145,7 +145,8 @@ FIRST_CODE_BITS = 1
 class VectorStore:
     """One store, opened lazily: nothing is read until the first call that needs the table.
 
-    `refresh_s` is how stale a reader may be (database.Database). `tombstones` is where removals
+    `refresh_s` is how stale a reader may be, `index_cache_bytes` how much of the index it keeps
+    (database.Database). `tombstones` is where removals
     are kept: by default a table beside the vectors; the indexer gives every model's store the one
     shared table (tombstones_uri), so that a removal holds for a model whose store is yet to exist.
     Safe to share between threads.
@@ -159,10 +160,11 @@ class VectorStore:
         refresh_s: float | None = 0,
         search: SearchSettings = SearchSettings(),
         tombstones: Tombstones | None = None,
+        index_cache_bytes: int = INDEX_CACHE_BYTES,
     ) -> None:
         self.uri = uri
         self.search_settings = search
-        self.database = Database(uri, settings=settings, refresh_s=refresh_s)
+        self.database = Database(uri, settings=settings, refresh_s=refresh_s, index_cache_bytes=index_cache_bytes)
         self.tombstones = tombstones or Tombstones(self.database)
 
     def table(self) -> LanceTable | None:
