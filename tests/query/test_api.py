@@ -356,16 +356,20 @@ def test_a_text_part_is_read_in_the_charset_it_names(api: str) -> None:
     assert response.json()["vectors"]["q"] == pytest.approx(expected, abs=1e-6)
 
 
+def indexed_store(stored: Stored, model: ClipModel, prefix: str, seed: int) -> VectorStore:
+    """A store of its own (another prefix) of 2,100 vectors, indexed and measured as the indexer does it."""
+    store = VectorStore(store_uri(OUTPUT_BUCKET, prefix, model.id), settings=stored.storage)
+    vectors = clustered(2_100, model.dimensions, seed=seed)
+    store.ingest(shard([f"images/{i:05d}.jpg" for i in range(2_100)], vectors), shard="s", still_current=trusting)
+    maintain(store, IndexPolicy(exact_below=2_000, rows_per_partition=100))
+    return store
+
+
 def test_health_shows_the_search_settings_measured_on_the_store_and_a_given_nprobes_wins(
     stored: Stored, query_config: QueryConfig, model: ClipModel
 ) -> None:
-    # A store of its own (another prefix), indexed and measured as the indexer does it.
     config = query_config.model_copy(update={"output_prefix": "measured/"})
-    store = VectorStore(store_uri(OUTPUT_BUCKET, "measured/", model.id), settings=stored.storage)
-    vectors = clustered(2_100, model.dimensions, seed=5)
-    store.ingest(shard([f"images/{i:05d}.jpg" for i in range(2_100)], vectors), shard="s", still_current=trusting)
-    maintain(store, IndexPolicy(exact_below=2_000, rows_per_partition=100))
-    tuning = store.index_state().tuning
+    tuning = indexed_store(stored, model, "measured/", seed=5).index_state().tuning
     assert tuning is not None
 
     with served(create_app(config, stored.service(config, model))) as url:
@@ -383,10 +387,7 @@ def test_a_warm_function_keeps_the_index_in_the_cache_search_index_cache_mb_size
     stored: Stored, query_config: QueryConfig, model: ClipModel
 ) -> None:
     config = query_config.model_copy(update={"output_prefix": "cached/"})
-    store = VectorStore(store_uri(OUTPUT_BUCKET, "cached/", model.id), settings=stored.storage)
-    vectors = clustered(2_100, model.dimensions, seed=8)
-    store.ingest(shard([f"images/{i:05d}.jpg" for i in range(2_100)], vectors), shard="s", still_current=trusting)
-    maintain(store, IndexPolicy(exact_below=2_000, rows_per_partition=100))
+    indexed_store(stored, model, "cached/", seed=8)
     # A bound no other test uses, so that its process-wide cache holds only what this service read.
     cache = database.session(17 * 2**20)
     assert cache.approx_num_items == 0
