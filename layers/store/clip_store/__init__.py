@@ -32,8 +32,10 @@ API, in one line each:
 
 - `store_uri(bucket, prefix, model_id) -> str`: where a model's store lives in the output bucket;
   `stored_models(s3, bucket, prefix) -> list[str]`: the models that have one.
-- `VectorStore(uri, *, settings=StorageSettings.from_env(), refresh_s=0, search=SearchSettings())`:
-  opens nothing until used; `search` settings left None are the measured ones (recall.py); `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options.
+- `VectorStore(uri, *, settings=StorageSettings.from_env(), refresh_s=0, search=SearchSettings(),
+  index_cache_bytes=256 MiB)`: opens nothing until used; `search` settings left None are the measured
+  ones (recall.py); `settings` maps AWS_ENDPOINT_URL/AWS_REGION to LanceDB's S3 options;
+  `index_cache_bytes` bounds what the process keeps of the index it has read (database.session).
 - `VectorStore.ingest(rows, *, shard, still_current) -> Ingested(inserted, updated, unchanged,
   skipped_deleted)`: upserts a worker shard's rows on `url` in one commit.
 - `ingest_shards(store, s3, shard_urls, still_current=s3_still_current(s3)) -> ShardsIngested(ingested,
