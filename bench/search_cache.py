@@ -5,7 +5,8 @@ a fresh process per bound, as a query function's container, over a table bench.i
         --nprobes 640 --refine-factor 5 --cache-mb 256 4096 --json bench/out/search-cache-10m.json
 
 For each bound: the process opens the table as a VectorStore (bench.search_cold), reads the whole index
-into the cache first where the bound can hold it (`VectorStore.prewarm`, as a reader's start would),
+into the cache first where the bound can hold it (`VectorStore.prewarm`; the query function does not,
+it fills its cache as its searches read partitions, so this measures a container once it is warm),
 makes its first query, then every other query of bench.index_compare's three kinds (images, texts,
 concepts: 200 each) one at a time; it reports the first query's seconds (after imports, prewarm
 included), each kind's warm p50/p95 and its peak RSS. The settings are given (the table has no
